@@ -1,0 +1,1 @@
+"""Experts backends: one module each, behind the contract in base.py. See docs/backends.md."""

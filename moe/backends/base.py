@@ -1,0 +1,70 @@
+"""The contract every experts backend implements.
+
+A backend is one module exposing one object with:
+- ``name``: what users pass as ``backend=``;
+- ``priority``: ``backend="auto"`` tries higher priorities first;
+- ``is_available() -> (ok, reason)``: can it run on this machine at all (never raises; imports optional
+  libraries lazily);
+- ``supports(problem) -> (ok, reason)``: can it run this problem (dtype, device, shape, activation, quant);
+- ``apply(args, problem, out)``: compute the experts and write the combined [T, K] result into ``out``.
+
+``out`` may be ``args.hidden_states`` itself (the in-place variant): a backend must finish reading the
+hidden states before it writes ``out``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..config import ActivationSpec, QuantConfig
+
+__all__ = ["Backend", "ExpertsArgs", "ExpertsProblem"]
+
+
+@dataclass(frozen=True)
+class ExpertsProblem:
+    """A tensor-free description of one ``fused_experts`` call: what ``supports()`` decides on."""
+
+    device_type: str
+    dtype: torch.dtype
+    num_tokens: int
+    num_experts: int  # local experts held in w13 / w2
+    num_global_experts: int  # range of topk_ids (== num_experts without an expert map)
+    hidden_size: int  # K
+    intermediate_size: int  # N
+    top_k: int
+    activation: ActivationSpec = ActivationSpec()
+    has_w13_bias: bool = False
+    has_w2_bias: bool = False
+    has_expert_map: bool = False
+    apply_router_weight_on_input: bool = False
+    quant: QuantConfig = QuantConfig()
+
+
+@dataclass(frozen=True)
+class ExpertsArgs:
+    """The tensors of one call, already validated by ``fused_experts``."""
+
+    hidden_states: torch.Tensor  # [T, K]
+    w13: torch.Tensor  # [E, 2N, K] gated (gate rows, then up rows) or [E, N, K]
+    w2: torch.Tensor  # [E, K, N]
+    topk_weights: torch.Tensor  # [T, k] float
+    topk_ids: torch.Tensor  # [T, k] int32/int64 global ids
+    w13_bias: torch.Tensor | None = None  # [E, 2N] or [E, N]
+    w2_bias: torch.Tensor | None = None  # [E, K]
+    expert_map: torch.Tensor | None = None  # [E_global] -> local id or -1
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    priority: int
+
+    def is_available(self) -> tuple[bool, str]: ...
+
+    def supports(self, problem: ExpertsProblem) -> tuple[bool, str]: ...
+
+    def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None: ...

@@ -1,0 +1,60 @@
+"""The pure-torch reference backend: every dtype, device, activation and option. The test oracle.
+
+One expert at a time: gather its (token, slot) pairs, two matmuls in the input dtype with the
+activation computed in fp32, weight by the fp32 routing weight, and sum over the k slots in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..activations import apply_activation
+from .base import ExpertsArgs, ExpertsProblem
+
+__all__ = ["BACKEND", "torch_ref_experts"]
+
+
+def torch_ref_experts(args: ExpertsArgs, problem: ExpertsProblem) -> torch.Tensor:
+    x = args.hidden_states  # [T, K]
+    ids = args.topk_ids.long()  # [T, k] global ids
+    if args.expert_map is not None:
+        ids = args.expert_map.long()[ids]  # [T, k] local ids, -1 where not local
+    acc = torch.zeros(x.shape, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype, device=x.device)
+    on_input = problem.apply_router_weight_on_input
+    for e in range(problem.num_experts):
+        tok, slot = (ids == e).nonzero(as_tuple=True)  # the pairs routed to expert e
+        if tok.numel() == 0:
+            continue
+        weight = args.topk_weights[tok, slot].to(acc.dtype).unsqueeze(1)  # [n, 1]
+        xe = x[tok]  # [n, K]
+        if on_input:
+            xe = (xe.to(acc.dtype) * weight).to(x.dtype)
+        h = xe @ args.w13[e].t()  # [n, 2N] or [n, N]
+        if args.w13_bias is not None:
+            h = h + args.w13_bias[e]
+        a = apply_activation(h.to(acc.dtype), problem.activation).to(x.dtype)  # [n, N]
+        y = a @ args.w2[e].t()  # [n, K]
+        if args.w2_bias is not None:
+            y = y + args.w2_bias[e]
+        y = y.to(acc.dtype)
+        acc.index_add_(0, tok, y if on_input else y * weight)
+    return acc.to(x.dtype)
+
+
+class TorchRefBackend:
+    name = "torch"
+    priority = 0  # the oracle: chosen by "auto" only when nothing faster can run
+
+    def is_available(self) -> tuple[bool, str]:
+        return True, "pure torch, always available"
+
+    def supports(self, problem: ExpertsProblem) -> tuple[bool, str]:
+        if problem.quant.is_quantized:
+            return False, f"quantized schemes are not implemented here yet ({problem.quant})"
+        return True, "ok"
+
+    def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:
+        out.copy_(torch_ref_experts(args, problem))
+
+
+BACKEND = TorchRefBackend()
