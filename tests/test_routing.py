@@ -7,11 +7,6 @@ from oracle import grouped_route64, topk_route64, topk_softmax64
 import moe
 
 
-def _same_id_sets(ids, ref_ids):
-    for row, ref in zip(ids.tolist(), ref_ids.tolist()):
-        assert sorted(row) == sorted(ref)
-
-
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("T,E,k", [(1, 4, 1), (33, 8, 2), (7, 64, 8), (5, 5, 3)])

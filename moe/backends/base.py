@@ -14,7 +14,7 @@ hidden states before it writes ``out``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -36,12 +36,12 @@ class ExpertsProblem:
     hidden_size: int  # K
     intermediate_size: int  # N
     top_k: int
-    activation: ActivationSpec = ActivationSpec()
+    activation: ActivationSpec = field(default_factory=ActivationSpec)
     has_w13_bias: bool = False
     has_w2_bias: bool = False
     has_expert_map: bool = False
     apply_router_weight_on_input: bool = False
-    quant: QuantConfig = QuantConfig()
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
 
 @dataclass(frozen=True)

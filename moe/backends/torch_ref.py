@@ -14,8 +14,13 @@ from .base import ExpertsArgs, ExpertsProblem
 __all__ = ["BACKEND", "torch_ref_experts"]
 
 
-def torch_ref_experts(args: ExpertsArgs, problem: ExpertsProblem) -> torch.Tensor:
-    x = args.hidden_states  # [T, K]
+def torch_ref_experts(
+    args: ExpertsArgs, problem: ExpertsProblem, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The reference. With ``compute_dtype`` (e.g. float32 for a bf16 problem) each expert's weights
+    are upcast one expert at a time, so checking a large layer never holds a full upcast copy."""
+    cast = (lambda t: t.to(compute_dtype)) if compute_dtype is not None else (lambda t: t)
+    x = cast(args.hidden_states)  # [T, K]
     ids = args.topk_ids.long()  # [T, k] global ids
     if args.expert_map is not None:
         ids = args.expert_map.long()[ids]  # [T, k] local ids, -1 where not local
@@ -29,16 +34,16 @@ def torch_ref_experts(args: ExpertsArgs, problem: ExpertsProblem) -> torch.Tenso
         xe = x[tok]  # [n, K]
         if on_input:
             xe = (xe.to(acc.dtype) * weight).to(x.dtype)
-        h = xe @ args.w13[e].t()  # [n, 2N] or [n, N]
+        h = xe @ cast(args.w13[e]).t()  # [n, 2N] or [n, N]
         if args.w13_bias is not None:
-            h = h + args.w13_bias[e]
+            h = h + cast(args.w13_bias[e])
         a = apply_activation(h.to(acc.dtype), problem.activation).to(x.dtype)  # [n, N]
-        y = a @ args.w2[e].t()  # [n, K]
+        y = a @ cast(args.w2[e]).t()  # [n, K]
         if args.w2_bias is not None:
-            y = y + args.w2_bias[e]
+            y = y + cast(args.w2_bias[e])
         y = y.to(acc.dtype)
         acc.index_add_(0, tok, y if on_input else y * weight)
-    return acc.to(x.dtype)
+    return acc.to(args.hidden_states.dtype)
 
 
 class TorchRefBackend:

@@ -1,0 +1,276 @@
+"""``moe bench``: every usable backend on a workload, timed against the roofline floor and checked
+against the reference.
+
+Method (shared/ANCHORS.md): fresh random logits -> softmax -> top-k -> renormalize; experts hit are
+counted from the ids for the floor; ``fused_experts`` is timed from weights and routing ids with
+alignment and allocation inside; a ``FusedMoE.forward`` row times the layer from router logits; on
+CUDA small batches are also timed as CUDA-graph replays; both ceilings (copy bandwidth, matmul rate)
+are measured in the same run. The reference upcasts one expert at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .backends.base import ExpertsArgs, ExpertsProblem
+from .backends.torch_ref import torch_ref_experts
+from .config import ActivationSpec
+from .functional import fused_experts
+from .layer import FusedMoE
+from .registry import BackendUnavailableError, list_backends, select_backend
+from .routing import fused_topk
+from .testing import rel_error
+
+__all__ = ["PRESETS", "Preset", "Row", "run_bench"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    num_experts: int
+    top_k: int
+    hidden_size: int  # K
+    intermediate_size: int  # N
+    default_m: tuple[int, ...]
+
+
+PRESETS = {
+    "default": Preset("default", 8, 2, 256, 384, (1, 16, 64)),
+    "mixtral": Preset("mixtral", 8, 2, 4096, 14336, (1, 16, 64, 256, 1024, 4096, 16384)),
+    "qwen3": Preset("qwen3", 128, 8, 2048, 768, (1, 16, 64, 256, 1024, 4096, 16384)),
+    "dsv3": Preset("dsv3", 256, 8, 7168, 2048, (1, 16, 64, 256, 1024, 4096, 16384)),
+}
+GRAPH_MAX_M = 256
+REFERENCE_TIMING_MAX_PAIRS = 8192  # the per-expert reference is an oracle, not a contender
+
+
+@dataclass
+class Ceilings:
+    copy_gbps: float
+    matmul_tflops: float
+    device: str
+
+
+@dataclass
+class Row:
+    preset: str
+    m: int
+    backend: str
+    mode: str  # eager | graph | layer
+    time_us: float | None
+    floor_us: float
+    pct_floor: float | None
+    rel_err: float | None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
+    """Median seconds of ``fn``: triton's do_bench on CUDA (it flushes L2), wall clock on CPU."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+        except ImportError:
+            pass
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
+    """Copy bandwidth (read + write) and dense matmul rate, measured now on ``device``."""
+    nbytes = 2 * 2**30 if device.type == "cuda" else 2**28
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t_copy = time_fn(lambda: dst.copy_(src), device)
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t_mm = time_fn(lambda: a @ b, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return Ceilings(2 * nbytes / t_copy / 1e9, 2 * n**3 / t_mm / 1e12, name)
+
+
+def floor_seconds(p: Preset, m: int, experts_hit: int, elt: int, ceil: Ceilings) -> float:
+    k, n = p.hidden_size, p.intermediate_size
+    nbytes = experts_hit * (2 * n * k + k * n) * elt + 2 * m * k * elt
+    flops = 2 * m * p.top_k * k * 2 * n + 2 * m * p.top_k * n * k
+    return max(nbytes / (ceil.copy_gbps * 1e9), flops / (ceil.matmul_tflops * 1e12))
+
+
+def _make(p: Preset, m: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+    k, n, e = p.hidden_size, p.intermediate_size, p.num_experts
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+
+    w13 = rnd(e, 2 * n, k, scale=k**-0.5)
+    w2 = rnd(e, k, n, scale=n**-0.5)
+    x = rnd(m, k)
+    logits = torch.randn(m, e, generator=gen, device=device)
+    return x, w13, w2, logits
+
+
+def _graph_time(fn: Callable[[], object], device: torch.device) -> float:
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()  # warm up (compiles kernels) outside the capture
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_fn(graph.replay, device)
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.perf_counter()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.enabled:
+            el = time.perf_counter() - self.t0
+            print(f"\r[{self.done}/{self.total}] {el:6.1f}s {what:<48}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def run_bench(
+    preset: str = "default",
+    ms: tuple[int, ...] | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    backends: tuple[str, ...] | None = None,
+    progress: bool = True,
+) -> tuple[Ceilings, list[Row]]:
+    p = PRESETS[preset]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    ms = ms or p.default_m
+    ceil = measure_ceilings(dev, dtype)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    names = backends or tuple(b.name for b in list_backends())
+    bar = _Progress(len(ms) * (len(names) + 1), progress)
+    rows: list[Row] = []
+    for m in ms:
+        x, w13, w2, logits = _make(p, m, dtype, dev, gen)
+        weights, ids = fused_topk(logits, p.top_k)
+        hit = int(torch.unique(ids).numel())
+        floor = floor_seconds(p, m, hit, x.element_size(), ceil)
+        args = ExpertsArgs(x, w13, w2, weights, ids)
+        problem = ExpertsProblem(dev.type, dtype, m, p.num_experts, p.num_experts, p.hidden_size,
+                                 p.intermediate_size, p.top_k, ActivationSpec())
+        ref = torch_ref_experts(args, problem, compute_dtype=torch.float32)
+        for name in names:
+            bar.step(f"{preset} M={m} {name}")
+            rows.extend(_bench_backend(name, p, m, args, problem, ref, floor, dev))
+        bar.step(f"{preset} M={m} FusedMoE.forward")
+        rows.append(_bench_layer(p, m, x, w13, w2, logits, ref, floor, dev))
+        del x, w13, w2, ref
+    bar.close()
+    return ceil, rows
+
+
+def _bench_backend(name: str, p: Preset, m: int, args: ExpertsArgs, problem: ExpertsProblem,
+                   ref: torch.Tensor, floor: float, dev: torch.device) -> list[Row]:
+    try:
+        select_backend(problem, name)
+    except BackendUnavailableError as err:
+        return [Row(p.name, m, name, "eager", None, floor * 1e6, None, None, f"skipped: {err}")]
+    if name == "torch" and dev.type == "cuda" and m * p.top_k > REFERENCE_TIMING_MAX_PAIRS:
+        return [Row(p.name, m, name, "eager", None, floor * 1e6, None, None, "reference: not timed at this size")]
+
+    def call() -> torch.Tensor:
+        return fused_experts(args.hidden_states, args.w13, args.w2, args.topk_weights, args.topk_ids, backend=name)
+
+    out = call()
+    err = rel_error(out, ref)
+    t = time_fn(call, dev)
+    rows = [Row(p.name, m, name, "eager", t * 1e6, floor * 1e6, 100 * floor / t, err)]
+    if dev.type == "cuda" and m <= GRAPH_MAX_M and name != "torch":
+        try:
+            tg = _graph_time(call, dev)
+            rows.append(Row(p.name, m, name, "graph", tg * 1e6, floor * 1e6, 100 * floor / tg, err))
+        except Exception as exc:  # a backend that cannot be captured says so in the table
+            rows.append(Row(p.name, m, name, "graph", None, floor * 1e6, None, err, f"not capturable: {exc}"))
+    return rows
+
+
+def _bench_layer(p: Preset, m: int, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 logits: torch.Tensor, ref: torch.Tensor, floor: float, dev: torch.device) -> Row:
+    layer = FusedMoE(p.num_experts, p.top_k, p.hidden_size, p.intermediate_size, gate=False,
+                     params_dtype=x.dtype, device="meta")
+    layer.w13_weight = torch.nn.Parameter(w13, requires_grad=False)
+    layer.w2_weight = torch.nn.Parameter(w2, requires_grad=False)
+    with torch.no_grad():
+        out = layer(x, logits)
+        chosen = select_backend(
+            ExpertsProblem(dev.type, x.dtype, m, p.num_experts, p.num_experts, p.hidden_size,
+                           p.intermediate_size, p.top_k)
+        ).chosen
+        t = time_fn(lambda: layer(x, logits), dev)
+    return Row(p.name, m, f"auto->{chosen}", "layer", t * 1e6, floor * 1e6, 100 * floor / t, rel_error(out, ref))
+
+
+def format_table(ceil: Ceilings, rows: list[Row]) -> str:
+    head = (f"device: {ceil.device}   ceilings (measured now): copy {ceil.copy_gbps:,.0f} GB/s, "
+            f"matmul {ceil.matmul_tflops:.4g} TFLOP/s")
+    lines = [head, f"{'preset':<8} {'M':>6} {'backend':<18} {'mode':<6} {'time us':>10} {'floor us':>10} "
+                   f"{'% floor':>8} {'rel err':>9}  note"]
+    for r in rows:
+        t = f"{r.time_us:10.1f}" if r.time_us is not None else f"{'-':>10}"
+        pct = f"{r.pct_floor:7.1f}%" if r.pct_floor is not None else f"{'-':>8}"
+        err = f"{r.rel_err:9.2e}" if r.rel_err is not None else f"{'-':>9}"
+        lines.append(f"{r.preset:<8} {r.m:>6} {r.backend:<18} {r.mode:<6} {t} {r.floor_us:10.1f} {pct} {err}  {r.note}")
+    return "\n".join(lines)
+
+
+def write_json(path: str, ceil: Ceilings, rows: list[Row]) -> None:
+    with open(path, "w") as f:
+        json.dump({"ceilings": asdict(ceil), "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+
+def plot(path: str, rows: list[Row]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'moe-layer[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r.pct_floor is not None:
+            series.setdefault(f"{r.preset} {r.backend} {r.mode}", []).append((r.m, r.pct_floor))
+    for label, pts in series.items():
+        ax.plot([m for m, _ in pts], [v for _, v in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens (M)")
+    ax.set_ylabel("% of roofline floor")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)

@@ -1,0 +1,97 @@
+"""The ``moe`` command: backends | bench | hf-check."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import __version__
+
+__all__ = ["main"]
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from .registry import list_backends
+
+    print(f"{'backend':<16} {'priority':>8}  {'usable':<6}  why")
+    for b in list_backends():
+        ok, reason = b.is_available()
+        print(f"{b.name:<16} {b.priority:>8}  {'yes' if ok else 'no':<6}  {reason}")
+    return 0
+
+
+def _parse_ms(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        ms = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--m: expected comma-separated token counts like 1,16,64, got {text!r}") from None
+    if any(m < 1 for m in ms):
+        raise SystemExit(f"--m: token counts must be >= 1, got {text!r}")
+    return ms
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, plot, run_bench, write_json
+
+    backends = tuple(args.backends.split(",")) if args.backends else None
+    ceil, rows = run_bench(args.preset, _parse_ms(args.m), args.device,
+                           _DTYPES[args.dtype] if args.dtype else None, backends,
+                           progress=not args.no_progress)
+    if args.json:
+        write_json(args.json, ceil, rows)
+    if args.plot:
+        plot(args.plot, rows)
+    print(format_table(ceil, rows))
+    return 0
+
+
+def _cmd_hf_check(args: argparse.Namespace) -> int:
+    from .hf.check import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench import PRESETS
+
+    parser = argparse.ArgumentParser(prog="moe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"moe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("backends", help="list registered backends and whether each can run here")
+    p.set_defaults(func=_cmd_backends)
+    p = sub.add_parser("bench", help="time every usable backend against the roofline floor")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="workload shape (default: a small one that runs in seconds on a CPU)")
+    p.add_argument("--m", help="comma-separated token counts, e.g. 1,16,64 (default: the preset's)")
+    p.add_argument("--backends", help="comma-separated backend names (default: every registered one)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH.png", help="plot percent of floor against M (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.set_defaults(func=_cmd_bench)
+    try:
+        from .hf import check as hf_check
+    except ImportError:
+        hf_check = None
+    if hf_check is not None:
+        p = sub.add_parser("hf-check", help="swap a transformers model's MoE blocks and compare logits")
+        hf_check.add_arguments(p)
+        p.set_defaults(func=_cmd_hf_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
