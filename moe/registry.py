@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 # Built-in backends: module path under moe.backends. Adding a backend is one file plus one line here.
-_BUILTIN = ("torch_ref",)
+_BUILTIN = ("torch_ref", "triton", "torch_grouped")
 
 _registry: dict[str, Backend] = {}
 _local = threading.local()

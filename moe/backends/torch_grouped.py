@@ -1,0 +1,110 @@
+"""The torch grouped-GEMM backend: our alignment kernel permutes the pairs by expert, two
+``torch._grouped_mm`` calls do the projections, torch ops the activation, our combine kernel the
+weighted sum over k. It is both a user option and the comparison row of every benchmark.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..activations import apply_activation
+from .base import ExpertsArgs, ExpertsProblem
+
+__all__ = ["BACKEND", "grouped_experts"]
+
+
+@functools.cache
+def _unavailable() -> str | None:
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm (needs torch >= 2.8)"
+    try:
+        import triton  # noqa: F401  (the alignment and combine kernels)
+    except ImportError as exc:
+        return f"needs triton for its alignment kernel ({exc})"
+    return None
+
+
+def grouped_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> torch.Tensor:
+    import triton
+
+    from .triton import _gemm, interpreting
+    from .triton.align import align
+
+    x = args.hidden_states
+    T, K, k = problem.num_tokens, problem.hidden_size, problem.top_k
+    num_pairs = T * k
+    ids = args.topk_ids.reshape(-1).contiguous()
+    topk_w = args.topk_weights.reshape(-1).contiguous()
+    al = align(ids, problem.num_experts, 1, args.expert_map)  # row tile 1: no padding
+    pair = al.sorted_ids[:num_pairs].long()  # [P] pair of each sorted row; num_pairs past the local ones
+    live = pair < num_pairs
+    safe = torch.where(live, pair, 0)
+    xs = x.index_select(0, safe // k)  # [P, K] rows grouped by expert
+    if problem.apply_router_weight_on_input:
+        xs = (xs.float() * topk_w.index_select(0, safe).unsqueeze(1)).to(x.dtype)
+    offs = al.expert_ends  # [E] int32 cumulative row ends
+    h = torch._grouped_mm(xs, args.w13.transpose(1, 2), offs=offs)  # [P, 2N]
+    expert_of_row = al.block_expert.clamp(min=0).long()  # row tile 1: the expert of each row
+    if args.w13_bias is not None:
+        h = h + args.w13_bias.index_select(0, expert_of_row)
+    a = apply_activation(h.float(), problem.activation).to(x.dtype)  # [P, N]
+    ys = torch._grouped_mm(a, args.w2.transpose(1, 2), offs=offs)  # [P, K]
+    if args.w2_bias is not None:
+        ys = ys + args.w2_bias.index_select(0, expert_of_row)
+    y = torch.empty(num_pairs + 1, K, dtype=x.dtype, device=x.device)  # row num_pairs collects dropped rows
+    y.index_copy_(0, torch.where(live, pair, num_pairs), ys)
+    interp = interpreting()
+    block = min(64 if interp else 1024, triton.next_power_of_2(K))
+    emap = args.expert_map if args.expert_map is not None else ids
+    _gemm.moe_combine[(T, triton.cdiv(K, block))](
+        y, ids, emap, topk_w, out, K, y.stride(0), out.stride(0),
+        TOP_K=k, HAS_MAP=args.expert_map is not None, WEIGHT_ON_INPUT=problem.apply_router_weight_on_input,
+        BLOCK=block, RNE_BF16=interp and x.dtype == torch.bfloat16,
+    )
+    return out
+
+
+class TorchGroupedBackend:
+    name = "torch_grouped"
+
+    @property
+    def priority(self) -> int:
+        return 10 if torch.cuda.is_available() else -20
+
+    def is_available(self) -> tuple[bool, str]:
+        err = _unavailable()
+        if err:
+            return False, err
+        from .triton import BACKEND as triton_backend
+
+        ok, why = triton_backend.is_available()
+        return (True, "ok") if ok else (False, f"its alignment kernel cannot run: {why}")
+
+    def supports(self, problem: ExpertsProblem) -> tuple[bool, str]:
+        from .triton import interpreting
+
+        if problem.quant.is_quantized:
+            return False, f"quantized schemes are not implemented ({problem.quant})"
+        elt = problem.dtype.itemsize
+        if (problem.hidden_size * elt) % 16 or (problem.intermediate_size * elt) % 16:
+            return False, (f"torch._grouped_mm needs 16-byte aligned rows: K={problem.hidden_size} and "
+                           f"N={problem.intermediate_size} must be multiples of {16 // elt} for {problem.dtype}")
+        if problem.device_type == "cuda":
+            if problem.dtype != torch.bfloat16:
+                return False, f"torch._grouped_mm on CUDA takes bfloat16 only, got {problem.dtype}"
+            if torch.cuda.get_device_capability() < (9, 0):
+                return False, "torch._grouped_mm needs compute capability >= 9.0 on CUDA"
+            return True, "ok"
+        if problem.device_type == "cpu" and interpreting():
+            if problem.dtype not in (torch.float32, torch.bfloat16):
+                return False, f"CPU torch._grouped_mm: float32 or bfloat16, got {problem.dtype}"
+            return True, "ok"
+        return False, f"device {problem.device_type!r}: CUDA, or CPU under the Triton interpreter"
+
+    def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:
+        grouped_experts(args, problem, out)
+
+
+BACKEND = TorchGroupedBackend()

@@ -1,0 +1,207 @@
+"""The Triton backend: alignment, the first projection with the activation fused, the second projection,
+and the weighted combine. Kernels live in _align.py and _gemm.py; this module launches them.
+
+Triton is imported only when this backend is considered (``is_available``) or run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..base import ExpertsArgs, ExpertsProblem
+from .config import GemmTile, KernelConfig, default_config
+
+__all__ = ["BACKEND", "GemmTile", "KernelConfig", "default_config", "triton_experts"]
+
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swigluoai": 3, "relu2": 4, "silu_no_mul": 5, "gelu_no_mul": 6}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); pip install 'moe-layer[triton]'"
+    return None
+
+
+@functools.cache
+def _smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
+def _check_smem(cfg: KernelConfig, problem: ExpertsProblem, device: torch.device) -> None:
+    if device.type != "cuda":
+        return
+    limit = _smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+    for name, need in zip(("gemm1", "gemm2"), cfg.smem_bytes(problem.dtype.itemsize, problem.activation.gated),
+                          strict=True):
+        if need > limit:
+            raise ValueError(
+                f"kernel config {name} needs about {need} bytes of shared memory but this device allows "
+                f"{limit}; use smaller block sizes or fewer stages (config: {cfg.model_dump()})"
+            )
+
+
+_checked: set[tuple] = set()
+
+
+def _launch(kernel, grid: tuple[int, ...], key: tuple, device: torch.device, *args, **kwargs) -> None:
+    """Launch ``kernel``; the first launch of each specialization checks the compiled kernel's shared
+    memory against the device before running it."""
+    if device.type == "cuda" and key not in _checked:
+        compiled = kernel.warmup(*args, grid=grid, **kwargs)
+        shared = getattr(getattr(compiled, "metadata", None), "shared", 0)
+        limit = _smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+        if shared > limit:
+            raise ValueError(
+                f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel}: the compiled kernel needs {shared} "
+                f"bytes of shared memory, the device allows {limit}; choose a smaller kernel config ({key})"
+            )
+        _checked.add(key)
+    kernel[grid](*args, **kwargs)
+
+
+def triton_experts(
+    args: ExpertsArgs,
+    problem: ExpertsProblem,
+    out: torch.Tensor,
+    config: KernelConfig | None = None,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """Run the experts with an explicit kernel config (the tuner calls this directly).
+
+    ``w13_scale`` / ``w2_scale``: optional fp32 [E] per-expert weight scales (the result uses
+    ``scale[e] * w[e]``). fp32 inputs compute in full fp32 unless ``allow_tf32``.
+    """
+    import triton
+
+    from . import _gemm
+    from .align import align
+
+    interp = interpreting()
+    cfg = config or default_config(problem, interpret=interp)
+    x = args.hidden_states
+    dev, dtype = x.device, x.dtype
+    _check_smem(cfg, problem, dev)
+    x = _row_major(x)
+    w13, w2 = _row_major(args.w13), _row_major(args.w2)
+    T, K, N, k = problem.num_tokens, problem.hidden_size, problem.intermediate_size, problem.top_k
+    num_pairs = T * k
+    ids = args.topk_ids.reshape(-1).contiguous()
+    topk_w = args.topk_weights.reshape(-1).contiguous()
+    emap = args.expert_map
+    direct = T == 1
+    if direct:
+        al = None
+        grid_m = num_pairs
+    else:
+        al = align(ids, problem.num_experts, cfg.block_m, emap)
+        grid_m = al.max_blocks
+    route = (
+        (ids, ids, ids) if al is None else (al.sorted_ids, al.block_expert, al.total)
+    )  # the DIRECT kernels never read sorted ids, tile experts or the total
+    emap_arg = emap if emap is not None else ids
+    flags = dict(
+        TOP_K=k, DIRECT=direct, HAS_MAP=emap is not None, WEIGHT_ON_INPUT=problem.apply_router_weight_on_input,
+        UPCAST=interp and dtype == torch.bfloat16, IEEE=dtype == torch.float32 and not allow_tf32,
+    )
+    inter = torch.empty(num_pairs, N, dtype=dtype, device=dev)
+    g1 = cfg.gemm1
+    b13 = args.w13_bias if args.w13_bias is not None else x
+    s13 = w13_scale if w13_scale is not None else topk_w
+    grid1 = (grid_m * triton.cdiv(N, g1.block_n),)
+    key1 = ("g1", cfg, dtype, problem.activation.name, args.w13_bias is not None, w13_scale is not None, tuple(flags.items()))
+    _launch(
+        _gemm.moe_gemm1, grid1, key1, dev,
+        x, w13, b13, s13, inter, *route, ids, emap_arg, topk_w,
+        N, K, num_pairs, grid_m, x.stride(0), w13.stride(0), w13.stride(1), b13.stride(0), inter.stride(0),
+        problem.activation.alpha, problem.activation.limit,
+        GATED=problem.activation.gated, ACT=ACT_CODES[problem.activation.name],
+        HAS_BIAS=args.w13_bias is not None, W_SCALE=int(w13_scale is not None),
+        BLOCK_M=cfg.block_m, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, GROUP_M=g1.group_m,
+        num_warps=g1.num_warps, num_stages=g1.num_stages, **flags,
+    )
+    g2 = cfg.gemm2
+    atomic = cfg.combine == "atomic"
+    y = (torch.zeros(T, K, dtype=torch.float32, device=dev) if atomic
+         else torch.empty(num_pairs, K, dtype=dtype, device=dev))
+    b2 = args.w2_bias if args.w2_bias is not None else x
+    s2 = w2_scale if w2_scale is not None else topk_w
+    grid2 = (grid_m * triton.cdiv(K, g2.block_n),)
+    key2 = ("g2", cfg, dtype, args.w2_bias is not None, w2_scale is not None, tuple(flags.items()))
+    _launch(
+        _gemm.moe_gemm2, grid2, key2, dev,
+        inter, w2, b2, s2, y, *route, ids, emap_arg, topk_w,
+        N, K, num_pairs, grid_m, inter.stride(0), w2.stride(0), w2.stride(1), b2.stride(0), y.stride(0),
+        HAS_BIAS=args.w2_bias is not None, W_SCALE=int(w2_scale is not None), ATOMIC=atomic,
+        BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, GROUP_M=g2.group_m,
+        num_warps=g2.num_warps, num_stages=g2.num_stages, **flags,
+    )
+    if atomic:
+        out.copy_(y)
+        return out
+    block = min(1024 if not interp else 64, triton.next_power_of_2(K))
+    _gemm.moe_combine[(T, triton.cdiv(K, block))](
+        y, ids, emap_arg, topk_w, out, K, y.stride(0), out.stride(0),
+        TOP_K=k, HAS_MAP=emap is not None, WEIGHT_ON_INPUT=problem.apply_router_weight_on_input, BLOCK=block,
+        RNE_BF16=interp and dtype == torch.bfloat16,
+    )
+    return out
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index rows with a stride and assume unit stride along the last dim."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class TritonBackend:
+    name = "triton"
+
+    @property
+    def priority(self) -> int:
+        # On CPU the kernels only run under the interpreter: a test vehicle, never preferred over the reference.
+        return 20 if torch.cuda.is_available() else -10
+
+    def is_available(self) -> tuple[bool, str]:
+        err = _import_error()
+        if err:
+            return False, err
+        if torch.cuda.is_available():
+            return True, "ok"
+        if interpreting():
+            return True, "CPU under the Triton interpreter (TRITON_INTERPRET=1): correct but slow"
+        return False, "no CUDA device; set TRITON_INTERPRET=1 to run the kernels under the Triton interpreter"
+
+    def supports(self, problem: ExpertsProblem) -> tuple[bool, str]:
+        if problem.device_type == "cpu" and not interpreting():
+            return False, "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
+        if problem.device_type not in ("cuda", "cpu"):
+            return False, f"device {problem.device_type!r} is not supported (cuda, or cpu under the interpreter)"
+        if problem.dtype not in _DTYPES:
+            return False, f"dtype {problem.dtype} is not supported (float16, bfloat16, float32)"
+        if problem.quant.is_quantized:
+            return False, f"quantized schemes are not implemented yet ({problem.quant})"
+        from .align import MAX_EXPERTS
+
+        if problem.num_experts > MAX_EXPERTS:
+            return False, f"num_experts={problem.num_experts} exceeds {MAX_EXPERTS}"
+        return True, "ok"
+
+    def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:
+        triton_experts(args, problem, out)
+
+
+BACKEND = TritonBackend()

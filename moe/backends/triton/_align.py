@@ -1,0 +1,70 @@
+"""Triton kernels for routing alignment (kernels only; the launch lives in align.py).
+
+Pairs (token, slot) are grouped by local expert, each expert's group padded to BLOCK_M rows:
+- ``_count``: per-expert pair counts (atomics), non-local pairs dropped;
+- ``_scan``: one program: padded offsets, the expert of every row tile, the padded total, and the
+  sentinel fill of the sorted-pair buffer;
+- ``_scatter``: each pair's row in the sorted order.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP: tl.constexpr):
+    e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
+    if HAS_MAP:
+        e = tl.load(emap_ptr + e, mask=mask, other=-1).to(tl.int32)
+    return e
+
+
+@triton.jit
+def _count(ids_ptr, emap_ptr, counts_ptr, num_pairs, HAS_MAP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    e = _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP)
+    mask = mask & (e >= 0)
+    tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=mask)
+
+
+@triton.jit
+def _scan(
+    counts_ptr, starts_ptr, ends_ptr, block_expert_ptr, total_ptr, sorted_ptr,
+    num_experts, num_pairs, max_blocks, sorted_len,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+):
+    e = tl.arange(0, E_PAD)
+    emask = e < num_experts
+    counts = tl.load(counts_ptr + e, mask=emask, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    start = end - padded
+    tl.store(starts_ptr + e, start, mask=emask)
+    tl.store(ends_ptr + e, start + counts, mask=emask)
+    total = tl.sum(padded, 0)
+    tl.store(total_ptr, total)
+    # The expert of row tile b is the number of experts whose padded group ends at or before row b*BLOCK_M.
+    end_or_big = tl.where(emask, end, 2147483647)
+    for b0 in range(0, max_blocks, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        row = b * BLOCK_M
+        expert = tl.sum((end_or_big[None, :] <= row[:, None]).to(tl.int32), axis=1)
+        expert = tl.where(row < total, expert, -1)
+        tl.store(block_expert_ptr + b, expert, mask=b < max_blocks)
+    for r0 in range(0, sorted_len, CHUNK * 8):
+        r = r0 + tl.arange(0, CHUNK * 8)
+        tl.store(sorted_ptr + r, tl.full([CHUNK * 8], 0, tl.int32) + num_pairs, mask=r < sorted_len)
+
+
+@triton.jit
+def _scatter(
+    ids_ptr, emap_ptr, starts_ptr, cursor_ptr, sorted_ptr, num_pairs, HAS_MAP: tl.constexpr, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    e = _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP)
+    mask = mask & (e >= 0)
+    rank = tl.atomic_add(cursor_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=mask)
+    start = tl.load(starts_ptr + e, mask=mask, other=0)
+    tl.store(sorted_ptr + start + rank, offs.to(tl.int32), mask=mask)

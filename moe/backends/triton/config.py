@@ -1,0 +1,64 @@
+"""Kernel configs for the Triton backend: validated objects passed to every launch, and the heuristic
+that picks one when no tuned config exists."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..base import ExpertsProblem
+
+__all__ = ["GemmTile", "KernelConfig", "default_config"]
+
+Pow2 = Literal[16, 32, 64, 128, 256]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GemmTile(_Frozen):
+    block_n: Pow2 = 64
+    block_k: Pow2 = 64
+    group_m: int = Field(8, ge=1, le=64)
+    num_warps: Literal[1, 2, 4, 8, 16] = 4
+    num_stages: int = Field(3, ge=1, le=8)
+
+
+class KernelConfig(_Frozen):
+    """One launch's tiles: ``block_m`` is the alignment's row tile, shared by both GEMMs."""
+
+    block_m: Pow2 = 64
+    gemm1: GemmTile = GemmTile()
+    gemm2: GemmTile = GemmTile()
+    combine: Literal["reduce", "atomic"] = "reduce"
+
+    def smem_bytes(self, elt: int, gated: bool) -> tuple[int, int]:
+        """Estimated shared memory of the two GEMMs' pipelined operand tiles."""
+        g1, g2 = self.gemm1, self.gemm2
+        b_tiles = 2 if gated else 1
+        s1 = g1.num_stages * (self.block_m * g1.block_k + b_tiles * g1.block_n * g1.block_k) * elt
+        s2 = g2.num_stages * (self.block_m * g2.block_k + g2.block_n * g2.block_k) * elt
+        return s1, s2
+
+
+def default_config(problem: ExpertsProblem, interpret: bool = False) -> KernelConfig:
+    """A simple heuristic by rows per expert (tuned configs replace it where they exist)."""
+    if interpret:  # tiny tiles keep the interpreter's work small
+        tile = GemmTile(block_n=32, block_k=32, group_m=1, num_warps=4, num_stages=1)
+        return KernelConfig(block_m=16, gemm1=tile, gemm2=tile)
+    pairs = problem.num_tokens * problem.top_k
+    rows_per_expert = pairs / max(1, min(problem.num_experts, pairs))
+    if rows_per_expert <= 16:
+        tile = GemmTile(block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+        return KernelConfig(block_m=16, gemm1=tile, gemm2=tile)
+    if rows_per_expert <= 64:
+        tile = GemmTile(block_n=64, block_k=128, group_m=4, num_warps=4, num_stages=4)
+        return KernelConfig(block_m=32, gemm1=tile, gemm2=tile)
+    if rows_per_expert <= 256:
+        tile = GemmTile(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+        return KernelConfig(block_m=64, gemm1=tile, gemm2=tile)
+    g1 = GemmTile(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+    g2 = GemmTile(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
+    return KernelConfig(block_m=128, gemm1=g1, gemm2=g2)
