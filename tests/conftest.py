@@ -29,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a machine with a GPU, a skipped GPU test is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and "gpu" in item.keywords and torch.cuda.is_available():
+        report.outcome = "failed"
+        report.longrepr = f"GPU test skipped on a GPU machine: {report.longrepr}"

@@ -1,0 +1,196 @@
+"""GPU suite (`pytest -m gpu` on a CUDA machine): the parity matrix at real batch sizes with
+NaN-poisoned outputs, 64-bit offsets, torch.compile, CUDA graphs, alignment, scales, config checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import moe
+from moe.backends.base import ExpertsArgs, ExpertsProblem
+from moe.backends.torch_ref import torch_ref_experts
+from moe.testing import assert_close
+
+pytestmark = pytest.mark.gpu
+
+GPU_BACKENDS = ["triton", "torch_grouped"]
+TS = [1, 7, 33, 256, 4096, 16385]
+VARIANTS = [  # activation, bias, expert map
+    ("silu", False, False),
+    ("swigluoai", True, False),
+    ("gelu_tanh", False, True),
+    ("relu2", True, True),
+]
+E, K, N, TOPK = 16, 384, 160, 4
+
+
+def _inputs(T, dtype, activation="silu", bias=False, emap=False, e=E, k=K, n=N, topk=TOPK, skew=False):
+    dev = "cuda"
+    gated = moe.ActivationSpec.parse(activation).gated
+    rows = 2 * n if gated else n
+    expert_map, local = None, e
+    if emap:
+        expert_map = torch.full((e,), -1, dtype=torch.int32, device=dev)
+        held = torch.arange(1, e, 2, device=dev)
+        expert_map[held] = torch.arange(held.numel(), dtype=torch.int32, device=dev)
+        local = held.numel()
+    scale = 4.0 if activation == "swigluoai" else 1.0
+    x = torch.randn(T, k, device=dev).to(dtype)
+    w13 = (torch.randn(local, rows, k, device=dev) * scale / k**0.5).to(dtype)
+    w2 = (torch.randn(local, k, n, device=dev) / n**0.5).to(dtype)
+    logits = torch.randn(T, e, device=dev)
+    if skew:
+        logits[:, 0] += 100.0
+    w, ids = moe.fused_topk(logits, topk)
+    b13 = (torch.randn(local, rows, device=dev) * 0.1).to(dtype) if bias else None
+    b2 = (torch.randn(local, k, device=dev) * 0.1).to(dtype) if bias else None
+    args = ExpertsArgs(x, w13, w2, w, ids, b13, b2, expert_map)
+    prob = ExpertsProblem("cuda", dtype, T, local, e, k, n, topk, moe.ActivationSpec.parse(activation),
+                          bias, bias, emap)
+    return args, prob
+
+
+def _reference(args, prob):
+    return torch_ref_experts(args, prob, compute_dtype=torch.float64)
+
+
+def _call(args, prob, backend, out=None):
+    return moe.fused_experts(args.hidden_states, args.w13, args.w2, args.topk_weights, args.topk_ids,
+                             activation=prob.activation, w13_bias=args.w13_bias, w2_bias=args.w2_bias,
+                             expert_map=args.expert_map, backend=backend, out=out)
+
+
+def _gpu_matrix():
+    cases = []
+    for backend in GPU_BACKENDS:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for T in TS:
+                for i, (act, bias, emap) in enumerate(VARIANTS):
+                    if T >= 4096 and i not in (0, 3):
+                        continue
+                    cases.append((backend, dtype, T, act, bias, emap))
+    return cases
+
+
+def _supported(backend, dtype, T, act, bias, emap):
+    if not torch.cuda.is_available():
+        return True  # collected but skipped by conftest without a GPU
+    rows = E // 2 if emap else E
+    p = ExpertsProblem("cuda", dtype, T, rows, E, K, N, TOPK, moe.ActivationSpec.parse(act), bias, bias, emap)
+    return moe.get_backend(backend).supports(p)[0]
+
+
+MATRIX = [c for c in _gpu_matrix() if _supported(*c)]  # unsupported combinations are not generated
+
+
+@pytest.mark.parametrize("backend,dtype,T,act,bias,emap", MATRIX,
+                         ids=[f"{b}-{str(d)[6:]}-T{t}-{a}{'+b' if bi else ''}{'+map' if m else ''}"
+                              for b, d, t, a, bi, m in MATRIX])
+def test_gpu_parity(backend, dtype, T, act, bias, emap):
+    args, prob = _inputs(T, dtype, act, bias, emap)
+    out = torch.full_like(args.hidden_states, float("nan"))
+    _call(args, prob, backend, out=out)
+    assert moe.last_decision().chosen == backend
+    assert_close(out, _reference(args, prob), what=f"{backend} T={T} {act}")
+
+
+def test_gpu_matrix_covers_both_backends():
+    assert {c[0] for c in MATRIX} == set(GPU_BACKENDS)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_64bit_offsets(backend):
+    T, topk, k, n, e = 40_000, 8, 7168, 64, 8
+    assert T * topk * k > 2**31
+    args, prob = _inputs(T, torch.bfloat16, e=e, k=k, n=n, topk=topk)
+    out = torch.full_like(args.hidden_states, float("nan"))
+    _call(args, prob, backend, out=out)
+    ref = _reference(args, prob)
+    assert_close(out, ref, what="64-bit offsets")
+    assert torch.isfinite(out[-1]).all() and (out[-1] != 0).any()  # the last token was computed
+
+
+def test_gpu_skewed_routing_and_in_place():
+    args, prob = _inputs(300, torch.bfloat16, skew=True)
+    ref = _reference(args, prob)
+    x = args.hidden_states.clone()
+    _call(dataclasses.replace(args, hidden_states=x), prob, "triton", out=x)
+    assert_close(x, ref, what="in place, skewed")
+
+
+def test_gpu_torch_compile_fullgraph():
+    layer = moe.FusedMoE(16, 4, 256, 128, params_dtype=torch.bfloat16, device="cuda", backend="triton")
+    x = torch.randn(37, 256, device="cuda", dtype=torch.bfloat16)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True)
+    got = compiled(x)
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    w, ids = moe.fused_topk(layer.gate(x), 4)
+    prob = ExpertsProblem("cuda", torch.bfloat16, 37, 16, 16, 256, 128, 4)
+    ref = torch_ref_experts(ExpertsArgs(x, layer.w13_weight, layer.w2_weight, w, ids), prob, torch.float64)
+    assert_close(got, ref, what="compiled")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_cuda_graph_replays_new_routing(backend):
+    T = 64
+    args, prob = _inputs(T, torch.bfloat16)
+    static_w, static_ids = args.topk_weights.clone(), args.topk_ids.clone()
+    out = torch.empty_like(args.hidden_states)
+
+    def step():
+        moe.fused_experts(args.hidden_states, args.w13, args.w2, static_w, static_ids, backend=backend, out=out)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for skew in (False, True, False):
+        logits = torch.randn(T, E, device="cuda")
+        if skew:
+            logits[:, 3] += 50  # every token to expert 3: different counts and padded total
+        w, ids = moe.fused_topk(logits, TOPK)
+        static_w.copy_(w)
+        static_ids.copy_(ids)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _reference(ExpertsArgs(args.hidden_states, args.w13, args.w2, w, ids), prob)
+        assert_close(out, ref, what=f"graph replay skew={skew}")
+
+
+def test_gpu_alignment_invariants():
+    from test_align import _check
+
+    for T, k, e, bm in [(1, 8, 256, 16), (4096, 8, 128, 64), (333, 2, 8, 128), (50, 8, 512, 16)]:
+        ids = torch.rand(T, e, device="cuda").argsort(dim=1)[:, :k].to(torch.int32)
+        _check(ids, e, bm)
+
+
+def test_gpu_per_expert_weight_scale():
+    from moe.backends.triton import triton_experts
+
+    args, prob = _inputs(100, torch.bfloat16)
+    s13 = torch.rand(E, device="cuda") + 0.5
+    s2 = torch.rand(E, device="cuda") + 0.5
+    out = torch.full_like(args.hidden_states, float("nan"))
+    triton_experts(args, prob, out, w13_scale=s13, w2_scale=s2)
+    scaled = ExpertsArgs(args.hidden_states, args.w13.double() * s13.double()[:, None, None],
+                         args.w2.double() * s2.double()[:, None, None], args.topk_weights, args.topk_ids)
+    ref = torch_ref_experts(scaled, prob, compute_dtype=torch.float64)
+    assert_close(out, ref, dtype=torch.bfloat16, what="per-expert weight scale")
+
+
+def test_gpu_oversized_config_rejected_before_launch():
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+
+    args, prob = _inputs(64, torch.bfloat16)
+    tile = GemmTile(block_n=256, block_k=256, num_stages=8)
+    with pytest.raises(ValueError, match="shared memory"):
+        triton_experts(args, prob, torch.empty_like(args.hidden_states), KernelConfig(block_m=256, gemm1=tile, gemm2=tile))
