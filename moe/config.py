@@ -26,6 +26,8 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+DEFAULT_ALPHA = 1.702
+DEFAULT_LIMIT = 7.0
 GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
 NON_GATED_ACTIVATIONS = ("relu2", "silu_no_mul", "gelu_no_mul")
 ActivationName = Literal["silu", "gelu", "gelu_tanh", "swigluoai", "relu2", "silu_no_mul", "gelu_no_mul"]
@@ -41,8 +43,8 @@ class ActivationSpec(_Frozen):
     """
 
     name: ActivationName = "silu"
-    alpha: float = Field(1.702, gt=0, description="swigluoai: sigmoid slope")
-    limit: float = Field(7.0, gt=0, description="swigluoai: clamp limit")
+    alpha: float = Field(DEFAULT_ALPHA, gt=0, description="swigluoai: sigmoid slope")
+    limit: float = Field(DEFAULT_LIMIT, gt=0, description="swigluoai: clamp limit")
 
     @property
     def gated(self) -> bool:

@@ -13,7 +13,15 @@ import functools
 import torch
 
 from .backends.base import ExpertsArgs, ExpertsProblem
-from .config import ActivationSpec, QuantConfig
+from .config import (
+    DEFAULT_ALPHA,
+    DEFAULT_LIMIT,
+    GATED_ACTIVATIONS,
+    NON_GATED_ACTIVATIONS,
+    ActivationSpec,
+    QuantConfig,
+    QuantScheme,
+)
 from .registry import get_backend, select_backend
 from .validation import (
     check_float,
@@ -27,6 +35,23 @@ from .validation import (
 __all__ = ["fused_experts"]
 
 _INT_IDS = (torch.int32, torch.int64)
+_NO_QUANT = QuantConfig()
+
+
+def _compiled_call(x, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias, on_input, expert_map,
+                   quant, backend, out):
+    """Under torch.compile: the whole call is the opaque ``moe::fused_experts`` op, which validates and
+    selects a backend when it runs. Only plain values cross the op boundary (no pydantic objects)."""
+    if isinstance(activation, str):
+        name, alpha, limit = activation, DEFAULT_ALPHA, DEFAULT_LIMIT
+    else:
+        name, alpha, limit = activation.name, activation.alpha, activation.limit
+    wk, ak = ("none", "none") if quant is None else (quant.weights.kind, quant.activations.kind)
+    if out is None:
+        out = torch.empty_like(x)
+    torch.ops.moe.fused_experts(out, x, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, expert_map,
+                                name, alpha, limit, wk, ak, on_input, backend)
+    return out
 
 
 def fused_experts(
@@ -55,8 +80,11 @@ def fused_experts(
     Returns [T, K] in the dtype of ``hidden_states``: each expert output times its fp32 routing
     weight, summed over k in fp32. ``out`` (which may be ``hidden_states`` itself) receives it.
     """
+    if torch.compiler.is_compiling():
+        return _compiled_call(hidden_states, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias,
+                              apply_router_weight_on_input, expert_map, quant, backend, out)
     spec = ActivationSpec.parse(activation)
-    quant = quant if quant is not None else QuantConfig()
+    quant = quant if quant is not None else _NO_QUANT
     args = ExpertsArgs(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, expert_map)
     problem = _describe(args, spec, apply_router_weight_on_input, quant)
     if out is None:
@@ -64,12 +92,6 @@ def fused_experts(
     else:
         _check_out(out, hidden_states)
     if problem.num_tokens == 0:
-        return out
-    if torch.compiler.is_compiling():
-        torch.ops.moe.fused_experts(
-            out, hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, expert_map,
-            spec.model_dump_json(), quant.model_dump_json(), apply_router_weight_on_input, backend,
-        )
         return out
     decision = select_backend(problem, backend)
     get_backend(decision.chosen).apply(args, problem, out)
@@ -164,11 +186,6 @@ def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
         )
 
 
-@functools.lru_cache(maxsize=64)
-def _parse_specs(activation_json: str, quant_json: str) -> tuple[ActivationSpec, QuantConfig]:
-    return ActivationSpec.model_validate_json(activation_json), QuantConfig.model_validate_json(quant_json)
-
-
 @torch.library.custom_op("moe::fused_experts", mutates_args=("out",))
 def _fused_experts_op(
     out: torch.Tensor,
@@ -180,12 +197,15 @@ def _fused_experts_op(
     w13_bias: torch.Tensor | None,
     w2_bias: torch.Tensor | None,
     expert_map: torch.Tensor | None,
-    activation_json: str,
-    quant_json: str,
+    activation: str,
+    alpha: float,
+    limit: float,
+    weights_scheme: str,
+    activations_scheme: str,
     apply_router_weight_on_input: bool,
     backend: str,
 ) -> None:
-    spec, quant = _parse_specs(activation_json, quant_json)
+    spec, quant = _specs(activation, alpha, limit, weights_scheme, activations_scheme)
     fused_experts(
         hidden_states, w13, w2, topk_weights, topk_ids, activation=spec, w13_bias=w13_bias, w2_bias=w2_bias,
         apply_router_weight_on_input=apply_router_weight_on_input, expert_map=expert_map, quant=quant,
@@ -193,7 +213,15 @@ def _fused_experts_op(
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _specs(activation: str, alpha: float, limit: float, wk: str, ak: str) -> tuple[ActivationSpec, QuantConfig]:
+    if activation not in GATED_ACTIVATIONS + NON_GATED_ACTIVATIONS:
+        ActivationSpec.parse(activation)  # raises the usual error
+    quant = QuantConfig(weights=QuantScheme(kind=wk), activations=QuantScheme(kind=ak))
+    return ActivationSpec(name=activation, alpha=alpha, limit=limit), quant
+
+
 @_fused_experts_op.register_fake
 def _(out, hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, expert_map,
-      activation_json, quant_json, apply_router_weight_on_input, backend) -> None:
+      activation, alpha, limit, weights_scheme, activations_scheme, apply_router_weight_on_input, backend) -> None:
     return None

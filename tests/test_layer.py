@@ -106,3 +106,21 @@ def test_layer_bad_config():
         _layer()(torch.randn(3, 25))
     with pytest.raises(ValueError, match=r"expert_map: local ids must be 0\.\.L-1"):
         _layer(expert_map=torch.tensor([0, 0, -1, -1, -1, -1, -1, -1]))
+
+
+@pytest.mark.parametrize("activation", ["silu", "swigluoai"])
+def test_torch_compile_fullgraph_traces_the_layer(activation):
+    """Dynamo traces FusedMoE.forward in one graph (the experts are the moe::fused_experts custom op)."""
+    shared = moe.GatedMLP(24, 12, dtype=torch.float32)
+    layer = _layer(activation=activation, shared_experts=shared, shared_expert_gate=True, backend="torch")
+    x = torch.randn(2, 5, 24)
+    eager = layer(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+    out = torch.compile(lambda a, b, c, w, i: moe.fused_experts(a, b, c, w, i, activation="gelu", backend="torch"),
+                        fullgraph=True, backend="eager")
+    w, ids = moe.fused_topk(torch.randn(10, 8), 2)
+    a = torch.randn(10, 24)
+    ref = moe.fused_experts(a, layer.w13_weight, layer.w2_weight, w, ids, activation="gelu", backend="torch")
+    torch.testing.assert_close(out(a, layer.w13_weight, layer.w2_weight, w, ids), ref, rtol=0, atol=0)

@@ -43,8 +43,33 @@ class KernelConfig(_Frozen):
         return s1, s2
 
 
+SMEM_BUDGET = 200 * 1024  # below the 227 KB per block of H100/H200, with room for the compiler's scratch
+
+
+def fit_smem(cfg: KernelConfig, elt: int, gated: bool, budget: int = SMEM_BUDGET) -> KernelConfig:
+    """Drop pipeline stages (then halve block_k) until both GEMMs fit ``budget`` bytes of shared memory."""
+    for name in ("gemm1", "gemm2"):
+        while cfg.smem_bytes(elt, gated)[0 if name == "gemm1" else 1] > budget:
+            tile = getattr(cfg, name)
+            if tile.num_stages > 2:
+                tile = tile.model_copy(update={"num_stages": tile.num_stages - 1})
+            elif tile.block_k > 16:
+                tile = tile.model_copy(update={"block_k": tile.block_k // 2})
+            else:
+                break
+            cfg = cfg.model_copy(update={name: tile})
+    return cfg
+
+
 def default_config(problem: ExpertsProblem, interpret: bool = False) -> KernelConfig:
     """A simple heuristic by rows per expert (tuned configs replace it where they exist)."""
+    cfg = _by_rows_per_expert(problem, interpret)
+    return fit_smem(cfg, problem.dtype.itemsize, problem.activation.gated)
+
+
+def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfig:
+    """Buckets measured with the sweep in tuning.py on an H200 (bf16, mixtral/qwen3/dsv3 shapes):
+    thin row tiles while the weights stream (few rows per expert), wider ones as it turns compute-bound."""
     if interpret:  # tiny tiles keep the interpreter's work small
         tile = GemmTile(block_n=32, block_k=32, group_m=1, num_warps=4, num_stages=1)
         return KernelConfig(block_m=16, gemm1=tile, gemm2=tile)
@@ -53,12 +78,15 @@ def default_config(problem: ExpertsProblem, interpret: bool = False) -> KernelCo
     if rows_per_expert <= 16:
         tile = GemmTile(block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
         return KernelConfig(block_m=16, gemm1=tile, gemm2=tile)
-    if rows_per_expert <= 64:
-        tile = GemmTile(block_n=64, block_k=128, group_m=4, num_warps=4, num_stages=4)
-        return KernelConfig(block_m=32, gemm1=tile, gemm2=tile)
-    if rows_per_expert <= 256:
-        tile = GemmTile(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+    if rows_per_expert <= 128:
+        narrow = rows_per_expert <= 32
+        tile = GemmTile(block_n=64 if narrow else 128, block_k=64, group_m=8, num_warps=4,
+                        num_stages=4 if narrow else 3)
         return KernelConfig(block_m=64, gemm1=tile, gemm2=tile)
+    if rows_per_expert <= 256:
+        tile = GemmTile(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3)
+        return KernelConfig(block_m=128, gemm1=tile, gemm2=tile)
     g1 = GemmTile(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
-    g2 = GemmTile(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
+    # the second GEMM reduces over N: short reductions (N <= 1024) prefer a shallower pipeline
+    g2 = g1.model_copy(update={"num_stages": 3 if problem.intermediate_size <= 1024 else 4})
     return KernelConfig(block_m=128, gemm1=g1, gemm2=g2)
