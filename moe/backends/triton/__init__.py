@@ -123,7 +123,8 @@ def triton_experts(
     b13 = args.w13_bias if args.w13_bias is not None else x
     s13 = w13_scale if w13_scale is not None else topk_w
     grid1 = (grid_m * triton.cdiv(N, g1.block_n),)
-    key1 = ("g1", cfg, dtype, problem.activation.name, args.w13_bias is not None, w13_scale is not None, tuple(flags.items()))
+    key1 = ("g1", cfg, dtype, problem.activation.name, args.w13_bias is not None, w13_scale is not None,
+            tuple(flags.items()))
     _launch(
         _gemm.moe_gemm1, grid1, key1, dev,
         x, w13, b13, s13, inter, *route, ids, emap_arg, topk_w,

@@ -195,7 +195,8 @@ def moe_gemm2(
     if W_SCALE == 1:
         acc = acc * tl.load(wscale_ptr + expert)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_o, mask=omask, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_o, mask=omask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
     mask = valid[:, None] & omask[None, :]
     y = _cast(acc, a_ptr.dtype.element_ty, UPCAST)  # rounded like the reference's expert output
     if ATOMIC:

@@ -57,7 +57,7 @@ def sweep(preset: str, ms: list[int], graph_max_m: int = 256, limit: int | None 
         pairs = m * p.top_k
         rpe = pairs / max(1, min(p.num_experts, pairs))
 
-        def timed(cfg: KernelConfig) -> float:
+        def timed(cfg: KernelConfig, args=args, prob=prob, out=out, m=m) -> float:
             fn = lambda: triton_experts(args, prob, out, cfg)
             return (_graph_time(fn, dev) if m <= graph_max_m else time_fn(fn, dev)) * 1e6
 
