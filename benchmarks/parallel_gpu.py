@@ -98,9 +98,11 @@ def _bench(layer: ParallelFusedMoE, dispatcher: Dispatch, x: torch.Tensor, logit
     times: dict[str, list[float]] = {p: [] for p in (*PHASES, "total")}
     rows = hit = 0
     for i in range(warmup + iters):
-        dist.barrier()
         if device.type == "cuda":
+            dist.barrier(device_ids=[device.index])  # start every rank's iteration together
             torch.cuda.synchronize()
+        else:
+            dist.barrier()
         _, marks, rows, hit = _step(layer, dispatcher, x, logits, clock.mark)
         if device.type == "cuda":
             torch.cuda.synchronize()
