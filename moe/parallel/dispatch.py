@@ -141,6 +141,8 @@ class AllToAllDispatch:
         """``owners``: [E] the rank (in ``group``) that holds each global expert."""
         self.group = group
         self.size = dist.get_world_size(group)
+        if owners.dim() != 1 or owners.numel() == 0 or not 0 <= int(owners.min()) <= int(owners.max()) < self.size:
+            raise ValueError(f"owners: expected [num_experts] ranks in [0, {self.size}), got {owners.tolist()}")
         self._owners = {owners.device: owners.long()}
 
     def owners(self, device: torch.device) -> torch.Tensor:

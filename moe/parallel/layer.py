@@ -74,7 +74,7 @@ class ParallelFusedMoE(FusedMoE):
         self, x: torch.Tensor, router_logits: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``FusedMoE.select_experts``; a rank with no tokens (common under EP) routes nothing."""
-        if x.shape[0] == 0:
+        if x.shape[0] == 0 and (router_logits is not None or self.gate is not None):
             k = self.config.top_k
             return x.new_empty(0, k, dtype=torch.float32), x.new_empty(0, k, dtype=torch.int32)
         return super().select_experts(x, router_logits)
