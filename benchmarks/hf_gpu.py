@@ -84,6 +84,7 @@ def _model(dims: dict, dtype: torch.dtype, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.MixtralForCausalLM._from_config(config, dtype=dtype)
+    model = model.to(device)  # a no-op when the device context was honoured
     randomize(model)
     return model.eval()
 
