@@ -1,20 +1,33 @@
 #!/usr/bin/env bash
-# One GPU call: the GPU test suite, then the benchmark; full results under $OUT, a short table last.
-# Usage on the GPU machine (repo root, wheels carried in .whl/):  bash benchmarks/gpu_suite.sh [presets] [ms]
+# One GPU call: the GPU tests, the benchmark, the HF and expert-parallel benchmarks; full results under
+# $OUT, short tables last.  On the GPU machine (repo root, wheels carried in .whl/):
+#   PARTS=tests,bench,hf,parallel bash benchmarks/gpu_suite.sh [presets] [ms]
 set -uo pipefail
 S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || exit 1
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+parts=",${PARTS:-tests,bench},"
 presets=${1:-mixtral,qwen3,dsv3}
 ms=${2:-1,16,64,256,1024,4096,16384}
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -m gpu -q -x -p no:cacheprovider tests ${PYTEST_ARGS:-} \
-    2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+if [[ $parts == *,tests,* ]]; then
+  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -m gpu -q -p no:cacheprovider tests ${PYTEST_ARGS:-} \
+    > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -12
 fi
-for p in ${presets//,/ }; do
-  python3 -m moe bench --preset "$p" --m "$ms" --json "$OUT/bench_$p.json" --no-progress > "$OUT/bench_$p.txt" 2>&1
-  cat "$OUT/bench_$p.txt"
-done
+if [[ $parts == *,parallel,* ]] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  timeout 240 torchrun --nproc-per-node 2 benchmarks/parallel_gpu.py --out "$OUT/parallel.json" \
+    > "$OUT/parallel.txt" 2>&1; echo "parallel rc=$?"; tail -12 "$OUT/parallel.txt"
+fi
+if [[ $parts == *,hf,* ]]; then
+  timeout 240 python3 benchmarks/hf_gpu.py --out "$OUT/hf.json" > "$OUT/hf.txt" 2>&1; echo "hf rc=$?"
+  tail -10 "$OUT/hf.txt"
+fi
+if [[ $parts == *,bench,* ]]; then
+  for p in ${presets//,/ }; do
+    python3 -m moe bench --preset "$p" --m "$ms" --json "$OUT/bench_$p.json" --no-progress > "$OUT/bench_$p.txt" 2>&1
+    cat "$OUT/bench_$p.txt"
+  done
+fi

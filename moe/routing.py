@@ -92,7 +92,7 @@ def grouped_topk(
                 f"e_score_correction_bias: expected {num_experts} values, got {e_score_correction_bias.shape[0]}"
             )
         choice = scores + e_score_correction_bias.float()
-    grouped = choice.view(num_tokens, num_expert_group, -1)  # [T, G, E/G]
+    grouped = choice.view(num_tokens, num_expert_group, num_experts // num_expert_group)  # [T, G, E/G]
     if e_score_correction_bias is not None:
         group_scores = stable_topk(grouped, 2)[0].sum(dim=-1)  # [T, G]
     else:

@@ -70,8 +70,8 @@ def default_config(problem: ExpertsProblem, interpret: bool = False) -> KernelCo
 def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfig:
     """Buckets measured with the sweep in tuning.py on an H200 (bf16, mixtral/qwen3/dsv3 shapes):
     thin row tiles while the weights stream (few rows per expert), wider ones as it turns compute-bound."""
-    if interpret:  # tiny tiles keep the interpreter's work small
-        tile = GemmTile(block_n=32, block_k=32, group_m=1, num_warps=4, num_stages=1)
+    if interpret:  # few, wide programs: the interpreter's cost is per operation, not per element
+        tile = GemmTile(block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=1)
         return KernelConfig(block_m=16, gemm1=tile, gemm2=tile)
     pairs = problem.num_tokens * problem.top_k
     rows_per_expert = pairs / max(1, min(problem.num_experts, pairs))
