@@ -104,3 +104,11 @@ def test_routing_config_grouped_validation():
         moe.grouped_topk(torch.randn(2, 8), 2, num_expert_group=3, topk_group=1)
     with pytest.raises(ValueError, match="topk_group=4 must be between 1 and num_expert_group=2"):
         moe.grouped_topk(torch.randn(2, 8), 2, num_expert_group=2, topk_group=4)
+
+
+def test_empty_batch_routing():
+    for fn in (lambda x: moe.fused_topk(x, 2), lambda x: moe.topk_softmax(x, 2),
+               lambda x: moe.grouped_topk(x, 2, num_expert_group=4, topk_group=2, scoring="sigmoid",
+                                          e_score_correction_bias=torch.zeros(8))):
+        w, ids = fn(torch.randn(0, 8))
+        assert w.shape == (0, 2) and ids.shape == (0, 2) and ids.dtype == torch.int32
