@@ -63,7 +63,7 @@ def _timer(device: str, warmup: int, iters: int) -> Callable[[Callable[[], objec
             fn()
         times = []
         for _ in range(iters):
-            if device == "cuda":
+            if device.startswith("cuda"):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
@@ -96,8 +96,8 @@ def _measure(model: torch.nn.Module, inputs: list[tuple[torch.Tensor, torch.Tens
     logits, forward_ms, block_ms = [], [], []
     with torch.no_grad():
         for ids, x in inputs:
-            logits.append(model(ids).logits.float().cpu())
-            forward_ms.append(time_ms(lambda ids=ids: model(ids)))
+            logits.append(model(ids, use_cache=False).logits.float().cpu())
+            forward_ms.append(time_ms(lambda ids=ids: model(ids, use_cache=False)))
             block_ms.append(time_ms(lambda x=x: block(x)))
     return logits, forward_ms, block_ms
 
@@ -128,8 +128,9 @@ def main() -> None:
                          block_before_ms=k0, block_after_ms=k1, block_speedup=k0 / k1,
                          logits_rel_error=rel_error(g, w)))
 
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     title = (f"Mixtral-dimensioned x{dims['num_hidden_layers']} layers, {str(dtype).removeprefix('torch.')}, "
-             f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; "
+             f"{device_name}; "
              f"before: transformers experts_implementation={baseline!r}; after: moe backend {args.backend!r} "
              f"(ran {chosen!r}); replaced {len(names)} blocks")
     print(title)
@@ -141,13 +142,12 @@ def main() -> None:
               f"{r['logits_rel_error']:>12.2e}")
     print(f"logits diff: norm-relative, after vs before; tolerance row for {dtype}: {TOLERANCES[dtype]:.0e}")
     if args.out:
+        result = dict(title=title, device=device, device_name=device_name, torch=torch.__version__,
+                      transformers=transformers.__version__, dtype=str(dtype), dims=dims,
+                      baseline_experts_implementation=baseline, backend_requested=args.backend,
+                      backend_chosen=chosen, replaced=names, tolerance=TOLERANCES[dtype], rows=rows)
         with open(args.out, "w") as f:
-            json.dump(dict(title=title, device=device, device_name=torch.cuda.get_device_name() if device == "cuda"
-                           else "cpu", torch=torch.__version__, transformers=transformers.__version__,
-                           dtype=str(dtype), dims=dims, baseline_experts_implementation=baseline,
-                           backend_requested=args.backend, backend_chosen=chosen, replaced=names,
-                           tolerance=TOLERANCES[dtype], rows=rows), f, indent=2)
-
+            json.dump(result, f, indent=2)
 
 if __name__ == "__main__":
     main()
