@@ -265,8 +265,11 @@ def test_greedy_generate_same_tokens(name):
 
 
 @pytest.mark.parametrize("name", TINY_FAMILIES)
-def test_save_load_round_trip(name, saved):
-    family = _family(name)
+def test_save_load_round_trip(name, saved, tmp_path):
+    """Load from a local directory, replace, compare; the replaced model's state dict is the original
+    one (names, layout, values), so save_pretrained writes a checkpoint the original class loads, and
+    load_state_dict takes an original state dict."""
+    family, ref = _family(name), _reference(name)
     loaded = _load(saved(name))
     originals = _blocks(loaded)
     names = moe.hf.replace_moe_blocks(loaded)
@@ -277,7 +280,23 @@ def test_save_load_round_trip(name, saved):
                 assert _ours(loaded.get_submodule(n))[key].data_ptr() == tensor.data_ptr()
     ids = _ids()
     with torch.no_grad():
-        assert_close(loaded(ids).logits, _reference(name)(ids).logits, what=f"{name} loaded")
+        want = ref(ids).logits
+        assert_close(loaded(ids).logits, want, what=f"{name} loaded")
+
+    theirs, ours = ref.state_dict(), loaded.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "state dict values differ"
+    loaded.save_pretrained(tmp_path)
+    again = _load(str(tmp_path))
+    assert not any(isinstance(m, MoEBlock) for m in again.modules())
+    fresh = copy.deepcopy(ref)
+    moe.hf.replace_moe_blocks(fresh)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+        fresh.load_state_dict(theirs, strict=True)
+        assert_close(again(ids).logits, want, what=f"{name} saved after replacement")
+        assert_close(fresh(ids).logits, want, what=f"{name} load_state_dict")
 
 
 # ------------------------------------------------------------------------------------------ experts interface
@@ -328,6 +347,7 @@ def test_unknown_block_with_standard_experts_is_handled_generically():
     assert experts.w13_weight.data_ptr() == original.gate_up_proj.data_ptr()
     assert experts.w2_weight.data_ptr() == original.down_proj.data_ptr()
     assert type(new.model.layers[0].mlp).__name__ == "PhimoeSparseMoeBlock"  # keeps its own routing
+    assert set(new.state_dict()) == set(ref.state_dict())  # saved in the original format
     ids = _ids()
     with torch.no_grad():
         assert_close(new(ids).logits, ref(ids).logits, what="phimoe generic")

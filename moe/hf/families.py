@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..activations import interleaved_to_gate_up
 from ..config import ActivationSpec, RoutingConfig
 from ..routing import RoutingFunction, stable_topk
+from .layout import CheckpointLayout
 
 __all__ = [
     "FAMILIES",
@@ -45,14 +45,20 @@ def activation_from_hf(name: str, where: str) -> ActivationSpec:
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """Expert tensors in FusedMoE's layout: w13 [E, 2N, K] (gate rows then up rows), w2 [E, K, N].
-    ``shared`` names the ones that are the original tensors (same storage), the rest are converted."""
+    """Expert tensors in FusedMoE's layout: w13 [E, 2N, K] (gate rows then up rows), w2 [E, K, N], and
+    the layout they came from; ``layout.shared()`` names the ones that are the original tensors."""
 
     w13: torch.Tensor
     w2: torch.Tensor
     w13_bias: torch.Tensor | None
     w2_bias: torch.Tensor | None
-    shared: frozenset[str]
+    layout: CheckpointLayout
+
+    @classmethod
+    def read(cls, layout: CheckpointLayout, module: nn.Module) -> ExpertWeights:
+        """Read ``module``'s tensors (by ``layout.original_keys()``) into our layout."""
+        ours = layout.to_ours({key: _attr(module, key) for key in layout.original_keys()})
+        return cls(ours["w13"], ours["w2"], ours["w13_bias"], ours["w2_bias"], layout)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,12 @@ class Family:
 
 
 # ------------------------------------------------------------------------------------ weights
+def _attr(module: nn.Module, dotted: str) -> torch.Tensor:
+    for name in dotted.split("."):
+        module = getattr(module, name)
+    return module  # type: ignore[return-value]
+
+
 def _reject_layout(experts: nn.Module, why: str) -> ValueError:
     return ValueError(
         f"{type(experts).__name__}: {why}. moe.hf handles transformers' fused experts layout "
@@ -117,7 +129,8 @@ def _reject_layout(experts: nn.Module, why: str) -> ValueError:
 def standard_weights(experts: nn.Module) -> ExpertWeights:
     """Weights of an experts module in transformers' standard fused layout (``@use_experts_implementation``):
     ``gate_up_proj`` [E, 2N, K] and ``down_proj`` [E, K, N] are shared as they are; transposed
-    ([E, K, 2N], [E, N, K]) or interleaved gate/up (gpt-oss) weights are converted once."""
+    ([E, K, 2N], [E, N, K]) or interleaved gate/up (gpt-oss) weights are converted once. The flags
+    ``is_transposed``, ``is_concatenated`` and ``has_bias`` that transformers' decorator sets say which."""
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor):
         found = sorted(name for name, _ in experts.named_parameters(recurse=False))
@@ -128,22 +141,11 @@ def standard_weights(experts: nn.Module) -> ExpertWeights:
         raise _reject_layout(
             experts, f"gate_up_proj is {tuple(gate_up.shape)} {gate_up.dtype}, expected a 3-D unquantized float tensor"
         )
-    transposed = getattr(experts, "is_transposed", False)
-    interleaved = not getattr(experts, "is_concatenated", True)
-    has_bias = getattr(experts, "has_bias", False)
-    w13 = gate_up.transpose(1, 2) if transposed else gate_up  # [E, 2N, K]
-    w2 = down.transpose(1, 2) if transposed else down  # [E, K, N]
-    b13 = experts.gate_up_proj_bias if has_bias else None  # [E, 2N]
-    b2 = experts.down_proj_bias if has_bias else None  # [E, K]
-    if interleaved:
-        w13 = interleaved_to_gate_up(w13, dim=-2)
-        b13 = interleaved_to_gate_up(b13, dim=-1) if b13 is not None else None
-    shared = set() if transposed else {"w2"}
-    if not (transposed or interleaved):
-        shared.add("w13")
-    if has_bias:
-        shared |= {"w2_bias"} if interleaved else {"w13_bias", "w2_bias"}
-    return ExpertWeights(w13.contiguous(), w2.contiguous(), b13, b2, frozenset(shared))
+    layout = CheckpointLayout(
+        "fused", transposed=getattr(experts, "is_transposed", False),
+        interleaved=not getattr(experts, "is_concatenated", True), has_bias=getattr(experts, "has_bias", False),
+    )
+    return ExpertWeights.read(layout, experts)
 
 
 def _experts_weights(block: nn.Module) -> ExpertWeights:
@@ -152,11 +154,7 @@ def _experts_weights(block: nn.Module) -> ExpertWeights:
 
 def _dbrx_weights(block: nn.Module) -> ExpertWeights:
     # DBRX stores w1 (gate), v1 (up) and w2 (down, transposed) as [E * N, K] each
-    mlp, num_experts = block.experts.mlp, block.experts.num_experts
-    n, k = block.experts.ffn_hidden_size, block.experts.hidden_size
-    w1, v1, w2 = (p.view(num_experts, n, k) for p in (mlp.w1, mlp.v1, mlp.w2))
-    w13 = torch.cat([w1, v1], dim=1)  # [E, 2N, K]
-    return ExpertWeights(w13, w2.transpose(1, 2).contiguous(), None, None, frozenset())
+    return ExpertWeights.read(CheckpointLayout("dbrx", num_experts=block.experts.num_experts), block.experts)
 
 
 # ------------------------------------------------------------------------------------ activations

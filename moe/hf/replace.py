@@ -12,13 +12,60 @@ from ..registry import get_backend
 from ..routing import route
 from .families import ExpertWeights, Family, Routing, activation_from_hf, family_for, standard_weights
 from .families import supported_block_classes as _supported
+from .layout import OURS, CheckpointLayout
 
 __all__ = ["MoEBlock", "MoEExperts", "replace_moe_blocks"]
+
+
+_PARAM = {"w13": "w13_weight", "w2": "w2_weight", "w13_bias": "w13_bias", "w2_bias": "w2_bias"}
 
 
 def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
     # a new Parameter object on the same tensor: storage is shared, autograd is off (inference layer)
     return None if t is None else nn.Parameter(t.detach(), requires_grad=False)
+
+
+def _keep_original_format(
+    module: nn.Module, layout: CheckpointLayout, ours: str, theirs: str, renames: dict[str, str]
+) -> None:
+    """Keep ``module``'s checkpoint in the original format: ``state_dict()`` (so ``save_pretrained``)
+    writes the original names and layout, and ``load_state_dict`` reads them. ``ours`` is the prefix of
+    our expert parameters, ``theirs`` that of the original experts, ``renames`` maps our other
+    prefixes (the shared experts inside FusedMoE) to the original ones."""
+    module.layout = layout
+    module._original_names = (ours, theirs, renames)
+    module.register_state_dict_post_hook(_save_original)
+    module.register_load_state_dict_pre_hook(_load_original)
+
+
+def _rename(state_dict: dict, prefix: str, renames: dict[str, str]) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        for old, new in renames.items():
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+                break
+
+
+def _save_original(module: nn.Module, state_dict: dict, prefix: str, local_metadata: object) -> None:
+    ours, theirs, renames = module._original_names
+    keys = {name: f"{prefix}{ours}{_PARAM[name]}" for name in OURS}
+    if keys["w13"] not in state_dict:
+        return
+    tensors = {name: state_dict.pop(key, None) for name, key in keys.items()}
+    for key, tensor in module.layout.to_original(tensors).items():
+        state_dict[f"{prefix}{theirs}{key}"] = tensor
+    _rename(state_dict, prefix, renames)
+
+
+def _load_original(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    ours, theirs, renames = module._original_names
+    if not all(f"{prefix}{theirs}{key}" in state_dict for key in module.layout.original_keys()):
+        return  # not the original format: load it as it is
+    original = {key: state_dict.pop(f"{prefix}{theirs}{key}") for key in module.layout.original_keys()}
+    for name, tensor in module.layout.to_ours(original).items():
+        if tensor is not None:
+            state_dict[f"{prefix}{ours}{_PARAM[name]}"] = tensor
+    _rename(state_dict, prefix, {new: old for old, new in renames.items()})
 
 
 class MoEBlock(nn.Module):
@@ -27,7 +74,8 @@ class MoEBlock(nn.Module):
     The original router stays a child under its original name and is called on every forward, so
     hooks on it (the router-logit outputs used by auxiliary losses) keep working; routing then runs in
     moe with the family's exact rule, and the experts (plus shared experts) run on ``FusedMoE``.
-    Returns what the original block returned (gpt-oss: ``(hidden_states, router_scores)``).
+    Returns what the original block returned (gpt-oss: ``(hidden_states, router_scores)``), and keeps
+    the original block's state-dict names and layout (``save_pretrained`` writes an original checkpoint).
     """
 
     def __init__(
@@ -61,6 +109,12 @@ class MoEBlock(nn.Module):
         )
         self.moe.w13_weight, self.moe.w2_weight = _frozen(weights.w13), _frozen(weights.w2)
         self.moe.w13_bias, self.moe.w2_bias = _frozen(weights.w13_bias), _frozen(weights.w2_bias)
+        renames = {}  # FusedMoE holds the original shared-expert modules under its own names
+        if family.shared_attr:
+            renames["moe.shared_experts."] = f"{family.shared_attr}."
+        if family.shared_gate_attr:
+            renames["moe.shared_expert_gate."] = f"{family.shared_gate_attr}."
+        _keep_original_format(self, weights.layout, "moe.", "experts.", renames)
 
     def _router(self) -> nn.Module:
         return self._modules[self.router_attr]
@@ -102,6 +156,7 @@ class MoEExperts(nn.Module):
         self.backend = backend
         self.w13_weight, self.w2_weight = _frozen(weights.w13), _frozen(weights.w2)
         self.w13_bias, self.w2_bias = _frozen(weights.w13_bias), _frozen(weights.w2_bias)
+        _keep_original_format(self, weights.layout, "", "", {})
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
