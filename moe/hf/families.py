@@ -28,8 +28,8 @@ __all__ = [
     "supported_block_classes",
 ]
 
-# transformers' activation names (config.hidden_act) -> moe's activation table
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# transformers' activation names (config.hidden_act) -> moe's activation table
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
