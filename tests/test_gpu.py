@@ -126,7 +126,7 @@ def test_gpu_torch_compile_fullgraph():
     eager = layer(x)
     compiled = torch.compile(layer, fullgraph=True)
     got = compiled(x)
-    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    assert_close(got, eager.float(), dtype=torch.bfloat16, what="compiled vs eager")  # inductor fuses the router
     w, ids = moe.fused_topk(layer.gate(x), 4)
     prob = ExpertsProblem("cuda", torch.bfloat16, 37, 16, 16, 256, 128, 4)
     ref = torch_ref_experts(ExpertsArgs(x, layer.w13_weight, layer.w2_weight, w, ids), prob, torch.float64)
