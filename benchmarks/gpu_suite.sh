@@ -13,7 +13,7 @@ ms=${2:-1,16,64,256,1024,4096,16384}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [[ $parts == *,tests,* ]]; then
-  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -m gpu -q -p no:cacheprovider tests ${PYTEST_ARGS:-} \
+  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -m gpu -q -p no:cacheprovider tests ${PYTEST_K:+-k "$PYTEST_K"} \
     > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -12
 fi

@@ -52,10 +52,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_hf_check(args: argparse.Namespace) -> int:
-    from .hf.check import run
+def _hf_check(argv: list[str]) -> int:
+    from .hf import check
 
-    return run(args)
+    parser = argparse.ArgumentParser(prog="moe hf-check", description="swap a transformers model's MoE blocks "
+                                     "for FusedMoE and print the logits difference and forward times")
+    check.add_arguments(parser)
+    return check.run(parser.parse_args(argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,18 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH.png", help="plot percent of floor against M (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.set_defaults(func=_cmd_bench)
-    try:
-        from .hf import check as hf_check
-    except ImportError:
-        hf_check = None
-    if hf_check is not None:
-        p = sub.add_parser("hf-check", help="swap a transformers model's MoE blocks and compare logits")
-        hf_check.add_arguments(p)
-        p.set_defaults(func=_cmd_hf_check)
+    # hf-check's own parser is built when it runs, so other commands never import transformers
+    p = sub.add_parser("hf-check", add_help=False, help="swap a transformers model's MoE blocks and compare logits")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hf-check"]:
+        return _hf_check(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -46,3 +46,15 @@ def test_bench_rejects_bad_m(capsys):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "moe", "--version"], capture_output=True, text=True, check=True)
     assert res.stdout.startswith("moe ")
+
+
+def test_hf_check_subcommand(capsys):
+    assert main(["hf-check", "olmoe", "--backend", "torch", "--repeat", "1", "--seq", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "replaced 2 blocks" in out and "backend: requested 'torch', ran 'torch'" in out
+
+
+def test_other_commands_do_not_import_transformers():
+    code = "import sys; from moe.cli import main; main(['backends']); print('transformers' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip().splitlines()[-1] == "False"
