@@ -194,3 +194,41 @@ def test_gpu_oversized_config_rejected_before_launch():
     tile = GemmTile(block_n=256, block_k=256, num_stages=8)
     with pytest.raises(ValueError, match="shared memory"):
         triton_experts(args, prob, torch.empty_like(args.hidden_states), KernelConfig(block_m=256, gemm1=tile, gemm2=tile))
+
+
+def test_gpu_batch_invariant_mode():
+    """With batch_invariant, a token's output is bitwise the same alone and inside batches of 7, 256
+    and 4096 (which the default heuristic would give three different configs)."""
+    from moe.backends.triton import TritonOptions, triton_experts
+
+    opts = TritonOptions(batch_invariant=True)
+    args, prob = _inputs(4096, torch.bfloat16, e=64, k=512, n=256, topk=8)
+    probe = [0, 5, 3000]
+    alone = {}
+    for t in probe:
+        one = dataclasses.replace(args, hidden_states=args.hidden_states[t:t + 1],
+                                  topk_weights=args.topk_weights[t:t + 1], topk_ids=args.topk_ids[t:t + 1])
+        alone[t] = triton_experts(one, dataclasses.replace(prob, num_tokens=1), torch.empty_like(one.hidden_states),
+                                  opts=opts)[0]
+    for T in (7, 256, 4096):
+        idx = torch.arange(T, device="cuda")
+        rows = [t for t in probe if t < T] or [0]
+        idx[: len(rows)] = torch.tensor(rows, device="cuda")  # the probed tokens at the batch front
+        part = dataclasses.replace(args, hidden_states=args.hidden_states[idx].contiguous(),
+                                   topk_weights=args.topk_weights[idx].contiguous(),
+                                   topk_ids=args.topk_ids[idx].contiguous())
+        out = triton_experts(part, dataclasses.replace(prob, num_tokens=T), torch.empty_like(part.hidden_states),
+                             opts=opts)
+        for i, t in enumerate(rows):
+            assert torch.equal(out[i], alone[t]), f"token {t} differs inside a batch of {T}"
+
+
+def test_gpu_chunked_equals_unchunked():
+    from moe.backends.triton import TritonOptions, triton_experts
+    from moe.backends.triton.config import default_config
+
+    args, prob = _inputs(5000, torch.bfloat16, emap=True)
+    cfg = default_config(dataclasses.replace(prob, num_tokens=1024))
+    whole = triton_experts(args, prob, torch.empty_like(args.hidden_states), cfg)
+    chunked = triton_experts(args, prob, torch.empty_like(args.hidden_states), cfg, opts=TritonOptions(chunk_tokens=1024))
+    assert torch.equal(whole, chunked)

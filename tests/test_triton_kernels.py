@@ -59,3 +59,55 @@ def test_kernel_config_validation():
     big = KernelConfig(block_m=128, gemm1=GemmTile(block_n=256, block_k=128, num_stages=6))
     fitted = fit_smem(big, 4, True)
     assert max(fitted.smem_bytes(4, True)) <= 200 * 1024 < max(big.smem_bytes(4, True))
+
+
+def test_chunked_run_is_identical_and_bounded():
+    from moe.backends.triton import GemmTile, KernelConfig, TritonOptions, triton_experts
+    from moe.backends.triton.config import workspace_bytes
+
+    inp, args, prob = _args(Case(T=21, E=6, K=32, N=24, k=2, expert_map=True), torch.bfloat16)
+    tile = GemmTile(block_n=32, block_k=32, group_m=1, num_stages=1)
+    cfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile)
+    whole = triton_experts(args, prob, torch.full_like(args.hidden_states, float("nan")), cfg)
+    chunked = triton_experts(args, prob, torch.full_like(args.hidden_states, float("nan")), cfg,
+                             opts=TritonOptions(chunk_tokens=8))
+    assert torch.equal(whole, chunked)  # bitwise: chunks change nothing but the workspace
+    assert_close(chunked, oracle(inp))
+    assert workspace_bytes(8, 2, 6, 32, 24, 2, 16) < workspace_bytes(21, 2, 6, 32, 24, 2, 16)
+
+
+def test_options_from_env_and_validation(monkeypatch):
+    from moe.backends.triton import options, reset_options, set_options
+
+    monkeypatch.setenv("MOE_CHUNK_TOKENS", "64")
+    monkeypatch.setenv("MOE_BATCH_INVARIANT", "1")
+    try:
+        opts = reset_options()
+        assert opts.chunk_tokens == 64 and opts.batch_invariant
+        assert set_options(chunk_tokens=8).chunk_tokens == 8 and options().batch_invariant
+        with pytest.raises(ValueError, match="chunk_tokens"):
+            set_options(chunk_tokens=0)
+        monkeypatch.setenv("MOE_CHUNK_TOKENS", "lots")
+        with pytest.raises(ValueError, match="MOE_CHUNK_TOKENS must be a positive integer, got 'lots'"):
+            reset_options()
+    finally:
+        monkeypatch.delenv("MOE_CHUNK_TOKENS")
+        monkeypatch.delenv("MOE_BATCH_INVARIANT")
+        reset_options()
+
+
+def test_batch_invariant_mode_on_interpreter():
+    """A token alone and inside a batch give bitwise-identical outputs with the one fixed config."""
+    from moe.backends.triton import TritonOptions, triton_experts
+
+    inp, args, prob = _args(Case(T=7, E=4, K=32, N=16, k=2), torch.float32)
+    opts = TritonOptions(batch_invariant=True)
+    batch = triton_experts(args, prob, torch.empty_like(args.hidden_states), opts=opts)
+    import dataclasses
+
+    for t in (0, 3, 6):
+        one = dataclasses.replace(args, hidden_states=args.hidden_states[t:t + 1],
+                                  topk_weights=args.topk_weights[t:t + 1], topk_ids=args.topk_ids[t:t + 1])
+        alone = triton_experts(one, dataclasses.replace(prob, num_tokens=1),
+                               torch.empty_like(one.hidden_states), opts=opts)
+        assert torch.equal(alone[0], batch[t])

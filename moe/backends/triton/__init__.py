@@ -6,15 +6,26 @@ Triton is imported only when this backend is considered (``is_available``) or ru
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
 import torch
 
 from ..base import ExpertsArgs, ExpertsProblem
-from .config import GemmTile, KernelConfig, default_config
+from .config import (
+    BATCH_INVARIANT_CONFIG,
+    GemmTile,
+    KernelConfig,
+    TritonOptions,
+    default_config,
+    options,
+    reset_options,
+    set_options,
+)
 
-__all__ = ["BACKEND", "GemmTile", "KernelConfig", "default_config", "triton_experts"]
+__all__ = ["BACKEND", "GemmTile", "KernelConfig", "TritonOptions", "default_config", "options", "reset_options",
+           "set_options", "triton_experts"]
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swigluoai": 3, "relu2": 4, "silu_no_mul": 5, "gelu_no_mul": 6}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -80,19 +91,38 @@ def triton_experts(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     allow_tf32: bool = False,
+    opts: TritonOptions | None = None,
 ) -> torch.Tensor:
     """Run the experts with an explicit kernel config (the tuner calls this directly).
 
     ``w13_scale`` / ``w2_scale``: optional fp32 [E] per-expert weight scales (the result uses
-    ``scale[e] * w[e]``). fp32 inputs compute in full fp32 unless ``allow_tf32``.
+    ``scale[e] * w[e]``). fp32 inputs compute in full fp32 unless ``allow_tf32``. Batches above
+    ``opts.chunk_tokens`` run in chunks with one config, so the result equals an unchunked run.
     """
+    opts = opts or options()
+    chunk, num_tokens = opts.chunk_tokens, problem.num_tokens
+    if config is None:
+        sized = problem if num_tokens <= chunk else dataclasses.replace(problem, num_tokens=chunk)
+        config = BATCH_INVARIANT_CONFIG if opts.batch_invariant else default_config(sized, interpreting())
+    if num_tokens <= chunk:
+        return _run(args, problem, out, config, w13_scale, w2_scale, allow_tf32)
+    for start in range(0, num_tokens, chunk):
+        stop = min(num_tokens, start + chunk)
+        part = dataclasses.replace(args, hidden_states=args.hidden_states[start:stop],
+                                   topk_weights=args.topk_weights[start:stop], topk_ids=args.topk_ids[start:stop])
+        _run(part, dataclasses.replace(problem, num_tokens=stop - start), out[start:stop], config, w13_scale,
+             w2_scale, allow_tf32)
+    return out
+
+
+def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: KernelConfig,
+         w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None, allow_tf32: bool) -> torch.Tensor:
     import triton
 
     from . import _gemm
     from .align import align
 
     interp = interpreting()
-    cfg = config or default_config(problem, interpret=interp)
     x = args.hidden_states
     dev, dtype = x.device, x.dtype
     _check_smem(cfg, problem, dev)

@@ -3,13 +3,15 @@ that picks one when no tuned config exists."""
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..base import ExpertsProblem
 
-__all__ = ["GemmTile", "KernelConfig", "default_config"]
+__all__ = ["BATCH_INVARIANT_CONFIG", "GemmTile", "KernelConfig", "TritonOptions", "default_config", "options",
+           "reset_options", "set_options"]
 
 Pow2 = Literal[16, 32, 64, 128, 256]
 
@@ -90,3 +92,65 @@ def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfi
     # the second GEMM reduces over N: short reductions (N <= 1024) prefer a shallower pipeline
     g2 = g1.model_copy(update={"num_stages": 3 if problem.intermediate_size <= 1024 else 4})
     return KernelConfig(block_m=128, gemm1=g1, gemm2=g2)
+
+
+# One config for every batch size: with it a token's output does not depend on the rest of the batch.
+BATCH_INVARIANT_CONFIG = KernelConfig(
+    block_m=64, gemm1=GemmTile(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3),
+    gemm2=GemmTile(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3),
+)
+
+
+class TritonOptions(_Frozen):
+    """Run-time options of the Triton backend (not per shape).
+
+    - ``chunk_tokens``: batches above this many tokens run in chunks of it, bounding the workspace
+      (``MOE_CHUNK_TOKENS``, default 32768); the result is identical to an unchunked run.
+    - ``batch_invariant``: one kernel config for every batch size, so a token's output is bitwise the
+      same whatever else is in the batch (``MOE_BATCH_INVARIANT=1``); tuned configs are not used.
+    """
+
+    chunk_tokens: int = Field(32768, ge=1)
+    batch_invariant: bool = False
+
+    @classmethod
+    def from_env(cls) -> TritonOptions:
+        raw = os.environ.get("MOE_CHUNK_TOKENS")
+        try:
+            chunk = int(raw) if raw else 32768
+        except ValueError:
+            raise ValueError(f"MOE_CHUNK_TOKENS must be a positive integer, got {raw!r}") from None
+        invariant = os.environ.get("MOE_BATCH_INVARIANT", "0") not in ("", "0", "false", "False")
+        return cls(chunk_tokens=chunk, batch_invariant=invariant)
+
+
+_options: list[TritonOptions] = []
+
+
+def options() -> TritonOptions:
+    """The options in force: those set with :func:`set_options`, else read from the environment."""
+    if not _options:
+        _options.append(TritonOptions.from_env())
+    return _options[0]
+
+
+def set_options(**fields: object) -> TritonOptions:
+    """Update the options in force, e.g. ``set_options(batch_invariant=True)``; validated like the model."""
+    new = TritonOptions.model_validate({**options().model_dump(), **fields})
+    _options[:] = [new]
+    return new
+
+
+def reset_options() -> TritonOptions:
+    """Forget :func:`set_options` and read the environment again."""
+    _options.clear()
+    return options()
+
+
+def workspace_bytes(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, elt: int,
+                    block_m: int) -> int:
+    """Device memory one chunk of ``num_tokens`` allocates besides its output: the activated
+    intermediate [T*k, N] and the expert outputs [T*k, K] in the input dtype, plus the int32 alignment."""
+    pairs = num_tokens * top_k
+    padded = pairs + min(num_experts, pairs) * (block_m - 1)
+    return pairs * (inter + hidden) * elt + 4 * (padded + padded // block_m + 4 * num_experts + 1)
