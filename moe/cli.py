@@ -1,8 +1,9 @@
-"""The ``moe`` command: backends | bench | hf-check."""
+"""The ``moe`` command: backends | bench | tune | hf-check."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -61,6 +62,28 @@ def _hf_check(argv: list[str]) -> int:
     return check.run(parser.parse_args(argv))
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .backends.triton.tuning import tune
+    from .bench import PRESETS, Preset
+
+    if not torch.cuda.is_available():
+        raise SystemExit("moe tune times kernels on a CUDA device; none is available here")
+    if args.preset:
+        p = PRESETS[args.preset]
+    else:
+        missing = [f for f in ("E", "N", "K", "top_k") if getattr(args, f) is None]
+        if missing:
+            raise SystemExit(f"moe tune: give --preset or all of --E --N --K --top-k (missing: {', '.join(missing)})")
+        p = Preset("custom", args.E, args.top_k, args.K, args.N, ())
+    ms = _parse_ms(args.m) or (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+    out = Path(args.out or os.environ.get("MOE_TUNED_CONFIGS_DIR") or "configs/triton")
+    path = tune(p, list(ms), _DTYPES[args.dtype], out, limit=args.limit, force=args.force)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench import PRESETS
 
@@ -80,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH.png", help="plot percent of floor against M (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("tune", help="tune Triton kernel configs on this GPU and write a tuned file")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a preset shape, or give --E --N --K --top-k")
+    p.add_argument("--E", type=int, help="number of experts")
+    p.add_argument("--N", type=int, help="intermediate size")
+    p.add_argument("--K", type=int, help="hidden size")
+    p.add_argument("--top-k", dest="top_k", type=int, help="experts per token")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    p.add_argument("--m", help="comma-separated token counts (default: powers of two 1..16384)")
+    p.add_argument("--out", help="folder for the file (default: $MOE_TUNED_CONFIGS_DIR or configs/triton)")
+    p.add_argument("--limit", type=int, help="at most this many candidates per token count")
+    p.add_argument("--force", action="store_true", help="retune token counts the file already holds")
+    p.set_defaults(func=_cmd_tune)
     # hf-check's own parser is built when it runs, so other commands never import transformers
     p = sub.add_parser("hf-check", add_help=False, help="swap a transformers model's MoE blocks and compare logits")
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -100,7 +100,7 @@ def test_batch_invariant_mode_on_interpreter():
     """A token alone and inside a batch give bitwise-identical outputs with the one fixed config."""
     from moe.backends.triton import TritonOptions, triton_experts
 
-    inp, args, prob = _args(Case(T=7, E=4, K=32, N=16, k=2), torch.float32)
+    _, args, prob = _args(Case(T=7, E=4, K=32, N=16, k=2), torch.float32)
     opts = TritonOptions(batch_invariant=True)
     batch = triton_experts(args, prob, torch.empty_like(args.hidden_states), opts=opts)
     import dataclasses

@@ -103,7 +103,7 @@ def triton_experts(
     chunk, num_tokens = opts.chunk_tokens, problem.num_tokens
     if config is None:
         sized = problem if num_tokens <= chunk else dataclasses.replace(problem, num_tokens=chunk)
-        config = BATCH_INVARIANT_CONFIG if opts.batch_invariant else default_config(sized, interpreting())
+        config = _choose_config(sized, args.hidden_states.device, opts)
     if num_tokens <= chunk:
         return _run(args, problem, out, config, w13_scale, w2_scale, allow_tf32)
     for start in range(0, num_tokens, chunk):
@@ -113,6 +113,15 @@ def triton_experts(
         _run(part, dataclasses.replace(problem, num_tokens=stop - start), out[start:stop], config, w13_scale,
              w2_scale, allow_tf32)
     return out
+
+
+def _choose_config(problem: ExpertsProblem, device: torch.device, opts: TritonOptions) -> KernelConfig:
+    """Batch-invariant mode: one config. Otherwise a tuned file for this shape and card, else the heuristic."""
+    if opts.batch_invariant:
+        return BATCH_INVARIANT_CONFIG
+    from .tuned import tuned_config
+
+    return tuned_config(problem, device) or default_config(problem, interpreting())
 
 
 def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: KernelConfig,

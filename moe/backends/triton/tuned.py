@@ -1,0 +1,127 @@
+"""Tuned kernel configs as data: JSON files mapping token counts to :class:`KernelConfig`.
+
+One file per (backend, E, N, device, dtype, block shape), named
+``E={E},N={N},device_name={device},dtype={dtype}[,block_shape={a}x{b}].json``, shipped in ``configs/triton/``
+(the package ``moe.configs``) and validated on load. ``MOE_TUNED_CONFIGS_DIR`` names a folder searched
+first; ``MOE_TUNED_CONFIGS=0`` switches tuned files off (the heuristic alone). Lookup takes the nearest
+token count on a log scale. Written by ``moe tune``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..base import ExpertsProblem
+from .config import KernelConfig
+
+__all__ = ["TunedFile", "file_name", "load_tuned_file", "lookup", "tuned_config"]
+
+SCHEMA_VERSION = 1
+TUNE_HINT = "moe tune --E {E} --N {N} --K {K} --top-k {k} --dtype {dtype}"
+
+
+class TunedFile(BaseModel):
+    """The schema of one tuned file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
+    backend: str = "triton"
+    num_experts: int = Field(ge=1)
+    intermediate_size: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    top_k: int = Field(ge=1)
+    device_name: str
+    dtype: str
+    block_shape: tuple[int, int] | None = None
+    triton_version: str = ""
+    configs: dict[int, KernelConfig]
+    timings_us: dict[int, float] = {}
+
+    @field_validator("configs")
+    @classmethod
+    def _non_empty(cls, v: dict[int, KernelConfig]) -> dict[int, KernelConfig]:
+        if not v or min(v) < 1:
+            raise ValueError("configs must map token counts >= 1 to kernel configs, and not be empty")
+        return v
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def file_name(num_experts: int, inter: int, device_name: str, dtype: torch.dtype | str,
+              block_shape: tuple[int, int] | None = None) -> str:
+    dt = dtype if isinstance(dtype, str) else _dtype_name(dtype)
+    name = f"E={num_experts},N={inter},device_name={device_name.replace(' ', '_')},dtype={dt}"
+    if block_shape is not None:
+        name += f",block_shape={block_shape[0]}x{block_shape[1]}"
+    return name + ".json"
+
+
+def load_tuned_file(path: Path | str) -> TunedFile:
+    """Read and validate one file; errors name the file and the field."""
+    path = Path(path)
+    try:
+        return TunedFile.model_validate(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"tuned config {path}: not valid JSON ({exc})") from None
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"tuned config {path}: {fields}") from None
+
+
+def _search_dirs() -> list[Path]:
+    dirs = []
+    user = os.environ.get("MOE_TUNED_CONFIGS_DIR")
+    if user:
+        dirs.append(Path(user))
+    dirs.append(Path(str(importlib.resources.files("moe.configs"))) / "triton")
+    return dirs
+
+
+@functools.lru_cache(maxsize=256)
+def _find(name: str, dirs: tuple[Path, ...]) -> TunedFile | None:
+    for d in dirs:
+        path = d / name
+        if path.is_file():
+            return load_tuned_file(path)
+    return None
+
+
+def lookup(tuned: TunedFile, num_tokens: int) -> KernelConfig:
+    """The config of the nearest tuned token count on a log scale."""
+    m = max(1, num_tokens)
+    best = min(tuned.configs, key=lambda t: (abs(math.log(t) - math.log(m)), t))
+    return tuned.configs[best]
+
+
+_warned: set[str] = set()
+
+
+def tuned_config(problem: ExpertsProblem, device: torch.device) -> KernelConfig | None:
+    """The tuned config for ``problem`` on ``device``, or None (with one warning per shape naming the
+    tuning command) when no file exists."""
+    if os.environ.get("MOE_TUNED_CONFIGS", "1") in ("0", "false", "False") or device.type != "cuda":
+        return None
+    name = file_name(problem.num_experts, problem.intermediate_size, torch.cuda.get_device_name(device),
+                     problem.dtype)
+    tuned = _find(name, tuple(_search_dirs()))
+    if tuned is None:
+        if name not in _warned:
+            _warned.add(name)
+            hint = TUNE_HINT.format(E=problem.num_experts, N=problem.intermediate_size, K=problem.hidden_size,
+                                    k=problem.top_k, dtype=_dtype_name(problem.dtype))
+            warnings.warn(f"moe: no tuned Triton config {name}; using the default heuristic. Tune with: {hint}",
+                          stacklevel=3)
+        return None
+    return lookup(tuned, problem.num_tokens)

@@ -1,0 +1,107 @@
+"""Tuned configs as data: schema validation, lookup, the user folder, shipping inside the wheel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from moe.backends.base import ExpertsProblem
+from moe.backends.triton import tuned
+from moe.backends.triton.config import GemmTile, KernelConfig
+
+SMALL = KernelConfig(block_m=16, gemm1=GemmTile(block_n=64), gemm2=GemmTile(block_n=64))
+BIG = KernelConfig(block_m=128, gemm1=GemmTile(block_n=128, num_warps=8), gemm2=GemmTile(block_n=128, num_warps=8))
+
+
+def _file(**over):
+    data = dict(num_experts=8, intermediate_size=64, hidden_size=32, top_k=2, device_name="Test GPU",
+                dtype="bfloat16", configs={"1": SMALL.model_dump(), "4096": BIG.model_dump()})
+    data.update(over)
+    return data
+
+
+def test_lookup_nearest_on_log_scale(tmp_path):
+    path = tmp_path / tuned.file_name(8, 64, "Test GPU", torch.bfloat16)
+    path.write_text(json.dumps(_file()))
+    f = tuned.load_tuned_file(path)
+    assert tuned.lookup(f, 1) == SMALL and tuned.lookup(f, 63) == SMALL  # log distance 4.1 < 4.2
+    assert tuned.lookup(f, 65) == BIG and tuned.lookup(f, 100_000) == BIG
+    assert path.name == "E=8,N=64,device_name=Test_GPU,dtype=bfloat16.json"
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"configs": {}}, r"configs: Value error, configs must map token counts"),
+    ({"configs": {"16": {"block_m": 48}}}, r"configs\.16\.block_m"),
+    ({"top_k": 0}, r"top_k: Input should be greater than or equal to 1"),
+    ({"colour": "red"}, r"colour: Extra inputs are not permitted"),
+])
+def test_broken_files_name_file_and_field(tmp_path, over, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_file(**over)))
+    with pytest.raises(ValueError, match=rf"tuned config .*bad\.json: .*{match}"):
+        tuned.load_tuned_file(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
+        tuned.load_tuned_file(path)
+
+
+def test_user_folder_is_searched_first(tmp_path, monkeypatch):
+    name = tuned.file_name(8, 64, "Test GPU", torch.bfloat16)
+    (tmp_path / name).write_text(json.dumps(_file()))
+    monkeypatch.setenv("MOE_TUNED_CONFIGS_DIR", str(tmp_path))
+    dirs = tuple(tuned._search_dirs())
+    assert dirs[0] == tmp_path and dirs[-1].name == "triton"
+    assert tuned._find(name, dirs).configs[4096] == BIG
+
+
+def test_no_tuned_file_on_cpu_or_when_switched_off(monkeypatch):
+    p = ExpertsProblem("cuda", torch.bfloat16, 64, 8, 8, 32, 64, 2)
+    assert tuned.tuned_config(p, torch.device("cpu")) is None
+    monkeypatch.setenv("MOE_TUNED_CONFIGS", "0")
+    assert tuned.tuned_config(p, torch.device("cuda")) is None
+
+
+def test_shipped_files_are_valid():
+    from pathlib import Path
+
+    import moe.configs
+
+    for path in (Path(moe.configs.__file__).parent / "triton").glob("*.json"):
+        f = tuned.load_tuned_file(path)
+        assert path.name == tuned.file_name(f.num_experts, f.intermediate_size, f.device_name, f.dtype)
+
+
+def test_wheel_ships_tuned_files(tmp_path):
+    """Build the wheel, install it into a fresh folder, and load a tuned file from the installed package."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    probe = root / "configs" / "triton" / tuned.file_name(8, 64, "Wheel Probe", torch.bfloat16)
+    shipped = sorted((root / "configs" / "triton").glob("*.json"))
+    made = not shipped
+    if made:  # nothing shipped yet: a probe file stands in for one while the wheel is built
+        probe.write_text(json.dumps(_file(device_name="Wheel Probe")))
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "dist"), str(root)], check=True, capture_output=True)
+    finally:
+        if made:
+            probe.unlink()
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = [n for n in z.namelist() if n.startswith("moe/configs/triton/") and n.endswith(".json")]
+    assert names
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import sys, pathlib; sys.path.insert(0, sys.argv[1]); import moe.configs, moe.backends.triton.tuned as t;"
+            "d = pathlib.Path(moe.configs.__file__).parent; assert str(d).startswith(sys.argv[1]), d;"
+            "f = t.load_tuned_file(next((d / 'triton').glob('*.json'))); print('ok', f.num_experts)")
+    res = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ok")
