@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One GPU call: tune the presets on this card (files into configs/triton and $OUT), then benchmark with
+# the tuned files and, for the Triton rows, with them switched off (the default heuristic).
+set -uo pipefail
+S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || exit 1
+export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT/bench"
+presets=${1:-mixtral,qwen3,dsv3}
+ms=${2:-1,16,64,256,1024,4096,16384}
+nvidia-smi --query-gpu=name --format=csv,noheader
+for p in ${presets//,/ }; do
+  timeout "${TUNE_TIMEOUT:-150}" python3 -m moe tune --preset "$p" --m "$ms" --out configs/triton 2>>"$OUT/tune.err"
+done
+cp configs/triton/*.json "$OUT/" 2>/dev/null
+for p in ${presets//,/ }; do
+  python3 -m moe bench --preset "$p" --m "$ms" --json "$OUT/bench/tuned_$p.json" --no-progress 2>&1 | tee "$OUT/bench/tuned_$p.txt"
+  MOE_TUNED_CONFIGS=0 python3 -m moe bench --preset "$p" --m "$ms" --backends triton \
+    --json "$OUT/bench/untuned_$p.json" --no-progress > "$OUT/bench/untuned_$p.txt" 2>&1
+  grep -E "triton +(eager|graph)" "$OUT/bench/untuned_$p.txt" | sed 's/^/untuned /'
+done
+tar -C "$OUT" -cf "$OUT/bench.tar" bench && rm -rf "$OUT/bench"
