@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 for p in ${presets//,/ }; do
   timeout "${TUNE_TIMEOUT:-150}" python3 -m moe tune --preset "$p" --m "$ms" --out configs/triton 2>>"$OUT/tune.err"
 done
-cp configs/triton/*.json "$OUT/" 2>/dev/null
+tar -cf "$OUT/tuned.tar" configs/triton/*.json  # '=' and ',' in the names cannot come back as plain files
 for p in ${presets//,/ }; do
   python3 -m moe bench --preset "$p" --m "$ms" --json "$OUT/bench/tuned_$p.json" --no-progress 2>&1 | tee "$OUT/bench/tuned_$p.txt"
   MOE_TUNED_CONFIGS=0 python3 -m moe bench --preset "$p" --m "$ms" --backends triton \

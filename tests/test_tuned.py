@@ -105,3 +105,16 @@ def test_wheel_ships_tuned_files(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ok")
+
+
+def test_source_tree_fallback(monkeypatch):
+    """Run from a source tree (PYTHONPATH, no install), the shipped folder is the repo's configs/triton."""
+    import importlib.resources
+
+    def missing(name):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(importlib.resources, "files", missing)
+    from pathlib import Path
+
+    assert tuned._shipped_dir() == Path(tuned.__file__).resolve().parents[3] / "configs" / "triton"

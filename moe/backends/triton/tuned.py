@@ -85,8 +85,17 @@ def _search_dirs() -> list[Path]:
     user = os.environ.get("MOE_TUNED_CONFIGS_DIR")
     if user:
         dirs.append(Path(user))
-    dirs.append(Path(str(importlib.resources.files("moe.configs"))) / "triton")
+    dirs.append(_shipped_dir())
     return dirs
+
+
+def _shipped_dir() -> Path:
+    """The shipped files: the installed package ``moe.configs``, or ``configs/`` of a source tree run
+    through PYTHONPATH (where no install mapped the folder to the package)."""
+    try:
+        return Path(str(importlib.resources.files("moe.configs"))) / "triton"
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[3] / "configs" / "triton"
 
 
 @functools.lru_cache(maxsize=256)
