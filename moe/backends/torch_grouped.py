@@ -27,9 +27,7 @@ def _unavailable() -> str | None:
 
 
 def grouped_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> torch.Tensor:
-    import triton
-
-    from .triton import _gemm, interpreting
+    from .triton import combine
     from .triton.align import align
 
     x = args.hidden_states
@@ -55,14 +53,7 @@ def grouped_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tenso
         ys = ys + args.w2_bias.index_select(0, expert_of_row)
     y = torch.empty(num_pairs + 1, K, dtype=x.dtype, device=x.device)  # row num_pairs collects dropped rows
     y.index_copy_(0, torch.where(live, pair, num_pairs), ys)
-    interp = interpreting()
-    block = min(64 if interp else 1024, triton.next_power_of_2(K))
-    emap = args.expert_map if args.expert_map is not None else ids
-    _gemm.moe_combine[(T, triton.cdiv(K, block))](
-        y, ids, emap, topk_w, out, K, y.stride(0), out.stride(0),
-        TOP_K=k, HAS_MAP=args.expert_map is not None, WEIGHT_ON_INPUT=problem.apply_router_weight_on_input,
-        BLOCK=block, RNE_BF16=interp and x.dtype == torch.bfloat16,
-    )
+    combine(y, ids, topk_w, out, problem, args.expert_map)
     return out
 
 

@@ -193,13 +193,26 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     if atomic:
         out.copy_(y)
         return out
-    block = min(1024 if not interp else 64, triton.next_power_of_2(K))
-    _gemm.moe_combine[(T, triton.cdiv(K, block))](
-        y, ids, emap_arg, topk_w, out, K, y.stride(0), out.stride(0),
-        TOP_K=k, HAS_MAP=emap is not None, WEIGHT_ON_INPUT=problem.apply_router_weight_on_input, BLOCK=block,
-        RNE_BF16=interp and dtype == torch.bfloat16,
-    )
+    combine(y, ids, topk_w, out, problem, emap)
     return out
+
+
+def combine(y: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, out: torch.Tensor, problem: ExpertsProblem,
+            expert_map: torch.Tensor | None) -> None:
+    """out[t] = sum_j w[t, j] * y[t * k + j] (fp32, fixed order) from per-pair outputs y [T*k, K]; pairs
+    whose expert ``expert_map`` marks non-local are skipped. Shared with the torch_grouped backend."""
+    import triton
+
+    from . import _gemm
+
+    interp = interpreting()
+    block = min(64 if interp else 1024, triton.next_power_of_2(problem.hidden_size))
+    _gemm.moe_combine[(problem.num_tokens, triton.cdiv(problem.hidden_size, block))](
+        y, ids, expert_map if expert_map is not None else ids, topk_w, out, problem.hidden_size, y.stride(0),
+        out.stride(0), TOP_K=problem.top_k, HAS_MAP=expert_map is not None,
+        WEIGHT_ON_INPUT=problem.apply_router_weight_on_input, BLOCK=block,
+        RNE_BF16=interp and out.dtype == torch.bfloat16,
+    )
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
