@@ -1,0 +1,200 @@
+"""Routing on the GPU: one Triton launch per call (kernels in _routing.py).
+
+Outputs are allocated with ``torch.empty``; nothing reads a value back to the host, so a call can be
+captured in a CUDA graph (after a first call has compiled the kernel). Under ``torch.compile`` each
+call is one opaque custom op (``moe::triton_topk`` / ``moe::triton_grouped_topk``) with a fake
+implementation, so the layer traces with ``fullgraph=True``.
+
+The torch implementations in ``moe.routing`` define the semantics (and are the CPU path); these
+functions match them, ties to the lower expert index included. CPU tensors work only under the
+Triton interpreter (``TRITON_INTERPRET=1``, the tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ...routing import check_groups
+from ...validation import check_finite_logits, check_float, check_ndim, check_same_device, check_top_k
+from . import _routing, interpreting
+
+__all__ = ["MAX_EXPERTS", "MAX_TOP_K", "RoutingTile", "default_tile", "fused_topk", "grouped_topk", "supports",
+           "topk_softmax"]
+
+MAX_EXPERTS = 4096  # the padded expert row of a token lives in registers
+MAX_TOP_K = 32  # the k selection rounds are unrolled
+SCORING = {"softmax": _routing.SOFTMAX, "sigmoid": _routing.SIGMOID}
+_WARPS = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class RoutingTile:
+    """Rows per program (a power of two) and warps per program."""
+
+    block_t: int
+    num_warps: int
+
+    def __post_init__(self) -> None:
+        if self.block_t < 1 or self.block_t & (self.block_t - 1):
+            raise ValueError(f"RoutingTile: block_t must be a power of two, got {self.block_t}")
+        if self.num_warps not in _WARPS:
+            raise ValueError(f"RoutingTile: num_warps must be one of {_WARPS}, got {self.num_warps}")
+
+
+def default_tile(num_tokens: int, width: int, interpret: bool = False) -> RoutingTile:
+    """About 1024 fp32 values a program on the GPU (a few rows per program at E = 256, one warp for a
+    single row of up to 512 experts); under the interpreter up to 64 rows, since its cost is per
+    operation rather than per element."""
+    rows = triton.next_power_of_2(max(1, num_tokens))
+    if interpret:
+        return RoutingTile(block_t=min(rows, 64), num_warps=1)
+    block_t = min(rows, max(1, 1024 // width), 16)
+    return RoutingTile(block_t=block_t, num_warps=min(8, max(1, block_t * width // 512)))
+
+
+def supports(num_experts: int, top_k: int) -> tuple[bool, str]:
+    """Whether the kernels handle this expert count and k (the torch path handles the rest)."""
+    if num_experts > MAX_EXPERTS:
+        return False, f"num_experts={num_experts} exceeds the routing kernels' limit of {MAX_EXPERTS}"
+    if top_k > MAX_TOP_K:
+        return False, f"top_k={top_k} exceeds the routing kernels' limit of {MAX_TOP_K}"
+    return True, "ok"
+
+
+def fused_topk(
+    router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True, scoring: str = "softmax",
+    routed_scaling_factor: float = 1.0, tile: RoutingTile | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (fp32) or sigmoid scores, top-k, optional renormalization, times the scaling factor:
+    fp32 weights [T, k] and int32 ids [T, k] in one launch."""
+    _check(router_logits, top_k)
+    code = _scoring(scoring)
+    if torch.compiler.is_compiling():
+        return torch.ops.moe.triton_topk(router_logits, top_k, code, False, renormalize, routed_scaling_factor)
+    return _launch_topk(router_logits, top_k, code, False, renormalize, routed_scaling_factor, tile)
+
+
+def topk_softmax(
+    router_logits: torch.Tensor, top_k: int, *, routed_scaling_factor: float = 1.0, tile: RoutingTile | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k on the logits, softmax over the k selected, times the scaling factor, in one launch."""
+    _check(router_logits, top_k)
+    code = _routing.SOFTMAX
+    if torch.compiler.is_compiling():
+        return torch.ops.moe.triton_topk(router_logits, top_k, code, True, True, routed_scaling_factor)
+    return _launch_topk(router_logits, top_k, code, True, True, routed_scaling_factor, tile)
+
+
+def grouped_topk(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    num_expert_group: int,
+    topk_group: int,
+    renormalize: bool = True,
+    scoring: str = "softmax",
+    e_score_correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+    tile: RoutingTile | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2/V3 group-limited routing (semantics of ``moe.routing.grouped_topk``) in one launch."""
+    _check(router_logits, top_k)
+    num_experts = router_logits.shape[1]
+    check_groups(num_experts, top_k, num_expert_group, topk_group, e_score_correction_bias)
+    check_same_device("router_logits", router_logits, e_score_correction_bias=e_score_correction_bias)
+    code = _scoring(scoring)
+    if torch.compiler.is_compiling():
+        return torch.ops.moe.triton_grouped_topk(router_logits, e_score_correction_bias, top_k, num_expert_group,
+                                                 topk_group, code, renormalize, routed_scaling_factor)
+    return _launch_grouped(router_logits, e_score_correction_bias, top_k, num_expert_group, topk_group, code,
+                           renormalize, routed_scaling_factor, tile)
+
+
+def _check(router_logits: torch.Tensor, top_k: int) -> None:
+    check_float("router_logits", router_logits)
+    check_ndim("router_logits", router_logits, 2, "[num_tokens, num_experts]")
+    check_top_k(top_k, router_logits.shape[1])
+    ok, reason = supports(router_logits.shape[1], top_k)
+    if not ok:
+        raise ValueError(f"{reason}; use the torch implementation in moe.routing (moe.routing.set_gpu_routing(False))")
+    check_finite_logits(router_logits)
+
+
+def _scoring(scoring: str) -> int:
+    if scoring not in SCORING:
+        raise ValueError(f"scoring: expected 'softmax' or 'sigmoid', got {scoring!r}")
+    return SCORING[scoring]
+
+
+def _outputs(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tokens = logits.shape[0]
+    return (torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device),
+            torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device))
+
+
+def _launch_topk(
+    logits: torch.Tensor, top_k: int, scoring: int, topk_first: bool, renormalize: bool, scale: float,
+    tile: RoutingTile | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weights, ids = _outputs(logits, top_k)
+    num_tokens, num_experts = logits.shape
+    if num_tokens == 0:
+        return weights, ids
+    e_pad = triton.next_power_of_2(num_experts)
+    tile = tile or default_tile(num_tokens, e_pad, interpreting())
+    _routing.topk_kernel[(triton.cdiv(num_tokens, tile.block_t),)](
+        logits, weights, ids, num_tokens, num_experts, logits.stride(0), logits.stride(1), float(scale),
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=tile.block_t,
+        SCORING=scoring, TOPK_FIRST=topk_first, RENORM=renormalize or topk_first, num_warps=tile.num_warps,
+    )
+    return weights, ids
+
+
+def _launch_grouped(
+    logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_group: int, scoring: int,
+    renormalize: bool, scale: float, tile: RoutingTile | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weights, ids = _outputs(logits, top_k)
+    num_tokens, num_experts = logits.shape
+    if num_tokens == 0:
+        return weights, ids
+    per_group = num_experts // num_groups
+    g_pad, p_pad = triton.next_power_of_2(num_groups), triton.next_power_of_2(per_group)
+    tile = tile or default_tile(num_tokens, g_pad * p_pad, interpreting())
+    _routing.grouped_topk_kernel[(triton.cdiv(num_tokens, tile.block_t),)](
+        logits, bias if bias is not None else logits, weights, ids, num_tokens, num_experts, num_groups, per_group,
+        logits.stride(0), logits.stride(1), bias.stride(0) if bias is not None else 0, float(scale),
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), TOPK_GROUP=topk_group, G_PAD=g_pad, P_PAD=p_pad,
+        WIDTH=g_pad * p_pad, BLOCK_T=tile.block_t, SCORING=scoring, HAS_BIAS=bias is not None,
+        RENORM=renormalize, num_warps=tile.num_warps,
+    )
+    return weights, ids
+
+
+# ------------------------------------------------------------------------------ torch.compile boundary
+@torch.library.custom_op("moe::triton_topk", mutates_args=())
+def _topk_op(
+    logits: torch.Tensor, top_k: int, scoring: int, topk_first: bool, renormalize: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_topk(logits, top_k, scoring, topk_first, renormalize, scale)
+
+
+@_topk_op.register_fake
+def _(logits, top_k, scoring, topk_first, renormalize, scale):
+    return _outputs(logits, top_k)
+
+
+@torch.library.custom_op("moe::triton_grouped_topk", mutates_args=())
+def _grouped_op(
+    logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_group: int, scoring: int,
+    renormalize: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_grouped(logits, bias, top_k, num_groups, topk_group, scoring, renormalize, scale)
+
+
+@_grouped_op.register_fake
+def _(logits, bias, top_k, num_groups, topk_group, scoring, renormalize, scale):
+    return _outputs(logits, top_k)
