@@ -38,6 +38,15 @@ CPU_TOL = dict(rtol=1e-6, atol=1e-7)
 GPU_TOL = dict(rtol=1e-5, atol=1e-6)  # the GPU's exp is an approximation (about 2 ulp) and fuses multiply-adds
 
 
+@pytest.fixture(autouse=True)
+def _gpu_routing_on():
+    """The kernels are opt-in (MOE_GPU_ROUTING=1); these tests switch them on and restore the default."""
+    before = routing.gpu_routing_enabled()
+    routing.set_gpu_routing(True)
+    yield
+    routing.set_gpu_routing(before)
+
+
 def _grid(*shape: int, lo: int = -192, hi: int = 192) -> torch.Tensor:
     return torch.randint(lo, hi + 1, shape).float() / 64
 
@@ -46,8 +55,8 @@ def _check(got, ref, tol=CPU_TOL, what=""):
     w, ids = got
     ref_w, ref_ids = ref
     assert w.dtype == torch.float32 and ids.dtype == torch.int32, what
-    assert torch.equal(ids.cpu().long(), ref_ids.long()), f"{what}: ids differ\n{ids}\n{ref_ids}"
-    torch.testing.assert_close(w.cpu().double(), ref_w.double(), **tol, msg=lambda m: f"{what}: {m}")
+    assert torch.equal(ids.cpu().long(), ref_ids.cpu().long()), f"{what}: ids differ\n{ids}\n{ref_ids}"
+    torch.testing.assert_close(w.cpu().double(), ref_w.cpu().double(), **tol, msg=lambda m: f"{what}: {m}")
 
 
 # --------------------------------------------------------------------------- CPU (interpreter)
@@ -206,7 +215,7 @@ def test_route_through_the_kernels_and_torch_compile(monkeypatch):
 def test_cpu_logits_take_the_torch_path():
     logits = torch.randn(3, 8)
     assert routing._kernels(logits, 2) is None
-    assert routing.gpu_routing_enabled()
+    assert routing.gpu_routing_enabled()  # switched on by this module's fixture
     routing.set_gpu_routing(False)
     try:
         assert not routing.gpu_routing_enabled()
