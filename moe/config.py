@@ -59,8 +59,12 @@ class ActivationSpec(_Frozen):
         allowed = GATED_ACTIVATIONS + NON_GATED_ACTIVATIONS
         if value not in allowed:
             raise ValueError(f"activation: unknown activation {value!r}; allowed: {', '.join(allowed)}")
-        return cls(name=value)  # type: ignore[arg-type]
+        if value not in _PARSED:  # one object per name: parsing sits on the hot path of every call
+            _PARSED[value] = cls(name=value)  # type: ignore[arg-type]
+        return _PARSED[value]
 
+
+_PARSED: dict[str, ActivationSpec] = {}
 
 RoutingMethod = Literal["topk", "topk_then_softmax", "grouped_topk", "custom"]
 

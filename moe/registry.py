@@ -16,6 +16,7 @@ from .backends.base import Backend, ExpertsProblem
 __all__ = [
     "BackendUnavailableError",
     "Decision",
+    "clear_decisions",
     "get_backend",
     "last_decision",
     "list_backends",
@@ -29,6 +30,8 @@ _BUILTIN = ("torch_ref", "triton", "torch_grouped")
 
 _registry: dict[str, Backend] = {}
 _local = threading.local()
+# Decisions by (problem shape, requested backend); cleared when the registry changes.
+_decisions: dict[tuple[ExpertsProblem, str], Decision] = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -78,11 +81,13 @@ def register_backend(backend: Backend, *, replace: bool = False) -> None:
     if backend.name in _registry and not replace:
         raise ValueError(f"backend {backend.name!r} is already registered; pass replace=True to override it")
     _registry[backend.name] = backend
+    _decisions.clear()
 
 
 def unregister_backend(name: str) -> None:
     _ensure_builtins()
     _registry.pop(name, None)
+    _decisions.clear()
 
 
 def list_backends() -> list[Backend]:
@@ -106,21 +111,36 @@ def _judge(backend: Backend, problem: ExpertsProblem) -> Candidate:
 
 
 def select_backend(problem: ExpertsProblem, backend: str = "auto") -> Decision:
-    """Choose a backend for ``problem``; raise with the reason if a named backend cannot run it."""
+    """Choose a backend for ``problem``; raise with the reason if a named backend cannot run it.
+
+    Decisions are cached per problem shape (the token count aside: ``supports()`` must not depend on
+    it), so the hot path pays for one dictionary lookup; the cache is cleared when backends change."""
+    key = (problem, backend)  # ExpertsProblem equality ignores num_tokens
+    decision = _decisions.get(key)
+    if decision is None:
+        decision = _decide(problem, backend)
+        _decisions[key] = decision
+    _local.last = decision
+    return decision
+
+
+def clear_decisions() -> None:
+    """Forget cached decisions (after changing something ``is_available()`` reads, e.g. the environment)."""
+    _decisions.clear()
+
+
+def _decide(problem: ExpertsProblem, backend: str) -> Decision:
     if backend != "auto":
         candidate = _judge(get_backend(backend), problem)
         if not candidate.ok:
             raise BackendUnavailableError(f"backend {backend!r} cannot run this problem: {candidate.reason}")
-        decision = Decision(backend, backend, (candidate,))
-    else:
-        candidates = tuple(_judge(b, problem) for b in list_backends())
-        chosen = next((c.name for c in candidates if c.ok), None)
-        if chosen is None:
-            reasons = "; ".join(f"{c.name}: {c.reason}" for c in candidates)
-            raise BackendUnavailableError(f"no backend can run this problem ({reasons})")
-        decision = Decision("auto", chosen, candidates)
-    _local.last = decision
-    return decision
+        return Decision(backend, backend, (candidate,))
+    candidates = tuple(_judge(b, problem) for b in list_backends())
+    chosen = next((c.name for c in candidates if c.ok), None)
+    if chosen is None:
+        reasons = "; ".join(f"{c.name}: {c.reason}" for c in candidates)
+        raise BackendUnavailableError(f"no backend can run this problem ({reasons})")
+    return Decision("auto", chosen, candidates)
 
 
 def last_decision() -> Decision | None:

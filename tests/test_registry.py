@@ -88,3 +88,16 @@ def test_explain_config():
     d = moe.explain(cfg, device="cpu", dtype=torch.float32)
     assert d.chosen in {b.name for b in moe.list_backends()}
     assert any(c.name == "torch" and c.ok for c in d.candidates)
+
+
+def test_decisions_are_cached_per_shape_and_cleared_on_registration(doubler):
+    inputs = make_inputs(Case(T=5, E=4, K=16, N=8, k=2))
+    run(inputs, "auto")
+    first = moe.last_decision()
+    inputs2 = make_inputs(Case(T=9, E=4, K=16, N=8, k=2))  # another token count, same shape
+    run(inputs2, "auto")
+    assert moe.last_decision() is first
+    moe.unregister_backend(doubler.name)
+    run(inputs2, "auto")
+    assert moe.last_decision().chosen == "torch"
+    moe.register_backend(doubler)

@@ -6,6 +6,7 @@ A backend is one module exposing one object with:
 - ``is_available() -> (ok, reason)``: can it run on this machine at all (never raises; imports optional
   libraries lazily);
 - ``supports(problem) -> (ok, reason)``: can it run this problem (dtype, device, shape, activation, quant);
+  it must not depend on ``problem.num_tokens`` (decisions are cached per shape);
 - ``apply(args, problem, out)``: compute the experts and write the combined [T, K] result into ``out``.
 
 ``out`` may be ``args.hidden_states`` itself (the in-place variant): a backend must finish reading the
@@ -30,7 +31,7 @@ class ExpertsProblem:
 
     device_type: str
     dtype: torch.dtype
-    num_tokens: int
+    num_tokens: int = field(compare=False)  # not part of equality/hash: decisions are cached per shape
     num_experts: int  # local experts held in w13 / w2
     num_global_experts: int  # range of topk_ids (== num_experts without an expert map)
     hidden_size: int  # K
