@@ -85,6 +85,7 @@ def test_wheel_ships_tuned_files(tmp_path):
     shipped = sorted((root / "configs" / "triton").glob("*.json"))
     made = not shipped
     if made:  # nothing shipped yet: a probe file stands in for one while the wheel is built
+        probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text(json.dumps(_file(device_name="Wheel Probe")))
     try:
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
