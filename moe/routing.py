@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 
@@ -61,7 +62,14 @@ def _kernels(router_logits: torch.Tensor, top_k: int) -> ModuleType | None:
         return None
     from .backends.triton import routing as kernels
 
-    return kernels if kernels.supports(router_logits.shape[-1], top_k)[0] else None
+    ok, why = kernels.supports(router_logits.shape[-1], top_k)
+    if not ok and why not in _warned and not torch.compiler.is_compiling():  # no silent downgrade: say why, once
+        _warned.add(why)
+        warnings.warn(f"moe: GPU routing kernels skipped, using the torch path: {why}", stacklevel=3)
+    return kernels if ok else None
+
+
+_warned: set[str] = set()
 
 
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -357,3 +357,11 @@ def test_gpu_routing_in_a_cuda_graph():
         torch.cuda.synchronize()
         for got, want in zip(outs, step(), strict=True):
             assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@pytest.mark.gpu
+def test_gpu_routing_says_when_it_falls_back_to_torch():
+    x = torch.randn(3, 5000, device="cuda")
+    with pytest.warns(UserWarning, match="routing kernels skipped, using the torch path: num_experts=5000 exceeds"):
+        w, ids = moe.fused_topk(x, 2)
+    _check((w, ids), routing.fused_topk_ref(x, 2), GPU_TOL, "fallback")
