@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -119,3 +120,25 @@ def test_source_tree_fallback(monkeypatch):
     from pathlib import Path
 
     assert tuned._shipped_dir() == Path(tuned.__file__).resolve().parents[3] / "configs" / "triton"
+
+
+def test_missing_file_warns_once_with_the_tune_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setenv("MOE_TUNED_CONFIGS_DIR", str(tmp_path))
+    monkeypatch.setattr(tuned, "_warned", set())
+    p = ExpertsProblem("cuda", torch.bfloat16, 32, 7, 7, 96, 80, 3)
+    with pytest.warns(UserWarning, match=r"no tuned Triton config E=7,N=80,device_name=Fake_GPU,dtype=bfloat16\.json; "
+                                         r"using the default heuristic\. Tune with: moe tune --E 7 --N 80 --K 96 "
+                                         r"--top-k 3 --dtype bf16$"):
+        assert tuned.tuned_config(p, torch.device("cuda")) is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuned.tuned_config(p, torch.device("cuda")) is None  # once per shape
+    name = tuned.file_name(7, 80, "Fake GPU", torch.bfloat16)
+    (tmp_path / name).write_text(json.dumps(_file(num_experts=7, intermediate_size=80, device_name="Fake GPU")))
+    tuned._find.cache_clear()
+    assert tuned.tuned_config(p, torch.device("cuda")) == SMALL  # 32 tokens: nearer to 1 than to 4096
+    big = dataclasses.replace(p, num_tokens=2000)
+    assert tuned.tuned_config(big, torch.device("cuda")) == BIG

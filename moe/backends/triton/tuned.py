@@ -26,6 +26,7 @@ from .config import KernelConfig
 __all__ = ["TunedFile", "file_name", "load_tuned_file", "lookup", "tuned_config"]
 
 SCHEMA_VERSION = 1
+_CLI_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}  # `moe tune --dtype`
 TUNE_HINT = "moe tune --E {E} --N {N} --K {K} --top-k {k} --dtype {dtype}"
 
 
@@ -129,7 +130,7 @@ def tuned_config(problem: ExpertsProblem, device: torch.device) -> KernelConfig 
         if name not in _warned:
             _warned.add(name)
             hint = TUNE_HINT.format(E=problem.num_experts, N=problem.intermediate_size, K=problem.hidden_size,
-                                    k=problem.top_k, dtype=_dtype_name(problem.dtype))
+                                    k=problem.top_k, dtype=_CLI_DTYPES.get(problem.dtype, "bf16"))
             warnings.warn(f"moe: no tuned Triton config {name}; using the default heuristic. Tune with: {hint}",
                           stacklevel=3)
         return None
