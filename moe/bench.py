@@ -39,6 +39,13 @@ class Preset:
     hidden_size: int  # K
     intermediate_size: int  # N
     default_m: tuple[int, ...]
+    activation: str = "silu"
+    bias: bool = False  # per-expert biases on both projections (gpt-oss)
+
+    def problem(self, device_type: str, dtype: torch.dtype, m: int) -> ExpertsProblem:
+        return ExpertsProblem(device_type, dtype, m, self.num_experts, self.num_experts, self.hidden_size,
+                              self.intermediate_size, self.top_k, ActivationSpec.parse(self.activation),
+                              has_w13_bias=self.bias, has_w2_bias=self.bias)
 
 
 PRESETS = {
@@ -46,6 +53,10 @@ PRESETS = {
     "mixtral": Preset("mixtral", 8, 2, 4096, 14336, (1, 16, 64, 256, 1024, 4096, 16384)),
     "qwen3": Preset("qwen3", 128, 8, 2048, 768, (1, 16, 64, 256, 1024, 4096, 16384)),
     "dsv3": Preset("dsv3", 256, 8, 7168, 2048, (1, 16, 64, 256, 1024, 4096, 16384)),
+    # held out: the heuristic was not developed on these (ANCHORS has no rows for them)
+    "gptoss20b": Preset("gptoss20b", 32, 4, 2880, 2880, (1, 16, 64, 256, 1024, 4096, 16384),
+                        activation="swigluoai", bias=True),
+    "qwen2moe57b": Preset("qwen2moe57b", 64, 8, 3584, 2560, (1, 16, 64, 256, 1024, 4096, 16384)),
 }
 GRAPH_MAX_M = 256
 REFERENCE_TIMING_MAX_PAIRS = 8192  # the per-expert reference is an oracle, not a contender
@@ -77,13 +88,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
-    """Median seconds of ``fn``: triton's do_bench on CUDA (it flushes L2), wall clock on CPU."""
+def time_fn(fn: Callable[[], object], device: torch.device, reps: int = 5, rep_ms: int = 100) -> float:
+    """Median seconds of ``fn``: triton's do_bench on CUDA (it flushes L2; ``rep_ms`` of repetitions),
+    wall clock on CPU."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
 
-            return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+            return do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median") * 1e-3
         except ImportError:
             pass
     t0 = time.perf_counter()
@@ -129,13 +141,22 @@ def _weights(p: Preset, dtype: torch.dtype, device: torch.device, gen: torch.Gen
     return w13, w2
 
 
+def _biases(p: Preset, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+    if not p.bias:
+        return None, None
+    rows = 2 * p.intermediate_size if ActivationSpec.parse(p.activation).gated else p.intermediate_size
+    b13 = torch.randn(p.num_experts, rows, generator=gen, device=device, dtype=dtype).mul_(0.1)
+    b2 = torch.randn(p.num_experts, p.hidden_size, generator=gen, device=device, dtype=dtype).mul_(0.1)
+    return b13, b2
+
+
 def _tokens(p: Preset, m: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
     x = torch.randn(m, p.hidden_size, generator=gen, device=device, dtype=dtype)
     logits = torch.randn(m, p.num_experts, generator=gen, device=device)
     return x, logits
 
 
-def _graph_time(fn: Callable[[], object], device: torch.device) -> float:
+def _graph_time(fn: Callable[[], object], device: torch.device, rep_ms: int = 100) -> float:
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -144,7 +165,7 @@ def _graph_time(fn: Callable[[], object], device: torch.device) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return time_fn(graph.replay, device)
+    return time_fn(graph.replay, device, rep_ms=rep_ms)
 
 
 class _Progress:
@@ -180,20 +201,20 @@ def run_bench(
     bar = _Progress(len(ms) * (len(names) + 1), progress)
     rows: list[Row] = []
     w13, w2 = _weights(p, dtype, dev, gen)
+    b13, b2 = _biases(p, dtype, dev, gen)
     for m in ms:
         x, logits = _tokens(p, m, dtype, dev, gen)
         weights, ids = fused_topk(logits, p.top_k)
         hit = int(torch.unique(ids).numel())
         floor = floor_seconds(p, m, hit, x.element_size(), ceil)
-        args = ExpertsArgs(x, w13, w2, weights, ids)
-        problem = ExpertsProblem(dev.type, dtype, m, p.num_experts, p.num_experts, p.hidden_size,
-                                 p.intermediate_size, p.top_k, ActivationSpec())
+        args = ExpertsArgs(x, w13, w2, weights, ids, b13, b2)
+        problem = p.problem(dev.type, dtype, m)
         ref = torch_ref_experts(args, problem, compute_dtype=torch.float32)
         for name in names:
             bar.step(f"{preset} M={m} {name}")
             rows.extend(_bench_backend(name, p, m, args, problem, ref, floor, dev))
         bar.step(f"{preset} M={m} FusedMoE.forward")
-        rows.append(_bench_layer(p, m, x, w13, w2, logits, ref, floor, dev))
+        rows.append(_bench_layer(p, m, args, logits, ref, floor, dev))
         del x, ref
     bar.close()
     return ceil, rows
@@ -209,7 +230,8 @@ def _bench_backend(name: str, p: Preset, m: int, args: ExpertsArgs, problem: Exp
         return [Row(p.name, m, name, "eager", None, floor * 1e6, None, None, "reference: not timed at this size")]
 
     def call() -> torch.Tensor:
-        return fused_experts(args.hidden_states, args.w13, args.w2, args.topk_weights, args.topk_ids, backend=name)
+        return fused_experts(args.hidden_states, args.w13, args.w2, args.topk_weights, args.topk_ids,
+                             activation=p.activation, w13_bias=args.w13_bias, w2_bias=args.w2_bias, backend=name)
 
     out = call()
     err = rel_error(out, ref)
@@ -224,18 +246,19 @@ def _bench_backend(name: str, p: Preset, m: int, args: ExpertsArgs, problem: Exp
     return rows
 
 
-def _bench_layer(p: Preset, m: int, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                 logits: torch.Tensor, ref: torch.Tensor, floor: float, dev: torch.device) -> Row:
+def _bench_layer(p: Preset, m: int, args: ExpertsArgs, logits: torch.Tensor, ref: torch.Tensor, floor: float,
+                 dev: torch.device) -> Row:
+    x = args.hidden_states
     layer = FusedMoE(p.num_experts, p.top_k, p.hidden_size, p.intermediate_size, gate=False,
-                     params_dtype=x.dtype, device="meta")
-    layer.w13_weight = torch.nn.Parameter(w13, requires_grad=False)
-    layer.w2_weight = torch.nn.Parameter(w2, requires_grad=False)
+                     activation=p.activation, bias=p.bias, params_dtype=x.dtype, device="meta")
+    layer.w13_weight = torch.nn.Parameter(args.w13, requires_grad=False)
+    layer.w2_weight = torch.nn.Parameter(args.w2, requires_grad=False)
+    if p.bias:
+        layer.w13_bias = torch.nn.Parameter(args.w13_bias, requires_grad=False)
+        layer.w2_bias = torch.nn.Parameter(args.w2_bias, requires_grad=False)
     with torch.no_grad():
         out = layer(x, logits)
-        chosen = select_backend(
-            ExpertsProblem(dev.type, x.dtype, m, p.num_experts, p.num_experts, p.hidden_size,
-                           p.intermediate_size, p.top_k)
-        ).chosen
+        chosen = select_backend(p.problem(dev.type, x.dtype, m)).chosen
         t = time_fn(lambda: layer(x, logits), dev)
     return Row(p.name, m, f"auto->{chosen}", "layer", t * 1e6, floor * 1e6, 100 * floor / t, rel_error(out, ref))
 

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", help="comma-separated token counts (default: powers of two 1..16384)")
     p.add_argument("--out", help="folder for the file (default: $MOE_TUNED_CONFIGS_DIR or configs/triton)")
     p.add_argument("--limit", type=int, help="at most this many candidates per token count")
-    p.add_argument("--force", action="store_true", help="retune token counts the file already holds")
+    p.add_argument("--force", action="store_true",
+                   help="retune the given token counts even where the file has them; keep the rest")
     p.set_defaults(func=_cmd_tune)
     # hf-check's own parser is built when it runs, so other commands never import transformers
     p = sub.add_parser("hf-check", add_help=False, help="swap a transformers model's MoE blocks and compare logits")

@@ -4,9 +4,9 @@ Ties between equal scores always go to the lower expert index (a stable descendi
 implementation, so ids can be compared exactly across backends.
 
 Logits on a CUDA device are routed by one Triton kernel launch per call
-(``moe/backends/triton/routing.py``) when enabled (``set_gpu_routing(True)`` or ``MOE_GPU_ROUTING=1``;
-off by default until their GPU parity run is green); CPU logits and everything else take the torch
-implementations (``*_ref``), which define the semantics.
+(``moe/backends/triton/routing.py``), on by default (``set_gpu_routing(False)`` or ``MOE_GPU_ROUTING=0``
+switch them off); CPU logits and everything else take the torch implementations (``*_ref``), which
+define the semantics.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ __all__ = [
 RoutingFunction = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 _gpu = {
-    # Opt-in until the kernels' large-batch GPU parity test has run green (see docs/backends.md).
-    "enabled": os.environ.get("MOE_GPU_ROUTING", "0") not in ("", "0", "false", "False"),
+    # On by default (their GPU parity tests ran green on an H200, 2026-11-27); MOE_GPU_ROUTING=0 switches off.
+    "enabled": os.environ.get("MOE_GPU_ROUTING", "1") not in ("0", "false", "False"),
     "triton": importlib.util.find_spec("triton") is not None,  # looked up, not imported
 }
 
 
 def set_gpu_routing(enabled: bool) -> None:
-    """Route CUDA logits with the Triton kernels (opt-in for now) or with the torch implementations."""
+    """Route CUDA logits with the Triton kernels (the default) or with the torch implementations."""
     _gpu["enabled"] = bool(enabled)
 
 

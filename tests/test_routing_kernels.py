@@ -40,7 +40,8 @@ GPU_TOL = dict(rtol=1e-5, atol=1e-6)  # the GPU's exp is an approximation (about
 
 @pytest.fixture(autouse=True)
 def _gpu_routing_on():
-    """The kernels are opt-in (MOE_GPU_ROUTING=1); these tests switch them on and restore the default."""
+    """The kernels are on by default (MOE_GPU_ROUTING=0 switches them off); these tests make sure they are
+    on whatever the environment says, and restore the setting."""
     before = routing.gpu_routing_enabled()
     routing.set_gpu_routing(True)
     yield

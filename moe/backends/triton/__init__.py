@@ -24,8 +24,8 @@ from .config import (
     set_options,
 )
 
-__all__ = ["BACKEND", "GemmTile", "KernelConfig", "TritonOptions", "default_config", "options", "reset_options",
-           "set_options", "triton_experts"]
+__all__ = ["BACKEND", "GemmTile", "KernelConfig", "TritonOptions", "clear_config_cache", "default_config", "options",
+           "reset_options", "set_options", "triton_experts"]
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swigluoai": 3, "relu2": 4, "silu_no_mul": 5, "gelu_no_mul": 6}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -115,13 +115,32 @@ def triton_experts(
     return out
 
 
+_chosen: dict[tuple, KernelConfig] = {}
+
+
 def _choose_config(problem: ExpertsProblem, device: torch.device, opts: TritonOptions) -> KernelConfig:
-    """Batch-invariant mode: one config. Otherwise a tuned file for this shape and card, else the heuristic."""
+    """Batch-invariant mode: one config. Otherwise a tuned file for this shape and card, else the heuristic.
+    Remembered per (shape, token count, device, options, tuned-file switches): finding a tuned file costs
+    more host time than the kernels of a small batch."""
     if opts.batch_invariant:
         return BATCH_INVARIANT_CONFIG
-    from .tuned import tuned_config
+    env = os.environ
+    key = (problem, problem.num_tokens, device, opts, interpreting(), env.get("MOE_TUNED_CONFIGS"),
+           env.get("MOE_TUNED_CONFIGS_DIR"))
+    cfg = _chosen.get(key)
+    if cfg is None:
+        from .tuned import tuned_config
 
-    return tuned_config(problem, device) or default_config(problem, interpreting())
+        cfg = tuned_config(problem, device) or default_config(problem, interpreting())
+        if len(_chosen) > 4096:
+            _chosen.clear()
+        _chosen[key] = cfg
+    return cfg
+
+
+def clear_config_cache() -> None:
+    """Forget the remembered configs (after adding or changing tuned files in a running process)."""
+    _chosen.clear()
 
 
 def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: KernelConfig,
@@ -172,7 +191,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         GATED=problem.activation.gated, ACT=ACT_CODES[problem.activation.name],
         HAS_BIAS=args.w13_bias is not None, W_SCALE=int(w13_scale is not None),
         BLOCK_M=cfg.block_m, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, GROUP_M=g1.group_m,
-        num_warps=g1.num_warps, num_stages=g1.num_stages, **flags,
+        EVEN_K=K % g1.block_k == 0, num_warps=g1.num_warps, num_stages=g1.num_stages, **flags,
     )
     g2 = cfg.gemm2
     atomic = cfg.combine == "atomic"
@@ -188,7 +207,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         N, K, num_pairs, grid_m, inter.stride(0), w2.stride(0), w2.stride(1), b2.stride(0), y.stride(0),
         HAS_BIAS=args.w2_bias is not None, W_SCALE=int(w2_scale is not None), ATOMIC=atomic,
         BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, GROUP_M=g2.group_m,
-        num_warps=g2.num_warps, num_stages=g2.num_stages, **flags,
+        EVEN_K=N % g2.block_k == 0, num_warps=g2.num_warps, num_stages=g2.num_stages, **flags,
     )
     if atomic:
         out.copy_(y)

@@ -113,7 +113,7 @@ def moe_gemm1(
     TOP_K: tl.constexpr, DIRECT: tl.constexpr, HAS_MAP: tl.constexpr, GATED: tl.constexpr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """out[pair, n] = act(x[token] @ w13[e, gate rows n].T, x[token] @ w13[e, N + n].T) for the tile's pairs."""
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -122,7 +122,7 @@ def moe_gemm1(
     if expert < 0:
         return
     valid = pair < num_pairs
-    token = (pair // TOP_K).to(tl.int64)
+    token = tl.where(valid, pair // TOP_K, 0).to(tl.int64)  # padding rows read token 0, never stored
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     nmask = offs_n < N
@@ -136,13 +136,20 @@ def moe_gemm1(
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kmask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+        # EVEN_K: K % BLOCK_K == 0, no tail and no mask along K
+        a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
         if WEIGHT_ON_INPUT:
             a = _cast(a.to(tl.float32) * rw[:, None], x_ptr.dtype.element_ty, UPCAST)
-        g = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if EVEN_K:
+            g = tl.load(g_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            g = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc_g = _dot(a, g, acc_g, UPCAST, IEEE)
         if GATED:
-            u = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            if EVEN_K:
+                u = tl.load(u_ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                u = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
             acc_u = _dot(a, u, acc_u, UPCAST, IEEE)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
@@ -170,7 +177,7 @@ def moe_gemm2(
     TOP_K: tl.constexpr, DIRECT: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_SCALE: tl.constexpr, ATOMIC: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """y[pair, kk] = a[pair] @ w2[e, kk].T (+ bias); with ATOMIC, add weight * y into fp32 y[token]."""
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(K, BLOCK_N), GROUP_M)
@@ -182,13 +189,18 @@ def moe_gemm2(
     offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns (hidden dim)
     offs_k = tl.arange(0, BLOCK_K)  # reduction over the intermediate dim
     omask = offs_o < K
-    a_ptrs = a_ptr + pair[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    row = tl.where(valid, pair, 0).to(tl.int64)  # padding rows read row 0, never stored
+    a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_o[None, :].to(tl.int64) * stride_wk + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, N, BLOCK_K):
         kmask = offs_k < N - k0
-        a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=kmask[:, None] & omask[None, :], other=0.0)
+        if EVEN_K:  # N % BLOCK_K == 0: no tail, no mask along the reduction
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs, mask=omask[None, :], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & omask[None, :], other=0.0)
         acc = _dot(a, w, acc, UPCAST, IEEE)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K

@@ -16,74 +16,103 @@ from pathlib import Path
 
 import torch
 
-from ...bench import PRESETS, Preset, _graph_time, _tokens, _weights, time_fn
-from ...config import ActivationSpec
+from ...bench import PRESETS, Preset, _biases, _graph_time, _tokens, _weights, time_fn
 from ...routing import fused_topk
-from ..base import ExpertsArgs, ExpertsProblem
+from ..base import ExpertsArgs
 from . import triton_experts
 from .config import SMEM_BUDGET, GemmTile, KernelConfig, default_config
 
+TUNE_REP_MS = 40  # do_bench repetitions per candidate: enough to rank them, a third of the benchmark's
+
+
+def _tiles(rows_per_expert: float) -> list[tuple[int, GemmTile]]:
+    """(block_m, tile) pairs of a pruned space around the regime: thin row tiles while the weights stream,
+    wide ones once it is compute-bound. group_m 64 sweeps every row tile of a column before the next
+    column, so an expert's row tiles share its weight tiles through L2."""
+    if rows_per_expert <= 16:
+        space = itertools.product([16, 32], [32, 64, 128], [128, 256], [4], [3, 5], [1, 64])
+    elif rows_per_expert <= 256:
+        space = [(bm, bn, bk, 8 if bm == 128 else 4, stages, group)  # 128-row tiles need 8 warps' registers
+                 for bm, bn, bk, stages, group in itertools.product([32, 64, 128], [64, 128], [64, 128], [3, 4],
+                                                                    [8, 64])]
+    else:
+        space = itertools.product([64, 128], [64, 128, 256], [64], [4, 8], [3, 4], [8])
+    return [(bm, GemmTile(block_n=bn, block_k=bk, group_m=group, num_warps=warps, num_stages=stages))
+            for bm, bn, bk, warps, stages, group in space]
+
+
+def _fits(cfg: KernelConfig, elt: int, gated: bool) -> bool:
+    return max(cfg.smem_bytes(elt, gated)) <= SMEM_BUDGET
+
 
 def candidates(rows_per_expert: float, elt: int, gated: bool = True) -> list[KernelConfig]:
-    """A pruned space around the regime: thin tiles for weight streaming, wide ones for compute."""
-    if rows_per_expert <= 16:
-        space = itertools.product([16, 32], [32, 64, 128], [128, 256], [4], [3, 4, 5], [1])
-    elif rows_per_expert <= 256:
-        space = itertools.product([32, 64, 128], [64, 128], [64, 128], [4], [3, 4], [8])
-    else:
-        space = itertools.product([64, 128], [128, 256], [64], [4, 8], [3, 4], [8])
-    out = []
-    for bm, bn, bk, warps, stages, group in space:
-        tile = GemmTile(block_n=bn, block_k=bk, group_m=group, num_warps=warps, num_stages=stages)
-        cfg = KernelConfig(block_m=bm, gemm1=tile, gemm2=tile)
-        if max(cfg.smem_bytes(elt, gated)) <= SMEM_BUDGET:
-            out.append(cfg)
-    return out
+    """The first stage of the search: one tile for both GEMMs."""
+    cfgs = (KernelConfig(block_m=bm, gemm1=t, gemm2=t) for bm, t in _tiles(rows_per_expert))
+    return [c for c in cfgs if _fits(c, elt, gated)]
+
+
+def refinements(best: KernelConfig, rows_per_expert: float, elt: int, gated: bool, gemm: str) -> list[KernelConfig]:
+    """Later stages: keep the winner's row tile and the other GEMM's tile, vary this GEMM's tile."""
+    cfgs = (best.model_copy(update={gemm: t}) for bm, t in _tiles(rows_per_expert) if bm == best.block_m)
+    return [c for c in cfgs if _fits(c, elt, gated) and c != best]
+
+
+def _search(timed, cands: list[KernelConfig], best: list, label: str, limit: int | None) -> None:
+    """Time ``cands`` and keep the fastest in ``best`` ([time_us, config], updated in place)."""
+    for i, cfg in enumerate(cands[:limit]):
+        try:
+            t = timed(cfg)
+        except Exception as exc:  # a config the compiler rejects is skipped and reported
+            print(f"  skip {cfg.model_dump()}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
+            continue
+        if t < best[0]:
+            best[:] = [t, cfg]
+        print(f"\r  {label} [{i + 1}/{len(cands)}] best {best[0]:.1f} us", end="", file=sys.stderr)
+    print(file=sys.stderr)
 
 
 def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: int | None = None,
-          dtype: torch.dtype = torch.bfloat16, on_result=None) -> list[dict]:
+          dtype: torch.dtype = torch.bfloat16, on_result=None, atomic: bool = False) -> list[dict]:
+    """For each token count: the heuristic, then a joint search (same tile for both GEMMs), then the
+    second GEMM's tile, then the first's, each keeping the best so far."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     w13, w2 = _weights(p, dtype, dev, gen)
+    b13, b2 = _biases(p, dtype, dev, gen)
     results = []
     for m in ms:
         x, logits = _tokens(p, m, dtype, dev, gen)
         w, ids = fused_topk(logits, p.top_k)
-        args = ExpertsArgs(x, w13, w2, w, ids)
-        prob = ExpertsProblem("cuda", dtype, m, p.num_experts, p.num_experts, p.hidden_size,
-                              p.intermediate_size, p.top_k, ActivationSpec())
+        args = ExpertsArgs(x, w13, w2, w, ids, b13, b2)
+        prob = p.problem("cuda", dtype, m)
         out = torch.empty_like(x)
         pairs = m * p.top_k
         rpe = pairs / max(1, min(p.num_experts, pairs))
+        gated = prob.activation.gated
 
         def timed(cfg: KernelConfig, args=args, prob=prob, out=out, m=m) -> float:
             fn = lambda: triton_experts(args, prob, out, cfg)
-            return (_graph_time(fn, dev) if m <= graph_max_m else time_fn(fn, dev)) * 1e6
+            if m <= graph_max_m:
+                return _graph_time(fn, dev, TUNE_REP_MS) * 1e6
+            return time_fn(fn, dev, rep_ms=TUNE_REP_MS) * 1e6
 
         base_cfg = default_config(prob)
-        row = {"preset": preset, "m": m, "heuristic_us": timed(base_cfg), "heuristic": base_cfg.model_dump()}
-        best = (row["heuristic_us"], base_cfg)
-        cands = candidates(rpe, x.element_size())[:limit]
-        for i, cfg in enumerate(cands):
-            try:
-                t = timed(cfg)
-            except Exception as exc:  # a config the compiler rejects is skipped and reported
-                print(f"  skip {cfg.model_dump()}: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
-                continue
-            if t < best[0]:
-                best = (t, cfg)
-            print(f"\r  {p.name} M={m} [{i + 1}/{len(cands)}] best {best[0]:.1f} us", end="", file=sys.stderr)
-        print(file=sys.stderr)
-        atomic = best[1].model_copy(update={"combine": "atomic"})
-        row.update(best_us=best[0], best=best[1].model_dump(), atomic_us=timed(atomic))
+        row = {"preset": p.name, "m": m, "heuristic_us": timed(base_cfg), "heuristic": base_cfg.model_dump()}
+        best = [row["heuristic_us"], base_cfg]
+
+        label = f"{p.name} M={m}"
+        _search(timed, candidates(rpe, x.element_size(), gated), best, f"{label} joint", limit)
+        _search(timed, refinements(best[1], rpe, x.element_size(), gated, "gemm2"), best, f"{label} gemm2", limit)
+        _search(timed, refinements(best[1], rpe, x.element_size(), gated, "gemm1"), best, f"{label} gemm1", limit)
+        row.update(best_us=best[0], best=best[1].model_dump())
+        if atomic:
+            row["atomic_us"] = timed(best[1].model_copy(update={"combine": "atomic"}))
         results.append(row)
         if on_result is not None:
             on_result(row, best[1])
         print(f"{p.name:<8} M={m:<6} heuristic {row['heuristic_us']:9.1f} us  best {best[0]:9.1f} us "
-              f"(x{row['heuristic_us'] / best[0]:.2f})  atomic-combine {row['atomic_us']:9.1f} us  "
-              f"{best[1].model_dump_json()}", flush=True)
+              f"(x{row['heuristic_us'] / best[0]:.2f})  {best[1].model_dump_json()}", flush=True)
     return results
 
 
@@ -98,10 +127,10 @@ def tune(p: Preset, ms: list[int], dtype: torch.dtype, out_dir: Path, limit: int
     device_name = torch.cuda.get_device_name()
     path = out_dir / file_name(p.num_experts, p.intermediate_size, device_name, dtype)
     done: dict = {"configs": {}, "timings_us": {}}
-    if path.exists() and not force:
+    if path.exists():
         old = load_tuned_file(path)
         done = {"configs": dict(old.configs), "timings_us": dict(old.timings_us)}
-    todo = [m for m in ms if m not in done["configs"]]
+    todo = [m for m in ms if force or m not in done["configs"]]  # --force retunes ms, keeps the others
     if len(todo) < len(ms):
         print(f"resuming {path.name}: {len(ms) - len(todo)} token counts already tuned", file=sys.stderr)
 
