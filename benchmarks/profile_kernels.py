@@ -1,0 +1,69 @@
+"""Where the time of one ``fused_experts`` call goes, kernel by kernel (torch.profiler, CUDA time), with
+each GEMM's achieved FLOP rate and weight bandwidth: the profile behind the targets the benchmark misses.
+
+    python3 benchmarks/profile_kernels.py mixtral:256 qwen3:4096 dsv3:16384
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from moe import fused_experts
+from moe.bench import PRESETS, _tokens, _weights
+from moe.routing import fused_topk
+
+ITERS = 5
+
+
+def profile_one(name: str, m: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    p = PRESETS[name]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x, logits = _tokens(p, m, torch.bfloat16, torch.device("cuda"), gen)
+    w, ids = fused_topk(logits, p.top_k)
+    hit = int(torch.unique(ids).numel())
+    out = torch.empty_like(x)
+    call = lambda: fused_experts(x, w13, w2, w, ids, out=out, backend="triton")
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(ITERS):
+            call()
+        torch.cuda.synchronize()
+    times: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            times[ev.name] += ev.device_time / ITERS
+    K, N, pairs = p.hidden_size, p.intermediate_size, m * p.top_k
+    work = {  # flops, weight bytes
+        "moe_gemm1": (2 * pairs * K * 2 * N, hit * 2 * N * K * 2),
+        "moe_gemm2": (2 * pairs * N * K, hit * K * N * 2),
+    }
+    total = sum(times.values())
+    print(f"{name} M={m}: {total:.0f} us of kernels per call, {len(times)} kernel kinds")
+    for kname, t in sorted(times.items(), key=lambda kv: -kv[1]):
+        flops, wbytes = work.get(kname, (0, 0))
+        rate = f"  {flops / t / 1e6:6.0f} TFLOP/s  weights {wbytes / t / 1e3:6.0f} GB/s" if flops else ""
+        print(f"  {kname[:40]:<40} {t:9.1f} us {100 * t / total:5.1f}%{rate}")
+
+
+def main(argv: list[str]) -> None:
+    by_preset: dict[str, list[int]] = defaultdict(list)
+    for item in argv or ["mixtral:256", "qwen3:4096", "dsv3:16384"]:
+        name, m = item.split(":")
+        by_preset[name].append(int(m))
+    for name, ms in by_preset.items():
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        w13, w2 = _weights(PRESETS[name], torch.bfloat16, torch.device("cuda"), gen)
+        for m in ms:
+            profile_one(name, m, w13, w2)
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
