@@ -37,7 +37,7 @@ def profile_one(name: str, m: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
     times: dict[str, float] = defaultdict(float)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            times[ev.name] += ev.device_time / ITERS
+            times[ev.name] += ev.time_range.elapsed_us() / ITERS
     K, N, pairs = p.hidden_size, p.intermediate_size, m * p.top_k
     work = {  # flops, weight bytes
         "moe_gemm1": (2 * pairs * K * 2 * N, hit * 2 * N * K * 2),
