@@ -142,3 +142,49 @@ def test_missing_file_warns_once_with_the_tune_command(tmp_path, monkeypatch):
     assert tuned.tuned_config(p, torch.device("cuda")) == SMALL  # 32 tokens: nearer to 1 than to 4096
     big = dataclasses.replace(p, num_tokens=2000)
     assert tuned.tuned_config(big, torch.device("cuda")) == BIG
+
+
+def test_tune_resumes_and_force_retunes_only_the_given_counts(tmp_path, monkeypatch):
+    """``moe tune`` writes after every token count, skips counts the file holds, and --force retunes the
+    given counts while keeping the others (the sweep itself needs a GPU: a fake stands in)."""
+    from moe.backends.triton import tuning
+    from moe.bench import PRESETS
+
+    swept: list[list[int]] = []
+
+    def fake_sweep(p, ms, limit=None, dtype=None, on_result=None):
+        swept.append(list(ms))
+        for m in ms:
+            on_result({"m": m, "best_us": float(len(swept))}, SMALL if m < 100 else BIG)
+
+    monkeypatch.setattr(tuning, "sweep", fake_sweep)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    p = PRESETS["default"]
+    path = tuning.tune(p, [1, 16], torch.bfloat16, tmp_path)
+    tuning.tune(p, [16, 256], torch.bfloat16, tmp_path)  # resumes: 16 is already there
+    tuning.tune(p, [16], torch.bfloat16, tmp_path, force=True)
+    assert swept == [[1, 16], [256], [16]]
+    f = tuned.load_tuned_file(path)
+    assert sorted(f.configs) == [1, 16, 256] and f.configs[256] == BIG
+    assert f.timings_us == {1: 1.0, 16: 3.0, 256: 2.0}
+
+
+def test_chosen_config_is_remembered_until_cleared(tmp_path, monkeypatch):
+    """The Triton backend remembers its config per shape and token count (host time at small batches);
+    clear_config_cache() makes it read changed tuned files."""
+    from moe.backends.triton import _choose_config, clear_config_cache, options
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setenv("MOE_TUNED_CONFIGS_DIR", str(tmp_path))
+    name = tuned.file_name(7, 80, "Fake GPU", torch.bfloat16)
+    (tmp_path / name).write_text(json.dumps(_file(num_experts=7, intermediate_size=80, device_name="Fake GPU")))
+    p = ExpertsProblem("cuda", torch.bfloat16, 32, 7, 7, 96, 80, 3)
+    dev = torch.device("cuda")
+    assert _choose_config(p, dev, options()) == SMALL
+    (tmp_path / name).write_text(json.dumps(_file(num_experts=7, intermediate_size=80, device_name="Fake GPU",
+                                                  configs={"1": BIG.model_dump()})))
+    tuned._find.cache_clear()
+    assert _choose_config(p, dev, options()) == SMALL  # remembered
+    assert _choose_config(dataclasses.replace(p, num_tokens=64), dev, options()) == BIG  # new token count
+    clear_config_cache()
+    assert _choose_config(p, dev, options()) == BIG
