@@ -232,3 +232,22 @@ def test_gpu_chunked_equals_unchunked():
     whole = triton_experts(args, prob, torch.empty_like(args.hidden_states), cfg)
     chunked = triton_experts(args, prob, torch.empty_like(args.hidden_states), cfg, opts=TritonOptions(chunk_tokens=1024))
     assert torch.equal(whole, chunked)
+
+
+@pytest.mark.parametrize(("T", "act", "bias", "emap", "block_m", "block_n", "warps"), [
+    (1, "swigluoai", True, False, 16, 64, 4),
+    (33, "silu", False, True, 16, 64, 4),
+    (256, "gelu_tanh", True, False, 64, 128, 4),
+    (4096, "silu", False, False, 128, 128, 8),
+    (16385, "swigluoai", True, True, 128, 64, 8),
+])
+def test_gpu_gate_up_in_one_dot(T, act, bias, emap, block_m, block_n, warps):
+    """The one-dot GEMM1 (interleaved gate/up columns) against the float64 reference, NaN-poisoned output."""
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+
+    args, prob = _inputs(T, torch.bfloat16, act, bias, emap)
+    tile = GemmTile(block_n=block_n, block_k=64, group_m=8, num_warps=warps, num_stages=3)
+    cfg = KernelConfig(block_m=block_m, gemm1=tile, gemm2=tile, gate_up="one_dot")
+    out = torch.full_like(args.hidden_states, float("nan"))
+    triton_experts(args, prob, out, cfg)
+    assert_close(out, _reference(args, prob))

@@ -48,6 +48,22 @@ def test_explicit_configs_and_combine_variants(combine, block_m):
     assert_close(out, oracle(inp))
 
 
+@pytest.mark.parametrize(("activation", "T", "K", "N"), [("silu", 20, 40, 24), ("swigluoai", 1, 48, 20),
+                                                        ("gelu", 9, 64, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_up_in_one_dot(activation, T, K, N, dtype):
+    """gate_up="one_dot": interleaved gate/up columns, one dot per step, split after the loop; K and N
+    both with and without tails; equals the reference like the two-dot kernel."""
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+
+    inp, args, prob = _args(Case(T=T, E=5, K=K, N=N, k=2, bias=True, activation=activation), dtype)
+    tile = GemmTile(block_n=16, block_k=16, group_m=1, num_stages=1)
+    cfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile, gate_up="one_dot")
+    out = torch.full_like(args.hidden_states, float("nan"))
+    triton_experts(args, prob, out, cfg)
+    assert_close(out, oracle(inp))
+
+
 def test_kernel_config_validation():
     from moe.backends.triton import GemmTile, KernelConfig
     from moe.backends.triton.config import fit_smem

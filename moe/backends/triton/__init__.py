@@ -191,7 +191,8 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         GATED=problem.activation.gated, ACT=ACT_CODES[problem.activation.name],
         HAS_BIAS=args.w13_bias is not None, W_SCALE=int(w13_scale is not None),
         BLOCK_M=cfg.block_m, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, GROUP_M=g1.group_m,
-        EVEN_K=K % g1.block_k == 0, num_warps=g1.num_warps, num_stages=g1.num_stages, **flags,
+        EVEN_K=K % g1.block_k == 0, ONE_DOT=problem.activation.gated and cfg.gate_up == "one_dot",
+        num_warps=g1.num_warps, num_stages=g1.num_stages, **flags,
     )
     g2 = cfg.gemm2
     atomic = cfg.combine == "atomic"

@@ -113,7 +113,7 @@ def moe_gemm1(
     TOP_K: tl.constexpr, DIRECT: tl.constexpr, HAS_MAP: tl.constexpr, GATED: tl.constexpr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, ONE_DOT: tl.constexpr,
 ):
     """out[pair, n] = act(x[token] @ w13[e, gate rows n].T, x[token] @ w13[e, N + n].T) for the tile's pairs."""
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -132,28 +132,48 @@ def moe_gemm1(
     u_ptrs = g_ptrs + N * stride_wn
     if WEIGHT_ON_INPUT:
         rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kmask = offs_k < K - k0
-        # EVEN_K: K % BLOCK_K == 0, no tail and no mask along K
-        a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-        if WEIGHT_ON_INPUT:
-            a = _cast(a.to(tl.float32) * rw[:, None], x_ptr.dtype.element_ty, UPCAST)
-        if EVEN_K:
-            g = tl.load(g_ptrs, mask=nmask[None, :], other=0.0)
-        else:
-            g = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc_g = _dot(a, g, acc_g, UPCAST, IEEE)
-        if GATED:
+    if ONE_DOT:  # gate and up columns interleaved in one [BLOCK_K, 2 * BLOCK_N] tile: one MMA per step
+        c = tl.arange(0, 2 * BLOCK_N)
+        cmask = pid_n * BLOCK_N + c // 2 < N
+        wrow = pid_n * BLOCK_N + c // 2 + (c % 2) * N  # even columns: gate row n, odd: up row N + n
+        gu_ptrs = w_base + wrow[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = offs_k < K - k0
+            a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            if WEIGHT_ON_INPUT:
+                a = _cast(a.to(tl.float32) * rw[:, None], x_ptr.dtype.element_ty, UPCAST)
             if EVEN_K:
-                u = tl.load(u_ptrs, mask=nmask[None, :], other=0.0)
+                gu = tl.load(gu_ptrs, mask=cmask[None, :], other=0.0)
             else:
-                u = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc_u = _dot(a, u, acc_u, UPCAST, IEEE)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+                gu = tl.load(gu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc = _dot(a, gu, acc, UPCAST, IEEE)
+            a_ptrs += BLOCK_K
+            gu_ptrs += BLOCK_K
+        acc_g, acc_u = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    else:
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = offs_k < K - k0
+            # EVEN_K: K % BLOCK_K == 0, no tail and no mask along K
+            a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            if WEIGHT_ON_INPUT:
+                a = _cast(a.to(tl.float32) * rw[:, None], x_ptr.dtype.element_ty, UPCAST)
+            if EVEN_K:
+                g = tl.load(g_ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                g = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc_g = _dot(a, g, acc_g, UPCAST, IEEE)
+            if GATED:
+                if EVEN_K:
+                    u = tl.load(u_ptrs, mask=nmask[None, :], other=0.0)
+                else:
+                    u = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+                acc_u = _dot(a, u, acc_u, UPCAST, IEEE)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
     if W_SCALE == 1:
         s = tl.load(wscale_ptr + expert)
         acc_g = acc_g * s

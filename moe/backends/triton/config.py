@@ -35,6 +35,9 @@ class KernelConfig(_Frozen):
     gemm1: GemmTile = GemmTile()
     gemm2: GemmTile = GemmTile()
     combine: Literal["reduce", "atomic"] = "reduce"
+    # gated GEMM1: a gate and an up tile with a dot each, or one tile of interleaved gate/up columns
+    # (2 x block_n wide) with one dot, split after the loop
+    gate_up: Literal["two_dots", "one_dot"] = "two_dots"
 
     def smem_bytes(self, elt: int, gated: bool) -> tuple[int, int]:
         """Estimated shared memory of the two GEMMs' pipelined operand tiles."""
