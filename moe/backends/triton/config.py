@@ -91,13 +91,11 @@ def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfi
         g1 = GemmTile(block_n=128, block_k=64, group_m=64, num_warps=4, num_stages=4)
         g2 = GemmTile(block_n=128, block_k=128, group_m=8, num_warps=4, num_stages=4)
         return KernelConfig(block_m=64, gemm1=g1, gemm2=g2)
-    if rows_per_expert <= 256:  # 128-row tiles with 8 warps (qwen3 at 4096 tokens: 1023 -> 986 us)
-        g1 = GemmTile(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
-        g2 = GemmTile(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
-        return KernelConfig(block_m=128, gemm1=g1, gemm2=g2)
+    # From 128 rows: 128-row tiles with 8 warps (qwen3 at 4096 tokens: 1023 -> 986 us), and GEMM1 as one
+    # dot over interleaved gate/up columns (2-6% faster at 1024-16384 tokens on the presets)
     g1 = GemmTile(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
-    g2 = GemmTile(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=4)
-    return KernelConfig(block_m=128, gemm1=g1, gemm2=g2)
+    g2 = GemmTile(block_n=128 if rows_per_expert <= 256 else 256, block_k=64, group_m=8, num_warps=8, num_stages=4)
+    return KernelConfig(block_m=128, gemm1=g1, gemm2=g2, gate_up="one_dot")
 
 
 # One config for every batch size: with it a token's output does not depend on the rest of the batch.
