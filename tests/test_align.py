@@ -50,3 +50,14 @@ def test_alignment_skewed_and_expert_map():
     emap = torch.tensor([-1, 0, -1, 1, 2, -1], dtype=torch.int32)
     ids = torch.stack([torch.randperm(6)[:3] for _ in range(11)]).to(torch.int32)
     _check(ids, 3, 4, emap)
+
+
+def test_host_helpers_match_triton():
+    import triton
+
+    from moe.backends.triton.host import cdiv, next_pow2
+
+    for a in range(0, 300):
+        assert next_pow2(a) == triton.next_power_of_2(a), a
+        for b in (1, 7, 16, 64, 256):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)

@@ -23,6 +23,7 @@ from .config import (
     reset_options,
     set_options,
 )
+from .host import cdiv, next_pow2
 
 __all__ = ["BACKEND", "GemmTile", "KernelConfig", "TritonOptions", "clear_config_cache", "default_config", "options",
            "reset_options", "set_options", "triton_experts"]
@@ -145,8 +146,6 @@ def clear_config_cache() -> None:
 
 def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: KernelConfig,
          w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None, allow_tf32: bool) -> torch.Tensor:
-    import triton
-
     from . import _gemm
     from .align import align
 
@@ -180,7 +179,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     g1 = cfg.gemm1
     b13 = args.w13_bias if args.w13_bias is not None else x
     s13 = w13_scale if w13_scale is not None else topk_w
-    grid1 = (grid_m * triton.cdiv(N, g1.block_n),)
+    grid1 = (grid_m * cdiv(N, g1.block_n),)
     key1 = ("g1", cfg, dtype, problem.activation.name, args.w13_bias is not None, w13_scale is not None,
             tuple(flags.items()))
     _launch(
@@ -200,7 +199,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
          else torch.empty(num_pairs, K, dtype=dtype, device=dev))
     b2 = args.w2_bias if args.w2_bias is not None else x
     s2 = w2_scale if w2_scale is not None else topk_w
-    grid2 = (grid_m * triton.cdiv(K, g2.block_n),)
+    grid2 = (grid_m * cdiv(K, g2.block_n),)
     key2 = ("g2", cfg, dtype, args.w2_bias is not None, w2_scale is not None, tuple(flags.items()))
     _launch(
         _gemm.moe_gemm2, grid2, key2, dev,
@@ -221,13 +220,11 @@ def combine(y: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, out: torch
             expert_map: torch.Tensor | None) -> None:
     """out[t] = sum_j w[t, j] * y[t * k + j] (fp32, fixed order) from per-pair outputs y [T*k, K]; pairs
     whose expert ``expert_map`` marks non-local are skipped. Shared with the torch_grouped backend."""
-    import triton
-
     from . import _gemm
 
     interp = interpreting()
-    block = min(64 if interp else 1024, triton.next_power_of_2(problem.hidden_size))
-    _gemm.moe_combine[(problem.num_tokens, triton.cdiv(problem.hidden_size, block))](
+    block = min(64 if interp else 1024, next_pow2(problem.hidden_size))
+    _gemm.moe_combine[(problem.num_tokens, cdiv(problem.hidden_size, block))](
         y, ids, expert_map if expert_map is not None else ids, topk_w, out, problem.hidden_size, y.stride(0),
         out.stride(0), TOP_K=problem.top_k, HAS_MAP=expert_map is not None,
         WEIGHT_ON_INPUT=problem.apply_router_weight_on_input, BLOCK=block,

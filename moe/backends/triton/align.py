@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from . import _align
+from .host import cdiv, next_pow2
 
 MAX_EXPERTS = 4096
 _BLOCK = 256
@@ -31,7 +31,7 @@ class Alignment:
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     """An upper bound of the padded rows: at most min(E, pairs) experts are hit, each padded by < block_m."""
     rows = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
-    return triton.cdiv(rows, block_m) * block_m
+    return cdiv(rows, block_m) * block_m
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: torch.Tensor | None = None) -> Alignment:
@@ -51,11 +51,11 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: to
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     emap = expert_map if expert_map is not None else ids
     has_map = expert_map is not None
-    grid = (triton.cdiv(num_pairs, _BLOCK),)
+    grid = (cdiv(num_pairs, _BLOCK),)
     _align._count[grid](ids, emap, counts, num_pairs, HAS_MAP=has_map, BLOCK=_BLOCK)
     _align._scan[(1,)](
         counts, starts, ends, block_expert, total, sorted_ids, num_experts, num_pairs, max_blocks, sorted_len,
-        E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m, CHUNK=32,
+        E_PAD=next_pow2(num_experts), BLOCK_M=block_m, CHUNK=32,
     )
     _align._scatter[grid](ids, emap, starts, cursor, sorted_ids, num_pairs, HAS_MAP=has_map, BLOCK=_BLOCK)
     return Alignment(sorted_ids, block_expert, total, ends, max_blocks, block_m)

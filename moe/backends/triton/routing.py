@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ...routing import check_groups
 from ...validation import check_finite_logits, check_float, check_ndim, check_same_device, check_top_k
 from . import _routing, interpreting
+from .host import cdiv, next_pow2
 
 __all__ = ["MAX_EXPERTS", "MAX_TOP_K", "RoutingTile", "default_tile", "fused_topk", "grouped_topk", "supports",
            "topk_softmax"]
@@ -48,7 +48,7 @@ def default_tile(num_tokens: int, width: int, interpret: bool = False) -> Routin
     """About 1024 fp32 values a program on the GPU (a few rows per program at E = 256, one warp for a
     single row of up to 512 experts); under the interpreter up to 64 rows, since its cost is per
     operation rather than per element."""
-    rows = triton.next_power_of_2(max(1, num_tokens))
+    rows = next_pow2(max(1, num_tokens))
     if interpret:
         return RoutingTile(block_t=min(rows, 64), num_warps=1)
     block_t = min(rows, max(1, 1024 // width), 16)
@@ -143,11 +143,11 @@ def _launch_topk(
     num_tokens, num_experts = logits.shape
     if num_tokens == 0:
         return weights, ids
-    e_pad = triton.next_power_of_2(num_experts)
+    e_pad = next_pow2(num_experts)
     tile = tile or default_tile(num_tokens, e_pad, interpreting())
-    _routing.topk_kernel[(triton.cdiv(num_tokens, tile.block_t),)](
+    _routing.topk_kernel[(cdiv(num_tokens, tile.block_t),)](
         logits, weights, ids, num_tokens, num_experts, logits.stride(0), logits.stride(1), float(scale),
-        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=tile.block_t,
+        TOP_K=top_k, K_PAD=next_pow2(top_k), E_PAD=e_pad, BLOCK_T=tile.block_t,
         SCORING=scoring, TOPK_FIRST=topk_first, RENORM=renormalize or topk_first, num_warps=tile.num_warps,
     )
     return weights, ids
@@ -162,12 +162,12 @@ def _launch_grouped(
     if num_tokens == 0:
         return weights, ids
     per_group = num_experts // num_groups
-    g_pad, p_pad = triton.next_power_of_2(num_groups), triton.next_power_of_2(per_group)
+    g_pad, p_pad = next_pow2(num_groups), next_pow2(per_group)
     tile = tile or default_tile(num_tokens, g_pad * p_pad, interpreting())
-    _routing.grouped_topk_kernel[(triton.cdiv(num_tokens, tile.block_t),)](
+    _routing.grouped_topk_kernel[(cdiv(num_tokens, tile.block_t),)](
         logits, bias if bias is not None else logits, weights, ids, num_tokens, num_experts, num_groups, per_group,
         logits.stride(0), logits.stride(1), bias.stride(0) if bias is not None else 0, float(scale),
-        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), TOPK_GROUP=topk_group, G_PAD=g_pad, P_PAD=p_pad,
+        TOP_K=top_k, K_PAD=next_pow2(top_k), TOPK_GROUP=topk_group, G_PAD=g_pad, P_PAD=p_pad,
         WIDTH=g_pad * p_pad, BLOCK_T=tile.block_t, SCORING=scoring, HAS_BIAS=bias is not None,
         RENORM=renormalize, num_warps=tile.num_warps,
     )
