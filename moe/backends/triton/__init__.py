@@ -125,14 +125,14 @@ def _choose_config(problem: ExpertsProblem, device: torch.device, opts: TritonOp
     more host time than the kernels of a small batch."""
     if opts.batch_invariant:
         return BATCH_INVARIANT_CONFIG
-    env = os.environ
-    key = (problem, problem.num_tokens, device, opts, interpreting(), env.get("MOE_TUNED_CONFIGS"),
+    env, interp = os.environ, interpreting()
+    key = (problem, problem.num_tokens, device, opts, interp, env.get("MOE_TUNED_CONFIGS"),
            env.get("MOE_TUNED_CONFIGS_DIR"))
     cfg = _chosen.get(key)
     if cfg is None:
         from .tuned import tuned_config
 
-        cfg = tuned_config(problem, device) or default_config(problem, interpreting())
+        cfg = tuned_config(problem, device) or default_config(problem, interp)
         if len(_chosen) > 4096:
             _chosen.clear()
         _chosen[key] = cfg
