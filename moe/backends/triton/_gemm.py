@@ -104,6 +104,25 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_a(ptrs, kmask, rw, EVEN_K: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, UPCAST: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] activation tile (rows past K read 0 unless EVEN_K), scaled by the router
+    weight ``rw`` when it applies on the input."""
+    a = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=kmask[None, :], other=0.0)
+    if WEIGHT_ON_INPUT:
+        a = _cast(a.to(tl.float32) * rw[:, None], ptrs.dtype.element_ty, UPCAST)
+    return a
+
+
+@triton.jit
+def _load_w(ptrs, kmask, cmask, EVEN_K: tl.constexpr):
+    """A [BLOCK_K, columns] weight tile: columns outside ``cmask`` read 0, and rows past K unless EVEN_K
+    (K % BLOCK_K == 0: no tail and no mask along K)."""
+    if EVEN_K:
+        return tl.load(ptrs, mask=cmask[None, :], other=0.0)
+    return tl.load(ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
 def moe_gemm1(
     x_ptr, w_ptr, bias_ptr, wscale_ptr, out_ptr,
     sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, topk_w_ptr,
@@ -132,6 +151,8 @@ def moe_gemm1(
     u_ptrs = g_ptrs + N * stride_wn
     if WEIGHT_ON_INPUT:
         rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+    else:
+        rw = tl.full([BLOCK_M], 1.0, tl.float32)  # unused
     if ONE_DOT:  # gate and up columns interleaved in one [BLOCK_K, 2 * BLOCK_N] tile: one MMA per step
         c = tl.arange(0, 2 * BLOCK_N)
         cmask = pid_n * BLOCK_N + c // 2 < N
@@ -140,14 +161,8 @@ def moe_gemm1(
         acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kmask = offs_k < K - k0
-            a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-            if WEIGHT_ON_INPUT:
-                a = _cast(a.to(tl.float32) * rw[:, None], x_ptr.dtype.element_ty, UPCAST)
-            if EVEN_K:
-                gu = tl.load(gu_ptrs, mask=cmask[None, :], other=0.0)
-            else:
-                gu = tl.load(gu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-            acc = _dot(a, gu, acc, UPCAST, IEEE)
+            a = _load_a(a_ptrs, kmask, rw, EVEN_K, WEIGHT_ON_INPUT, UPCAST)
+            acc = _dot(a, _load_w(gu_ptrs, kmask, cmask, EVEN_K), acc, UPCAST, IEEE)
             a_ptrs += BLOCK_K
             gu_ptrs += BLOCK_K
         acc_g, acc_u = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
@@ -156,21 +171,10 @@ def moe_gemm1(
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kmask = offs_k < K - k0
-            # EVEN_K: K % BLOCK_K == 0, no tail and no mask along K
-            a = tl.load(a_ptrs) if EVEN_K else tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-            if WEIGHT_ON_INPUT:
-                a = _cast(a.to(tl.float32) * rw[:, None], x_ptr.dtype.element_ty, UPCAST)
-            if EVEN_K:
-                g = tl.load(g_ptrs, mask=nmask[None, :], other=0.0)
-            else:
-                g = tl.load(g_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc_g = _dot(a, g, acc_g, UPCAST, IEEE)
+            a = _load_a(a_ptrs, kmask, rw, EVEN_K, WEIGHT_ON_INPUT, UPCAST)
+            acc_g = _dot(a, _load_w(g_ptrs, kmask, nmask, EVEN_K), acc_g, UPCAST, IEEE)
             if GATED:
-                if EVEN_K:
-                    u = tl.load(u_ptrs, mask=nmask[None, :], other=0.0)
-                else:
-                    u = tl.load(u_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-                acc_u = _dot(a, u, acc_u, UPCAST, IEEE)
+                acc_u = _dot(a, _load_w(u_ptrs, kmask, nmask, EVEN_K), acc_u, UPCAST, IEEE)
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
@@ -213,15 +217,11 @@ def moe_gemm2(
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_o[None, :].to(tl.int64) * stride_wk + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, N, BLOCK_K):
+    no_rw = tl.full([BLOCK_M], 1.0, tl.float32)  # GEMM2 never scales its input
+    for k0 in range(0, N, BLOCK_K):  # the reduction runs over the intermediate dim N
         kmask = offs_k < N - k0
-        if EVEN_K:  # N % BLOCK_K == 0: no tail, no mask along the reduction
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs, mask=omask[None, :], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=kmask[:, None] & omask[None, :], other=0.0)
-        acc = _dot(a, w, acc, UPCAST, IEEE)
+        a = _load_a(a_ptrs, kmask, no_rw, EVEN_K, False, UPCAST)
+        acc = _dot(a, _load_w(w_ptrs, kmask, omask, EVEN_K), acc, UPCAST, IEEE)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if W_SCALE == 1:
