@@ -1,7 +1,8 @@
 """Host-side cost of one eager ``fused_experts`` call on the GPU (small M, where launches and Python
-dominate): calls per second with the GPU kept busy, and a cProfile of where the host time goes.
+dominate): host microseconds per call with the GPU kept busy, with Triton's own launcher and with the
+direct launches of kept compiled kernels; optionally a cProfile of where the host time goes.
 
-    python3 benchmarks/host_overhead.py [--preset qwen3] [--m 1]
+    python3 benchmarks/host_overhead.py [--cases qwen3:1,qwen3:64,dsv3:1] [--profile]
 """
 
 from __future__ import annotations
@@ -14,46 +15,67 @@ import time
 import torch
 
 from moe import fused_experts
+from moe.backends.triton import launch as ln
 from moe.bench import PRESETS, _tokens, _weights
 from moe.routing import fused_topk
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="qwen3")
-    ap.add_argument("--m", type=int, default=1)
-    ap.add_argument("--calls", type=int, default=2000)
-    a = ap.parse_args()
-    p = PRESETS[a.preset]
+def host_us(call, calls: int) -> tuple[float, float]:
+    for _ in range(20):
+        call()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        call()
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    return host * 1e6 / calls, total * 1e6 / calls
+
+
+def measure(name: str, m: int, calls: int, profile: bool) -> list[tuple[float, float]]:
+    p = PRESETS[name]
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     w13, w2 = _weights(p, torch.bfloat16, dev, gen)
-    x, logits = _tokens(p, a.m, torch.bfloat16, dev, gen)
+    x, logits = _tokens(p, m, torch.bfloat16, dev, gen)
     w, ids = fused_topk(logits, p.top_k)
     out = torch.empty_like(x)
 
     def call() -> None:
         fused_experts(x, w13, w2, w, ids, out=out, backend="triton")
 
-    for _ in range(20):
-        call()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(a.calls):
-        call()
-    host = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    total = time.perf_counter() - t0
-    per = 1e6 / a.calls
-    print(f"{p.name} M={a.m}: host {host * per:.1f} us/call, with the GPU drained {total * per:.1f} us/call")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(500):
-        call()
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(28)
-    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    res = []
+    for direct in (False, True):
+        ln.set_direct_launch(direct)
+        res.append(host_us(call, calls))
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(500):
+            call()
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    ln.set_direct_launch(None)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="qwen3:1,qwen3:64,dsv3:1,mixtral:1")
+    ap.add_argument("--calls", type=int, default=1000)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    rows = []
+    for case in a.cases.split(","):
+        name, m = case.split(":")
+        rows.append((case, *measure(name, int(m), a.calls, a.profile)))
+        torch.cuda.empty_cache()
+    print("| case | host us/call, Triton launcher | direct launches | drained us/call (Triton / direct) |")
+    print("|---|---:|---:|---:|")
+    for case, (h0, t0), (h1, t1) in rows:
+        print(f"| {case} | {h0:.1f} | {h1:.1f} | {t0:.1f} / {t1:.1f} |")
 
 
 if __name__ == "__main__":

@@ -83,10 +83,9 @@ def fused_experts(
     if torch.compiler.is_compiling():
         return _compiled_call(hidden_states, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias,
                               apply_router_weight_on_input, expert_map, quant, backend, out)
-    spec = ActivationSpec.parse(activation)
-    quant = quant if quant is not None else _NO_QUANT
     args = ExpertsArgs(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, expert_map)
-    problem = _describe(args, spec, apply_router_weight_on_input, quant)
+    problem = _problem(args, activation, apply_router_weight_on_input, quant)
+    check_ids_range(topk_ids, problem.num_global_experts)  # a value check: every call, when enabled
     if out is None:
         out = torch.empty_like(hidden_states)
     else:
@@ -97,9 +96,37 @@ def fused_experts(
     return out
 
 
+_problems: dict[tuple, ExpertsProblem] = {}
+
+
+def _meta(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _problem(args: ExpertsArgs, activation: str | ActivationSpec, on_input: bool,
+             quant: QuantConfig | None) -> ExpertsProblem:
+    """The validated description of a call, remembered per (shapes, dtypes, devices, options): the
+    metadata checks depend on nothing else, and they cost more host time than a small batch's kernels."""
+    try:
+        key = (activation, on_input, quant, _meta(args.hidden_states), _meta(args.w13), _meta(args.w2),
+               _meta(args.topk_weights), _meta(args.topk_ids), _meta(args.w13_bias), _meta(args.w2_bias),
+               _meta(args.expert_map))
+        problem = _problems.get(key)
+    except (AttributeError, TypeError):  # not tensors, or unhashable options: the checks below say what is wrong
+        key, problem = None, None
+    if problem is None:
+        problem = _describe(args, ActivationSpec.parse(activation), on_input, quant if quant is not None else _NO_QUANT)
+        if key is not None:
+            if len(_problems) > 4096:
+                _problems.clear()
+            _problems[key] = problem
+    return problem
+
+
 def _describe(
     args: ExpertsArgs, spec: ActivationSpec, on_input: bool, quant: QuantConfig
 ) -> ExpertsProblem:
+    """Check the metadata of a call (shapes, dtypes, devices) and describe it."""
     x, w13, w2 = args.hidden_states, args.w13, args.w2
     check_float("hidden_states", x)
     check_ndim("hidden_states", x, 2, "[num_tokens, hidden_size]")
@@ -136,7 +163,6 @@ def _describe(
         "hidden_states", x, w13=w13, w2=w2, topk_weights=args.topk_weights, topk_ids=args.topk_ids,
         w13_bias=args.w13_bias, w2_bias=args.w2_bias, expert_map=args.expert_map,
     )
-    check_ids_range(args.topk_ids, num_global)
     return ExpertsProblem(
         device_type=x.device.type, dtype=x.dtype, num_tokens=num_tokens, num_experts=num_experts,
         num_global_experts=num_global, hidden_size=hidden, intermediate_size=n, top_k=top_k,

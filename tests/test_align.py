@@ -9,6 +9,16 @@ import torch
 pytest.importorskip("triton")  # CI installs triton; test_parity.test_triton_runs_in_ci fails without it
 
 
+@pytest.fixture(params=["one_program", "spread"])
+def path(request, monkeypatch):
+    """Both alignment paths: one program (small batches) and count/scan/scatter over the device."""
+    import moe.backends.triton.align as align_mod
+
+    if request.param == "spread":
+        monkeypatch.setattr(align_mod, "ONE_PROGRAM_PAIRS", 0)
+    return request.param
+
+
 def _check(ids, num_local, block_m, emap=None):
     from moe.backends.triton.align import align
 
@@ -37,13 +47,14 @@ def _check(ids, num_local, block_m, emap=None):
     assert (start % block_m == 0).all()
 
 
-@pytest.mark.parametrize("T,k,E,block_m", [(1, 1, 4, 16), (7, 3, 5, 4), (33, 2, 8, 16), (20, 8, 256, 16), (5, 4, 512, 1)])
-def test_alignment_invariants(T, k, E, block_m):
+@pytest.mark.parametrize("T,k,E,block_m", [(1, 1, 4, 16), (7, 3, 5, 4), (33, 2, 8, 16), (20, 8, 256, 16), (5, 4, 512, 1),
+                                           (300, 4, 8, 16)])  # 1200 pairs: more than one 1024-pair chunk
+def test_alignment_invariants(T, k, E, block_m, path):
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32)
     _check(ids, E, block_m)
 
 
-def test_alignment_skewed_and_expert_map():
+def test_alignment_skewed_and_expert_map(path):
     ids = torch.zeros(9, 2, dtype=torch.int64)  # everything to expert 0 (int64 ids accepted)
     ids[:, 1] = 3
     _check(ids, 4, 4)

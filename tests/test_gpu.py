@@ -165,12 +165,49 @@ def test_gpu_cuda_graph_replays_new_routing(backend):
         assert_close(out, ref, what=f"graph replay skew={skew}")
 
 
-def test_gpu_alignment_invariants():
+@pytest.mark.parametrize("one_program", [True, False])
+def test_gpu_alignment_invariants(one_program, monkeypatch):
+    """Both alignment paths on the device, incl. 4096 pairs on 8 experts in one program (atomic contention)
+    and an expert map."""
     from test_align import _check
 
-    for T, k, e, bm in [(1, 8, 256, 16), (4096, 8, 128, 64), (333, 2, 8, 128), (50, 8, 512, 16)]:
+    import moe.backends.triton.align as align_mod
+
+    if not one_program:
+        monkeypatch.setattr(align_mod, "ONE_PROGRAM_PAIRS", 0)
+    for T, k, e, bm in [(1, 8, 256, 16), (4096, 8, 128, 64), (333, 2, 8, 128), (50, 8, 512, 16), (2048, 2, 8, 16),
+                        (500, 8, 256, 16)]:
         ids = torch.rand(T, e, device="cuda").argsort(dim=1)[:, :k].to(torch.int32)
         _check(ids, e, bm)
+    emap = torch.full((12,), -1, dtype=torch.int32, device="cuda")
+    emap[1::2] = torch.arange(6, dtype=torch.int32, device="cuda")
+    ids = torch.rand(300, 12, device="cuda").argsort(dim=1)[:, :3].to(torch.int32)
+    _check(ids, 6, 16, emap)
+
+
+@pytest.mark.parametrize("T", [1, 7, 600, 2000])
+def test_gpu_direct_launch_matches_triton_launcher(T):
+    """Direct launches of the kept compiled kernels give bitwise the results of Triton's own launcher
+    (one-program and spread alignment, T = 1 direct tiles), and the direct path is the one taken."""
+    from moe.backends.triton import launch as ln
+
+    args, prob = _inputs(T, torch.bfloat16, "swigluoai", bias=True)
+    outs = {}
+    try:
+        for direct in (False, True, True):  # the second direct call launches kept kernels
+            ln.set_direct_launch(direct)
+            before = ln.launch_counts()
+            out = torch.full_like(args.hidden_states, float("nan"))
+            _call(args, prob, "triton", out=out)
+            torch.cuda.synchronize()
+            after = ln.launch_counts()
+            assert (after["direct"] > before["direct"]) == direct
+            assert (after["triton"] > before["triton"]) == (not direct)
+            outs.setdefault(direct, []).append(out)
+    finally:
+        ln.set_direct_launch(None)
+    assert torch.equal(outs[False][0], outs[True][0]) and torch.equal(outs[True][0], outs[True][1])
+    assert_close(outs[True][1], _reference(args, prob), dtype=torch.bfloat16, what=f"direct launch T={T}")
 
 
 def test_gpu_per_expert_weight_scale():

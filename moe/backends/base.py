@@ -15,7 +15,7 @@ hidden states before it writes ``out``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -43,6 +43,18 @@ class ExpertsProblem:
     has_expert_map: bool = False
     apply_router_weight_on_input: bool = False
     quant: QuantConfig = field(default_factory=QuantConfig)
+
+    def __hash__(self) -> int:
+        """Computed once per object: problems key the decision and config caches on every call's hot
+        path, and hashing the pydantic fields costs microseconds each time."""
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in fields(self) if f.compare))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}  # string hashes differ per process
 
 
 @dataclass(frozen=True)

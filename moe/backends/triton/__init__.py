@@ -24,6 +24,7 @@ from .config import (
     set_options,
 )
 from .host import cdiv, next_pow2
+from .launch import _smem_limit, launch
 
 __all__ = ["BACKEND", "GemmTile", "KernelConfig", "TritonOptions", "clear_config_cache", "default_config", "options",
            "reset_options", "set_options", "triton_experts"]
@@ -32,8 +33,20 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swigluoai": 3, "relu2": 4, "
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.cache
 def interpreting() -> bool:
+    """Whether kernels run under the Triton interpreter. Read once: triton.jit decides it when our kernel
+    modules are imported, so a later change of TRITON_INTERPRET would not take effect anyway."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _kernels():
+    """The kernel modules, imported at first use (importing them imports triton)."""
+    from . import _gemm
+    from .align import align
+
+    return _gemm, align
 
 
 @functools.cache
@@ -45,14 +58,15 @@ def _import_error() -> str | None:
     return None
 
 
-@functools.cache
-def _smem_limit(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+_fits: set[tuple] = set()
 
 
 def _check_smem(cfg: KernelConfig, problem: ExpertsProblem, device: torch.device) -> None:
+    """Reject a config whose operand tiles cannot fit the device's shared memory, before compiling it."""
     if device.type != "cuda":
+        return
+    key = (cfg, problem.dtype, problem.activation.gated, device)
+    if key in _fits:
         return
     limit = _smem_limit(device.index if device.index is not None else torch.cuda.current_device())
     for name, need in zip(("gemm1", "gemm2"), cfg.smem_bytes(problem.dtype.itemsize, problem.activation.gated),
@@ -62,25 +76,7 @@ def _check_smem(cfg: KernelConfig, problem: ExpertsProblem, device: torch.device
                 f"kernel config {name} needs about {need} bytes of shared memory but this device allows "
                 f"{limit}; use smaller block sizes or fewer stages (config: {cfg.model_dump()})"
             )
-
-
-_checked: set[tuple] = set()
-
-
-def _launch(kernel, grid: tuple[int, ...], key: tuple, device: torch.device, *args, **kwargs) -> None:
-    """Launch ``kernel``; the first launch of each specialization checks the compiled kernel's shared
-    memory against the device before running it."""
-    if device.type == "cuda" and key not in _checked:
-        compiled = kernel.warmup(*args, grid=grid, **kwargs)
-        shared = getattr(getattr(compiled, "metadata", None), "shared", 0)
-        limit = _smem_limit(device.index if device.index is not None else torch.cuda.current_device())
-        if shared > limit:
-            raise ValueError(
-                f"{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel}: the compiled kernel needs {shared} "
-                f"bytes of shared memory, the device allows {limit}; choose a smaller kernel config ({key})"
-            )
-        _checked.add(key)
-    kernel[grid](*args, **kwargs)
+    _fits.add(key)
 
 
 def triton_experts(
@@ -146,9 +142,7 @@ def clear_config_cache() -> None:
 
 def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: KernelConfig,
          w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None, allow_tf32: bool) -> torch.Tensor:
-    from . import _gemm
-    from .align import align
-
+    _gemm, align = _kernels()
     interp = interpreting()
     x = args.hidden_states
     dev, dtype = x.device, x.dtype
@@ -179,11 +173,8 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     g1 = cfg.gemm1
     b13 = args.w13_bias if args.w13_bias is not None else x
     s13 = w13_scale if w13_scale is not None else topk_w
-    grid1 = (grid_m * cdiv(N, g1.block_n),)
-    key1 = ("g1", cfg, dtype, problem.activation.name, args.w13_bias is not None, w13_scale is not None,
-            tuple(flags.items()))
-    _launch(
-        _gemm.moe_gemm1, grid1, key1, dev,
+    launch(
+        _gemm.moe_gemm1, (grid_m * cdiv(N, g1.block_n),), dev,
         x, w13, b13, s13, inter, *route, ids, emap_arg, topk_w,
         N, K, num_pairs, grid_m, x.stride(0), w13.stride(0), w13.stride(1), b13.stride(0), inter.stride(0),
         problem.activation.alpha, problem.activation.limit,
@@ -199,10 +190,8 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
          else torch.empty(num_pairs, K, dtype=dtype, device=dev))
     b2 = args.w2_bias if args.w2_bias is not None else x
     s2 = w2_scale if w2_scale is not None else topk_w
-    grid2 = (grid_m * cdiv(K, g2.block_n),)
-    key2 = ("g2", cfg, dtype, args.w2_bias is not None, w2_scale is not None, tuple(flags.items()))
-    _launch(
-        _gemm.moe_gemm2, grid2, key2, dev,
+    launch(
+        _gemm.moe_gemm2, (grid_m * cdiv(K, g2.block_n),), dev,
         inter, w2, b2, s2, y, *route, ids, emap_arg, topk_w,
         N, K, num_pairs, grid_m, inter.stride(0), w2.stride(0), w2.stride(1), b2.stride(0), y.stride(0),
         HAS_BIAS=args.w2_bias is not None, W_SCALE=int(w2_scale is not None), ATOMIC=atomic,
@@ -220,11 +209,11 @@ def combine(y: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, out: torch
             expert_map: torch.Tensor | None) -> None:
     """out[t] = sum_j w[t, j] * y[t * k + j] (fp32, fixed order) from per-pair outputs y [T*k, K]; pairs
     whose expert ``expert_map`` marks non-local are skipped. Shared with the torch_grouped backend."""
-    from . import _gemm
-
+    _gemm = _kernels()[0]
     interp = interpreting()
     block = min(64 if interp else 1024, next_pow2(problem.hidden_size))
-    _gemm.moe_combine[(problem.num_tokens, cdiv(problem.hidden_size, block))](
+    launch(
+        _gemm.moe_combine, (problem.num_tokens, cdiv(problem.hidden_size, block)), y.device,
         y, ids, expert_map if expert_map is not None else ids, topk_w, out, problem.hidden_size, y.stride(0),
         out.stride(0), TOP_K=problem.top_k, HAS_MAP=expert_map is not None,
         WEIGHT_ON_INPUT=problem.apply_router_weight_on_input, BLOCK=block,

@@ -4,7 +4,8 @@ Pairs (token, slot) are grouped by local expert, each expert's group padded to B
 - ``_count``: per-expert pair counts (atomics), non-local pairs dropped;
 - ``_scan``: one program: padded offsets, the expert of every row tile, the padded total, and the
   sentinel fill of the sorted-pair buffer;
-- ``_scatter``: each pair's row in the sorted order.
+- ``_scatter``: each pair's row in the sorted order;
+- ``_align_one``: all of it in one program, for small batches.
 """
 
 import triton
@@ -68,3 +69,47 @@ def _scatter(
     rank = tl.atomic_add(cursor_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=mask)
     start = tl.load(starts_ptr + e, mask=mask, other=0)
     tl.store(sorted_ptr + start + rank, offs.to(tl.int32), mask=mask)
+
+
+@triton.jit
+def _align_one(
+    ids_ptr, emap_ptr, cursor_ptr, ends_ptr, total_ptr, block_expert_ptr, sorted_ptr,
+    num_experts, num_pairs, max_blocks, sorted_len,
+    HAS_MAP: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """The whole alignment in one program, for small batches (one launch instead of a memset and three):
+    counts by histogram, the scan, the sentinel fill, then each pair's row from an atomic cursor that
+    starts at its expert's first row. E_PAD > num_experts: bin num_experts collects non-local pairs."""
+    e_all = tl.arange(0, E_PAD)
+    emask = e_all < num_experts
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for p0 in range(0, num_pairs, CHUNK):
+        offs = p0 + tl.arange(0, CHUNK)
+        mask = offs < num_pairs
+        e = _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP)
+        counts += tl.histogram(tl.where(mask & (e >= 0), e, num_experts), E_PAD)
+    counts = tl.where(emask, counts, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    start = end - padded
+    tl.atomic_xchg(cursor_ptr + e_all, start, mask=emask)  # at L2, like the atomics that take rows below
+    tl.store(ends_ptr + e_all, start + counts, mask=emask)
+    total = tl.sum(padded, 0)
+    tl.store(total_ptr, total)
+    end_or_big = tl.where(emask, end, 2147483647)
+    for b0 in range(0, max_blocks, 32):
+        b = b0 + tl.arange(0, 32)
+        row = b * BLOCK_M
+        expert = tl.sum((end_or_big[None, :] <= row[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.where(row < total, expert, -1), mask=b < max_blocks)
+    for r0 in range(0, sorted_len, CHUNK):
+        r = r0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ptr + r, tl.full([CHUNK], 0, tl.int32) + num_pairs, mask=r < sorted_len)
+    tl.debug_barrier()  # the cursors and the sentinel fill are in place before any pair takes a row
+    for p0 in range(0, num_pairs, CHUNK):
+        offs = p0 + tl.arange(0, CHUNK)
+        mask = offs < num_pairs
+        e = _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP)
+        mask = mask & (e >= 0)
+        row = tl.atomic_add(cursor_ptr + e, tl.full([CHUNK], 1, tl.int32), mask=mask)
+        tl.store(sorted_ptr + row, offs.to(tl.int32), mask=mask)

@@ -13,9 +13,12 @@ import torch
 
 from . import _align
 from .host import cdiv, next_pow2
+from .launch import launch
 
 MAX_EXPERTS = 4096
 _BLOCK = 256
+ONE_PROGRAM_PAIRS = 4096  # up to this many pairs the alignment runs as one program
+ONE_PROGRAM_EXPERTS = 1024
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,10 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: torch.Tensor | None = None) -> Alignment:
-    """Group the pairs of ``topk_ids`` [T, k] by local expert (``expert_map`` drops non-local pairs)."""
+    """Group the pairs of ``topk_ids`` [T, k] by local expert (``expert_map`` drops non-local pairs).
+
+    Small batches (up to ONE_PROGRAM_PAIRS pairs) take one launch of one program; larger ones a memset
+    and three launches spread over the device."""
     if num_experts > MAX_EXPERTS:
         raise ValueError(f"num_experts={num_experts} exceeds the alignment kernel's limit of {MAX_EXPERTS}")
     ids = topk_ids.reshape(-1)
@@ -43,19 +49,33 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: to
     dev = ids.device
     sorted_len = max_padded_rows(num_pairs, num_experts, block_m)
     max_blocks = sorted_len // block_m
-    scratch = torch.zeros(2 * num_experts, dtype=torch.int32, device=dev)  # counts, then cursors
+    # one int32 buffer, each part starting on a 128-byte boundary: counts and cursors [2E], starts and
+    # ends [E each], the padded total [1], the expert of each row tile, the sorted pair ids
+    scratch, starts, ends, total, block_expert, sorted_ids = _carve(
+        dev, (2 * num_experts, num_experts, num_experts, 1, max_blocks, sorted_len))
     counts, cursor = scratch[:num_experts], scratch[num_experts:]
-    meta = torch.empty(2 * num_experts + 1, dtype=torch.int32, device=dev)  # starts, ends, total
-    starts, ends, total = meta[:num_experts], meta[num_experts : 2 * num_experts], meta[2 * num_experts :]
-    sorted_ids = torch.empty(sorted_len, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     emap = expert_map if expert_map is not None else ids
     has_map = expert_map is not None
+    if num_pairs <= ONE_PROGRAM_PAIRS and num_experts <= ONE_PROGRAM_EXPERTS:
+        launch(_align._align_one, (1,), dev, ids, emap, cursor, ends, total, block_expert, sorted_ids, num_experts,
+               num_pairs, max_blocks, sorted_len, HAS_MAP=has_map, E_PAD=next_pow2(num_experts + 1),
+               BLOCK_M=block_m, CHUNK=1024, num_warps=8)
+        return Alignment(sorted_ids, block_expert, total, ends, max_blocks, block_m)
+    scratch.zero_()
     grid = (cdiv(num_pairs, _BLOCK),)
-    _align._count[grid](ids, emap, counts, num_pairs, HAS_MAP=has_map, BLOCK=_BLOCK)
-    _align._scan[(1,)](
-        counts, starts, ends, block_expert, total, sorted_ids, num_experts, num_pairs, max_blocks, sorted_len,
-        E_PAD=next_pow2(num_experts), BLOCK_M=block_m, CHUNK=32,
-    )
-    _align._scatter[grid](ids, emap, starts, cursor, sorted_ids, num_pairs, HAS_MAP=has_map, BLOCK=_BLOCK)
+    launch(_align._count, grid, dev, ids, emap, counts, num_pairs, HAS_MAP=has_map, BLOCK=_BLOCK)
+    launch(_align._scan, (1,), dev, counts, starts, ends, block_expert, total, sorted_ids, num_experts, num_pairs,
+           max_blocks, sorted_len, E_PAD=next_pow2(num_experts), BLOCK_M=block_m, CHUNK=32)
+    launch(_align._scatter, grid, dev, ids, emap, starts, cursor, sorted_ids, num_pairs, HAS_MAP=has_map,
+           BLOCK=_BLOCK)
     return Alignment(sorted_ids, block_expert, total, ends, max_blocks, block_m)
+
+
+def _carve(device: torch.device, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Views of one int32 allocation with the given sizes, each starting on a 128-byte boundary."""
+    starts, at = [], 0
+    for n in sizes:
+        starts.append(at)
+        at += cdiv(n, 32) * 32
+    buf = torch.empty(at, dtype=torch.int32, device=device)
+    return [buf[a:a + n] for a, n in zip(starts, sizes, strict=True)]

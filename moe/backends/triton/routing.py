@@ -20,6 +20,7 @@ from ...routing import check_groups
 from ...validation import check_finite_logits, check_float, check_ndim, check_same_device, check_top_k
 from . import _routing, interpreting
 from .host import cdiv, next_pow2
+from .launch import launch
 
 __all__ = ["MAX_EXPERTS", "MAX_TOP_K", "RoutingTile", "default_tile", "fused_topk", "grouped_topk", "supports",
            "topk_softmax"]
@@ -145,7 +146,8 @@ def _launch_topk(
         return weights, ids
     e_pad = next_pow2(num_experts)
     tile = tile or default_tile(num_tokens, e_pad, interpreting())
-    _routing.topk_kernel[(cdiv(num_tokens, tile.block_t),)](
+    launch(
+        _routing.topk_kernel, (cdiv(num_tokens, tile.block_t),), logits.device,
         logits, weights, ids, num_tokens, num_experts, logits.stride(0), logits.stride(1), float(scale),
         TOP_K=top_k, K_PAD=next_pow2(top_k), E_PAD=e_pad, BLOCK_T=tile.block_t,
         SCORING=scoring, TOPK_FIRST=topk_first, RENORM=renormalize or topk_first, num_warps=tile.num_warps,
@@ -164,7 +166,8 @@ def _launch_grouped(
     per_group = num_experts // num_groups
     g_pad, p_pad = next_pow2(num_groups), next_pow2(per_group)
     tile = tile or default_tile(num_tokens, g_pad * p_pad, interpreting())
-    _routing.grouped_topk_kernel[(cdiv(num_tokens, tile.block_t),)](
+    launch(
+        _routing.grouped_topk_kernel, (cdiv(num_tokens, tile.block_t),), logits.device,
         logits, bias if bias is not None else logits, weights, ids, num_tokens, num_experts, num_groups, per_group,
         logits.stride(0), logits.stride(1), bias.stride(0) if bias is not None else 0, float(scale),
         TOP_K=top_k, K_PAD=next_pow2(top_k), TOPK_GROUP=topk_group, G_PAD=g_pad, P_PAD=p_pad,

@@ -1,0 +1,106 @@
+"""Kernel launches with less host time than Triton's launcher.
+
+``kernel[grid](*args)`` binds and specializes every argument on every call: tens of microseconds on a
+busy host, and a layer launches up to five kernels. Here the first call with a given specialization
+key goes through Triton (compiling if needed), is checked against the device's shared memory, and
+keeps the compiled kernel; later calls with the same key launch that compiled kernel directly.
+
+The key is at least as fine as Triton's own specialization, so a kept kernel is one Triton would have
+picked: the constexpr arguments and launch options, each tensor's dtype and 16-byte alignment, each
+integer's class (equal to 1, a multiple of 16, fits 32 bits) and every other argument's type.
+
+``MOE_DIRECT_LAUNCH=0`` (or ``set_direct_launch(False)``) sends every launch through Triton's launcher.
+The CPU interpreter always does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Any
+
+import torch
+
+__all__ = ["direct_launch_enabled", "launch", "launch_counts", "set_direct_launch"]
+
+_compiled: dict[tuple, tuple[Any, tuple]] = {}  # key -> (compiled kernel, constexpr values in order)
+_counts = {"direct": 0, "triton": 0}
+_switch: list[bool] = []
+
+
+def direct_launch_enabled() -> bool:
+    if not _switch:
+        _switch.append(os.environ.get("MOE_DIRECT_LAUNCH", "1") not in ("0", "false", "False"))
+    return _switch[0]
+
+
+def set_direct_launch(enabled: bool | None) -> None:
+    """Switch the direct path on or off; ``None`` reads ``MOE_DIRECT_LAUNCH`` again."""
+    _switch[:] = [] if enabled is None else [bool(enabled)]
+
+
+def launch_counts() -> dict[str, int]:
+    """How many launches took each path since the process started (tests read it)."""
+    return dict(_counts)
+
+
+@functools.cache
+def _smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
+def _spec(args: tuple) -> tuple:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif type(a) is int:
+            out.append((a == 1, a % 16 == 0, -0x80000000 <= a <= 0x7FFFFFFF))
+        else:
+            out.append(type(a))
+    return tuple(out)
+
+
+def launch(kernel: Any, grid: tuple[int, ...], device: torch.device, *args: Any, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)``: runtime arguments positional, constexprs and launch options
+    (``num_warps``, ``num_stages``) by keyword."""
+    if device.type != "cuda" or not direct_launch_enabled():
+        _counts["triton"] += 1
+        kernel[grid](*args, **kwargs)
+        return
+    key = (kernel, device.index, tuple(kwargs.items()), _spec(args))
+    hit = _compiled.get(key)
+    if hit is not None:
+        _counts["direct"] += 1
+        compiled, tail = hit
+        compiled[grid](*args, *tail)
+        return
+    compiled = _compile_checked(kernel, grid, device, args, kwargs)
+    tail = tuple(kwargs[name] for name in kernel.arg_names[len(args):])
+    try:
+        compiled[grid](*args, *tail)
+    except TypeError as exc:  # this Triton's compiled-kernel launcher takes other arguments
+        set_direct_launch(False)
+        warnings.warn(f"direct kernel launches are off ({exc}); every launch goes through Triton's launcher",
+                      RuntimeWarning, stacklevel=2)
+        _counts["triton"] += 1
+        kernel[grid](*args, **kwargs)
+        return
+    _counts["direct"] += 1
+    _compiled[key] = (compiled, tail)
+
+
+def _compile_checked(kernel: Any, grid: tuple[int, ...], device: torch.device, args: tuple, kwargs: dict) -> Any:
+    """Compile (or find) the kernel for these arguments and check its shared memory before any launch."""
+    compiled = kernel.warmup(*args, grid=grid, **kwargs)
+    shared = getattr(getattr(compiled, "metadata", None), "shared", 0)
+    limit = _smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+    if shared > limit:
+        options = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
+        raise ValueError(
+            f"{getattr(kernel, '__name__', kernel)}: the compiled kernel needs {shared} bytes of shared memory, "
+            f"the device allows {limit}; choose a smaller kernel config ({options})"
+        )
+    return compiled
