@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call: the GPU tests, the benchmark, the HF and expert-parallel benchmarks; full results under
 # $OUT, short tables last.  On the GPU machine (repo root, wheels carried in .whl/):
-#   PARTS=tests,bench,hf,parallel bash benchmarks/gpu_suite.sh [presets] [ms]
+#   PARTS=tests,host,bench,hf,parallel bash benchmarks/gpu_suite.sh [presets] [ms]
 set -uo pipefail
 S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || exit 1
@@ -24,6 +24,9 @@ fi
 if [[ $parts == *,hf,* ]]; then
   timeout 240 python3 benchmarks/hf_gpu.py --out "$OUT/hf.json" > "$OUT/hf.txt" 2>&1; echo "hf rc=$?"
   tail -10 "$OUT/hf.txt"
+fi
+if [[ $parts == *,host,* ]]; then
+  timeout 240 python3 benchmarks/host_overhead.py > "$OUT/host.txt" 2>&1; echo "host rc=$?"; tail -8 "$OUT/host.txt"
 fi
 if [[ $parts == *,bench,* ]]; then
   for p in ${presets//,/ }; do
