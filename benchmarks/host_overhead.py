@@ -14,8 +14,8 @@ import time
 
 import torch
 
+import moe.backends.triton.launch as ln
 from moe import fused_experts
-from moe.backends.triton import launch as ln
 from moe.bench import PRESETS, _tokens, _weights
 from moe.routing import fused_topk
 

@@ -59,6 +59,7 @@ PRESETS = {
     "qwen2moe57b": Preset("qwen2moe57b", 64, 8, 3584, 2560, (1, 16, 64, 256, 1024, 4096, 16384)),
 }
 GRAPH_MAX_M = 256
+KERNELS_MAX_M = 1024  # "kernels" rows (routing aligned beforehand) up to here, as ANCHORS.md times vLLM
 REFERENCE_TIMING_MAX_PAIRS = 8192  # the per-expert reference is an oracle, not a contender
 
 
@@ -243,7 +244,29 @@ def _bench_backend(name: str, p: Preset, m: int, args: ExpertsArgs, problem: Exp
             rows.append(Row(p.name, m, name, "graph", tg * 1e6, floor * 1e6, 100 * floor / tg, err))
         except Exception as exc:  # a backend that cannot be captured says so in the table
             rows.append(Row(p.name, m, name, "graph", None, floor * 1e6, None, err, f"not capturable: {exc}"))
+    if name == "triton" and dev.type == "cuda" and m <= KERNELS_MAX_M:
+        rows.append(_bench_triton_kernels(p, m, args, problem, ref, floor, dev))
     return rows
+
+
+def _bench_triton_kernels(p: Preset, m: int, args: ExpertsArgs, problem: ExpertsProblem, ref: torch.Tensor,
+                          floor: float, dev: torch.device) -> Row:
+    """The Triton kernels alone, eager, with the routing aligned beforehand: how ANCHORS.md times vLLM's
+    Triton kernel up to 1024 tokens (mode "kernels")."""
+    from .backends.triton import _choose_config, options, triton_experts
+    from .backends.triton.align import align
+
+    cfg = _choose_config(problem, dev, options())
+    al = align(args.topk_ids, problem.num_experts, cfg.block_m, args.expert_map) if m > 1 else None
+    out = torch.empty_like(args.hidden_states)
+
+    def call() -> torch.Tensor:
+        return triton_experts(args, problem, out, cfg, alignment=al)
+
+    call()
+    err = rel_error(out, ref)
+    t = time_fn(call, dev)
+    return Row(p.name, m, "triton", "kernels", t * 1e6, floor * 1e6, 100 * floor / t, err)
 
 
 def _bench_layer(p: Preset, m: int, args: ExpertsArgs, logits: torch.Tensor, ref: torch.Tensor, floor: float,

@@ -189,7 +189,7 @@ def test_gpu_alignment_invariants(one_program, monkeypatch):
 def test_gpu_direct_launch_matches_triton_launcher(T):
     """Direct launches of the kept compiled kernels give bitwise the results of Triton's own launcher
     (one-program and spread alignment, T = 1 direct tiles), and the direct path is the one taken."""
-    from moe.backends.triton import launch as ln
+    import moe.backends.triton.launch as ln
 
     args, prob = _inputs(T, torch.bfloat16, "swigluoai", bias=True)
     outs = {}

@@ -127,3 +127,22 @@ def test_batch_invariant_mode_on_interpreter():
         alone = triton_experts(one, dataclasses.replace(prob, num_tokens=1),
                                torch.empty_like(one.hidden_states), opts=opts)
         assert torch.equal(alone[0], batch[t])
+
+
+def test_precomputed_alignment_gives_the_same_result():
+    """triton_experts with the routing aligned beforehand (how the benchmark times the kernels alone)
+    equals the full run bitwise; an alignment for another row tile is refused."""
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+    from moe.backends.triton.align import align
+
+    inp, args, prob = _args(Case(T=12, E=5, K=32, N=16, k=2))
+    tile = GemmTile(block_n=16, block_k=16, group_m=1, num_stages=1)
+    cfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile)
+    full = triton_experts(args, prob, torch.full_like(args.hidden_states, float("nan")), cfg)
+    al = align(args.topk_ids, prob.num_experts, cfg.block_m)
+    pre = triton_experts(args, prob, torch.full_like(args.hidden_states, float("nan")), cfg, alignment=al)
+    assert torch.equal(full, pre)
+    assert_close(pre, oracle(inp))
+    with pytest.raises(ValueError, match="alignment: aligned for block_m=16 but the config has block_m=32"):
+        triton_experts(args, prob, torch.empty_like(args.hidden_states), cfg.model_copy(update={"block_m": 32}),
+                       alignment=al)

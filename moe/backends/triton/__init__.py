@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,7 +25,11 @@ from .config import (
     set_options,
 )
 from .host import cdiv, next_pow2
-from .launch import _smem_limit, launch
+from .launch import _smem_limit
+from .launch import launch as _launch
+
+if TYPE_CHECKING:
+    from .align import Alignment
 
 __all__ = ["BACKEND", "GemmTile", "KernelConfig", "TritonOptions", "clear_config_cache", "default_config", "options",
            "reset_options", "set_options", "triton_experts"]
@@ -89,20 +94,26 @@ def triton_experts(
     w2_scale: torch.Tensor | None = None,
     allow_tf32: bool = False,
     opts: TritonOptions | None = None,
+    alignment: Alignment | None = None,
 ) -> torch.Tensor:
     """Run the experts with an explicit kernel config (the tuner calls this directly).
 
     ``w13_scale`` / ``w2_scale``: optional fp32 [E] per-expert weight scales (the result uses
     ``scale[e] * w[e]``). fp32 inputs compute in full fp32 unless ``allow_tf32``. Batches above
     ``opts.chunk_tokens`` run in chunks with one config, so the result equals an unchunked run.
+    ``alignment``: the routing already aligned for ``config.block_m`` (``align.align``), to time the
+    kernels alone as other projects report them; unchunked batches of more than one token only.
     """
     opts = opts or options()
     chunk, num_tokens = opts.chunk_tokens, problem.num_tokens
     if config is None:
         sized = problem if num_tokens <= chunk else dataclasses.replace(problem, num_tokens=chunk)
         config = _choose_config(sized, args.hidden_states.device, opts)
+    if alignment is not None and (num_tokens > chunk or alignment.block_m != config.block_m):
+        raise ValueError(f"alignment: aligned for block_m={alignment.block_m} but the config has block_m="
+                         f"{config.block_m} (or the batch of {num_tokens} tokens runs in chunks of {chunk})")
     if num_tokens <= chunk:
-        return _run(args, problem, out, config, w13_scale, w2_scale, allow_tf32)
+        return _run(args, problem, out, config, w13_scale, w2_scale, allow_tf32, alignment)
     for start in range(0, num_tokens, chunk):
         stop = min(num_tokens, start + chunk)
         part = dataclasses.replace(args, hidden_states=args.hidden_states[start:stop],
@@ -141,7 +152,8 @@ def clear_config_cache() -> None:
 
 
 def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: KernelConfig,
-         w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None, allow_tf32: bool) -> torch.Tensor:
+         w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None, allow_tf32: bool,
+         al: Alignment | None = None) -> torch.Tensor:
     _gemm, align = _kernels()
     interp = interpreting()
     x = args.hidden_states
@@ -159,7 +171,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         al = None
         grid_m = num_pairs
     else:
-        al = align(ids, problem.num_experts, cfg.block_m, emap)
+        al = al or align(ids, problem.num_experts, cfg.block_m, emap)
         grid_m = al.max_blocks
     route = (
         (ids, ids, ids) if al is None else (al.sorted_ids, al.block_expert, al.total)
@@ -173,7 +185,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     g1 = cfg.gemm1
     b13 = args.w13_bias if args.w13_bias is not None else x
     s13 = w13_scale if w13_scale is not None else topk_w
-    launch(
+    _launch(
         _gemm.moe_gemm1, (grid_m * cdiv(N, g1.block_n),), dev,
         x, w13, b13, s13, inter, *route, ids, emap_arg, topk_w,
         N, K, num_pairs, grid_m, x.stride(0), w13.stride(0), w13.stride(1), b13.stride(0), inter.stride(0),
@@ -190,7 +202,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
          else torch.empty(num_pairs, K, dtype=dtype, device=dev))
     b2 = args.w2_bias if args.w2_bias is not None else x
     s2 = w2_scale if w2_scale is not None else topk_w
-    launch(
+    _launch(
         _gemm.moe_gemm2, (grid_m * cdiv(K, g2.block_n),), dev,
         inter, w2, b2, s2, y, *route, ids, emap_arg, topk_w,
         N, K, num_pairs, grid_m, inter.stride(0), w2.stride(0), w2.stride(1), b2.stride(0), y.stride(0),
@@ -212,7 +224,7 @@ def combine(y: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, out: torch
     _gemm = _kernels()[0]
     interp = interpreting()
     block = min(64 if interp else 1024, next_pow2(problem.hidden_size))
-    launch(
+    _launch(
         _gemm.moe_combine, (problem.num_tokens, cdiv(problem.hidden_size, block)), y.device,
         y, ids, expert_map if expert_map is not None else ids, topk_w, out, problem.hidden_size, y.stride(0),
         out.stride(0), TOP_K=problem.top_k, HAS_MAP=expert_map is not None,
