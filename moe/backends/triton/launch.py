@@ -65,22 +65,24 @@ def _spec(args: tuple) -> tuple:
 
 def launch(kernel: Any, grid: tuple[int, ...], device: torch.device, *args: Any, **kwargs: Any) -> None:
     """``kernel[grid](*args, **kwargs)``: runtime arguments positional, constexprs and launch options
-    (``num_warps``, ``num_stages``) by keyword."""
+    (``num_warps``, ``num_stages``) by keyword. A kept compiled kernel takes every argument in the
+    kernel's order, constexprs included, and a three-dimensional grid."""
     if device.type != "cuda" or not direct_launch_enabled():
         _counts["triton"] += 1
         kernel[grid](*args, **kwargs)
         return
     key = (kernel, device.index, tuple(kwargs.items()), _spec(args))
+    grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     hit = _compiled.get(key)
     if hit is not None:
         _counts["direct"] += 1
         compiled, tail = hit
-        compiled[grid](*args, *tail)
+        compiled[grid3](*args, *tail)
         return
     compiled = _compile_checked(kernel, grid, device, args, kwargs)
     tail = tuple(kwargs[name] for name in kernel.arg_names[len(args):])
     try:
-        compiled[grid](*args, *tail)
+        compiled[grid3](*args, *tail)
     except TypeError as exc:  # this Triton's compiled-kernel launcher takes other arguments
         set_direct_launch(False)
         warnings.warn(f"direct kernel launches are off ({exc}); every launch goes through Triton's launcher",
