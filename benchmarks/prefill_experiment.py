@@ -16,25 +16,28 @@ from torch.profiler import ProfilerActivity, profile
 from moe.backends.base import ExpertsArgs
 from moe.backends.triton import _choose_config, options, triton_experts
 from moe.backends.triton.launch import _compiled
-from moe.bench import PRESETS, _tokens, _weights
+from moe.bench import PRESETS, _tokens, _weights, floor_seconds, measure_ceilings, time_fn
 from moe.routing import fused_topk
+
+CHANGES = [  # (gemm, field changes) tried on top of the chosen config
+    ("gemm1", {"group_m": 16}), ("gemm1", {"group_m": 32}), ("gemm1", {"num_stages": 3}),
+    ("gemm1", {"num_stages": 5}), ("gemm1", {"block_n": 64, "num_warps": 4}),
+    ("gemm2", {"group_m": 16}), ("gemm2", {"group_m": 1}), ("gemm2", {"block_n": 64}),
+    ("gemm2", {"block_n": 128, "num_stages": 4}), ("gemm2", {"num_stages": 4}),
+    ("both", {"group_m": 16}),
+]
 
 
 def variants(cfg):
-    g1, g2 = cfg.gemm1, cfg.gemm2
     out = {"chosen": cfg, "flip_gate_up": cfg.model_copy(
         update={"gate_up": "one_dot" if cfg.gate_up == "two_dots" else "two_dots"})}
-    for name, t1 in {
-        "g1_group16": g1.model_copy(update={"group_m": 16}),
-        "g1_group32": g1.model_copy(update={"group_m": 32}),
-        "g1_stages3": g1.model_copy(update={"num_stages": 3}),
-        "g1_stages5": g1.model_copy(update={"num_stages": 5}),
-        "g1_bn64_w4": g1.model_copy(update={"block_n": 64, "num_warps": 4}),
-        "g1_bk128_s3": g1.model_copy(update={"block_k": 128, "num_stages": 3}),
-    }.items():
-        out[name] = cfg.model_copy(update={"gemm1": t1})
-    out["g2_group16"] = cfg.model_copy(update={"gemm2": g2.model_copy(update={"group_m": 16})})
-    out["g2_bn128_s4"] = cfg.model_copy(update={"gemm2": g2.model_copy(update={"block_n": 128, "num_stages": 4})})
+    for which, change in CHANGES:
+        update = {}
+        for g in (("gemm1", "gemm2") if which == "both" else (which,)):
+            update[g] = getattr(cfg, g).model_copy(update=change)
+        new = cfg.model_copy(update=update)
+        if new != cfg:
+            out[which + "_" + "_".join(f"{k}{v}" for k, v in change.items())] = new
     return out
 
 
@@ -67,23 +70,29 @@ def run_point(point: str) -> None:
     pairs, K, N = m * p.top_k, p.hidden_size, p.intermediate_size
     f1, f2 = 2 * pairs * K * 2 * N, 2 * pairs * N * K
     base = _choose_config(problem, dev, options())
-    print(f"{point}: chosen {base.model_dump()}")
-    print(f"{'variant':<14} {'gemm1 us':>9} {'TFLOP/s':>8} {'gemm2 us':>9} {'TFLOP/s':>8} {'all us':>8}  "
-          "regs/spills of new kernels")
+    ceil = measure_ceilings(dev, torch.bfloat16)
+    floor = floor_seconds(p, m, int(torch.unique(ids).numel()), 2, ceil) * 1e6
+    print(f"{point}: floor {floor:.1f} us (copy {ceil.copy_gbps:.0f} GB/s, matmul {ceil.matmul_tflops:.0f} TFLOP/s, "
+          f"{torch.cuda.clock_rate(dev)} MHz now); chosen {base.model_dump()}")
+    print(f"{'variant':<26} {'gemm1 us':>9} {'TFLOP/s':>8} {'gemm2 us':>9} {'TFLOP/s':>8} {'kernels':>8} "
+          f"{'bench us':>9} {'MHz':>5}  regs/spills of new kernels")
     for vname, cfg in variants(base).items():
         before = set(_compiled)
         try:
             times = kernel_times(lambda c=cfg: triton_experts(args, problem, out, c))
         except Exception as exc:  # a variant that does not fit says so
-            print(f"{vname:<14} failed: {str(exc)[:100]}")
+            print(f"{vname:<26} failed: {str(exc)[:100]}")
             continue
         t1, t2 = times.get("moe_gemm1", 0.0), times.get("moe_gemm2", 0.0)
+        bench = time_fn(lambda c=cfg: triton_experts(args, problem, out, c), dev) * 1e6  # as `moe bench` times it
+        mhz = torch.cuda.clock_rate(dev)
         regs = []
         for key in set(_compiled) - before:
             ck = _compiled[key][0]
             regs.append(f"{ck.name}:{getattr(ck, 'n_regs', '?')}/{getattr(ck, 'n_spills', '?')}")
-        print(f"{vname:<14} {t1:9.1f} {f1 / t1 / 1e6 if t1 else 0:8.0f} {t2:9.1f} "
-              f"{f2 / t2 / 1e6 if t2 else 0:8.0f} {sum(times.values()):8.1f}  {' '.join(sorted(regs))}")
+        print(f"{vname:<26} {t1:9.1f} {f1 / t1 / 1e6 if t1 else 0:8.0f} {t2:9.1f} "
+              f"{f2 / t2 / 1e6 if t2 else 0:8.0f} {sum(times.values()):8.1f} {bench:9.1f} {mhz:5d}  "
+              f"{' '.join(sorted(regs))}")
 
 
 def main(points: list[str]) -> None:
