@@ -1,13 +1,16 @@
-"""Prefill kernel-config experiment: for each preset:M, GEMM1 and GEMM2 CUDA time (torch.profiler) and
-TFLOP/s under variants of the config the backend would pick, with the registers and spills of each
-compiled kernel. What limits the prefill rows, measured rather than guessed.
+"""Kernel-config experiment: for each preset:M, under variants of the config the backend would pick,
+GEMM1 and GEMM2 CUDA time (torch.profiler) and TFLOP/s, the whole call timed as `moe bench` times it
+(do_bench) with the SM clock and board power sampled meanwhile, and the registers and spills of each
+new compiled kernel. What limits a row, measured rather than guessed.
 
-    python3 benchmarks/prefill_experiment.py mixtral:16384 qwen3:4096
+    python3 benchmarks/config_experiment.py mixtral:64 mixtral:16384 qwen3:4096
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from collections import defaultdict
 
 import torch
@@ -41,6 +44,28 @@ def variants(cfg):
     return out
 
 
+def sampled(fn, dev: torch.device) -> tuple[float, float, float]:
+    """``fn()`` while a thread samples the SM clock (MHz) and board power (W) every 5 ms: the clocks the
+    timed runs actually got, and whether the board sat at its power limit."""
+    samples: list[tuple[int, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append((torch.cuda.clock_rate(dev), torch.cuda.power_draw(dev) / 1000))
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        t.join()
+    n = max(1, len(samples))
+    return result, sum(c for c, _ in samples) / n, sum(w for _, w in samples) / n
+
+
 def kernel_times(call, iters: int = 3) -> dict[str, float]:
     call()
     torch.cuda.synchronize()
@@ -70,12 +95,12 @@ def run_point(point: str) -> None:
     pairs, K, N = m * p.top_k, p.hidden_size, p.intermediate_size
     f1, f2 = 2 * pairs * K * 2 * N, 2 * pairs * N * K
     base = _choose_config(problem, dev, options())
-    ceil = measure_ceilings(dev, torch.bfloat16)
+    ceil, mm_mhz, mm_w = sampled(lambda: measure_ceilings(dev, torch.bfloat16), dev)
     floor = floor_seconds(p, m, int(torch.unique(ids).numel()), 2, ceil) * 1e6
     print(f"{point}: floor {floor:.1f} us (copy {ceil.copy_gbps:.0f} GB/s, matmul {ceil.matmul_tflops:.0f} TFLOP/s, "
-          f"{torch.cuda.clock_rate(dev)} MHz now); chosen {base.model_dump()}")
+          f"measured at {mm_mhz:.0f} MHz, {mm_w:.0f} W); chosen {base.model_dump()}")
     print(f"{'variant':<26} {'gemm1 us':>9} {'TFLOP/s':>8} {'gemm2 us':>9} {'TFLOP/s':>8} {'kernels':>8} "
-          f"{'bench us':>9} {'MHz':>5}  regs/spills of new kernels")
+          f"{'bench us':>9} {'MHz':>5} {'W':>4}  regs/spills of new kernels")
     for vname, cfg in variants(base).items():
         before = set(_compiled)
         try:
@@ -84,14 +109,14 @@ def run_point(point: str) -> None:
             print(f"{vname:<26} failed: {str(exc)[:100]}")
             continue
         t1, t2 = times.get("moe_gemm1", 0.0), times.get("moe_gemm2", 0.0)
-        bench = time_fn(lambda c=cfg: triton_experts(args, problem, out, c), dev) * 1e6  # as `moe bench` times it
-        mhz = torch.cuda.clock_rate(dev)
+        bench, mhz, watts = sampled(  # timed as `moe bench` times it
+            lambda c=cfg: time_fn(lambda: triton_experts(args, problem, out, c), dev) * 1e6, dev)
         regs = []
         for key in set(_compiled) - before:
             ck = _compiled[key][0]
             regs.append(f"{ck.name}:{getattr(ck, 'n_regs', '?')}/{getattr(ck, 'n_spills', '?')}")
         print(f"{vname:<26} {t1:9.1f} {f1 / t1 / 1e6 if t1 else 0:8.0f} {t2:9.1f} "
-              f"{f2 / t2 / 1e6 if t2 else 0:8.0f} {sum(times.values()):8.1f} {bench:9.1f} {mhz:5d}  "
+              f"{f2 / t2 / 1e6 if t2 else 0:8.0f} {sum(times.values()):8.1f} {bench:9.1f} {mhz:5.0f} {watts:4.0f}  "
               f"{' '.join(sorted(regs))}")
 
 
