@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call: the GPU tests, the benchmark, the HF and expert-parallel benchmarks; full results under
 # $OUT, short tables last.  On the GPU machine (repo root, wheels carried in .whl/):
-#   PARTS=tests,host,bench,hf,parallel bash benchmarks/gpu_suite.sh [presets] [ms]
+#   PARTS=tests,host,bench,untuned,hf,parallel bash benchmarks/gpu_suite.sh [presets] [ms]
 set -uo pipefail
 S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || exit 1
@@ -32,5 +32,12 @@ if [[ $parts == *,bench,* ]]; then
   for p in ${presets//,/ }; do
     python3 -m moe bench --preset "$p" --m "$ms" --json "$OUT/bench_$p.json" --no-progress > "$OUT/bench_$p.txt" 2>&1
     cat "$OUT/bench_$p.txt"
+  done
+fi
+if [[ $parts == *,untuned,* ]]; then  # the heuristic alone (tuned files off), for the heuristic/tuned ratios
+  for p in ${presets//,/ }; do
+    MOE_TUNED_CONFIGS=0 python3 -m moe bench --preset "$p" --m "$ms" --backends triton --json "$OUT/untuned_$p.json" \
+      --no-progress > "$OUT/untuned_$p.txt" 2>&1
+    grep -E "triton +(eager|graph)" "$OUT/untuned_$p.txt"
   done
 fi
