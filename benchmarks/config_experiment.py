@@ -81,7 +81,7 @@ def kernel_times(call, iters: int = 3) -> dict[str, float]:
     return times
 
 
-def run_point(point: str) -> None:
+def run_point(point: str, only: str | None = None) -> None:
     dev = torch.device("cuda")
     name, m = point.split(":")
     m = int(m)
@@ -103,6 +103,8 @@ def run_point(point: str) -> None:
     print(f"{'variant':<26} {'gemm1 us':>9} {'TFLOP/s':>8} {'gemm2 us':>9} {'TFLOP/s':>8} {'kernels':>8} "
           f"{'bench us':>9} {'MHz':>5} {'W':>4}  regs/spills of new kernels")
     for vname, cfg in variants(base).items():
+        if only and vname != "chosen" and only not in vname:
+            continue
         before = set(_compiled)
         try:
             times = kernel_times(lambda c=cfg: triton_experts(args, problem, out, c))
@@ -121,9 +123,13 @@ def run_point(point: str) -> None:
               f"{' '.join(sorted(regs))}")
 
 
-def main(points: list[str]) -> None:
-    for point in points or ["mixtral:16384"]:
-        run_point(point)
+def main(argv: list[str]) -> None:
+    only = None
+    if "--only" in argv:  # --only SUBSTRING: the chosen config and the variants whose name contains it
+        at = argv.index("--only")
+        only, argv = argv[at + 1], argv[:at] + argv[at + 2:]
+    for point in argv or ["mixtral:16384"]:
+        run_point(point, only)
         torch.cuda.empty_cache()
 
 
