@@ -27,8 +27,7 @@ CHANGES = [  # (gemm, field changes) tried on top of the chosen config
     ("gemm1", {"num_stages": 5}), ("gemm1", {"block_n": 64, "num_warps": 4}),
     ("gemm2", {"group_m": 16}), ("gemm2", {"group_m": 1}), ("gemm2", {"block_n": 64}),
     ("gemm2", {"block_n": 128, "num_stages": 4}), ("gemm2", {"num_stages": 4}),
-    ("both", {"group_m": 16}), ("gemm2", {"persistent": True}), ("gemm2", {"persistent": True, "num_stages": 4}),
-    ("gemm2", {"persistent": True, "block_k": 64, "num_stages": 4}),
+    ("both", {"group_m": 16}),
 ]
 
 

@@ -288,24 +288,3 @@ def test_gpu_gate_up_in_one_dot(T, act, bias, emap, block_m, block_n, warps):
     out = torch.full_like(args.hidden_states, float("nan"))
     triton_experts(args, prob, out, cfg)
     assert_close(out, _reference(args, prob))
-
-
-@pytest.mark.parametrize("T,act,bias,emap,combine", [
-    (7, "silu", False, False, "reduce"), (256, "swigluoai", True, True, "reduce"), (4096, "silu", False, False, "reduce"),
-    (300, "gelu_tanh", False, False, "atomic"), (1, "silu", False, True, "reduce"),
-])
-def test_gpu_persistent_gemm2(T, act, bias, emap, combine):
-    """GEMM2 persistent: equal to the reference, and bitwise to one program per tile (same tile math)."""
-    from moe.backends.triton import default_config, triton_experts
-
-    args, prob = _inputs(T, torch.bfloat16, act, bias, emap)
-    base = default_config(prob).model_copy(update={"combine": combine})
-    outs = []
-    for persistent in (False, True):
-        cfg = base.model_copy(update={"gemm2": base.gemm2.model_copy(update={"persistent": persistent})})
-        out = torch.full_like(args.hidden_states, float("nan"))
-        triton_experts(args, prob, out, cfg)
-        outs.append(out)
-    assert_close(outs[1], _reference(args, prob), dtype=torch.bfloat16, what=f"persistent GEMM2 T={T}")
-    if combine == "reduce":
-        assert torch.equal(outs[0], outs[1])

@@ -63,11 +63,6 @@ def _import_error() -> str | None:
     return None
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 _fits: set[tuple] = set()
 
 
@@ -202,23 +197,18 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         num_warps=g1.num_warps, num_stages=g1.num_stages, **flags,
     )
     g2 = cfg.gemm2
-    persistent = g2.persistent and not direct
-    grid2 = grid_m * cdiv(K, g2.block_n)
-    if persistent:
-        grid2 = min(grid2, _num_sms(dev) if dev.type == "cuda" else 2)
     atomic = cfg.combine == "atomic"
     y = (torch.zeros(T, K, dtype=torch.float32, device=dev) if atomic
          else torch.empty(num_pairs, K, dtype=dtype, device=dev))
     b2 = args.w2_bias if args.w2_bias is not None else x
     s2 = w2_scale if w2_scale is not None else topk_w
     _launch(
-        _gemm.moe_gemm2, (grid2,), dev,
+        _gemm.moe_gemm2, (grid_m * cdiv(K, g2.block_n),), dev,
         inter, w2, b2, s2, y, *route, ids, emap_arg, topk_w,
         N, K, num_pairs, grid_m, inter.stride(0), w2.stride(0), w2.stride(1), b2.stride(0), y.stride(0),
         HAS_BIAS=args.w2_bias is not None, W_SCALE=int(w2_scale is not None), ATOMIC=atomic,
         BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, GROUP_M=g2.group_m,
-        EVEN_K=N % g2.block_k == 0, PERSISTENT=persistent, num_warps=g2.num_warps, num_stages=g2.num_stages,
-        **flags,
+        EVEN_K=N % g2.block_k == 0, num_warps=g2.num_warps, num_stages=g2.num_stages, **flags,
     )
     if atomic:
         out.copy_(y)

@@ -83,19 +83,14 @@ def _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num
 
 
 @triton.jit
-def _tile_of(t, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Tile ``t``'s (row tile, column tile): GROUP_M row tiles sweep each column tile together."""
-    in_group = GROUP_M * num_pid_n
-    first_m = (t // in_group) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (t % in_group) % size_m
-    pid_n = (t % in_group) // size_m
-    return pid_m, pid_n
-
-
-@triton.jit
 def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    return _tile_of(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+    pid = tl.program_id(0)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -206,41 +201,14 @@ def moe_gemm2(
     TOP_K: tl.constexpr, DIRECT: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_SCALE: tl.constexpr, ATOMIC: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, PERSISTENT: tl.constexpr,
-):
-    """y[pair, kk] = a[pair] @ w2[e, kk].T (+ bias); with ATOMIC, add weight * y into fp32 y[token].
-
-    PERSISTENT (aligned rows only): a grid of about one program per SM walks the used tiles, so one
-    tile's loads overlap the previous tile's epilogue (short reductions, where fill and drain dominate)."""
-    num_pid_n = tl.cdiv(K, BLOCK_N)
-    if PERSISTENT:
-        used_m = tl.load(total_ptr) // BLOCK_M  # every row tile below the padded total holds rows
-        for t in tl.range(tl.program_id(0), used_m * num_pid_n, tl.num_programs(0), flatten=True):
-            pid_m, pid_n = _tile_of(t, used_m, num_pid_n, GROUP_M)
-            pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs,
-                                 False, HAS_MAP, BLOCK_M)
-            _gemm2_tile(a_ptr, w_ptr, bias_ptr, wscale_ptr, y_ptr, topk_w_ptr, pair, expert, pid_n, N, K, num_pairs,
-                        stride_am, stride_we, stride_wk, stride_be, stride_ym, TOP_K, HAS_BIAS, W_SCALE, ATOMIC,
-                        WEIGHT_ON_INPUT, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE, EVEN_K)
-    else:
-        pid_m, pid_n = _tile_of(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-        pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs,
-                             DIRECT, HAS_MAP, BLOCK_M)
-        if expert >= 0:
-            _gemm2_tile(a_ptr, w_ptr, bias_ptr, wscale_ptr, y_ptr, topk_w_ptr, pair, expert, pid_n, N, K, num_pairs,
-                        stride_am, stride_we, stride_wk, stride_be, stride_ym, TOP_K, HAS_BIAS, W_SCALE, ATOMIC,
-                        WEIGHT_ON_INPUT, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE, EVEN_K)
-
-
-@triton.jit
-def _gemm2_tile(
-    a_ptr, w_ptr, bias_ptr, wscale_ptr, y_ptr, topk_w_ptr, pair, expert, pid_n, N, K, num_pairs,
-    stride_am, stride_we, stride_wk, stride_be, stride_ym,
-    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] output tile of GEMM2 for the rows ``pair`` of local expert ``expert``."""
+    """y[pair, kk] = a[pair] @ w2[e, kk].T (+ bias); with ATOMIC, add weight * y into fp32 y[token]."""
+    pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(K, BLOCK_N), GROUP_M)
+    pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs,
+                         DIRECT, HAS_MAP, BLOCK_M)
+    if expert < 0:
+        return
     valid = pair < num_pairs
     offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns (hidden dim)
     offs_k = tl.arange(0, BLOCK_K)  # reduction over the intermediate dim

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..base import ExpertsProblem
 
@@ -26,9 +26,6 @@ class GemmTile(_Frozen):
     group_m: int = Field(8, ge=1, le=64)
     num_warps: Literal[1, 2, 4, 8, 16] = 4
     num_stages: int = Field(3, ge=1, le=8)
-    # about one program per SM walking the tiles, so loads of the next tile overlap this one's epilogue
-    # (GEMM2 only; batches of one token run one program per tile)
-    persistent: bool = False
 
 
 class KernelConfig(_Frozen):
@@ -41,12 +38,6 @@ class KernelConfig(_Frozen):
     # gated GEMM1: a gate and an up tile with a dot each, or one tile of interleaved gate/up columns
     # (2 x block_n wide) with one dot, split after the loop
     gate_up: Literal["two_dots", "one_dot"] = "two_dots"
-
-    @model_validator(mode="after")
-    def _gemm1_not_persistent(self) -> KernelConfig:
-        if self.gemm1.persistent:
-            raise ValueError("gemm1.persistent: only GEMM2 has a persistent kernel; set it on gemm2")
-        return self
 
     def smem_bytes(self, elt: int, gated: bool) -> tuple[int, int]:
         """Estimated shared memory of the two GEMMs' pipelined operand tiles."""
