@@ -29,10 +29,14 @@ if [[ $parts == *,host,* ]]; then
   timeout 240 python3 benchmarks/host_overhead.py > "$OUT/host.txt" 2>&1; echo "host rc=$?"; tail -8 "$OUT/host.txt"
 fi
 if [[ $parts == *,bench,* ]]; then
+  # SM clock, power, temperature and the driver's clock-limit reasons while the benchmark runs
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv -lms 200 > "$OUT/smi.csv" 2>&1 & SMI=$!
   for p in ${presets//,/ }; do
     python3 -m moe bench --preset "$p" --m "$ms" --json "$OUT/bench_$p.json" --no-progress > "$OUT/bench_$p.txt" 2>&1
     cat "$OUT/bench_$p.txt"
   done
+  kill $SMI 2>/dev/null
 fi
 if [[ $parts == *,untuned,* ]]; then  # the heuristic alone (tuned files off), for the heuristic/tuned ratios
   for p in ${presets//,/ }; do
