@@ -1,9 +1,9 @@
 """Triton kernels for routing alignment (kernels only; the launch lives in align.py).
 
 Pairs (token, slot) are grouped by local expert, each expert's group padded to BLOCK_M rows:
-- ``_count``: per-expert pair counts (atomics), non-local pairs dropped;
-- ``_scan``: one program: padded offsets, the expert of every row tile, the padded total, and the
-  sentinel fill of the sorted-pair buffer;
+- ``_count``: per-expert pair counts (atomics), non-local pairs dropped, and the sentinel fill of the
+  sorted-pair buffer, shared among its programs;
+- ``_scan``: one program: padded offsets, the expert of every row tile, the padded total;
 - ``_scatter``: each pair's row in the sorted order;
 - ``_align_one``: all of it in one program, for small batches.
 """
@@ -21,18 +21,26 @@ def _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP: tl.constexpr):
 
 
 @triton.jit
-def _count(ids_ptr, emap_ptr, counts_ptr, num_pairs, HAS_MAP: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _count(ids_ptr, emap_ptr, counts_ptr, sorted_ptr, num_pairs, sorted_len, HAS_MAP: tl.constexpr,
+           BLOCK: tl.constexpr):
+    """Per-expert counts of this program's pairs, and its share of the padding marker fill."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_pairs
     e = _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP)
     mask = mask & (e >= 0)
     tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=mask)
+    share = tl.cdiv(sorted_len, tl.num_programs(0))
+    end = tl.minimum(pid * share + share, sorted_len)
+    for r0 in range(pid * share, end, BLOCK):
+        r = r0 + tl.arange(0, BLOCK)
+        tl.store(sorted_ptr + r, tl.full([BLOCK], 0, tl.int32) + num_pairs, mask=r < end)
 
 
 @triton.jit
 def _scan(
-    counts_ptr, starts_ptr, ends_ptr, block_expert_ptr, total_ptr, sorted_ptr,
-    num_experts, num_pairs, max_blocks, sorted_len,
+    counts_ptr, starts_ptr, ends_ptr, block_expert_ptr, total_ptr,
+    num_experts, max_blocks,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
 ):
     e = tl.arange(0, E_PAD)
@@ -53,9 +61,6 @@ def _scan(
         expert = tl.sum((end_or_big[None, :] <= row[:, None]).to(tl.int32), axis=1)
         expert = tl.where(row < total, expert, -1)
         tl.store(block_expert_ptr + b, expert, mask=b < max_blocks)
-    for r0 in range(0, sorted_len, CHUNK * 8):
-        r = r0 + tl.arange(0, CHUNK * 8)
-        tl.store(sorted_ptr + r, tl.full([CHUNK * 8], 0, tl.int32) + num_pairs, mask=r < sorted_len)
 
 
 @triton.jit

@@ -63,9 +63,10 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: to
         return Alignment(sorted_ids, block_expert, total, ends, max_blocks, block_m)
     scratch.zero_()
     grid = (cdiv(num_pairs, _BLOCK),)
-    launch(_align._count, grid, dev, ids, emap, counts, num_pairs, HAS_MAP=has_map, BLOCK=_BLOCK)
-    launch(_align._scan, (1,), dev, counts, starts, ends, block_expert, total, sorted_ids, num_experts, num_pairs,
-           max_blocks, sorted_len, E_PAD=next_pow2(num_experts), BLOCK_M=block_m, CHUNK=32)
+    launch(_align._count, grid, dev, ids, emap, counts, sorted_ids, num_pairs, sorted_len, HAS_MAP=has_map,
+           BLOCK=_BLOCK)
+    launch(_align._scan, (1,), dev, counts, starts, ends, block_expert, total, num_experts, max_blocks,
+           E_PAD=next_pow2(num_experts), BLOCK_M=block_m, CHUNK=32)
     launch(_align._scatter, grid, dev, ids, emap, starts, cursor, sorted_ids, num_pairs, HAS_MAP=has_map,
            BLOCK=_BLOCK)
     return Alignment(sorted_ids, block_expert, total, ends, max_blocks, block_m)
