@@ -11,10 +11,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from profile_kernels import kernel_times  # the script beside this one
 
 from moe.backends.base import ExpertsArgs
 from moe.backends.triton import _choose_config, options, triton_experts
@@ -66,20 +65,6 @@ def sampled(fn, dev: torch.device) -> tuple[float, float, float]:
     return result, sum(c for c, _ in samples) / n, sum(w for _, w in samples) / n
 
 
-def kernel_times(call, iters: int = 3) -> dict[str, float]:
-    call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            call()
-        torch.cuda.synchronize()
-    times: dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            times[ev.name] += ev.time_range.elapsed_us() / iters
-    return times
-
-
 def run_point(point: str, only: str | None = None) -> None:
     dev = torch.device("cuda")
     name, m = point.split(":")
@@ -106,7 +91,7 @@ def run_point(point: str, only: str | None = None) -> None:
             continue
         before = set(_compiled)
         try:
-            times = kernel_times(lambda c=cfg: triton_experts(args, problem, out, c))
+            times = kernel_times(lambda c=cfg: triton_experts(args, problem, out, c), iters=3, warmup=1)
         except Exception as exc:  # a variant that does not fit says so
             print(f"{vname:<26} failed: {str(exc)[:100]}")
             continue

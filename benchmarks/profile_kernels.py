@@ -19,6 +19,22 @@ from moe.routing import fused_topk
 ITERS = 5
 
 
+def kernel_times(call, iters: int = ITERS, warmup: int = 3) -> dict[str, float]:
+    """CUDA time per kernel name (us per call) of ``call()``, from torch.profiler over ``iters`` calls."""
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            call()
+        torch.cuda.synchronize()
+    times: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            times[ev.name] += ev.time_range.elapsed_us() / iters
+    return times
+
+
 def profile_one(name: str, m: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
     p = PRESETS[name]
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -26,18 +42,7 @@ def profile_one(name: str, m: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
     w, ids = fused_topk(logits, p.top_k)
     hit = int(torch.unique(ids).numel())
     out = torch.empty_like(x)
-    call = lambda: fused_experts(x, w13, w2, w, ids, out=out, backend="triton")
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(ITERS):
-            call()
-        torch.cuda.synchronize()
-    times: dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            times[ev.name] += ev.time_range.elapsed_us() / ITERS
+    times = kernel_times(lambda: fused_experts(x, w13, w2, w, ids, out=out, backend="triton"))
     K, N, pairs = p.hidden_size, p.intermediate_size, m * p.top_k
     work = {  # flops, weight bytes
         "moe_gemm1": (2 * pairs * K * 2 * N, hit * 2 * N * K * 2),
