@@ -171,7 +171,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         al = None
         grid_m = num_pairs
     else:
-        al = al or align(ids, problem.num_experts, cfg.block_m, emap)
+        al = al if al is not None else align(ids, problem.num_experts, cfg.block_m, emap)
         grid_m = al.max_blocks
     route = (
         (ids, ids, ids) if al is None else (al.sorted_ids, al.block_expert, al.total)
