@@ -26,7 +26,8 @@ CHANGES = [  # (gemm, field changes) tried on top of the chosen config
     ("gemm1", {"num_stages": 5}), ("gemm1", {"block_n": 64, "num_warps": 4}),
     ("gemm2", {"group_m": 16}), ("gemm2", {"group_m": 1}), ("gemm2", {"block_n": 64}),
     ("gemm2", {"block_n": 128, "num_stages": 4}), ("gemm2", {"num_stages": 4}),
-    ("both", {"group_m": 16}),
+    ("both", {"group_m": 16}), ("gemm2", {"block_n": 256}), ("gemm2", {"block_n": 256, "num_warps": 8}),
+    ("gemm2", {"num_warps": 8}), ("gemm1", {"block_n": 128}), ("gemm1", {"num_warps": 8}),
 ]
 
 
@@ -87,7 +88,7 @@ def run_point(point: str, only: str | None = None) -> None:
     print(f"{'variant':<26} {'gemm1 us':>9} {'TFLOP/s':>8} {'gemm2 us':>9} {'TFLOP/s':>8} {'kernels':>8} "
           f"{'bench us':>9} {'MHz':>5} {'W':>4}  regs/spills of new kernels")
     for vname, cfg in variants(base).items():
-        if only and vname != "chosen" and only not in vname:
+        if only and vname != "chosen" and not any(part in vname for part in only.split(",")):
             continue
         before = set(_compiled)
         try:
@@ -109,7 +110,7 @@ def run_point(point: str, only: str | None = None) -> None:
 
 def main(argv: list[str]) -> None:
     only = None
-    if "--only" in argv:  # --only SUBSTRING: the chosen config and the variants whose name contains it
+    if "--only" in argv:  # --only A,B: the chosen config and the variants whose name contains A or B
         at = argv.index("--only")
         only, argv = argv[at + 1], argv[:at] + argv[at + 2:]
     for point in argv or ["mixtral:16384"]:
