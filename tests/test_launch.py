@@ -69,9 +69,11 @@ def test_direct_launch_off_and_on_cpu(cuda_like):
     k = FakeKernel()
     x = torch.zeros(8)
     ln.launch(k, (2, 3), torch.device("cpu"), x, 8, 1.0, BLOCK=16, FLAG=False)
+    assert k.compiles == 0  # the interpreter path keeps nothing
     ln.set_direct_launch(False)
     ln.launch(k, (2, 3), cuda_like, x, 8, 1.0, BLOCK=16, FLAG=False)
-    assert [e[0] for e in k.log] == ["triton", "triton"] and k.compiles == 0
+    assert [e[0] for e in k.log] == ["triton", "triton"]
+    assert k.compiles == 1  # switched off, the first launch still has its shared memory checked
     assert k.log[0][2:] == ((x, 8, 1.0), {"BLOCK": 16, "FLAG": False})
 
 
@@ -82,7 +84,9 @@ def test_direct_launch_falls_back_when_the_launcher_differs(cuda_like):
     assert [e[0] for e in k.log] == ["triton"] and not ln.direct_launch_enabled()
 
 
-def test_oversized_compiled_kernel_is_refused(cuda_like, monkeypatch):
+@pytest.mark.parametrize("direct", [True, False])
+def test_oversized_compiled_kernel_is_refused(cuda_like, monkeypatch, direct):
     monkeypatch.setattr(ln, "_smem_limit", lambda index: 512)
+    ln.set_direct_launch(direct)
     with pytest.raises(ValueError, match="needs 1024 bytes of shared memory, the device allows 512"):
         ln.launch(FakeKernel(), (1,), cuda_like, torch.zeros(4), 4, 1.0, BLOCK=16, FLAG=False)

@@ -9,8 +9,8 @@ The key is at least as fine as Triton's own specialization, so a kept kernel is 
 picked: the constexpr arguments and launch options, each tensor's dtype and 16-byte alignment, each
 integer's class (equal to 1, a multiple of 16, fits 32 bits) and every other argument's type.
 
-``MOE_DIRECT_LAUNCH=0`` (or ``set_direct_launch(False)``) sends every launch through Triton's launcher.
-The CPU interpreter always does.
+``MOE_DIRECT_LAUNCH=0`` (or ``set_direct_launch(False)``) sends every launch through Triton's launcher,
+after the same first-launch check. The CPU interpreter always uses Triton's launcher.
 """
 
 from __future__ import annotations
@@ -67,31 +67,27 @@ def launch(kernel: Any, grid: tuple[int, ...], device: torch.device, *args: Any,
     """``kernel[grid](*args, **kwargs)``: runtime arguments positional, constexprs and launch options
     (``num_warps``, ``num_stages``) by keyword. A kept compiled kernel takes every argument in the
     kernel's order, constexprs included, and a three-dimensional grid."""
-    if device.type != "cuda" or not direct_launch_enabled():
+    if device.type != "cuda":
         _counts["triton"] += 1
         kernel[grid](*args, **kwargs)
         return
     key = (kernel, device.index, tuple(kwargs.items()), _spec(args))
-    grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     hit = _compiled.get(key)
-    if hit is not None:
-        _counts["direct"] += 1
+    if hit is None:  # the first launch of this specialization: compile, check its shared memory, keep it
+        compiled = _compile_checked(kernel, grid, device, args, kwargs)
+        hit = _compiled[key] = (compiled, tuple(kwargs[name] for name in kernel.arg_names[len(args):]))
+    if direct_launch_enabled():
         compiled, tail = hit
-        compiled[grid3](*args, *tail)
-        return
-    compiled = _compile_checked(kernel, grid, device, args, kwargs)
-    tail = tuple(kwargs[name] for name in kernel.arg_names[len(args):])
-    try:
-        compiled[grid3](*args, *tail)
-    except TypeError as exc:  # this Triton's compiled-kernel launcher takes other arguments
-        set_direct_launch(False)
-        warnings.warn(f"direct kernel launches are off ({exc}); every launch goes through Triton's launcher",
-                      RuntimeWarning, stacklevel=2)
-        _counts["triton"] += 1
-        kernel[grid](*args, **kwargs)
-        return
-    _counts["direct"] += 1
-    _compiled[key] = (compiled, tail)
+        try:
+            compiled[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](*args, *tail)
+            _counts["direct"] += 1
+            return
+        except TypeError as exc:  # this Triton's compiled-kernel launcher takes other arguments
+            set_direct_launch(False)
+            warnings.warn(f"direct kernel launches are off ({exc}); every launch goes through Triton's launcher",
+                          RuntimeWarning, stacklevel=2)
+    _counts["triton"] += 1
+    kernel[grid](*args, **kwargs)
 
 
 def _compile_checked(kernel: Any, grid: tuple[int, ...], device: torch.device, args: tuple, kwargs: dict) -> Any:
