@@ -41,6 +41,14 @@ def variants(cfg):
         new = cfg.model_copy(update=update)
         if new != cfg:
             out[which + "_" + "_".join(f"{k}{v}" for k, v in change.items())] = new
+    tma = {"loads": "tma"}
+    for name, update in (("tma_g1", {"gemm1": tma}), ("tma_g2", {"gemm2": tma}),
+                         ("tma_both", {"gemm1": tma, "gemm2": tma}),
+                         ("tma_both_s4", {"gemm1": {**tma, "num_stages": 4}, "gemm2": {**tma, "num_stages": 4}}),
+                         ("tma_both_g1bn64", {"gemm1": {**tma, "block_n": 64}, "gemm2": tma})):
+        new = cfg.model_copy(update={g: getattr(cfg, g).model_copy(update=ch) for g, ch in update.items()})
+        out[name] = new
+        out[name + "_flip"] = new.model_copy(update={"gate_up": "one_dot" if cfg.gate_up == "two_dots" else "two_dots"})
     return out
 
 
@@ -88,7 +96,8 @@ def run_point(point: str, only: str | None = None) -> None:
     print(f"{'variant':<26} {'gemm1 us':>9} {'TFLOP/s':>8} {'gemm2 us':>9} {'TFLOP/s':>8} {'kernels':>8} "
           f"{'bench us':>9} {'MHz':>5} {'W':>4}  regs/spills of new kernels")
     for vname, cfg in variants(base).items():
-        if only and vname != "chosen" and not any(part in vname for part in only.split(",")):
+        if only and vname != "chosen" and not any(
+                vname == part or (part.endswith("*") and vname.startswith(part[:-1])) for part in only.split(",")):
             continue
         before = set(_compiled)
         try:
@@ -110,7 +119,7 @@ def run_point(point: str, only: str | None = None) -> None:
 
 def main(argv: list[str]) -> None:
     only = None
-    if "--only" in argv:  # --only A,B: the chosen config and the variants whose name contains A or B
+    if "--only" in argv:  # --only A,B*: the chosen config, variant A and the variants whose name starts with B
         at = argv.index("--only")
         only, argv = argv[at + 1], argv[:at] + argv[at + 2:]
     for point in argv or ["mixtral:16384"]:

@@ -288,3 +288,33 @@ def test_gpu_gate_up_in_one_dot(T, act, bias, emap, block_m, block_n, warps):
     out = torch.full_like(args.hidden_states, float("nan"))
     triton_experts(args, prob, out, cfg)
     assert_close(out, _reference(args, prob))
+
+
+@pytest.mark.parametrize(("T", "act", "bias", "emap", "block_m", "block_n", "warps", "gate_up", "hidden"), [
+    (1, "swigluoai", True, False, 16, 64, 4, "two_dots", K),
+    (33, "silu", False, True, 16, 64, 4, "one_dot", K),
+    (256, "gelu_tanh", True, False, 64, 128, 4, "two_dots", K),
+    (600, "relu2", True, False, 64, 128, 4, "two_dots", 400),
+    (4096, "silu", False, False, 128, 128, 8, "one_dot", K),
+    (16385, "swigluoai", True, True, 128, 64, 8, "one_dot", 400),
+])
+def test_gpu_tma_loads(T, act, bias, emap, block_m, block_n, warps, gate_up, hidden):
+    """loads="tma" (weights, and GEMM2's sorted input, through tensor descriptors) against the float64
+    reference with a NaN-poisoned output, and bitwise equal to pointer loads under both launchers."""
+    import moe.backends.triton.launch as ln
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+
+    args, prob = _inputs(T, torch.bfloat16, act, bias, emap, k=hidden)
+    outs = {}
+    try:
+        for loads, direct in (("pointer", True), ("tma", False), ("tma", True)):
+            ln.set_direct_launch(direct)
+            tile = GemmTile(block_n=block_n, block_k=64, group_m=8, num_warps=warps, num_stages=3, loads=loads)
+            cfg = KernelConfig(block_m=block_m, gemm1=tile, gemm2=tile, gate_up=gate_up)
+            out = torch.full_like(args.hidden_states, float("nan"))
+            outs[loads, direct] = triton_experts(args, prob, out, cfg)
+    finally:
+        ln.set_direct_launch(None)
+    assert_close(outs["tma", True], _reference(args, prob), dtype=torch.bfloat16, what=f"tma loads T={T}")
+    assert torch.equal(outs["tma", True], outs["tma", False])
+    assert torch.equal(outs["tma", True], outs["pointer", True])

@@ -64,6 +64,41 @@ def test_gate_up_in_one_dot(activation, T, K, N, dtype):
     assert_close(out, oracle(inp))
 
 
+@pytest.mark.parametrize(("activation", "gate_up", "T", "expert_map"), [
+    ("silu", "two_dots", 20, False), ("silu", "one_dot", 20, True), ("relu2", "two_dots", 9, False),
+    ("swigluoai", "one_dot", 1, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_loads(activation, gate_up, T, expert_map, dtype):
+    """loads="tma": weight tiles (and GEMM2's input tiles) through tensor descriptors, with tails in K
+    (40) and N (24) zero-filled by the descriptor; equals the reference like the pointer loads (bitwise
+    equality of the two is checked on the GPU: the interpreter's fp32 matmul may sum a permuted tile in
+    another order)."""
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+
+    inp, args, prob = _args(Case(T=T, E=5, K=40, N=24, k=2, bias=True, activation=activation,
+                                 expert_map=expert_map), dtype)
+    outs = {}
+    for loads in ("pointer", "tma"):
+        tile = GemmTile(block_n=16, block_k=16, group_m=1, num_stages=1, loads=loads)
+        cfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile, gate_up=gate_up)
+        outs[loads] = triton_experts(args, prob, torch.full_like(args.hidden_states, float("nan")), cfg)
+    assert_close(outs["tma"], oracle(inp))
+    assert_close(outs["pointer"], oracle(inp))
+
+
+def test_tma_loads_fall_back_on_unaligned_rows():
+    """N = 20 bf16 is a 40-byte row stride, which a tensor descriptor cannot take: one warning saying
+    so, pointer loads, the same result."""
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+
+    inp, args, prob = _args(Case(T=6, E=4, K=32, N=20, k=2), torch.bfloat16)
+    tile = GemmTile(block_n=16, block_k=16, group_m=1, num_stages=1, loads="tma")
+    cfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile)
+    with pytest.warns(RuntimeWarning, match="not 16-byte aligned"):
+        out = triton_experts(args, prob, torch.full_like(args.hidden_states, float("nan")), cfg)
+    assert_close(out, oracle(inp))
+
+
 def test_kernel_config_validation():
     from moe.backends.triton import GemmTile, KernelConfig
     from moe.backends.triton.config import fit_smem

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,6 +53,13 @@ def _kernels():
     from .align import align
 
     return _gemm, align
+
+
+@functools.cache
+def _descriptor_type():
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor
 
 
 @functools.cache
@@ -181,34 +189,43 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         TOP_K=k, DIRECT=direct, HAS_MAP=emap is not None, WEIGHT_ON_INPUT=problem.apply_router_weight_on_input,
         UPCAST=interp and dtype == torch.bfloat16, IEEE=dtype == torch.float32 and not allow_tf32,
     )
-    inter = torch.empty(num_pairs, N, dtype=dtype, device=dev)
-    g1 = cfg.gemm1
+    # GEMM1 stores the activated rows in sorted order (padding rows left unwritten), so GEMM2 reads
+    # whole row tiles; single-token (direct) tiles hold one pair each, stored at the pair's index
+    inter = torch.empty(num_pairs if al is None else al.max_blocks * cfg.block_m, N, dtype=dtype, device=dev)
+    g1, g2 = cfg.gemm1, cfg.gemm2
+    tma1, tma2 = _use_tma(g1, (w13,), dev, interp), _use_tma(g2, (w2, inter), dev, interp)
+    one_dot = problem.activation.gated and cfg.gate_up == "one_dot"
     b13 = args.w13_bias if args.w13_bias is not None else x
     s13 = w13_scale if w13_scale is not None else topk_w
     _launch(
         _gemm.moe_gemm1, (grid_m * cdiv(N, g1.block_n),), dev,
-        x, w13, b13, s13, inter, *route, ids, emap_arg, topk_w,
-        N, K, num_pairs, grid_m, x.stride(0), w13.stride(0), w13.stride(1), b13.stride(0), inter.stride(0),
+        x, w13, _w13_descriptor(w13, g1, N, one_dot) if tma1 else w13, b13, s13, inter, *route, ids, emap_arg,
+        topk_w, N, K, num_pairs, grid_m, x.stride(0), w13.stride(0), w13.stride(1), b13.stride(0), inter.stride(0),
         problem.activation.alpha, problem.activation.limit,
         GATED=problem.activation.gated, ACT=ACT_CODES[problem.activation.name],
         HAS_BIAS=args.w13_bias is not None, W_SCALE=int(w13_scale is not None),
         BLOCK_M=cfg.block_m, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, GROUP_M=g1.group_m,
-        EVEN_K=K % g1.block_k == 0, ONE_DOT=problem.activation.gated and cfg.gate_up == "one_dot",
+        EVEN_K=K % g1.block_k == 0, ONE_DOT=one_dot, W_TMA=tma1,
         num_warps=g1.num_warps, num_stages=g1.num_stages, **flags,
     )
-    g2 = cfg.gemm2
     atomic = cfg.combine == "atomic"
     y = (torch.zeros(T, K, dtype=torch.float32, device=dev) if atomic
          else torch.empty(num_pairs, K, dtype=dtype, device=dev))
     b2 = args.w2_bias if args.w2_bias is not None else x
     s2 = w2_scale if w2_scale is not None else topk_w
+    if tma2:
+        desc = _descriptor_type()
+        a_desc = desc(inter, list(inter.shape), list(inter.stride()), [cfg.block_m, g2.block_k])
+        w2_desc = desc(w2, list(w2.shape), list(w2.stride()), [1, g2.block_n, g2.block_k])
+    else:
+        a_desc, w2_desc = inter, w2
     _launch(
         _gemm.moe_gemm2, (grid_m * cdiv(K, g2.block_n),), dev,
-        inter, w2, b2, s2, y, *route, ids, emap_arg, topk_w,
+        inter, w2, a_desc, w2_desc, b2, s2, y, *route, ids, emap_arg, topk_w,
         N, K, num_pairs, grid_m, inter.stride(0), w2.stride(0), w2.stride(1), b2.stride(0), y.stride(0),
         HAS_BIAS=args.w2_bias is not None, W_SCALE=int(w2_scale is not None), ATOMIC=atomic,
         BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, GROUP_M=g2.group_m,
-        EVEN_K=N % g2.block_k == 0, num_warps=g2.num_warps, num_stages=g2.num_stages, **flags,
+        EVEN_K=N % g2.block_k == 0, TMA=tma2, num_warps=g2.num_warps, num_stages=g2.num_stages, **flags,
     )
     if atomic:
         out.copy_(y)
@@ -231,6 +248,48 @@ def combine(y: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, out: torch
         WEIGHT_ON_INPUT=problem.apply_router_weight_on_input, BLOCK=block,
         RNE_BF16=interp and out.dtype == torch.bfloat16,
     )
+
+
+def _w13_descriptor(w13: torch.Tensor, tile: GemmTile, n: int, one_dot: bool):
+    """w13 [E, 2N, K] as a tensor descriptor: [1, block_n, block_k] boxes, or for the one-dot GEMM1 a
+    [E, 2, N, K] view whose [1, 2, block_n, block_k] boxes hold a gate tile and its up tile."""
+    desc = _descriptor_type()
+    e, rows, k = w13.shape
+    if one_dot:
+        return desc(w13, [e, 2, n, k], [w13.stride(0), n * w13.stride(1), w13.stride(1), 1],
+                    [1, 2, tile.block_n, tile.block_k])
+    return desc(w13, [e, rows, k], list(w13.stride()), [1, tile.block_n, tile.block_k])
+
+
+_tma_warned: set[str] = set()
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _use_tma(tile: GemmTile, tensors: tuple[torch.Tensor, ...], device: torch.device, interp: bool) -> bool:
+    """Whether a GEMM loads through tensor descriptors: its config asks for it, the device has a copy
+    engine (compute capability 9.0+, or the interpreter) and the operands meet the descriptor rules
+    (16-byte aligned base and row strides). A config asking for it on a device or tensors that do not
+    qualify runs with pointer loads, with one warning naming the reason."""
+    if tile.loads != "tma":
+        return False
+    reason = None
+    if device.type == "cuda" and _capability(device.index if device.index is not None else
+                                             torch.cuda.current_device())[0] < 9:
+        reason = "the device has no tensor copy engine (compute capability below 9.0)"
+    for t in tensors:
+        if t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+            reason = f"a {tuple(t.shape)} operand is not 16-byte aligned (base or row stride)"
+    if reason is None:
+        return True
+    if reason not in _tma_warned:
+        _tma_warned.add(reason)
+        warnings.warn(f"triton: kernel config asks for loads='tma' but {reason}; using pointer loads",
+                      RuntimeWarning, stacklevel=3)
+    return False
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:

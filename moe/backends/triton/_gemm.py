@@ -83,6 +83,15 @@ def _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num
 
 
 @triton.jit
+def _first_row(pid_m, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The intermediate row of a tile's first pair: tiles are stored in sorted order, BLOCK_M rows each,
+    except DIRECT tiles, one pair each."""
+    if DIRECT:
+        return pid_m
+    return pid_m * BLOCK_M
+
+
+@triton.jit
 def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     in_group = GROUP_M * num_pid_n
@@ -124,7 +133,7 @@ def _load_w(ptrs, kmask, cmask, EVEN_K: tl.constexpr):
 
 @triton.jit
 def moe_gemm1(
-    x_ptr, w_ptr, bias_ptr, wscale_ptr, out_ptr,
+    x_ptr, w_ptr, w_desc, bias_ptr, wscale_ptr, out_ptr,
     sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, topk_w_ptr,
     N, K, num_pairs, num_pid_m,
     stride_xm, stride_we, stride_wn, stride_be, stride_om,
@@ -132,9 +141,14 @@ def moe_gemm1(
     TOP_K: tl.constexpr, DIRECT: tl.constexpr, HAS_MAP: tl.constexpr, GATED: tl.constexpr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, ONE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, ONE_DOT: tl.constexpr, W_TMA: tl.constexpr,
 ):
-    """out[pair, n] = act(x[token] @ w13[e, gate rows n].T, x[token] @ w13[e, N + n].T) for the tile's pairs."""
+    """out[row, n] = act(x[token] @ w13[e, gate rows n].T, x[token] @ w13[e, N + n].T) for the tile's pairs,
+    where row is the pair's place in the sorted order (the pair itself for DIRECT tiles).
+
+    W_TMA: the weight tiles come through ``w_desc``, a tensor descriptor (Hopper's copy engine): over
+    w13 as [E, 2N, K] with [1, BLOCK_N, BLOCK_K] boxes, or with ONE_DOT as [E, 2, N, K] with
+    [1, 2, BLOCK_N, BLOCK_K] boxes (gate rows, then up rows, in one box)."""
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs,
                          DIRECT, HAS_MAP, BLOCK_M)
@@ -153,10 +167,19 @@ def moe_gemm1(
         rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
     else:
         rw = tl.full([BLOCK_M], 1.0, tl.float32)  # unused
-    if ONE_DOT:  # gate and up columns interleaved in one [BLOCK_K, 2 * BLOCK_N] tile: one MMA per step
+    n0 = pid_n * BLOCK_N
+    if ONE_DOT and W_TMA:  # one box of gate rows then up rows: acc columns [gate | up]
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = _load_a(a_ptrs, offs_k < K - k0, rw, EVEN_K, WEIGHT_ON_INPUT, UPCAST)
+            gu = w_desc.load([expert, 0, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K)
+            acc = _dot(a, gu.T, acc, UPCAST, IEEE)
+            a_ptrs += BLOCK_K
+        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
+    elif ONE_DOT:  # gate and up columns interleaved in one [BLOCK_K, 2 * BLOCK_N] tile: one MMA per step
         c = tl.arange(0, 2 * BLOCK_N)
-        cmask = pid_n * BLOCK_N + c // 2 < N
-        wrow = pid_n * BLOCK_N + c // 2 + (c % 2) * N  # even columns: gate row n, odd: up row N + n
+        cmask = n0 + c // 2 < N
+        wrow = n0 + c // 2 + (c % 2) * N  # even columns: gate row n, odd: up row N + n
         gu_ptrs = w_base + wrow[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -166,6 +189,17 @@ def moe_gemm1(
             a_ptrs += BLOCK_K
             gu_ptrs += BLOCK_K
         acc_g, acc_u = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    elif W_TMA:  # gate rows past N read up rows: finite, and never stored
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = _load_a(a_ptrs, offs_k < K - k0, rw, EVEN_K, WEIGHT_ON_INPUT, UPCAST)
+            g = w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K)
+            acc_g = _dot(a, g.T, acc_g, UPCAST, IEEE)
+            if GATED:
+                u = w_desc.load([expert, N + n0, k0]).reshape(BLOCK_N, BLOCK_K)
+                acc_u = _dot(a, u.T, acc_u, UPCAST, IEEE)
+            a_ptrs += BLOCK_K
     else:
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -188,22 +222,25 @@ def moe_gemm1(
         if GATED:
             acc_u += tl.load(b_base + N + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     h = _activate(acc_g, acc_u, ACT, alpha, limit)
-    o_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    orow = _first_row(pid_m, DIRECT, BLOCK_M) + tl.arange(0, BLOCK_M)
+    o_ptrs = out_ptr + orow[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(o_ptrs, _cast(h, out_ptr.dtype.element_ty, UPCAST), mask=valid[:, None] & nmask[None, :])
 
 
 @triton.jit
 def moe_gemm2(
-    a_ptr, w_ptr, bias_ptr, wscale_ptr, y_ptr,
+    a_ptr, w_ptr, a_desc, w_desc, bias_ptr, wscale_ptr, y_ptr,
     sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, topk_w_ptr,
     N, K, num_pairs, num_pid_m,
     stride_am, stride_we, stride_wk, stride_be, stride_ym,
     TOP_K: tl.constexpr, DIRECT: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_SCALE: tl.constexpr, ATOMIC: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
 ):
-    """y[pair, kk] = a[pair] @ w2[e, kk].T (+ bias); with ATOMIC, add weight * y into fp32 y[token]."""
+    """y[pair, kk] = a[row] @ w2[e, kk].T (+ bias), a's rows in sorted order as GEMM1 stored them; with
+    ATOMIC, add weight * y into fp32 y[token]. TMA: both operands through tensor descriptors, a as
+    [rows, N] with [BLOCK_M, BLOCK_K] boxes and w2 as [E, K, N] with [1, BLOCK_N, BLOCK_K] boxes."""
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(K, BLOCK_N), GROUP_M)
     pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs,
                          DIRECT, HAS_MAP, BLOCK_M)
@@ -213,17 +250,23 @@ def moe_gemm2(
     offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns (hidden dim)
     offs_k = tl.arange(0, BLOCK_K)  # reduction over the intermediate dim
     omask = offs_o < K
-    row = tl.where(valid, pair, 0).to(tl.int64)  # padding rows read row 0, never stored
-    a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_o[None, :].to(tl.int64) * stride_wk + offs_k[:, None]
+    first = _first_row(pid_m, DIRECT, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    no_rw = tl.full([BLOCK_M], 1.0, tl.float32)  # GEMM2 never scales its input
-    for k0 in range(0, N, BLOCK_K):  # the reduction runs over the intermediate dim N
-        kmask = offs_k < N - k0
-        a = _load_a(a_ptrs, kmask, no_rw, EVEN_K, False, UPCAST)
-        acc = _dot(a, _load_w(w_ptrs, kmask, omask, EVEN_K), acc, UPCAST, IEEE)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    if TMA:  # padding rows read whatever GEMM1 left there: they only reach their own, unstored, rows
+        for k0 in range(0, N, BLOCK_K):
+            w = w_desc.load([expert, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K)
+            acc = _dot(a_desc.load([first, k0]), w.T, acc, UPCAST, IEEE)
+    else:
+        row = tl.where(valid, first + tl.arange(0, BLOCK_M), first).to(tl.int64)  # padding rows read row 0
+        a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_o[None, :].to(tl.int64) * stride_wk + offs_k[:, None]
+        no_rw = tl.full([BLOCK_M], 1.0, tl.float32)  # GEMM2 never scales its input
+        for k0 in range(0, N, BLOCK_K):  # the reduction runs over the intermediate dim N
+            kmask = offs_k < N - k0
+            a = _load_a(a_ptrs, kmask, no_rw, EVEN_K, False, UPCAST)
+            acc = _dot(a, _load_w(w_ptrs, kmask, omask, EVEN_K), acc, UPCAST, IEEE)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
     if W_SCALE == 1:
         acc = acc * tl.load(wscale_ptr + expert)
     if HAS_BIAS:

@@ -26,6 +26,9 @@ class GemmTile(_Frozen):
     group_m: int = Field(8, ge=1, le=64)
     num_warps: Literal[1, 2, 4, 8, 16] = 4
     num_stages: int = Field(3, ge=1, le=8)
+    # how the weight tiles reach shared memory (GEMM2: its input tiles too): pointer loads (cp.async),
+    # or tensor descriptors copied by Hopper's copy engine (TMA; compute capability 9.0 and up)
+    loads: Literal["pointer", "tma"] = "pointer"
 
 
 class KernelConfig(_Frozen):
@@ -154,7 +157,9 @@ def reset_options() -> TritonOptions:
 def workspace_bytes(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, elt: int,
                     block_m: int) -> int:
     """Device memory one chunk of ``num_tokens`` allocates besides its output: the activated
-    intermediate [T*k, N] and the expert outputs [T*k, K] in the input dtype, plus the int32 alignment."""
+    intermediate in sorted order, padded to row tiles ([P, N] with P the padded pair count; [k, N] for
+    one token), the per-pair expert outputs [T*k, K], both in the input dtype, and the int32 alignment."""
     pairs = num_tokens * top_k
-    padded = pairs + min(num_experts, pairs) * (block_m - 1)
-    return pairs * (inter + hidden) * elt + 4 * (padded + padded // block_m + 4 * num_experts + 1)
+    padded = -(-(pairs + min(num_experts, pairs) * (block_m - 1)) // block_m) * block_m
+    inter_rows = pairs if num_tokens == 1 else padded
+    return (inter_rows * inter + pairs * hidden) * elt + 4 * (padded + padded // block_m + 4 * num_experts + 1)

@@ -7,7 +7,8 @@ keeps the compiled kernel; later calls with the same key launch that compiled ke
 
 The key is at least as fine as Triton's own specialization, so a kept kernel is one Triton would have
 picked: the constexpr arguments and launch options, each tensor's dtype and 16-byte alignment, each
-integer's class (equal to 1, a multiple of 16, fits 32 bits) and every other argument's type.
+integer's class (equal to 1, a multiple of 16, fits 32 bits), each tensor descriptor's dtype and box,
+and every other argument's type.
 
 ``MOE_DIRECT_LAUNCH=0`` (or ``set_direct_launch(False)``) sends every launch through Triton's launcher,
 after the same first-launch check. The CPU interpreter always uses Triton's launcher.
@@ -58,6 +59,8 @@ def _spec(args: tuple) -> tuple:
             out.append((a.dtype, a.data_ptr() % 16 == 0))
         elif type(a) is int:
             out.append((a == 1, a % 16 == 0, -0x80000000 <= a <= 0x7FFFFFFF))
+        elif hasattr(a, "block_shape") and hasattr(a, "base"):  # a host tensor descriptor (TMA)
+            out.append((a.base.dtype, tuple(a.block_shape), len(a.shape), a.base.data_ptr() % 16 == 0))
         else:
             out.append(type(a))
     return tuple(out)
