@@ -99,6 +99,26 @@ def test_tma_loads_fall_back_on_unaligned_rows():
     assert_close(out, oracle(inp))
 
 
+def test_heuristic_loads_and_tuner_load_stage():
+    """The heuristic asks for tensor-descriptor loads above 16 rows per expert, and not without a copy
+    engine or with rows that are not whole 16 bytes; the tuner's last stage switches each GEMM's loads."""
+    import dataclasses
+
+    from moe.backends.triton.config import default_config
+    from moe.backends.triton.tuning import load_variants
+
+    _, _, prob = _args(Case(T=4, E=8, K=64, N=32, k=2), torch.bfloat16)
+    loads = lambda cfg: (cfg.gemm1.loads, cfg.gemm2.loads)
+    assert loads(default_config(dataclasses.replace(prob, num_tokens=8))) == ("pointer", "pointer")  # 2 rows
+    big = dataclasses.replace(prob, num_tokens=4096)  # 1024 rows per expert
+    assert loads(default_config(big)) == ("tma", "tma")
+    assert loads(default_config(big, tma=False)) == ("pointer", "pointer")
+    assert loads(default_config(dataclasses.replace(big, intermediate_size=36))) == ("pointer", "pointer")
+    best = default_config(big)
+    assert [loads(c) for c in load_variants(best)] == [("pointer", "tma"), ("tma", "pointer"),
+                                                       ("pointer", "pointer")]
+
+
 def test_kernel_config_validation():
     from moe.backends.triton import GemmTile, KernelConfig
     from moe.backends.triton.config import fit_smem

@@ -147,7 +147,7 @@ def _choose_config(problem: ExpertsProblem, device: torch.device, opts: TritonOp
     if cfg is None:
         from .tuned import tuned_config
 
-        cfg = tuned_config(problem, device) or default_config(problem, interp)
+        cfg = tuned_config(problem, device) or default_config(problem, interp, tma=_has_tma(device, interp))
         if len(_chosen) > 4096:
             _chosen.clear()
         _chosen[key] = cfg
@@ -269,6 +269,13 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _has_tma(device: torch.device, interp: bool) -> bool:
+    """Whether tensor-descriptor loads run on ``device``: Hopper and later, or the interpreter."""
+    if device.type != "cuda":
+        return interp
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
 def _use_tma(tile: GemmTile, tensors: tuple[torch.Tensor, ...], device: torch.device, interp: bool) -> bool:
     """Whether a GEMM loads through tensor descriptors: its config asks for it, the device has a copy
     engine (compute capability 9.0+, or the interpreter) and the operands meet the descriptor rules
@@ -277,8 +284,7 @@ def _use_tma(tile: GemmTile, tensors: tuple[torch.Tensor, ...], device: torch.de
     if tile.loads != "tma":
         return False
     reason = None
-    if device.type == "cuda" and _capability(device.index if device.index is not None else
-                                             torch.cuda.current_device())[0] < 9:
+    if not _has_tma(device, interp):
         reason = "the device has no tensor copy engine (compute capability below 9.0)"
     for t in tensors:
         if t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):

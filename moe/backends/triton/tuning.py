@@ -57,6 +57,16 @@ def refinements(best: KernelConfig, rows_per_expert: float, elt: int, gated: boo
     return [c for c in cfgs if _fits(c, elt, gated) and c != best]
 
 
+def load_variants(best: KernelConfig) -> list[KernelConfig]:
+    """The last stage: the winner with each GEMM's loads switched (pointer <-> tensor descriptors)."""
+    flip = {"pointer": "tma", "tma": "pointer"}
+    def switched(gemms: tuple[str, ...]) -> KernelConfig:
+        return best.model_copy(update={g: getattr(best, g).model_copy(update={"loads": flip[getattr(best, g).loads]})
+                                       for g in gemms})
+
+    return [switched(gemms) for gemms in (("gemm1",), ("gemm2",), ("gemm1", "gemm2"))]
+
+
 def _search(timed, cands: list[KernelConfig], best: list, label: str, limit: int | None) -> None:
     """Time ``cands`` and keep the fastest in ``best`` ([time_us, config], updated in place)."""
     for i, cfg in enumerate(cands[:limit]):
@@ -74,7 +84,8 @@ def _search(timed, cands: list[KernelConfig], best: list, label: str, limit: int
 def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: int | None = None,
           dtype: torch.dtype = torch.bfloat16, on_result=None, atomic: bool = False) -> list[dict]:
     """For each token count: the heuristic, then a joint search (same tile for both GEMMs), then the
-    second GEMM's tile, then the first's, each keeping the best so far."""
+    second GEMM's tile, then the first's, then the winner with its loads switched, each keeping the best
+    so far."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -105,6 +116,7 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         _search(timed, candidates(rpe, x.element_size(), gated), best, f"{label} joint", limit)
         _search(timed, refinements(best[1], rpe, x.element_size(), gated, "gemm2"), best, f"{label} gemm2", limit)
         _search(timed, refinements(best[1], rpe, x.element_size(), gated, "gemm1"), best, f"{label} gemm1", limit)
+        _search(timed, load_variants(best[1]), best, f"{label} loads", None)
         row.update(best_us=best[0], best=best[1].model_dump())
         if atomic:
             row["atomic_us"] = timed(best[1].model_copy(update={"combine": "atomic"}))
