@@ -257,7 +257,8 @@ def moe_gemm2(
             w = w_desc.load([expert, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K)
             acc = _dot(a_desc.load([first, k0]), w.T, acc, UPCAST, IEEE)
     else:
-        row = tl.where(valid, first + tl.arange(0, BLOCK_M), first).to(tl.int64)  # padding rows read row 0
+        # padding rows read the tile's first row (always a pair's), never stored
+        row = tl.where(valid, first + tl.arange(0, BLOCK_M), first).to(tl.int64)
         a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_o[None, :].to(tl.int64) * stride_wk + offs_k[:, None]
         no_rw = tl.full([BLOCK_M], 1.0, tl.float32)  # GEMM2 never scales its input

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..base import ExpertsProblem
 
 __all__ = ["BATCH_INVARIANT_CONFIG", "GemmTile", "KernelConfig", "TritonOptions", "default_config", "options",
-           "reset_options", "set_options"]
+           "reset_options", "set_options", "with_loads"]
 
 Pow2 = Literal[16, 32, 64, 128, 256]
 
@@ -51,6 +51,11 @@ class KernelConfig(_Frozen):
         return s1, s2
 
 
+def with_loads(cfg: KernelConfig, **loads: str) -> KernelConfig:
+    """``cfg`` with the named GEMMs' loads replaced, e.g. ``with_loads(cfg, gemm2="tma")``."""
+    return cfg.model_copy(update={g: getattr(cfg, g).model_copy(update={"loads": v}) for g, v in loads.items()})
+
+
 SMEM_BUDGET = 200 * 1024  # below the 227 KB per block of H100/H200, with room for the compiler's scratch
 
 
@@ -76,8 +81,7 @@ def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool =
     cfg = _by_rows_per_expert(problem, interpret)
     elt = problem.dtype.itemsize  # descriptors need 16-byte row strides: K and N rows of whole 16 bytes
     if not tma or (problem.hidden_size * elt) % 16 or (problem.intermediate_size * elt) % 16:
-        cfg = cfg.model_copy(update={g: getattr(cfg, g).model_copy(update={"loads": "pointer"})
-                                     for g in ("gemm1", "gemm2")})
+        cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
     return fit_smem(cfg, problem.dtype.itemsize, problem.activation.gated)
 
 

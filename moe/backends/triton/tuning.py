@@ -20,7 +20,7 @@ from ...bench import PRESETS, Preset, _biases, _graph_time, _tokens, _weights, t
 from ...routing import fused_topk
 from ..base import ExpertsArgs
 from . import triton_experts
-from .config import SMEM_BUDGET, GemmTile, KernelConfig, default_config
+from .config import SMEM_BUDGET, GemmTile, KernelConfig, default_config, with_loads
 
 TUNE_REP_MS = 40  # do_bench repetitions per candidate: enough to rank them, a third of the benchmark's
 
@@ -60,11 +60,8 @@ def refinements(best: KernelConfig, rows_per_expert: float, elt: int, gated: boo
 def load_variants(best: KernelConfig) -> list[KernelConfig]:
     """The last stage: the winner with each GEMM's loads switched (pointer <-> tensor descriptors)."""
     flip = {"pointer": "tma", "tma": "pointer"}
-    def switched(gemms: tuple[str, ...]) -> KernelConfig:
-        return best.model_copy(update={g: getattr(best, g).model_copy(update={"loads": flip[getattr(best, g).loads]})
-                                       for g in gemms})
-
-    return [switched(gemms) for gemms in (("gemm1",), ("gemm2",), ("gemm1", "gemm2"))]
+    return [with_loads(best, **{g: flip[getattr(best, g).loads] for g in gemms})
+            for gemms in (("gemm1",), ("gemm2",), ("gemm1", "gemm2"))]
 
 
 def _search(timed, cands: list[KernelConfig], best: list, label: str, limit: int | None) -> None:
