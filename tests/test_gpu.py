@@ -318,3 +318,39 @@ def test_gpu_tma_loads(T, act, bias, emap, block_m, block_n, warps, gate_up, hid
     assert_close(outs["tma", True], _reference(args, prob), dtype=torch.bfloat16, what=f"tma loads T={T}")
     assert torch.equal(outs["tma", True], outs["tma", False])
     assert torch.equal(outs["tma", True], outs["pointer", True])
+
+
+@pytest.mark.parametrize("act", ["silu", "swigluoai"])
+def test_gpu_single_token_chained_launches(act, monkeypatch):
+    """One token: the kernels chain by programmatic dependent launch (GEMM2 and the combine wait on the
+    GPU). Eager and under a CUDA graph replayed with new routing, equal to the float64 reference and
+    bitwise to the unchained kernels (MOE_PDL=0)."""
+    from moe.backends.triton import _chains
+
+    args, prob = _inputs(1, torch.bfloat16, act, bias=act == "swigluoai")
+    assert _chains(torch.device("cuda"), 64)  # Hopper: chained
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MOE_PDL", flag)
+        out = torch.full_like(args.hidden_states, float("nan"))
+        outs[flag] = _call(args, prob, "triton", out=out)
+    assert torch.equal(outs["0"], outs["1"])
+    assert_close(outs["1"], _reference(args, prob), dtype=torch.bfloat16, what="chained launches")
+    static_w, static_ids = args.topk_weights.clone(), args.topk_ids.clone()
+    out = torch.empty_like(args.hidden_states)
+    graph = torch.cuda.CUDAGraph()
+    step = lambda: moe.fused_experts(args.hidden_states, args.w13, args.w2, static_w, static_ids,
+                                     activation=act, w13_bias=args.w13_bias, w2_bias=args.w2_bias,
+                                     backend="triton", out=out)
+    step()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        w, ids = moe.fused_topk(torch.randn(1, E, device="cuda"), TOPK)
+        static_w.copy_(w)
+        static_ids.copy_(ids)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _reference(dataclasses.replace(args, topk_weights=w, topk_ids=ids), prob)
+        assert_close(out, ref, dtype=torch.bfloat16, what="chained launches, graph replay")

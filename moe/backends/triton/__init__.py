@@ -195,17 +195,19 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     g1, g2 = cfg.gemm1, cfg.gemm2
     tma1, tma2 = _use_tma(g1, (w13,), dev, interp), _use_tma(g2, (w2, inter), dev, interp)
     one_dot = problem.activation.gated and cfg.gate_up == "one_dot"
+    grid1, grid2 = grid_m * cdiv(N, g1.block_n), grid_m * cdiv(K, g2.block_n)
+    pdl = direct and _chains(dev, max(grid1, grid2))
     b13 = args.w13_bias if args.w13_bias is not None else x
     s13 = w13_scale if w13_scale is not None else topk_w
     _launch(
-        _gemm.moe_gemm1, (grid_m * cdiv(N, g1.block_n),), dev,
+        _gemm.moe_gemm1, (grid1,), dev,
         x, w13, _w13_descriptor(w13, g1, N, one_dot) if tma1 else w13, b13, s13, inter, *route, ids, emap_arg,
         topk_w, N, K, num_pairs, grid_m, x.stride(0), w13.stride(0), w13.stride(1), b13.stride(0), inter.stride(0),
         problem.activation.alpha, problem.activation.limit,
         GATED=problem.activation.gated, ACT=ACT_CODES[problem.activation.name],
         HAS_BIAS=args.w13_bias is not None, W_SCALE=int(w13_scale is not None),
         BLOCK_M=cfg.block_m, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, GROUP_M=g1.group_m,
-        EVEN_K=K % g1.block_k == 0, ONE_DOT=one_dot, W_TMA=tma1,
+        EVEN_K=K % g1.block_k == 0, ONE_DOT=one_dot, W_TMA=tma1, PDL=pdl,
         num_warps=g1.num_warps, num_stages=g1.num_stages, **flags,
     )
     atomic = cfg.combine == "atomic"
@@ -220,24 +222,26 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     else:
         a_desc, w2_desc = inter, w2
     _launch(
-        _gemm.moe_gemm2, (grid_m * cdiv(K, g2.block_n),), dev,
+        _gemm.moe_gemm2, (grid2,), dev,
         inter, w2, a_desc, w2_desc, b2, s2, y, *route, ids, emap_arg, topk_w,
         N, K, num_pairs, grid_m, inter.stride(0), w2.stride(0), w2.stride(1), b2.stride(0), y.stride(0),
         HAS_BIAS=args.w2_bias is not None, W_SCALE=int(w2_scale is not None), ATOMIC=atomic,
         BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, GROUP_M=g2.group_m,
-        EVEN_K=N % g2.block_k == 0, TMA=tma2, num_warps=g2.num_warps, num_stages=g2.num_stages, **flags,
+        EVEN_K=N % g2.block_k == 0, TMA=tma2, PDL=pdl, num_warps=g2.num_warps, num_stages=g2.num_stages,
+        **flags, **_pdl_option(pdl),
     )
     if atomic:
         out.copy_(y)
         return out
-    combine(y, ids, topk_w, out, problem, emap)
+    combine(y, ids, topk_w, out, problem, emap, pdl)
     return out
 
 
 def combine(y: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, out: torch.Tensor, problem: ExpertsProblem,
-            expert_map: torch.Tensor | None) -> None:
+            expert_map: torch.Tensor | None, pdl: bool = False) -> None:
     """out[t] = sum_j w[t, j] * y[t * k + j] (fp32, fixed order) from per-pair outputs y [T*k, K]; pairs
-    whose expert ``expert_map`` marks non-local are skipped. Shared with the torch_grouped backend."""
+    whose expert ``expert_map`` marks non-local are skipped. Shared with the torch_grouped backend.
+    ``pdl``: the previous kernel was a moe_gemm2 with PDL, which lets this one launch early."""
     _gemm = _kernels()[0]
     interp = interpreting()
     block = min(64 if interp else 1024, next_pow2(problem.hidden_size))
@@ -246,7 +250,7 @@ def combine(y: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, out: torch
         y, ids, expert_map if expert_map is not None else ids, topk_w, out, problem.hidden_size, y.stride(0),
         out.stride(0), TOP_K=problem.top_k, HAS_MAP=expert_map is not None,
         WEIGHT_ON_INPUT=problem.apply_router_weight_on_input, BLOCK=block,
-        RNE_BF16=interp and out.dtype == torch.bfloat16,
+        RNE_BF16=interp and out.dtype == torch.bfloat16, PDL=pdl, **_pdl_option(pdl),
     )
 
 
@@ -296,6 +300,27 @@ def _use_tma(tile: GemmTile, tensors: tuple[torch.Tensor, ...], device: torch.de
         warnings.warn(f"triton: kernel config asks for loads='tma' but {reason}; using pointer loads",
                       RuntimeWarning, stacklevel=3)
     return False
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _chains(device: torch.device, grid: int) -> bool:
+    """Whether a single token's kernels chain by programmatic dependent launch: each kernel lets the next
+    launch at once and the next waits on the GPU, hiding the launch gaps (under a CUDA graph too). Only
+    on Hopper and later, and only while every grid fits one wave of the device, so the early kernel's
+    waiting programs never hold multiprocessors that the running one still needs. ``MOE_PDL=0`` turns
+    it off."""
+    if device.type != "cuda" or not _has_tma(device, False) or os.environ.get("MOE_PDL", "1") == "0":
+        return False
+    return grid <= _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _pdl_option(pdl: bool) -> dict[str, bool]:
+    """The launch option of a kernel that waits for its predecessor on the GPU (left out otherwise)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,17 @@ def _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num
 
 
 @triton.jit
+def _chain(WAIT: tl.constexpr, TRIGGER: tl.constexpr):
+    """Programmatic dependent launch (Hopper+): WAIT blocks until the previous kernel has finished and
+    its writes are visible (this kernel was launched with launch_pdl, so it may start before then);
+    TRIGGER lets the next kernel launch now, to wait on the GPU rather than be launched after this one."""
+    if WAIT:
+        tl.extra.cuda.gdc_wait()
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _first_row(pid_m, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr):
     """The intermediate row of a tile's first pair: tiles are stored in sorted order, BLOCK_M rows each,
     except DIRECT tiles, one pair each."""
@@ -142,13 +153,16 @@ def moe_gemm1(
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, W_SCALE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, ONE_DOT: tl.constexpr, W_TMA: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[row, n] = act(x[token] @ w13[e, gate rows n].T, x[token] @ w13[e, N + n].T) for the tile's pairs,
     where row is the pair's place in the sorted order (the pair itself for DIRECT tiles).
 
     W_TMA: the weight tiles come through ``w_desc``, a tensor descriptor (Hopper's copy engine): over
     w13 as [E, 2N, K] with [1, BLOCK_N, BLOCK_K] boxes, or with ONE_DOT as [E, 2, N, K] with
-    [1, 2, BLOCK_N, BLOCK_K] boxes (gate rows, then up rows, in one box)."""
+    [1, 2, BLOCK_N, BLOCK_K] boxes (gate rows, then up rows, in one box).
+    PDL: let GEMM2 launch at once (launched with launch_pdl, it waits for this kernel on the GPU)."""
+    _chain(False, PDL)
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs,
                          DIRECT, HAS_MAP, BLOCK_M)
@@ -236,11 +250,13 @@ def moe_gemm2(
     TOP_K: tl.constexpr, DIRECT: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_SCALE: tl.constexpr, ATOMIC: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[pair, kk] = a[row] @ w2[e, kk].T (+ bias), a's rows in sorted order as GEMM1 stored them; with
     ATOMIC, add weight * y into fp32 y[token]. TMA: both operands through tensor descriptors, a as
-    [rows, N] with [BLOCK_M, BLOCK_K] boxes and w2 as [E, K, N] with [1, BLOCK_N, BLOCK_K] boxes."""
+    [rows, N] with [BLOCK_M, BLOCK_K] boxes and w2 as [E, K, N] with [1, BLOCK_N, BLOCK_K] boxes.
+    PDL: launched with launch_pdl; wait for GEMM1, then let the combine launch."""
+    _chain(PDL, PDL)
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(K, BLOCK_N), GROUP_M)
     pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs,
                          DIRECT, HAS_MAP, BLOCK_M)
@@ -290,9 +306,11 @@ def moe_gemm2(
 def moe_combine(
     y_ptr, ids_ptr, emap_ptr, topk_w_ptr, out_ptr, K, stride_ym, stride_om,
     TOP_K: tl.constexpr, HAS_MAP: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, BLOCK: tl.constexpr,
-    RNE_BF16: tl.constexpr,
+    RNE_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
-    """out[t] = sum_j w[t, j] * y[t * k + j] in fp32, skipping pairs whose expert is not local."""
+    """out[t] = sum_j w[t, j] * y[t * k + j] in fp32, skipping pairs whose expert is not local. PDL:
+    launched with launch_pdl; wait for GEMM2."""
+    _chain(PDL, False)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < K
