@@ -320,37 +320,45 @@ def test_gpu_tma_loads(T, act, bias, emap, block_m, block_n, warps, gate_up, hid
     assert torch.equal(outs["tma", True], outs["pointer", True])
 
 
-@pytest.mark.parametrize("act", ["silu", "swigluoai"])
-def test_gpu_single_token_chained_launches(act, monkeypatch):
-    """One token: the kernels chain by programmatic dependent launch (GEMM2 and the combine wait on the
-    GPU). Eager and under a CUDA graph replayed with new routing, equal to the float64 reference and
-    bitwise to the unchained kernels (MOE_PDL=0)."""
-    from moe.backends.triton import _chains
+@pytest.mark.parametrize(("T", "act", "combine"), [
+    (1, "silu", "reduce"), (1, "swigluoai", "reduce"), (7, "silu", "reduce"), (300, "swigluoai", "reduce"),
+    (300, "silu", "atomic"), (1100, "gelu_tanh", "reduce"),  # 4400 pairs: the four-launch alignment
+])
+def test_gpu_chained_launches(T, act, combine, monkeypatch):
+    """The kernels chain by programmatic dependent launch (each waits for its predecessor on the GPU):
+    from router logits (routing kernel, alignment, GEMM1, GEMM2, combine) eager and under a CUDA graph
+    replayed with new logits, equal to the float64 reference with a NaN-poisoned output, and bitwise
+    equal to the unchained launches (MOE_PDL=0)."""
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+    from moe.backends.triton.host import chains
 
-    args, prob = _inputs(1, torch.bfloat16, act, bias=act == "swigluoai")
-    assert _chains(torch.device("cuda"), 64)  # Hopper: chained
+    args, prob = _inputs(T, torch.bfloat16, act, bias=act == "swigluoai")
+    tile = GemmTile(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3)
+    cfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile, combine=combine)
+    logits = torch.randn(T, E, device="cuda")
+
+    def step(out):
+        w, ids = moe.fused_topk(logits, TOPK)
+        return triton_experts(dataclasses.replace(args, topk_weights=w, topk_ids=ids), prob, out, cfg)
+
     outs = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("MOE_PDL", flag)
-        out = torch.full_like(args.hidden_states, float("nan"))
-        outs[flag] = _call(args, prob, "triton", out=out)
+        assert chains(torch.device("cuda")) == (flag == "1")  # Hopper
+        outs[flag] = step(torch.full_like(args.hidden_states, float("nan")))
     assert torch.equal(outs["0"], outs["1"])
-    assert_close(outs["1"], _reference(args, prob), dtype=torch.bfloat16, what="chained launches")
-    static_w, static_ids = args.topk_weights.clone(), args.topk_ids.clone()
+    w, ids = moe.fused_topk(logits, TOPK)
+    ref = _reference(dataclasses.replace(args, topk_weights=w, topk_ids=ids), prob)
+    assert_close(outs["1"], ref, dtype=torch.bfloat16, what=f"chained launches T={T}")
     out = torch.empty_like(args.hidden_states)
     graph = torch.cuda.CUDAGraph()
-    step = lambda: moe.fused_experts(args.hidden_states, args.w13, args.w2, static_w, static_ids,
-                                     activation=act, w13_bias=args.w13_bias, w2_bias=args.w2_bias,
-                                     backend="triton", out=out)
-    step()
     with torch.cuda.graph(graph):
-        step()
+        step(out)
     for _ in range(3):
-        w, ids = moe.fused_topk(torch.randn(1, E, device="cuda"), TOPK)
-        static_w.copy_(w)
-        static_ids.copy_(ids)
+        logits.copy_(torch.randn(T, E, device="cuda"))
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
+        w, ids = moe.fused_topk(logits, TOPK)
         ref = _reference(dataclasses.replace(args, topk_weights=w, topk_ids=ids), prob)
-        assert_close(out, ref, dtype=torch.bfloat16, what="chained launches, graph replay")
+        assert_close(out, ref, dtype=torch.bfloat16, what=f"chained launches T={T}, graph replay")

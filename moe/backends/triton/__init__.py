@@ -25,7 +25,7 @@ from .config import (
     reset_options,
     set_options,
 )
-from .host import cdiv, next_pow2
+from .host import capability, cdiv, chains, device_index, next_pow2, pdl_option
 from .launch import _smem_limit
 from .launch import launch as _launch
 
@@ -175,11 +175,12 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     topk_w = args.topk_weights.reshape(-1).contiguous()
     emap = args.expert_map
     direct = T == 1
+    pdl = chains(dev)  # every launch below waits on the GPU for the one before, which lets it start early
     if direct:
         al = None
         grid_m = num_pairs
     else:
-        al = al if al is not None else align(ids, problem.num_experts, cfg.block_m, emap)
+        al = al if al is not None else align(ids, problem.num_experts, cfg.block_m, emap, pdl)
         grid_m = al.max_blocks
     route = (
         (ids, ids, ids) if al is None else (al.sorted_ids, al.block_expert, al.total)
@@ -192,11 +193,13 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     # GEMM1 stores the activated rows in sorted order (padding rows left unwritten), so GEMM2 reads
     # whole row tiles; single-token (direct) tiles hold one pair each, stored at the pair's index
     inter = torch.empty(num_pairs if al is None else al.max_blocks * cfg.block_m, N, dtype=dtype, device=dev)
+    atomic = cfg.combine == "atomic"  # GEMM2 adds into fp32 y: zeroed here, so no memset splits the chain
+    y = (torch.zeros(T, K, dtype=torch.float32, device=dev) if atomic
+         else torch.empty(num_pairs, K, dtype=dtype, device=dev))
     g1, g2 = cfg.gemm1, cfg.gemm2
     tma1, tma2 = _use_tma(g1, (w13,), dev, interp), _use_tma(g2, (w2, inter), dev, interp)
     one_dot = problem.activation.gated and cfg.gate_up == "one_dot"
     grid1, grid2 = grid_m * cdiv(N, g1.block_n), grid_m * cdiv(K, g2.block_n)
-    pdl = direct and _chains(dev, max(grid1, grid2))
     b13 = args.w13_bias if args.w13_bias is not None else x
     s13 = w13_scale if w13_scale is not None else topk_w
     _launch(
@@ -208,11 +211,8 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         HAS_BIAS=args.w13_bias is not None, W_SCALE=int(w13_scale is not None),
         BLOCK_M=cfg.block_m, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, GROUP_M=g1.group_m,
         EVEN_K=K % g1.block_k == 0, ONE_DOT=one_dot, W_TMA=tma1, PDL=pdl,
-        num_warps=g1.num_warps, num_stages=g1.num_stages, **flags,
+        num_warps=g1.num_warps, num_stages=g1.num_stages, **flags, **pdl_option(pdl),
     )
-    atomic = cfg.combine == "atomic"
-    y = (torch.zeros(T, K, dtype=torch.float32, device=dev) if atomic
-         else torch.empty(num_pairs, K, dtype=dtype, device=dev))
     b2 = args.w2_bias if args.w2_bias is not None else x
     s2 = w2_scale if w2_scale is not None else topk_w
     if tma2:
@@ -227,8 +227,8 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         N, K, num_pairs, grid_m, inter.stride(0), w2.stride(0), w2.stride(1), b2.stride(0), y.stride(0),
         HAS_BIAS=args.w2_bias is not None, W_SCALE=int(w2_scale is not None), ATOMIC=atomic,
         BLOCK_M=cfg.block_m, BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, GROUP_M=g2.group_m,
-        EVEN_K=N % g2.block_k == 0, TMA=tma2, PDL=pdl, num_warps=g2.num_warps, num_stages=g2.num_stages,
-        **flags, **_pdl_option(pdl),
+        EVEN_K=N % g2.block_k == 0, TMA=tma2, PDL=pdl,
+        num_warps=g2.num_warps, num_stages=g2.num_stages, **flags, **pdl_option(pdl),
     )
     if atomic:
         out.copy_(y)
@@ -241,7 +241,7 @@ def combine(y: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, out: torch
             expert_map: torch.Tensor | None, pdl: bool = False) -> None:
     """out[t] = sum_j w[t, j] * y[t * k + j] (fp32, fixed order) from per-pair outputs y [T*k, K]; pairs
     whose expert ``expert_map`` marks non-local are skipped. Shared with the torch_grouped backend.
-    ``pdl``: the previous kernel was a moe_gemm2 with PDL, which lets this one launch early."""
+    ``pdl``: launched to wait on the GPU for the previous kernel (a moe_gemm2 that lets it launch early)."""
     _gemm = _kernels()[0]
     interp = interpreting()
     block = min(64 if interp else 1024, next_pow2(problem.hidden_size))
@@ -250,7 +250,7 @@ def combine(y: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, out: torch
         y, ids, expert_map if expert_map is not None else ids, topk_w, out, problem.hidden_size, y.stride(0),
         out.stride(0), TOP_K=problem.top_k, HAS_MAP=expert_map is not None,
         WEIGHT_ON_INPUT=problem.apply_router_weight_on_input, BLOCK=block,
-        RNE_BF16=interp and out.dtype == torch.bfloat16, PDL=pdl, **_pdl_option(pdl),
+        RNE_BF16=interp and out.dtype == torch.bfloat16, PDL=pdl, **pdl_option(pdl),
     )
 
 
@@ -268,16 +268,11 @@ def _w13_descriptor(w13: torch.Tensor, tile: GemmTile, n: int, one_dot: bool):
 _tma_warned: set[str] = set()
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def _has_tma(device: torch.device, interp: bool) -> bool:
     """Whether tensor-descriptor loads run on ``device``: Hopper and later, or the interpreter."""
     if device.type != "cuda":
         return interp
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+    return capability(device_index(device))[0] >= 9
 
 
 def _use_tma(tile: GemmTile, tensors: tuple[torch.Tensor, ...], device: torch.device, interp: bool) -> bool:
@@ -300,27 +295,6 @@ def _use_tma(tile: GemmTile, tensors: tuple[torch.Tensor, ...], device: torch.de
         warnings.warn(f"triton: kernel config asks for loads='tma' but {reason}; using pointer loads",
                       RuntimeWarning, stacklevel=3)
     return False
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _chains(device: torch.device, grid: int) -> bool:
-    """Whether a single token's kernels chain by programmatic dependent launch: each kernel lets the next
-    launch at once and the next waits on the GPU, hiding the launch gaps (under a CUDA graph too). Only
-    on Hopper and later, and only while every grid fits one wave of the device, so the early kernel's
-    waiting programs never hold multiprocessors that the running one still needs. ``MOE_PDL=0`` turns
-    it off."""
-    if device.type != "cuda" or not _has_tma(device, False) or os.environ.get("MOE_PDL", "1") == "0":
-        return False
-    return grid <= _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _pdl_option(pdl: bool) -> dict[str, bool]:
-    """The launch option of a kernel that waits for its predecessor on the GPU (left out otherwise)."""
-    return {"launch_pdl": True} if pdl else {}
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ Pairs (token, slot) are grouped by local expert, each expert's group padded to B
 import triton
 import triton.language as tl
 
+from ._pdl import chain
+
 
 @triton.jit
 def _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP: tl.constexpr):
@@ -80,11 +82,13 @@ def _scatter(
 def _align_one(
     ids_ptr, emap_ptr, cursor_ptr, ends_ptr, total_ptr, block_expert_ptr, sorted_ptr,
     num_experts, num_pairs, max_blocks, sorted_len,
-    HAS_MAP: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_MAP: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
     """The whole alignment in one program, for small batches (one launch instead of a memset and three):
     counts by histogram, the scan, the sentinel fill, then each pair's row from an atomic cursor that
-    starts at its expert's first row. E_PAD > num_experts: bin num_experts collects non-local pairs."""
+    starts at its expert's first row. E_PAD > num_experts: bin num_experts collects non-local pairs.
+    PDL: launched with launch_pdl; wait for the routing, then let GEMM1 launch."""
+    chain(PDL, PDL)
     e_all = tl.arange(0, E_PAD)
     emask = e_all < num_experts
     counts = tl.zeros([E_PAD], dtype=tl.int32)

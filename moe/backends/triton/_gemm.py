@@ -11,6 +11,8 @@ Scales are described per operand (W_SCALE: 0 none, 1 one fp32 scale per expert);
 import triton
 import triton.language as tl
 
+from ._pdl import chain
+
 # activation codes (see ACT_CODES in __init__.py)
 SILU, GELU, GELU_TANH, SWIGLUOAI, RELU2, SILU_NO_MUL, GELU_NO_MUL = 0, 1, 2, 3, 4, 5, 6
 
@@ -83,17 +85,6 @@ def _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num
 
 
 @triton.jit
-def _chain(WAIT: tl.constexpr, TRIGGER: tl.constexpr):
-    """Programmatic dependent launch (Hopper+): WAIT blocks until the previous kernel has finished and
-    its writes are visible (this kernel was launched with launch_pdl, so it may start before then);
-    TRIGGER lets the next kernel launch now, to wait on the GPU rather than be launched after this one."""
-    if WAIT:
-        tl.extra.cuda.gdc_wait()
-    if TRIGGER:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
 def _first_row(pid_m, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr):
     """The intermediate row of a tile's first pair: tiles are stored in sorted order, BLOCK_M rows each,
     except DIRECT tiles, one pair each."""
@@ -161,8 +152,9 @@ def moe_gemm1(
     W_TMA: the weight tiles come through ``w_desc``, a tensor descriptor (Hopper's copy engine): over
     w13 as [E, 2N, K] with [1, BLOCK_N, BLOCK_K] boxes, or with ONE_DOT as [E, 2, N, K] with
     [1, 2, BLOCK_N, BLOCK_K] boxes (gate rows, then up rows, in one box).
-    PDL: let GEMM2 launch at once (launched with launch_pdl, it waits for this kernel on the GPU)."""
-    _chain(False, PDL)
+    PDL: launched with launch_pdl; wait for the previous kernel (the alignment, or whatever ran
+    before), then let GEMM2 launch."""
+    chain(PDL, PDL)
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs,
                          DIRECT, HAS_MAP, BLOCK_M)
@@ -256,7 +248,7 @@ def moe_gemm2(
     ATOMIC, add weight * y into fp32 y[token]. TMA: both operands through tensor descriptors, a as
     [rows, N] with [BLOCK_M, BLOCK_K] boxes and w2 as [E, K, N] with [1, BLOCK_N, BLOCK_K] boxes.
     PDL: launched with launch_pdl; wait for GEMM1, then let the combine launch."""
-    _chain(PDL, PDL)
+    chain(PDL, PDL)
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(K, BLOCK_N), GROUP_M)
     pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs,
                          DIRECT, HAS_MAP, BLOCK_M)
@@ -310,7 +302,7 @@ def moe_combine(
 ):
     """out[t] = sum_j w[t, j] * y[t * k + j] in fp32, skipping pairs whose expert is not local. PDL:
     launched with launch_pdl; wait for GEMM2."""
-    _chain(PDL, False)
+    chain(PDL, False)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < K

@@ -11,6 +11,8 @@ are never picked.
 import triton
 import triton.language as tl
 
+from ._pdl import chain
+
 # scoring codes (see SCORING in routing.py)
 SOFTMAX, SIGMOID = 0, 1
 
@@ -56,11 +58,13 @@ def _store(w_ptr, ids_ptr, w, ids, rows, row_ok, slots, scale, RENORM: tl.conste
 def topk_kernel(
     logits_ptr, w_ptr, ids_ptr, T, E, stride_t, stride_e, scale,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    SCORING: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr,
+    SCORING: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr,
 ):
     """Scores then top-k (optionally renormalized), or with TOPK_FIRST top-k on the logits then a
     softmax over the k selected (the launcher sets RENORM with it); times ``scale``. fp32 weights and
-    int32 ids, both [T, TOP_K]."""
+    int32 ids, both [T, TOP_K]. PDL: launched with launch_pdl; wait for the logits, then let the
+    alignment launch."""
+    chain(PDL, PDL)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
     row_ok = rows < T
@@ -89,11 +93,13 @@ def grouped_topk_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, G, P, stride_t, stride_e, stride_b, scale,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr,
     P_PAD: tl.constexpr, WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr,
-    RENORM: tl.constexpr,
+    RENORM: tl.constexpr, PDL: tl.constexpr,
 ):
     """DeepSeek group-limited routing over G groups of P experts. Column c of the tile is expert
     (c // P_PAD) * P + c % P_PAD, so column order is expert order and every group is one P_PAD-wide
-    slice (reshaped to [BLOCK_T, G_PAD, P_PAD] for the group scores); WIDTH = G_PAD * P_PAD."""
+    slice (reshaped to [BLOCK_T, G_PAD, P_PAD] for the group scores); WIDTH = G_PAD * P_PAD. PDL: as in
+    topk_kernel."""
+    chain(PDL, PDL)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, WIDTH)
     group = cols // P_PAD

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _align
-from .host import cdiv, next_pow2
+from .host import cdiv, next_pow2, pdl_option
 from .launch import launch
 
 MAX_EXPERTS = 4096
@@ -37,11 +37,13 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return cdiv(rows, block_m) * block_m
 
 
-def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: torch.Tensor | None = None) -> Alignment:
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: torch.Tensor | None = None,
+          pdl: bool = False) -> Alignment:
     """Group the pairs of ``topk_ids`` [T, k] by local expert (``expert_map`` drops non-local pairs).
 
     Small batches (up to ONE_PROGRAM_PAIRS pairs) take one launch of one program; larger ones a memset
-    and three launches spread over the device."""
+    and three launches spread over the device. ``pdl``: the one-program launch chains by programmatic
+    dependent launch (``host.chains``)."""
     if num_experts > MAX_EXPERTS:
         raise ValueError(f"num_experts={num_experts} exceeds the alignment kernel's limit of {MAX_EXPERTS}")
     ids = topk_ids.reshape(-1)
@@ -59,7 +61,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: to
     if num_pairs <= ONE_PROGRAM_PAIRS and num_experts <= ONE_PROGRAM_EXPERTS:
         launch(_align._align_one, (1,), dev, ids, emap, cursor, ends, total, block_expert, sorted_ids, num_experts,
                num_pairs, max_blocks, sorted_len, HAS_MAP=has_map, E_PAD=next_pow2(num_experts + 1),
-               BLOCK_M=block_m, CHUNK=1024, num_warps=8)
+               BLOCK_M=block_m, CHUNK=1024, PDL=pdl, num_warps=8, **pdl_option(pdl))
         return Alignment(sorted_ids, block_expert, total, ends, max_blocks, block_m)
     scratch.zero_()
     grid = (cdiv(num_pairs, _BLOCK),)

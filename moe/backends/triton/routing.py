@@ -19,7 +19,7 @@ import torch
 from ...routing import check_groups
 from ...validation import check_finite_logits, check_float, check_ndim, check_same_device, check_top_k
 from . import _routing, interpreting
-from .host import cdiv, next_pow2
+from .host import cdiv, chains, next_pow2, pdl_option
 from .launch import launch
 
 __all__ = ["MAX_EXPERTS", "MAX_TOP_K", "RoutingTile", "default_tile", "fused_topk", "grouped_topk", "supports",
@@ -136,6 +136,12 @@ def _outputs(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tens
             torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device))
 
 
+def _chained(device: torch.device) -> dict[str, bool]:
+    """The PDL constexpr and launch option: chained (``host.chains``) on Hopper and later."""
+    pdl = chains(device)
+    return {"PDL": pdl, **pdl_option(pdl)}
+
+
 def _launch_topk(
     logits: torch.Tensor, top_k: int, scoring: int, topk_first: bool, renormalize: bool, scale: float,
     tile: RoutingTile | None = None,
@@ -151,6 +157,7 @@ def _launch_topk(
         logits, weights, ids, num_tokens, num_experts, logits.stride(0), logits.stride(1), float(scale),
         TOP_K=top_k, K_PAD=next_pow2(top_k), E_PAD=e_pad, BLOCK_T=tile.block_t,
         SCORING=scoring, TOPK_FIRST=topk_first, RENORM=renormalize or topk_first, num_warps=tile.num_warps,
+        **_chained(logits.device),
     )
     return weights, ids
 
@@ -172,7 +179,7 @@ def _launch_grouped(
         logits.stride(0), logits.stride(1), bias.stride(0) if bias is not None else 0, float(scale),
         TOP_K=top_k, K_PAD=next_pow2(top_k), TOPK_GROUP=topk_group, G_PAD=g_pad, P_PAD=p_pad,
         WIDTH=g_pad * p_pad, BLOCK_T=tile.block_t, SCORING=scoring, HAS_BIAS=bias is not None,
-        RENORM=renormalize, num_warps=tile.num_warps,
+        RENORM=renormalize, num_warps=tile.num_warps, **_chained(logits.device),
     )
     return weights, ids
 
