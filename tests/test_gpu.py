@@ -327,8 +327,8 @@ def test_gpu_tma_loads(T, act, bias, emap, block_m, block_n, warps, gate_up, hid
 def test_gpu_chained_launches(T, act, combine, monkeypatch):
     """The kernels chain by programmatic dependent launch (each waits for its predecessor on the GPU):
     from router logits (routing kernel, alignment, GEMM1, GEMM2, combine) eager and under a CUDA graph
-    replayed with new logits, equal to the float64 reference with a NaN-poisoned output, and bitwise
-    equal to the unchained launches (MOE_PDL=0)."""
+    replayed with new logits, equal to the float64 reference with a NaN-poisoned output, and (with the
+    deterministic combine) bitwise equal to the unchained launches (MOE_PDL=0)."""
     from moe.backends.triton import GemmTile, KernelConfig, triton_experts
     from moe.backends.triton.host import chains
 
@@ -346,7 +346,8 @@ def test_gpu_chained_launches(T, act, combine, monkeypatch):
         monkeypatch.setenv("MOE_PDL", flag)
         assert chains(torch.device("cuda")) == (flag == "1")  # Hopper
         outs[flag] = step(torch.full_like(args.hidden_states, float("nan")))
-    assert torch.equal(outs["0"], outs["1"])
+    if combine == "reduce":  # atomic adds land in any order: not reproducible bit for bit, chained or not
+        assert torch.equal(outs["0"], outs["1"])
     w, ids = moe.fused_topk(logits, TOPK)
     ref = _reference(dataclasses.replace(args, topk_weights=w, topk_ids=ids), prob)
     assert_close(outs["1"], ref, dtype=torch.bfloat16, what=f"chained launches T={T}")
