@@ -1,7 +1,7 @@
 """Kernel-config experiment: for each preset:M, under variants of the config the backend would pick,
-GEMM1 and GEMM2 CUDA time (torch.profiler) and TFLOP/s, the whole call timed as `moe bench` times it
-(do_bench) with the SM clock and board power sampled meanwhile, and the registers and spills of each
-new compiled kernel. What limits a row, measured rather than guessed.
+GEMM1 and GEMM2 CUDA time (torch.profiler, chained launches off) and TFLOP/s, the whole call timed as
+`moe bench` times it (do_bench) with the SM clock and board power sampled meanwhile, and the registers,
+spills and shared memory of each new compiled kernel. What limits a row, measured rather than guessed.
 
     python3 benchmarks/config_experiment.py mixtral:64 mixtral:16384 qwen3:4096
 """
@@ -28,6 +28,8 @@ CHANGES = [  # (gemm, field changes) tried on top of the chosen config
     ("gemm2", {"block_n": 128, "num_stages": 4}), ("gemm2", {"num_stages": 4}),
     ("both", {"group_m": 16}), ("gemm2", {"block_n": 256}), ("gemm2", {"block_n": 256, "num_warps": 8}),
     ("gemm2", {"num_warps": 8}), ("gemm1", {"block_n": 128}), ("gemm1", {"num_warps": 8}),
+    ("gemm2", {"num_stages": 3}), ("gemm2", {"block_k": 64}), ("gemm2", {"block_k": 64, "num_stages": 6}),
+    ("gemm2", {"block_n": 64, "num_stages": 3}), ("gemm2", {"block_n": 256, "block_k": 64}),
 ]
 
 
@@ -94,7 +96,7 @@ def run_point(point: str, only: str | None = None) -> None:
     print(f"{point}: floor {floor:.1f} us (copy {ceil.copy_gbps:.0f} GB/s, matmul {ceil.matmul_tflops:.0f} TFLOP/s, "
           f"measured at {mm_mhz:.0f} MHz, {mm_w:.0f} W); chosen {base.model_dump()}")
     print(f"{'variant':<26} {'gemm1 us':>9} {'TFLOP/s':>8} {'gemm2 us':>9} {'TFLOP/s':>8} {'kernels':>8} "
-          f"{'bench us':>9} {'MHz':>5} {'W':>4}  regs/spills of new kernels")
+          f"{'bench us':>9} {'MHz':>5} {'W':>4}  regs/spills/smem of new kernels")
     for vname, cfg in variants(base).items():
         if only and vname != "chosen" and not any(
                 vname == part or (part.endswith("*") and vname.startswith(part[:-1])) for part in only.split(",")):
@@ -111,7 +113,8 @@ def run_point(point: str, only: str | None = None) -> None:
         regs = []
         for key in set(_compiled) - before:
             ck = _compiled[key][0]
-            regs.append(f"{ck.name}:{getattr(ck, 'n_regs', '?')}/{getattr(ck, 'n_spills', '?')}")
+            smem = getattr(getattr(ck, "metadata", None), "shared", "?")
+            regs.append(f"{ck.name}:{getattr(ck, 'n_regs', '?')}/{getattr(ck, 'n_spills', '?')}/{smem}B")
         print(f"{vname:<26} {t1:9.1f} {f1 / t1 / 1e6 if t1 else 0:8.0f} {t2:9.1f} "
               f"{f2 / t2 / 1e6 if t2 else 0:8.0f} {sum(times.values()):8.1f} {bench:9.1f} {mhz:5.0f} {watts:4.0f}  "
               f"{' '.join(sorted(regs))}")

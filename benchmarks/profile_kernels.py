@@ -6,6 +6,7 @@ each GEMM's achieved FLOP rate and weight bandwidth: the profile behind the targ
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import defaultdict
 
@@ -20,14 +21,24 @@ ITERS = 5
 
 
 def kernel_times(call, iters: int = ITERS, warmup: int = 3) -> dict[str, float]:
-    """CUDA time per kernel name (us per call) of ``call()``, from torch.profiler over ``iters`` calls."""
-    for _ in range(warmup):
-        call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
+    """CUDA time per kernel name (us per call) of ``call()``, from torch.profiler over ``iters`` calls.
+    Chained launches are off meanwhile (``MOE_PDL=0``): a chained kernel starts early and waits on the
+    GPU, so its profiled duration would include the wait for its predecessor."""
+    before = os.environ.get("MOE_PDL")
+    os.environ["MOE_PDL"] = "0"
+    try:
+        for _ in range(warmup):
             call()
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                call()
+            torch.cuda.synchronize()
+    finally:
+        if before is None:
+            os.environ.pop("MOE_PDL")
+        else:
+            os.environ["MOE_PDL"] = before
     times: dict[str, float] = defaultdict(float)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
