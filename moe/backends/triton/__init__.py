@@ -81,7 +81,7 @@ def _check_smem(cfg: KernelConfig, problem: ExpertsProblem, device: torch.device
     key = (cfg, problem.dtype, problem.activation.gated, device)
     if key in _fits:
         return
-    limit = _smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+    limit = _smem_limit(device_index(device))
     for name, need in zip(("gemm1", "gemm2"), cfg.smem_bytes(problem.dtype.itemsize, problem.activation.gated),
                           strict=True):
         if need > limit:

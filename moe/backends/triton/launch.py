@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .host import device_index
+
 __all__ = ["direct_launch_enabled", "launch", "launch_counts", "set_direct_launch"]
 
 _compiled: dict[tuple, tuple[Any, tuple]] = {}  # key -> (compiled kernel, constexpr values in order)
@@ -97,7 +99,7 @@ def _compile_checked(kernel: Any, grid: tuple[int, ...], device: torch.device, a
     """Compile (or find) the kernel for these arguments and check its shared memory before any launch."""
     compiled = kernel.warmup(*args, grid=grid, **kwargs)
     shared = getattr(getattr(compiled, "metadata", None), "shared", 0)
-    limit = _smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+    limit = _smem_limit(device_index(device))
     if shared > limit:
         options = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
         raise ValueError(
