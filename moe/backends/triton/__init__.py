@@ -25,7 +25,7 @@ from .config import (
     reset_options,
     set_options,
 )
-from .host import capability, cdiv, chains, device_index, next_pow2, pdl_option
+from .host import cdiv, chains, device_index, hopper, next_pow2, pdl_option
 from .launch import _smem_limit
 from .launch import launch as _launch
 
@@ -193,7 +193,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     # GEMM1 stores the activated rows in sorted order (padding rows left unwritten), so GEMM2 reads
     # whole row tiles; single-token (direct) tiles hold one pair each, stored at the pair's index
     inter = torch.empty(num_pairs if al is None else al.max_blocks * cfg.block_m, N, dtype=dtype, device=dev)
-    atomic = cfg.combine == "atomic"  # GEMM2 adds into fp32 y: zeroed here, so no memset splits the chain
+    atomic = cfg.combine == "atomic"  # GEMM2 adds into fp32 y, zeroed here: no memset between the GEMMs
     y = (torch.zeros(T, K, dtype=torch.float32, device=dev) if atomic
          else torch.empty(num_pairs, K, dtype=dtype, device=dev))
     g1, g2 = cfg.gemm1, cfg.gemm2
@@ -270,9 +270,7 @@ _tma_warned: set[str] = set()
 
 def _has_tma(device: torch.device, interp: bool) -> bool:
     """Whether tensor-descriptor loads run on ``device``: Hopper and later, or the interpreter."""
-    if device.type != "cuda":
-        return interp
-    return capability(device_index(device))[0] >= 9
+    return interp if device.type != "cuda" else hopper(device)
 
 
 def _use_tma(tile: GemmTile, tensors: tuple[torch.Tensor, ...], device: torch.device, interp: bool) -> bool:

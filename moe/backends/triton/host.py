@@ -30,6 +30,11 @@ def device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def hopper(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 or later (tensor copy engine, programmatic launch)."""
+    return device.type == "cuda" and capability(device_index(device))[0] >= 9
+
+
 def chains(device: torch.device) -> bool:
     """Whether our kernels chain by programmatic dependent launch (Hopper and later; ``MOE_PDL=0`` turns
     it off). Each kernel of a layer's chain (routing, alignment, GEMM1, GEMM2, combine) lets the next
@@ -38,9 +43,7 @@ def chains(device: torch.device) -> bool:
     of the previous one, eager and under CUDA graphs. A program that waits holds a multiprocessor only
     after every program of the running kernel has been placed, so nothing the running kernel needs is
     taken."""
-    if device.type != "cuda" or os.environ.get("MOE_PDL", "1") == "0":
-        return False
-    return capability(device_index(device))[0] >= 9
+    return os.environ.get("MOE_PDL", "1") != "0" and hopper(device)
 
 
 def pdl_option(pdl: bool) -> dict[str, bool]:
