@@ -11,63 +11,38 @@ are measured in the same run. The reference upcasts one expert at a time.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .backends.base import ExpertsArgs, ExpertsProblem
 from .backends.torch_ref import torch_ref_experts
-from .config import ActivationSpec
+from .contract import ExpertsArgs, ExpertsProblem
 from .functional import fused_experts
 from .layer import FusedMoE
 from .registry import BackendUnavailableError, list_backends, select_backend
 from .routing import fused_topk
 from .testing import rel_error
+from .workload import (
+    PRESETS,
+    Ceilings,
+    Preset,
+    floor_seconds,
+    graph_time,
+    measure_ceilings,
+    random_biases,
+    random_tokens,
+    random_weights,
+    time_fn,
+)
 
-__all__ = ["PRESETS", "Preset", "Row", "run_bench"]
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    num_experts: int
-    top_k: int
-    hidden_size: int  # K
-    intermediate_size: int  # N
-    default_m: tuple[int, ...]
-    activation: str = "silu"
-    bias: bool = False  # per-expert biases on both projections (gpt-oss)
-
-    def problem(self, device_type: str, dtype: torch.dtype, m: int) -> ExpertsProblem:
-        return ExpertsProblem(device_type, dtype, m, self.num_experts, self.num_experts, self.hidden_size,
-                              self.intermediate_size, self.top_k, ActivationSpec.parse(self.activation),
-                              has_w13_bias=self.bias, has_w2_bias=self.bias)
+__all__ = ["GRAPH_MAX_M", "KERNELS_MAX_M", "Row", "run_bench"]
 
 
-PRESETS = {
-    "default": Preset("default", 8, 2, 256, 384, (1, 16, 64)),
-    "mixtral": Preset("mixtral", 8, 2, 4096, 14336, (1, 16, 64, 256, 1024, 4096, 16384)),
-    "qwen3": Preset("qwen3", 128, 8, 2048, 768, (1, 16, 64, 256, 1024, 4096, 16384)),
-    "dsv3": Preset("dsv3", 256, 8, 7168, 2048, (1, 16, 64, 256, 1024, 4096, 16384)),
-    # held out: the heuristic was not developed on these (ANCHORS has no rows for them)
-    "gptoss20b": Preset("gptoss20b", 32, 4, 2880, 2880, (1, 16, 64, 256, 1024, 4096, 16384),
-                        activation="swigluoai", bias=True),
-    "qwen2moe57b": Preset("qwen2moe57b", 64, 8, 3584, 2560, (1, 16, 64, 256, 1024, 4096, 16384)),
-}
 GRAPH_MAX_M = 256
 KERNELS_MAX_M = 1024  # "kernels" rows (routing aligned beforehand) up to here, as ANCHORS.md times vLLM
 REFERENCE_TIMING_MAX_PAIRS = 8192  # the per-expert reference is an oracle, not a contender
-
-
-@dataclass
-class Ceilings:
-    copy_gbps: float
-    matmul_tflops: float
-    device: str
 
 
 @dataclass
@@ -82,91 +57,6 @@ class Row:
     rel_err: float | None
     note: str = ""
     extra: dict = field(default_factory=dict)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn: Callable[[], object], device: torch.device, reps: int = 5, rep_ms: int = 100) -> float:
-    """Median seconds of ``fn``: triton's do_bench on CUDA (it flushes L2; ``rep_ms`` of repetitions),
-    wall clock on CPU."""
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-
-            return do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median") * 1e-3
-        except ImportError:
-            pass
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    if time.perf_counter() - t0 > 1.0:  # slow paths (the interpreter): a few runs are enough
-        reps = 2
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
-    """Copy bandwidth (read + write) and dense matmul rate, measured now on ``device``."""
-    nbytes = 2 * 2**30 if device.type == "cuda" else 2**28
-    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_()
-    dst = torch.empty_like(src)
-    t_copy = time_fn(lambda: dst.copy_(src), device)
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t_mm = time_fn(lambda: a @ b, device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return Ceilings(2 * nbytes / t_copy / 1e9, 2 * n**3 / t_mm / 1e12, name)
-
-
-def floor_seconds(p: Preset, m: int, experts_hit: int, elt: int, ceil: Ceilings) -> float:
-    k, n = p.hidden_size, p.intermediate_size
-    nbytes = experts_hit * (2 * n * k + k * n) * elt + 2 * m * k * elt
-    flops = 2 * m * p.top_k * k * 2 * n + 2 * m * p.top_k * n * k
-    return max(nbytes / (ceil.copy_gbps * 1e9), flops / (ceil.matmul_tflops * 1e12))
-
-
-def _weights(p: Preset, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
-    """Random weights made in ``dtype`` directly (no full-size fp32 temporaries: dsv3 is 22 GB in bf16)."""
-    k, n, e = p.hidden_size, p.intermediate_size, p.num_experts
-    w13 = torch.randn(e, 2 * n, k, generator=gen, device=device, dtype=dtype).mul_(k**-0.5)
-    w2 = torch.randn(e, k, n, generator=gen, device=device, dtype=dtype).mul_(n**-0.5)
-    return w13, w2
-
-
-def _biases(p: Preset, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
-    if not p.bias:
-        return None, None
-    rows = 2 * p.intermediate_size if ActivationSpec.parse(p.activation).gated else p.intermediate_size
-    b13 = torch.randn(p.num_experts, rows, generator=gen, device=device, dtype=dtype).mul_(0.1)
-    b2 = torch.randn(p.num_experts, p.hidden_size, generator=gen, device=device, dtype=dtype).mul_(0.1)
-    return b13, b2
-
-
-def _tokens(p: Preset, m: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
-    x = torch.randn(m, p.hidden_size, generator=gen, device=device, dtype=dtype)
-    logits = torch.randn(m, p.num_experts, generator=gen, device=device)
-    return x, logits
-
-
-def _graph_time(fn: Callable[[], object], device: torch.device, rep_ms: int = 100) -> float:
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()  # warm up (compiles kernels) outside the capture
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_fn(graph.replay, device, rep_ms=rep_ms)
 
 
 class _Progress:
@@ -201,15 +91,15 @@ def run_bench(
     names = backends or tuple(b.name for b in list_backends())
     bar = _Progress(len(ms) * (len(names) + 1), progress)
     rows: list[Row] = []
-    w13, w2 = _weights(p, dtype, dev, gen)
-    b13, b2 = _biases(p, dtype, dev, gen)
+    w13, w2 = random_weights(p, dtype, dev, gen)
+    b13, b2 = random_biases(p, dtype, dev, gen)
     for m in ms:
-        x, logits = _tokens(p, m, dtype, dev, gen)
+        x, logits = random_tokens(p, m, dtype, dev, gen)
         weights, ids = fused_topk(logits, p.top_k)
         hit = int(torch.unique(ids).numel())
         floor = floor_seconds(p, m, hit, x.element_size(), ceil)
         args = ExpertsArgs(x, w13, w2, weights, ids, b13, b2)
-        problem = p.problem(dev.type, dtype, m)
+        problem = p.problem(dev, dtype, m)
         ref = torch_ref_experts(args, problem, compute_dtype=torch.float32)
         for name in names:
             bar.step(f"{preset} M={m} {name}")
@@ -240,7 +130,7 @@ def _bench_backend(name: str, p: Preset, m: int, args: ExpertsArgs, problem: Exp
     rows = [Row(p.name, m, name, "eager", t * 1e6, floor * 1e6, 100 * floor / t, err)]
     if dev.type == "cuda" and m <= GRAPH_MAX_M and name != "torch":
         try:
-            tg = _graph_time(call, dev)
+            tg = graph_time(call, dev)
             rows.append(Row(p.name, m, name, "graph", tg * 1e6, floor * 1e6, 100 * floor / tg, err))
         except Exception as exc:  # a backend that cannot be captured says so in the table
             rows.append(Row(p.name, m, name, "graph", None, floor * 1e6, None, err, f"not capturable: {exc}"))
@@ -253,10 +143,10 @@ def _bench_triton_kernels(p: Preset, m: int, args: ExpertsArgs, problem: Experts
                           floor: float, dev: torch.device) -> Row:
     """The Triton kernels alone, eager, with the routing aligned beforehand: how ANCHORS.md times vLLM's
     Triton kernel up to 1024 tokens (mode "kernels")."""
-    from .backends.triton import _choose_config, options, triton_experts
-    from .backends.triton.align import align
+    from .backends.triton import choose_config, triton_experts
+    from .kernels.align import align
 
-    cfg = _choose_config(problem, dev, options())
+    cfg = choose_config(problem, dev)
     al = align(args.topk_ids, problem.num_experts, cfg.block_m, args.expert_map) if m > 1 else None
     out = torch.empty_like(args.hidden_states)
 
@@ -281,7 +171,7 @@ def _bench_layer(p: Preset, m: int, args: ExpertsArgs, logits: torch.Tensor, ref
         layer.w2_bias = torch.nn.Parameter(args.w2_bias, requires_grad=False)
     with torch.no_grad():
         out = layer(x, logits)
-        chosen = select_backend(p.problem(dev.type, x.dtype, m)).chosen
+        chosen = select_backend(p.problem(dev, x.dtype, m)).chosen
         t = time_fn(lambda: layer(x, logits), dev)
     return Row(p.name, m, f"auto->{chosen}", "layer", t * 1e6, floor * 1e6, 100 * floor / t, rel_error(out, ref))
 

@@ -1,4 +1,4 @@
-"""Validated, frozen, tensor-free configs: activation, routing, quantization, layer.
+"""Validated, frozen, tensor-free configs: activation, routing, layer (quantization schemes: ``moe.quant``).
 
 Every model here is a pydantic model with ``frozen=True`` and ``extra="forbid"``: a typo in a field
 name is an error, and nobody mutates a config they were given. Validation errors name the field, the
@@ -11,13 +11,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .quant.schemes import QuantConfig
+
 __all__ = [
     "GATED_ACTIVATIONS",
     "NON_GATED_ACTIVATIONS",
     "ActivationSpec",
     "MoEConfig",
-    "QuantConfig",
-    "QuantScheme",
     "RoutingConfig",
 ]
 
@@ -103,28 +103,6 @@ class RoutingConfig(_Frozen):
         if self.method == "topk_then_softmax" and self.scoring != "softmax":
             raise ValueError("topk_then_softmax always uses softmax scoring; leave scoring='softmax'")
         return self
-
-
-SchemeKind = Literal["none"]
-
-
-class QuantScheme(_Frozen):
-    """How one operand is stored. Only ``none`` exists today; FP8 (per-tensor, per-token, 128x128
-    blocks), INT8, group-wise INT4/INT8 and MXFP4/NVFP4 add kinds and their fields here, so backends
-    describe operands by scheme rather than by one boolean flag per format."""
-
-    kind: SchemeKind = "none"
-
-
-class QuantConfig(_Frozen):
-    """One scheme per operand."""
-
-    weights: QuantScheme = QuantScheme()
-    activations: QuantScheme = QuantScheme()
-
-    @property
-    def is_quantized(self) -> bool:
-        return self.weights.kind != "none" or self.activations.kind != "none"
 
 
 class MoEConfig(_Frozen):

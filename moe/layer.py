@@ -9,9 +9,12 @@ import torch
 from torch import nn
 
 from .activations import apply_activation
-from .config import ActivationSpec, MoEConfig, QuantConfig, RoutingConfig
-from .functional import fused_experts
+from .config import ActivationSpec, MoEConfig, RoutingConfig
+from .functional import PreparedCache, fused_experts
+from .quant import QuantConfig
+from .registry import get_backend
 from .routing import RoutingFunction, route
+from .validation import FLOAT_DTYPES, check_expert_map_values
 
 __all__ = ["FusedMoE", "GatedMLP"]
 
@@ -81,9 +84,16 @@ class FusedMoE(nn.Module):
         )
         if self.config.routing.method == "custom" and custom_routing_function is None:
             raise ValueError("routing method 'custom' needs custom_routing_function")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend: expected a backend name, got {type(backend).__name__}")
+        if backend != "auto":
+            get_backend(backend)  # an unknown name fails here, not at the first forward
         self.backend = backend
         self.custom_routing_function = custom_routing_function
         dtype = params_dtype or torch.get_default_dtype()
+        if dtype not in FLOAT_DTYPES:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+            raise TypeError(f"params_dtype: {dtype} is not allowed; use {allowed} (quantized weights: quant=...)")
         factory = {"dtype": dtype, "device": device}
         self._init_expert_map(expert_map, device)
         local, n, k = self.num_local_experts, intermediate_size, hidden_size
@@ -105,6 +115,7 @@ class FusedMoE(nn.Module):
             self.shared_expert_gate = nn.Linear(k, 1, bias=False, **factory) if shared_expert_gate else None
         if self.shared_expert_gate is not None and shared_experts is None:
             raise ValueError("shared_expert_gate needs shared_experts")
+        self._prepared = PreparedCache()  # a backend's own arrangement of the weights, made once (Backend.prepare)
         self.reset_parameters()
 
     def _init_expert_map(self, expert_map: torch.Tensor | None, device: torch.device | str | None) -> None:
@@ -113,15 +124,16 @@ class FusedMoE(nn.Module):
             self.num_local_experts = num_experts
             self.register_buffer("expert_map", None, persistent=False)
             return
-        if expert_map.dim() != 1 or expert_map.shape[0] != num_experts:
-            raise ValueError(f"expert_map: expected shape ({num_experts},), got {tuple(expert_map.shape)}")
-        local_ids = sorted(int(i) for i in expert_map.tolist() if i >= 0)
-        if local_ids != list(range(len(local_ids))) or not local_ids:
-            raise ValueError(
-                "expert_map: local ids must be 0..L-1, each exactly once (-1 elsewhere), with L >= 1; "
-                f"got {expert_map.tolist()}"
-            )
-        self.num_local_experts = len(local_ids)
+        if not isinstance(expert_map, torch.Tensor) or expert_map.dim() != 1 or expert_map.shape[0] != num_experts:
+            got = tuple(expert_map.shape) if isinstance(expert_map, torch.Tensor) else type(expert_map).__name__
+            raise ValueError(f"expert_map: expected a tensor of shape ({num_experts},), got {got}")
+        if expert_map.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"expert_map: dtype {expert_map.dtype} is not allowed; use torch.int32 or torch.int64")
+        num_local = int((expert_map >= 0).sum())
+        if num_local == 0:
+            raise ValueError("expert_map: holds no local expert (every value is -1); a layer holds at least one")
+        check_expert_map_values(expert_map, num_local, each_once=True)
+        self.num_local_experts = num_local
         self.register_buffer("expert_map", expert_map.to(torch.int32).to(device), persistent=False)
 
     @torch.no_grad()
@@ -142,6 +154,10 @@ class FusedMoE(nn.Module):
                 f"got {tuple(shape)}"
             )
         x = hidden_states.reshape(-1, shape[-1])
+        if x.dtype != self.w13_weight.dtype and not self.config.quant.is_quantized:
+            raise TypeError(f"hidden_states: dtype {x.dtype} differs from the layer's parameters "
+                            f"({self.w13_weight.dtype}); cast the input (x.to({self.w13_weight.dtype})) or the layer "
+                            f"(layer.to({x.dtype}))")
         weights, ids = self.select_experts(x, router_logits)
         y = self.experts(x, weights, ids)
         if self.shared_experts is not None:
@@ -159,7 +175,14 @@ class FusedMoE(nn.Module):
             if self.gate is None:
                 raise ValueError("router_logits is required: this FusedMoE was built with gate=False")
             router_logits = self.gate(x)
-        router_logits = router_logits.reshape(x.shape[0], router_logits.shape[-1])
+        num_experts = self.config.num_experts
+        if not isinstance(router_logits, torch.Tensor) or router_logits.shape[-1] != num_experts or \
+                router_logits.numel() != x.shape[0] * num_experts:
+            got = (tuple(router_logits.shape) if isinstance(router_logits, torch.Tensor)
+                   else type(router_logits).__name__)
+            raise ValueError(f"router_logits: expected [{x.shape[0]}, {num_experts}] (or [B, S, {num_experts}]) for "
+                             f"{x.shape[0]} tokens and {num_experts} experts, got {got}")
+        router_logits = router_logits.reshape(x.shape[0], num_experts)
         return route(
             router_logits, self.config.top_k, self.config.routing, hidden_states=x,
             e_score_correction_bias=self.e_score_correction_bias,
@@ -172,8 +195,21 @@ class FusedMoE(nn.Module):
             x, self.w13_weight, self.w2_weight, weights, ids, activation=self.config.activation,
             w13_bias=self.w13_bias, w2_bias=self.w2_bias,
             apply_router_weight_on_input=self.config.apply_router_weight_on_input,
-            expert_map=self.expert_map, quant=self.config.quant, backend=self.backend,
+            expert_map=self.expert_map, quant=self.config.quant, backend=self.backend, prepared=self._prepared,
         )
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Make the chosen backend's own arrangement of the weights now (``Backend.prepare``; most backends
+        need none), e.g. before ``torch.compile``, which cannot make it while tracing."""
+        x = self.w13_weight.new_empty(0, self.config.hidden_size)
+        k = self.config.top_k
+        self.experts(x, x.new_empty(0, k, dtype=torch.float32), x.new_empty(0, k, dtype=torch.int32))
+
+    def release_prepared(self) -> None:
+        """Free the backend's own arrangement of the weights (``Backend.prepare``); the next forward on
+        such a backend makes it again."""
+        self._prepared.release()
 
     # ---------------------------------------------------------------------------- weight loading
     def local_expert_id(self, expert_id: int) -> int:
@@ -241,10 +277,22 @@ class FusedMoE(nn.Module):
                 continue
             if dst is None:
                 raise ValueError(f"load_fused_weights: {name} given but this FusedMoE was built with bias=False")
-            want = (self.config.num_experts, *dst.shape[1:])
+            want = self._fused_shape(name, dst)
             if tuple(src.shape) != want:
                 raise ValueError(f"load_fused_weights: {name} must have shape {want}, got {tuple(src.shape)}")
-            dst.copy_(src if idx is None else src[idx.to(src.device)])
+            local = self._fused_slice(name, src)  # a view: only the local rows below are read
+            if idx is not None:
+                local = local[idx.to(src.device)]
+            dst.view(local.shape).copy_(local)
+
+    def _fused_shape(self, name: str, dst: torch.Tensor) -> tuple[int, ...]:
+        """The checkpoint shape of fused tensor ``name`` (all global experts)."""
+        return (self.config.num_experts, *dst.shape[1:])
+
+    def _fused_slice(self, name: str, src: torch.Tensor) -> torch.Tensor:
+        """This layer's part of a fused checkpoint tensor, before picking the local experts (tensor
+        parallelism slices here)."""
+        return src
 
     def extra_repr(self) -> str:
         c = self.config

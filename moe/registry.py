@@ -1,23 +1,38 @@
-"""The backend registry: registration, selection, and the decision trace that explains it.
+"""The backend registry: registration, plugins, selection, and the decision trace that explains it.
 
 ``backend="auto"`` walks the registered backends by descending priority and takes the first that is
-available and supports the problem; every other candidate is listed with its reason. A backend named
-explicitly runs or raises with its reason: there is never a silent fallback.
+available, runs the call's quantization scheme and supports the problem; every other candidate is listed
+with its reason. A backend named explicitly runs or raises with its reason: there is never a silent
+fallback.
+
+Backends come from three places: the built-in modules under ``moe.backends``, :func:`register_backend`,
+and plugins: installed distributions that declare an entry point in the group ``moe.backends`` whose
+value is a ``Backend`` object or a zero-argument callable returning one. Plugins are discovered at the
+first use of the registry (``import moe`` never imports one). A plugin that fails to import, to build,
+to meet the contract or whose name is taken is kept as a :class:`BrokenPlugin` with its reason
+(``moe backends`` lists it) and is never selected; a backend whose ``is_available`` or ``supports``
+raises or returns something other than ``(bool, str)`` is judged unable to run, with that as its reason.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import threading
 from dataclasses import dataclass
 
-from .backends.base import Backend, ExpertsProblem
+from .contract import Backend, ExpertsProblem, backend_schemes
+from .options import register_cache
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "BackendUnavailableError",
+    "BrokenPlugin",
     "Decision",
+    "broken_plugins",
     "clear_decisions",
     "get_backend",
+    "judge",
     "last_decision",
     "list_backends",
     "register_backend",
@@ -25,13 +40,17 @@ __all__ = [
     "unregister_backend",
 ]
 
+ENTRY_POINT_GROUP = "moe.backends"
 # Built-in backends: module path under moe.backends. Adding a backend is one file plus one line here.
 _BUILTIN = ("torch_ref", "triton", "torch_grouped")
 
 _registry: dict[str, Backend] = {}
+_broken: dict[str, BrokenPlugin] = {}
 _local = threading.local()
+_lock = threading.RLock()
 # Decisions by (problem shape, requested backend); cleared when the registry changes.
 _decisions: dict[tuple[ExpertsProblem, str], Decision] = {}
+register_cache(_decisions.clear)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -42,6 +61,16 @@ class BackendUnavailableError(RuntimeError):
 class Candidate:
     name: str
     ok: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """A plugin entry point that did not yield a usable backend, and why."""
+
+    name: str  # the entry point's name
+    value: str  # what it points to, ``module:attribute``
+    distribution: str
     reason: str
 
 
@@ -61,23 +90,57 @@ class Decision:
         return "\n".join(lines)
 
 
-def _ensure_builtins() -> None:
-    if getattr(_ensure_builtins, "done", False):
+def _ensure_loaded() -> None:
+    if getattr(_ensure_loaded, "done", False):
         return
-    _ensure_builtins.done = True  # type: ignore[attr-defined]
-    for module in _BUILTIN:
-        backend = importlib.import_module(f"moe.backends.{module}").BACKEND
-        _registry.setdefault(backend.name, backend)
+    with _lock:
+        if getattr(_ensure_loaded, "done", False):
+            return
+        for module in _BUILTIN:
+            backend = importlib.import_module(f"moe.backends.{module}").BACKEND
+            _registry.setdefault(backend.name, backend)
+        _load_plugins()
+        _ensure_loaded.done = True  # type: ignore[attr-defined]
+
+
+def _contract_gap(obj: object) -> str | None:
+    """What ``obj`` lacks of the Backend contract, or None."""
+    missing = [m for m in ("name", "priority", "is_available", "supports", "apply") if not hasattr(obj, m)]
+    if missing:
+        return f"{type(obj).__name__} does not implement the Backend contract (missing {', '.join(missing)})"
+    if not isinstance(obj.name, str) or not obj.name:
+        return f"its name must be a non-empty string, got {obj.name!r}"
+    if not isinstance(obj.priority, int):
+        return f"its priority must be an int, got {obj.priority!r}"
+    return None
+
+
+def _load_plugins() -> None:
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(getattr(ep, "dist", None), "name", None) or "?"
+        try:
+            obj = ep.load()
+            if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Backend)):
+                obj = obj()  # a factory (or a class): build the backend
+        except Exception as exc:  # a broken plugin is reported, never raised at selection time
+            _broken[ep.name] = BrokenPlugin(ep.name, ep.value, dist, f"failed to load: {type(exc).__name__}: {exc}")
+            continue
+        gap = _contract_gap(obj)
+        if gap is not None:
+            _broken[ep.name] = BrokenPlugin(ep.name, ep.value, dist, gap)
+        elif obj.name in _registry:
+            _broken[ep.name] = BrokenPlugin(ep.name, ep.value, dist,
+                                            f"its name {obj.name!r} is taken by another backend; rename it")
+        else:
+            _registry[obj.name] = obj
 
 
 def register_backend(backend: Backend, *, replace: bool = False) -> None:
-    """Register a backend object (see moe/backends/base.py for the contract)."""
-    _ensure_builtins()
-    if not isinstance(backend, Backend):
-        raise TypeError(
-            f"backend: {type(backend).__name__} does not implement the Backend contract "
-            "(name, priority, is_available, supports, apply)"
-        )
+    """Register a backend object (see moe/contract.py for the contract)."""
+    _ensure_loaded()
+    gap = _contract_gap(backend)
+    if gap is not None:
+        raise TypeError(f"backend: {gap}")
     if backend.name in _registry and not replace:
         raise ValueError(f"backend {backend.name!r} is already registered; pass replace=True to override it")
     _registry[backend.name] = backend
@@ -85,36 +148,70 @@ def register_backend(backend: Backend, *, replace: bool = False) -> None:
 
 
 def unregister_backend(name: str) -> None:
-    _ensure_builtins()
+    _ensure_loaded()
     _registry.pop(name, None)
     _decisions.clear()
 
 
 def list_backends() -> list[Backend]:
     """Registered backends, highest priority first."""
-    _ensure_builtins()
-    return sorted(_registry.values(), key=lambda b: (-b.priority, b.name))
+    _ensure_loaded()
+    return sorted(_registry.values(), key=lambda b: (-_priority(b), b.name))
+
+
+def broken_plugins() -> list[BrokenPlugin]:
+    """Plugin entry points that yielded no usable backend, with their reasons."""
+    _ensure_loaded()
+    return list(_broken.values())
 
 
 def get_backend(name: str) -> Backend:
-    _ensure_builtins()
+    _ensure_loaded()
     if name not in _registry:
-        raise ValueError(f"backend: unknown backend {name!r}; registered: {', '.join(sorted(_registry))}, auto")
+        hint = f" (a plugin by that name is broken: {_broken[name].reason})" if name in _broken else ""
+        raise ValueError(f"backend: unknown backend {name!r}{hint}; registered: {', '.join(sorted(_registry))}, auto")
     return _registry[name]
 
 
-def _judge(backend: Backend, problem: ExpertsProblem) -> Candidate:
-    ok, reason = backend.is_available()
+def _priority(backend: Backend) -> int:
+    try:
+        p = backend.priority
+    except Exception:  # a property that raises: last
+        return -(2**31)
+    return p if isinstance(p, int) else -(2**31)
+
+
+def _verdict(backend: Backend, method: str, *args: object) -> tuple[bool, str]:
+    """Call ``is_available``/``supports``; anything but a (bool, str) is a reason not to run."""
+    try:
+        result = getattr(backend, method)(*args)
+    except Exception as exc:
+        return False, f"{method}() raised {type(exc).__name__}: {exc}"
+    if (not isinstance(result, tuple) or len(result) != 2 or not isinstance(result[0], bool)
+            or not isinstance(result[1], str)):
+        return False, f"{method}() returned {result!r}; the contract is a tuple (ok: bool, reason: str)"
+    return result
+
+
+def judge(backend: Backend, problem: ExpertsProblem) -> Candidate:
+    """Whether ``backend`` can run ``problem``, and why not."""
+    ok, reason = _verdict(backend, "is_available")
     if ok:
-        ok, reason = backend.supports(problem)
+        scheme = problem.quant.key()
+        schemes = backend_schemes(backend)
+        if scheme not in schemes:
+            ok, reason = False, f"runs the quantization schemes {', '.join(sorted(schemes))}, not {scheme}"
+    if ok:
+        ok, reason = _verdict(backend, "supports", problem)
     return Candidate(backend.name, ok, reason if reason else "ok")
 
 
 def select_backend(problem: ExpertsProblem, backend: str = "auto") -> Decision:
     """Choose a backend for ``problem``; raise with the reason if a named backend cannot run it.
 
-    Decisions are cached per problem shape (the token count aside: ``supports()`` must not depend on
-    it), so the hot path pays for one dictionary lookup; the cache is cleared when backends change."""
+    Decisions are cached per problem shape and device target (the token count aside: ``supports()`` must
+    not depend on it), so the hot path pays for one dictionary lookup; the cache is cleared when backends
+    change and by ``moe.reset_caches()``."""
     key = (problem, backend)  # ExpertsProblem equality ignores num_tokens
     decision = _decisions.get(key)
     if decision is None:
@@ -125,17 +222,17 @@ def select_backend(problem: ExpertsProblem, backend: str = "auto") -> Decision:
 
 
 def clear_decisions() -> None:
-    """Forget cached decisions (after changing something ``is_available()`` reads, e.g. the environment)."""
+    """Forget cached decisions (``moe.reset_caches()`` does this and more)."""
     _decisions.clear()
 
 
 def _decide(problem: ExpertsProblem, backend: str) -> Decision:
     if backend != "auto":
-        candidate = _judge(get_backend(backend), problem)
+        candidate = judge(get_backend(backend), problem)
         if not candidate.ok:
             raise BackendUnavailableError(f"backend {backend!r} cannot run this problem: {candidate.reason}")
         return Decision(backend, backend, (candidate,))
-    candidates = tuple(_judge(b, problem) for b in list_backends())
+    candidates = tuple(judge(b, problem) for b in list_backends())
     chosen = next((c.name for c in candidates if c.ok), None)
     if chosen is None:
         reasons = "; ".join(f"{c.name}: {c.reason}" for c in candidates)

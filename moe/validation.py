@@ -4,45 +4,40 @@ Two kinds of checks:
 - *metadata checks* (dtypes, shapes, devices, config values) always run: they cost no device work;
 - *value checks* (ids in range, finite router logits) read tensor values. On CPU tensors they always run.
   On GPU they would force a host synchronization in the hot path, so they run only in validation mode:
-  ``MOE_VALIDATE=1`` in the environment, ``moe.set_validation(True)``, or ``with moe.validation():``.
-  They never run while ``torch.compile`` traces.
+  the ``value_checks`` option (``MOE_VALIDATE=1``, ``moe.set_validation(True)``, or
+  ``with moe.validation():``). They never run while ``torch.compile`` traces.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
 
-__all__ = ["set_validation", "validation", "value_checks_enabled"]
+from .options import options, override_options, set_options
 
-_state = {"enabled": os.environ.get("MOE_VALIDATE", "0") not in ("", "0", "false", "False")}
+__all__ = ["set_validation", "validation", "value_checks_enabled"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def set_validation(enabled: bool) -> None:
-    """Turn the value checks on GPU tensors on or off for this process."""
-    _state["enabled"] = bool(enabled)
+    """Turn the value checks on GPU tensors on or off for this process (the ``value_checks`` option)."""
+    set_options(value_checks=bool(enabled))
 
 
 @contextlib.contextmanager
 def validation(enabled: bool = True) -> Iterator[None]:
     """Run a block with the value checks on GPU tensors on (or off)."""
-    old = _state["enabled"]
-    _state["enabled"] = enabled
-    try:
+    with override_options(value_checks=bool(enabled)):
         yield
-    finally:
-        _state["enabled"] = old
 
 
 def value_checks_enabled(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
-    return t.device.type == "cpu" or _state["enabled"]
+    return t.device.type == "cpu" or options().value_checks
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
@@ -99,3 +94,37 @@ def check_ids_range(topk_ids: torch.Tensor, num_experts: int) -> None:
         raise ValueError(
             f"topk_ids: values must be in [0, {num_experts}) (global expert ids), got min {lo} and max {hi}"
         )
+
+
+def check_finite_weights(topk_weights: torch.Tensor) -> None:
+    """NaN and infinite routing weights are rejected (a masked token has weight 0, never NaN)."""
+    if not value_checks_enabled(topk_weights) or topk_weights.numel() == 0:
+        return
+    bad = ~torch.isfinite(topk_weights)
+    if bool(bad.any()):
+        rows = bad.any(dim=-1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"topk_weights: {int(bad.sum())} NaN or infinite values (first rows {rows}); routing "
+                         "weights must be finite")
+
+
+def check_expert_map_values(expert_map: torch.Tensor, num_local: int, *, each_once: bool = False) -> None:
+    """Each value is -1 (held elsewhere) or a local id in [0, num_local); with ``each_once``, every local id
+    appears exactly once (how a layer's map is built). Run where a map is built; in ``fused_experts`` on
+    CPU tensors or in validation mode (reading a CUDA map synchronizes)."""
+    if expert_map.numel() == 0:
+        raise ValueError("expert_map: empty; it has one entry per global expert")
+    values = expert_map.detach().cpu().long()
+    bad = (values < -1) | (values >= num_local)
+    if bool(bad.any()):
+        first = bad.nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"expert_map: values must be -1 (another rank) or a local id in [0, {num_local}) (w13 and w2 hold "
+            f"{num_local} experts); global experts {first} map to {values[first].tolist()}"
+        )
+    if not each_once:
+        return
+    counts = torch.bincount(values[values >= 0], minlength=num_local)
+    if bool((counts != 1).any()):
+        wrong = (counts != 1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"expert_map: each local id 0..{num_local - 1} must appear exactly once (-1 elsewhere); "
+                         f"local ids {wrong} appear {counts[wrong].tolist()} times")

@@ -21,6 +21,17 @@ def _seed(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_options():
+    """Each test starts from the environment's options and ends by restoring them (a test that sets an
+    MOE_* variable calls moe.reset_caches() to read it); set up before monkeypatch, so torn down after it."""
+    import moe
+
+    moe.reset_caches()
+    yield
+    moe.reset_caches()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -51,6 +51,20 @@ def experts64(x, w13, w2, weights, ids, activation="silu", w13_bias=None, w2_bia
     return out
 
 
+def _softmax(row: list[float]) -> list[float]:
+    """A row of -inf only (a fully masked token) scores 0 everywhere."""
+    m = max(row)
+    if m == -math.inf:
+        return [0.0] * len(row)
+    ex = [math.exp(v - m) for v in row]
+    return [v / sum(ex) for v in ex]
+
+
+def _renorm(w: list[float]) -> list[float]:
+    total = sum(w)
+    return [v / total for v in w] if total != 0 else w
+
+
 def _order(scores: list[float]) -> list[int]:
     """Indices by descending score, ties to the lower index."""
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
@@ -60,15 +74,13 @@ def topk_route64(logits, k, renormalize=True, scoring="softmax"):
     out_w, out_ids = [], []
     for row in logits.double().tolist():
         if scoring == "softmax":
-            m = max(row)
-            ex = [math.exp(v - m) for v in row]
-            s = [v / sum(ex) for v in ex]
+            s = _softmax(row)
         else:
             s = [1 / (1 + math.exp(-v)) for v in row]
         top = _order(s)[:k]
         w = [s[i] for i in top]
         if renormalize:
-            w = [v / sum(w) for v in w]
+            w = _renorm(w)
         out_w.append(w)
         out_ids.append(top)
     return torch.tensor(out_w, dtype=torch.float64), torch.tensor(out_ids)
@@ -78,9 +90,7 @@ def topk_softmax64(logits, k):
     out_w, out_ids = [], []
     for row in logits.double().tolist():
         top = _order(row)[:k]
-        m = max(row[i] for i in top)
-        ex = [math.exp(row[i] - m) for i in top]
-        out_w.append([v / sum(ex) for v in ex])
+        out_w.append(_softmax([row[i] for i in top]))
         out_ids.append(top)
     return torch.tensor(out_w, dtype=torch.float64), torch.tensor(out_ids)
 
@@ -91,9 +101,7 @@ def grouped_route64(logits, k, num_groups, topk_group, renormalize, scoring, bia
     per = e // num_groups
     for row in logits.double().tolist():
         if scoring == "softmax":
-            m = max(row)
-            ex = [math.exp(v - m) for v in row]
-            s = [v / sum(ex) for v in ex]
+            s = _softmax(row)
         else:
             s = [1 / (1 + math.exp(-v)) for v in row]
         c = [s[i] + (float(bias[i]) if bias is not None else 0.0) for i in range(e)]
@@ -103,10 +111,10 @@ def grouped_route64(logits, k, num_groups, topk_group, renormalize, scoring, bia
             gscore.append(vals[0] + vals[1] if bias is not None else vals[0])
         keep = set(_order(gscore)[:topk_group])
         cand = [c[i] if i // per in keep else -math.inf for i in range(e)]
-        top = _order(cand)[:k]
+        top = _order(cand)[:k] if max(row) > -math.inf else list(range(k))  # a fully masked token: ids 0..k-1
         w = [s[i] for i in top]
         if renormalize:
-            w = [v / sum(w) for v in w]
+            w = _renorm(w)
         out_w.append([v * scale for v in w])
         out_ids.append(top)
     return torch.tensor(out_w, dtype=torch.float64), torch.tensor(out_ids)

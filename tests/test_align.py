@@ -12,7 +12,7 @@ pytest.importorskip("triton")  # CI installs triton; test_parity.test_triton_run
 @pytest.fixture(params=["one_program", "spread"])
 def path(request, monkeypatch):
     """Both alignment paths: one program (small batches) and count/scan/scatter over the device."""
-    import moe.backends.triton.align as align_mod
+    import moe.kernels.align as align_mod
 
     if request.param == "spread":
         monkeypatch.setattr(align_mod, "ONE_PROGRAM_PAIRS", 0)
@@ -20,7 +20,7 @@ def path(request, monkeypatch):
 
 
 def _check(ids, num_local, block_m, emap=None):
-    from moe.backends.triton.align import align
+    from moe.kernels.align import align
 
     al = align(ids, num_local, block_m, emap)
     flat = ids.reshape(-1).long()
@@ -66,7 +66,7 @@ def test_alignment_skewed_and_expert_map(path):
 def test_host_helpers_match_triton():
     import triton
 
-    from moe.backends.triton.host import cdiv, next_pow2
+    from moe.kernels.host import cdiv, next_pow2
 
     for a in range(0, 300):
         assert next_pow2(a) == triton.next_power_of_2(a), a

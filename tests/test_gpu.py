@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import moe
-from moe.backends.base import ExpertsArgs, ExpertsProblem
 from moe.backends.torch_ref import torch_ref_experts
+from moe.contract import ExpertsArgs, ExpertsProblem
 from moe.testing import assert_close
 
 pytestmark = pytest.mark.gpu
@@ -171,7 +171,7 @@ def test_gpu_alignment_invariants(one_program, monkeypatch):
     and an expert map."""
     from test_align import _check
 
-    import moe.backends.triton.align as align_mod
+    import moe.kernels.align as align_mod
 
     if not one_program:
         monkeypatch.setattr(align_mod, "ONE_PROGRAM_PAIRS", 0)
@@ -189,39 +189,61 @@ def test_gpu_alignment_invariants(one_program, monkeypatch):
 def test_gpu_direct_launch_matches_triton_launcher(T):
     """Direct launches of the kept compiled kernels give bitwise the results of Triton's own launcher
     (one-program and spread alignment, T = 1 direct tiles), and the direct path is the one taken."""
-    import moe.backends.triton.launch as ln
+    import moe.kernels.launch as ln
 
     args, prob = _inputs(T, torch.bfloat16, "swigluoai", bias=True)
     outs = {}
-    try:
-        for direct in (False, True, True):  # the second direct call launches kept kernels
-            ln.set_direct_launch(direct)
+    assert ln.direct_launch_status()[0], ln.direct_launch_status()[1]  # a verified triton on the GPU machine
+    for direct in (False, True, True):  # the second direct call launches kept kernels
+        with moe.override_options(direct_launch=direct):
             before = ln.launch_counts()
             out = torch.full_like(args.hidden_states, float("nan"))
             _call(args, prob, "triton", out=out)
             torch.cuda.synchronize()
             after = ln.launch_counts()
-            assert (after["direct"] > before["direct"]) == direct
-            assert (after["triton"] > before["triton"]) == (not direct)
-            outs.setdefault(direct, []).append(out)
-    finally:
-        ln.set_direct_launch(None)
+        assert (after["direct"] > before["direct"]) == direct
+        assert (after["triton"] > before["triton"]) == (not direct)
+        outs.setdefault(direct, []).append(out)
     assert torch.equal(outs[False][0], outs[True][0]) and torch.equal(outs[True][0], outs[True][1])
     assert_close(outs[True][1], _reference(args, prob), dtype=torch.bfloat16, what=f"direct launch T={T}")
 
 
-def test_gpu_per_expert_weight_scale():
-    from moe.backends.triton import triton_experts
+@pytest.mark.parametrize("T", [1, 100, 5000])
+def test_gpu_scaled_weights_through_the_seam(T):
+    """The seam's test scheme (weights times a per-(expert, part) fp32 scale) eagerly, under
+    torch.compile(fullgraph=True) and under CUDA-graph replay with new routing, NaN-poisoned, against the
+    float64 reference on the dequantized weights."""
+    from moe.quant import SCALED, QuantizedWeight, dequantize
 
-    args, prob = _inputs(100, torch.bfloat16)
-    s13 = torch.rand(E, device="cuda") + 0.5
-    s2 = torch.rand(E, device="cuda") + 0.5
+    args, prob = _inputs(T, torch.bfloat16)
+    q13 = QuantizedWeight(args.w13, torch.rand(E, 2, device="cuda") + 0.5, SCALED.weights, parts=2)
+    q2 = QuantizedWeight(args.w2, torch.rand(E, 1, device="cuda") + 0.5, SCALED.weights)
+    deq = dataclasses.replace(args, w13=dequantize(q13, torch.float64), w2=dequantize(q2, torch.float64))
+
+    def call(x, w, ids, out):
+        return moe.fused_experts(x, q13, q2, w, ids, backend="triton", out=out)
+
     out = torch.full_like(args.hidden_states, float("nan"))
-    triton_experts(args, prob, out, w13_scale=s13, w2_scale=s2)
-    scaled = ExpertsArgs(args.hidden_states, args.w13.double() * s13.double()[:, None, None],
-                         args.w2.double() * s2.double()[:, None, None], args.topk_weights, args.topk_ids)
-    ref = torch_ref_experts(scaled, prob, compute_dtype=torch.float64)
-    assert_close(out, ref, dtype=torch.bfloat16, what="per-expert weight scale")
+    call(args.hidden_states, args.topk_weights, args.topk_ids, out)
+    assert_close(out, torch_ref_experts(deq, prob, compute_dtype=torch.float64), dtype=torch.bfloat16,
+                 what=f"scaled weights T={T} eager")
+    compiled = torch.compile(call, fullgraph=True)
+    out.fill_(float("nan"))
+    compiled(args.hidden_states, args.topk_weights, args.topk_ids, out)
+    assert_close(out, torch_ref_experts(deq, prob, compute_dtype=torch.float64), dtype=torch.bfloat16,
+                 what=f"scaled weights T={T} compiled")
+    w, ids = args.topk_weights.clone(), args.topk_ids.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(args.hidden_states, w, ids, out)
+    nw, nids = moe.fused_topk(torch.randn(T, E, device="cuda"), TOPK)
+    w.copy_(nw)
+    ids.copy_(nids)
+    out.fill_(float("nan"))
+    graph.replay()
+    ref = torch_ref_experts(dataclasses.replace(deq, topk_weights=nw, topk_ids=nids), prob,
+                            compute_dtype=torch.float64)
+    assert_close(out, ref, dtype=torch.bfloat16, what=f"scaled weights T={T} graph replay")
 
 
 def test_gpu_oversized_config_rejected_before_launch():
@@ -236,17 +258,17 @@ def test_gpu_oversized_config_rejected_before_launch():
 def test_gpu_batch_invariant_mode():
     """With batch_invariant, a token's output is bitwise the same alone and inside batches of 7, 256
     and 4096 (which the default heuristic would give three different configs)."""
-    from moe.backends.triton import TritonOptions, triton_experts
+    from moe.backends.triton import triton_experts
 
-    opts = TritonOptions(batch_invariant=True)
     args, prob = _inputs(4096, torch.bfloat16, e=64, k=512, n=256, topk=8)
     probe = [0, 5, 3000]
     alone = {}
     for t in probe:
         one = dataclasses.replace(args, hidden_states=args.hidden_states[t:t + 1],
                                   topk_weights=args.topk_weights[t:t + 1], topk_ids=args.topk_ids[t:t + 1])
-        alone[t] = triton_experts(one, dataclasses.replace(prob, num_tokens=1), torch.empty_like(one.hidden_states),
-                                  opts=opts)[0]
+        with moe.override_options(batch_invariant=True):
+            alone[t] = triton_experts(one, dataclasses.replace(prob, num_tokens=1),
+                                      torch.empty_like(one.hidden_states))[0]
     for T in (7, 256, 4096):
         idx = torch.arange(T, device="cuda")
         rows = [t for t in probe if t < T] or [0]
@@ -254,20 +276,21 @@ def test_gpu_batch_invariant_mode():
         part = dataclasses.replace(args, hidden_states=args.hidden_states[idx].contiguous(),
                                    topk_weights=args.topk_weights[idx].contiguous(),
                                    topk_ids=args.topk_ids[idx].contiguous())
-        out = triton_experts(part, dataclasses.replace(prob, num_tokens=T), torch.empty_like(part.hidden_states),
-                             opts=opts)
+        with moe.override_options(batch_invariant=True):
+            out = triton_experts(part, dataclasses.replace(prob, num_tokens=T), torch.empty_like(part.hidden_states))
         for i, t in enumerate(rows):
             assert torch.equal(out[i], alone[t]), f"token {t} differs inside a batch of {T}"
 
 
 def test_gpu_chunked_equals_unchunked():
-    from moe.backends.triton import TritonOptions, triton_experts
+    from moe.backends.triton import triton_experts
     from moe.backends.triton.config import default_config
 
     args, prob = _inputs(5000, torch.bfloat16, emap=True)
     cfg = default_config(dataclasses.replace(prob, num_tokens=1024))
     whole = triton_experts(args, prob, torch.empty_like(args.hidden_states), cfg)
-    chunked = triton_experts(args, prob, torch.empty_like(args.hidden_states), cfg, opts=TritonOptions(chunk_tokens=1024))
+    with moe.override_options(chunk_tokens=1024):
+        chunked = triton_experts(args, prob, torch.empty_like(args.hidden_states), cfg)
     assert torch.equal(whole, chunked)
 
 
@@ -279,7 +302,7 @@ def test_gpu_chunked_equals_unchunked():
     (16385, "swigluoai", True, True, 128, 64, 8),
 ])
 def test_gpu_gate_up_in_one_dot(T, act, bias, emap, block_m, block_n, warps):
-    """The one-dot GEMM1 (interleaved gate/up columns) against the float64 reference, NaN-poisoned output."""
+    """The one-dot GEMM1 ([gate | up] columns in one tile) against the float64 reference, NaN-poisoned output."""
     from moe.backends.triton import GemmTile, KernelConfig, triton_experts
 
     args, prob = _inputs(T, torch.bfloat16, act, bias, emap)
@@ -301,20 +324,16 @@ def test_gpu_gate_up_in_one_dot(T, act, bias, emap, block_m, block_n, warps):
 def test_gpu_tma_loads(T, act, bias, emap, block_m, block_n, warps, gate_up, hidden):
     """loads="tma" (weights, and GEMM2's sorted input, through tensor descriptors) against the float64
     reference with a NaN-poisoned output, and bitwise equal to pointer loads under both launchers."""
-    import moe.backends.triton.launch as ln
     from moe.backends.triton import GemmTile, KernelConfig, triton_experts
 
     args, prob = _inputs(T, torch.bfloat16, act, bias, emap, k=hidden)
     outs = {}
-    try:
-        for loads, direct in (("pointer", True), ("tma", False), ("tma", True)):
-            ln.set_direct_launch(direct)
+    for loads, direct in (("pointer", True), ("tma", False), ("tma", True)):
+        with moe.override_options(direct_launch=direct):
             tile = GemmTile(block_n=block_n, block_k=64, group_m=8, num_warps=warps, num_stages=3, loads=loads)
             cfg = KernelConfig(block_m=block_m, gemm1=tile, gemm2=tile, gate_up=gate_up)
             out = torch.full_like(args.hidden_states, float("nan"))
             outs[loads, direct] = triton_experts(args, prob, out, cfg)
-    finally:
-        ln.set_direct_launch(None)
     assert_close(outs["tma", True], _reference(args, prob), dtype=torch.bfloat16, what=f"tma loads T={T}")
     assert torch.equal(outs["tma", True], outs["tma", False])
     assert torch.equal(outs["tma", True], outs["pointer", True])
@@ -330,7 +349,7 @@ def test_gpu_chained_launches(T, act, combine, monkeypatch):
     replayed with new logits, equal to the float64 reference with a NaN-poisoned output, and (with the
     deterministic combine) bitwise equal to the unchained launches (MOE_PDL=0)."""
     from moe.backends.triton import GemmTile, KernelConfig, triton_experts
-    from moe.backends.triton.host import chains
+    from moe.kernels.host import chains
 
     args, prob = _inputs(T, torch.bfloat16, act, bias=act == "swigluoai")
     tile = GemmTile(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3)
@@ -343,9 +362,9 @@ def test_gpu_chained_launches(T, act, combine, monkeypatch):
 
     outs = {}
     for flag in ("0", "1"):
-        monkeypatch.setenv("MOE_PDL", flag)
-        assert chains(torch.device("cuda")) == (flag == "1")  # Hopper
-        outs[flag] = step(torch.full_like(args.hidden_states, float("nan")))
+        with moe.override_options(pdl=flag == "1"):
+            assert chains(torch.device("cuda")) == (flag == "1")  # Hopper
+            outs[flag] = step(torch.full_like(args.hidden_states, float("nan")))
     if combine == "reduce":  # atomic adds land in any order: not reproducible bit for bit, chained or not
         assert torch.equal(outs["0"], outs["1"])
     w, ids = moe.fused_topk(logits, TOPK)

@@ -1,24 +1,23 @@
 """The direct launch path's bookkeeping on CPU, with stand-ins for a Triton kernel and its compiled
 kernel: one compile per specialization key, the full argument list in the kernel's order, a 3-D grid,
-keys that split where Triton's specialization does, and the fall-back to Triton's launcher."""
+keys that split where Triton's specialization does, and Triton's launcher on unverified releases."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import moe.backends.triton.launch as ln
+import moe
+import moe.kernels.launch as ln
 
 
 class FakeCompiled:
-    def __init__(self, log, fail=False):
-        self.log, self.fail = log, fail
+    def __init__(self, log):
+        self.log = log
         self.metadata = type("M", (), {"shared": 1024})()
 
     def __getitem__(self, grid):
         def run(*args):
-            if self.fail:
-                raise TypeError("launcher takes other arguments")
             self.log.append(("direct", grid, args))
         return run
 
@@ -26,12 +25,12 @@ class FakeCompiled:
 class FakeKernel:
     arg_names = ("x_ptr", "n", "alpha", "BLOCK", "FLAG")
 
-    def __init__(self, fail=False):
-        self.log, self.fail, self.compiles = [], fail, 0
+    def __init__(self):
+        self.log, self.compiles = [], 0
 
     def warmup(self, *args, grid, **kwargs):
         self.compiles += 1
-        return FakeCompiled(self.log, self.fail)
+        return FakeCompiled(self.log)
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.log.append(("triton", grid, args, kwargs))
@@ -41,9 +40,11 @@ class FakeKernel:
 def cuda_like(monkeypatch):
     monkeypatch.setattr(ln, "_smem_limit", lambda index: 232448)
     monkeypatch.setattr(ln, "_compiled", {})
-    ln.set_direct_launch(True)
-    yield torch.device("cuda", 0)
-    ln.set_direct_launch(None)
+    monkeypatch.setattr(ln, "VERIFIED_TRITON", (ln._triton_version(),))  # this triton counts as verified
+    ln._enabled.clear()
+    with moe.override_options(direct_launch=True):
+        yield torch.device("cuda", 0)
+    ln._enabled.clear()
 
 
 def test_direct_launch_keeps_one_compiled_kernel_per_key(cuda_like):
@@ -70,23 +71,28 @@ def test_direct_launch_off_and_on_cpu(cuda_like):
     x = torch.zeros(8)
     ln.launch(k, (2, 3), torch.device("cpu"), x, 8, 1.0, BLOCK=16, FLAG=False)
     assert k.compiles == 0  # the interpreter path keeps nothing
-    ln.set_direct_launch(False)
-    ln.launch(k, (2, 3), cuda_like, x, 8, 1.0, BLOCK=16, FLAG=False)
+    with moe.override_options(direct_launch=False):
+        ln.launch(k, (2, 3), cuda_like, x, 8, 1.0, BLOCK=16, FLAG=False)
     assert [e[0] for e in k.log] == ["triton", "triton"]
     assert k.compiles == 1  # switched off, the first launch still has its shared memory checked
     assert k.log[0][2:] == ((x, 8, 1.0), {"BLOCK": 16, "FLAG": False})
 
 
-def test_direct_launch_falls_back_when_the_launcher_differs(cuda_like):
-    k = FakeKernel(fail=True)
-    with pytest.warns(RuntimeWarning, match="direct kernel launches are off"):
-        ln.launch(k, (1,), cuda_like, torch.zeros(4), 4, 1.0, BLOCK=16, FLAG=False)
-    assert [e[0] for e in k.log] == ["triton"] and not ln.direct_launch_enabled()
+def test_unverified_triton_uses_its_own_launcher(cuda_like, monkeypatch):
+    """Direct launches depend on Triton internals: a release not on the verified list launches through
+    Triton, and the status says why."""
+    monkeypatch.setattr(ln, "VERIFIED_TRITON", ("0.0.1",))
+    ln._enabled.clear()
+    ok, why = ln.direct_launch_status()
+    assert not ok and f"triton {ln._triton_version()} is not a verified release (0.0.1)" in why
+    k = FakeKernel()
+    ln.launch(k, (1,), cuda_like, torch.zeros(4), 4, 1.0, BLOCK=16, FLAG=False)
+    assert [e[0] for e in k.log] == ["triton"] and k.compiles == 1  # still compiled and checked first
 
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_oversized_compiled_kernel_is_refused(cuda_like, monkeypatch, direct):
     monkeypatch.setattr(ln, "_smem_limit", lambda index: 512)
-    ln.set_direct_launch(direct)
-    with pytest.raises(ValueError, match="needs 1024 bytes of shared memory, the device allows 512"):
+    with moe.override_options(direct_launch=direct), \
+            pytest.raises(ValueError, match="needs 1024 bytes of shared memory, the device allows 512"):
         ln.launch(FakeKernel(), (1,), cuda_like, torch.zeros(4), 4, 1.0, BLOCK=16, FLAG=False)

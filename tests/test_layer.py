@@ -104,7 +104,7 @@ def test_layer_bad_config():
         _layer(apply_router_weight_on_input=True)
     with pytest.raises(ValueError, match=r"hidden_states: expected \[T, 24\]"):
         _layer()(torch.randn(3, 25))
-    with pytest.raises(ValueError, match=r"expert_map: local ids must be 0\.\.L-1"):
+    with pytest.raises(ValueError, match=r"expert_map: each local id 0\.\.1 must appear exactly once"):
         _layer(expert_map=torch.tensor([0, 0, -1, -1, -1, -1, -1, -1]))
 
 

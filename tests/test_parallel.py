@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import moe
-from moe.backends.base import ExpertsProblem
+from moe.contract import ExpertsProblem
 from moe.parallel import ParallelConfig, ParallelFusedMoE, expert_counts, expert_map, expert_owners
 from moe.testing import assert_close
 

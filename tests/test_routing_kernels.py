@@ -1,4 +1,4 @@
-"""The Triton routing kernels (moe/backends/triton/routing.py) against the float64 oracles: exact ids,
+"""The Triton routing kernels (moe/routing/triton.py) against the float64 oracles: exact ids,
 fp32-close weights.
 
 On CPU the launch functions run under the Triton interpreter (conftest sets TRITON_INTERPRET=1), one
@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 import moe
 import moe.routing as routing
-from moe.backends.triton import routing as kernels
+import moe.routing.triton as kernels
 
 TS = (1, 7, 33)
 TOPK_SHAPES = [(e, k) for e in (4, 5, 8, 64, 256, 512) for k in (1, 2, 8) if k <= e]
@@ -190,11 +190,11 @@ def test_route_through_the_kernels_and_torch_compile(monkeypatch):
     one custom op (traced through its fake implementation)."""
 
     def always(logits, top_k):
-        from moe.backends.triton import routing as launch
+        import moe.routing.triton as launch
 
         return launch
 
-    monkeypatch.setattr(routing, "_kernels", always)
+    monkeypatch.setattr(routing, "_gpu_kernels", always)
     x, b = _grid(7, 16), _grid(16, lo=-16, hi=16)
     cases = [
         (moe.RoutingConfig(routed_scaling_factor=2.0), lambda: topk_route64(x, 4, True, "softmax")),
@@ -215,7 +215,7 @@ def test_route_through_the_kernels_and_torch_compile(monkeypatch):
 
 def test_cpu_logits_take_the_torch_path():
     logits = torch.randn(3, 8)
-    assert routing._kernels(logits, 2) is None
+    assert routing._gpu_kernels(logits, 2) is None
     assert routing.gpu_routing_enabled()  # switched on by this module's fixture
     routing.set_gpu_routing(False)
     try:

@@ -1,5 +1,5 @@
-"""Triton kernel details on CPU (interpreter): per-expert weight scales, explicit kernel configs,
-the combine variants, and the config validation."""
+"""Triton kernel details on CPU (interpreter): scaled weights through the quant seam, explicit kernel
+configs, the combine variants, and the config validation."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from cases import Case, make_inputs, oracle
 
-from moe.backends.base import ExpertsArgs, ExpertsProblem
+import moe
 from moe.config import ActivationSpec
+from moe.contract import ExpertsArgs, ExpertsProblem
 from moe.testing import assert_close
 
 pytest.importorskip("triton")
@@ -24,14 +25,23 @@ def _args(case, dtype=torch.float32):
     return inp, args, prob
 
 
-def test_per_expert_weight_scale():
-    from moe.backends.triton import triton_experts
+@pytest.mark.parametrize("act", ["silu", "relu2"])
+def test_scaled_weights_through_the_seam(act):
+    """The seam's test scheme: weights times a per-(expert, part) fp32 scale, applied in the epilogue (gate
+    and up scaled separately), through fused_experts, against the float64 oracle on the dequantized
+    weights."""
+    from moe.quant import SCALED, QuantizedWeight
 
-    inp, args, prob = _args(Case(T=6, E=4, K=32, N=16, k=2))
-    s13, s2 = torch.rand(4) + 0.5, torch.rand(4) + 0.5
-    out = torch.full_like(args.hidden_states, float("nan"))
-    triton_experts(args, prob, out, w13_scale=s13, w2_scale=s2)
-    scaled = dict(inp, w13=inp["w13"] * s13[:, None, None], w2=inp["w2"] * s2[:, None, None])
+    inp = make_inputs(Case(T=6, E=4, K=32, N=16, k=2, activation=act))
+    parts = 2 if moe.ActivationSpec.parse(act).gated else 1
+    s13, s2 = torch.rand(4, parts) + 0.5, torch.rand(4, 1) + 0.5
+    q13 = QuantizedWeight(inp["w13"], s13, SCALED.weights, parts=parts)
+    q2 = QuantizedWeight(inp["w2"], s2, SCALED.weights)
+    out = torch.full_like(inp["hidden_states"], float("nan"))
+    moe.fused_experts(inp["hidden_states"], q13, q2, inp["topk_weights"], inp["topk_ids"], activation=act,
+                      backend="triton", out=out)
+    assert moe.last_decision().chosen == "triton" and moe.last_decision().requested == "triton"
+    scaled = dict(inp, w13=moe.quant.dequantize(q13), w2=moe.quant.dequantize(q2))
     assert_close(out, oracle(scaled))
 
 
@@ -52,7 +62,7 @@ def test_explicit_configs_and_combine_variants(combine, block_m):
                                                         ("gelu", 9, 64, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gate_up_in_one_dot(activation, T, K, N, dtype):
-    """gate_up="one_dot": interleaved gate/up columns, one dot per step, split after the loop; K and N
+    """gate_up="one_dot": [gate | up] columns in one tile, one dot per step, split after the loop; K and N
     both with and without tails; equals the reference like the two-dot kernel."""
     from moe.backends.triton import GemmTile, KernelConfig, triton_experts
 
@@ -133,62 +143,41 @@ def test_kernel_config_validation():
 
 
 def test_chunked_run_is_identical_and_bounded():
-    from moe.backends.triton import GemmTile, KernelConfig, TritonOptions, triton_experts
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
     from moe.backends.triton.config import workspace_bytes
 
     inp, args, prob = _args(Case(T=21, E=6, K=32, N=24, k=2, expert_map=True), torch.bfloat16)
     tile = GemmTile(block_n=32, block_k=32, group_m=1, num_stages=1)
     cfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile)
     whole = triton_experts(args, prob, torch.full_like(args.hidden_states, float("nan")), cfg)
-    chunked = triton_experts(args, prob, torch.full_like(args.hidden_states, float("nan")), cfg,
-                             opts=TritonOptions(chunk_tokens=8))
+    with moe.override_options(chunk_tokens=8):
+        chunked = triton_experts(args, prob, torch.full_like(args.hidden_states, float("nan")), cfg)
     assert torch.equal(whole, chunked)  # bitwise: chunks change nothing but the workspace
     assert_close(chunked, oracle(inp))
     assert workspace_bytes(8, 2, 6, 32, 24, 2, 16) < workspace_bytes(21, 2, 6, 32, 24, 2, 16)
 
 
-def test_options_from_env_and_validation(monkeypatch):
-    from moe.backends.triton import options, reset_options, set_options
-
-    monkeypatch.setenv("MOE_CHUNK_TOKENS", "64")
-    monkeypatch.setenv("MOE_BATCH_INVARIANT", "1")
-    try:
-        opts = reset_options()
-        assert opts.chunk_tokens == 64 and opts.batch_invariant
-        assert set_options(chunk_tokens=8).chunk_tokens == 8 and options().batch_invariant
-        with pytest.raises(ValueError, match="chunk_tokens"):
-            set_options(chunk_tokens=0)
-        monkeypatch.setenv("MOE_CHUNK_TOKENS", "lots")
-        with pytest.raises(ValueError, match="MOE_CHUNK_TOKENS must be a positive integer, got 'lots'"):
-            reset_options()
-    finally:
-        monkeypatch.delenv("MOE_CHUNK_TOKENS")
-        monkeypatch.delenv("MOE_BATCH_INVARIANT")
-        reset_options()
-
-
 def test_batch_invariant_mode_on_interpreter():
     """A token alone and inside a batch give bitwise-identical outputs with the one fixed config."""
-    from moe.backends.triton import TritonOptions, triton_experts
-
-    _, args, prob = _args(Case(T=7, E=4, K=32, N=16, k=2), torch.float32)
-    opts = TritonOptions(batch_invariant=True)
-    batch = triton_experts(args, prob, torch.empty_like(args.hidden_states), opts=opts)
     import dataclasses
 
-    for t in (0, 3, 6):
-        one = dataclasses.replace(args, hidden_states=args.hidden_states[t:t + 1],
-                                  topk_weights=args.topk_weights[t:t + 1], topk_ids=args.topk_ids[t:t + 1])
-        alone = triton_experts(one, dataclasses.replace(prob, num_tokens=1),
-                               torch.empty_like(one.hidden_states), opts=opts)
-        assert torch.equal(alone[0], batch[t])
+    from moe.backends.triton import triton_experts
+
+    _, args, prob = _args(Case(T=7, E=4, K=32, N=16, k=2), torch.float32)
+    with moe.override_options(batch_invariant=True):
+        batch = triton_experts(args, prob, torch.empty_like(args.hidden_states))
+        for t in (0, 3, 6):
+            one = dataclasses.replace(args, hidden_states=args.hidden_states[t:t + 1],
+                                      topk_weights=args.topk_weights[t:t + 1], topk_ids=args.topk_ids[t:t + 1])
+            alone = triton_experts(one, dataclasses.replace(prob, num_tokens=1), torch.empty_like(one.hidden_states))
+            assert torch.equal(alone[0], batch[t])
 
 
 def test_precomputed_alignment_gives_the_same_result():
     """triton_experts with the routing aligned beforehand (how the benchmark times the kernels alone)
     equals the full run bitwise; an alignment for another row tile is refused."""
     from moe.backends.triton import GemmTile, KernelConfig, triton_experts
-    from moe.backends.triton.align import align
+    from moe.kernels.align import align
 
     inp, args, prob = _args(Case(T=12, E=5, K=32, N=16, k=2))
     tile = GemmTile(block_n=16, block_k=16, group_m=1, num_stages=1)

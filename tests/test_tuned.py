@@ -11,9 +11,10 @@ import zipfile
 import pytest
 import torch
 
-from moe.backends.base import ExpertsProblem
+import moe
 from moe.backends.triton import tuned
 from moe.backends.triton.config import GemmTile, KernelConfig
+from moe.contract import ExpertsProblem
 
 SMALL = KernelConfig(block_m=16, gemm1=GemmTile(block_n=64), gemm2=GemmTile(block_n=64))
 BIG = KernelConfig(block_m=128, gemm1=GemmTile(block_n=128, num_warps=8), gemm2=GemmTile(block_n=128, num_warps=8))
@@ -55,8 +56,9 @@ def test_user_folder_is_searched_first(tmp_path, monkeypatch):
     name = tuned.file_name(8, 64, "Test GPU", torch.bfloat16)
     (tmp_path / name).write_text(json.dumps(_file()))
     monkeypatch.setenv("MOE_TUNED_CONFIGS_DIR", str(tmp_path))
-    dirs = tuple(tuned._search_dirs())
-    assert dirs[0] == tmp_path and dirs[-1].name == "triton"
+    moe.reset_caches()
+    dirs = tuple(tuned.search_dirs())
+    assert dirs[0] == tmp_path and dirs[1] == tuned.user_dir() and dirs[-1].name == "triton"
     assert tuned._find(name, dirs).configs[4096] == BIG
 
 
@@ -64,6 +66,7 @@ def test_no_tuned_file_on_cpu_or_when_switched_off(monkeypatch):
     p = ExpertsProblem("cuda", torch.bfloat16, 64, 8, 8, 32, 64, 2)
     assert tuned.tuned_config(p, torch.device("cpu")) is None
     monkeypatch.setenv("MOE_TUNED_CONFIGS", "0")
+    moe.reset_caches()
     assert tuned.tuned_config(p, torch.device("cuda")) is None
 
 
@@ -125,6 +128,7 @@ def test_source_tree_fallback(monkeypatch):
 def test_missing_file_warns_once_with_the_tune_command(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     monkeypatch.setenv("MOE_TUNED_CONFIGS_DIR", str(tmp_path))
+    moe.reset_caches()
     monkeypatch.setattr(tuned, "_warned", set())
     p = ExpertsProblem("cuda", torch.bfloat16, 32, 7, 7, 96, 80, 3)
     with pytest.warns(UserWarning, match=r"no tuned Triton config E=7,N=80,device_name=Fake_GPU,dtype=bfloat16\.json; "
@@ -148,7 +152,7 @@ def test_tune_resumes_and_force_retunes_only_the_given_counts(tmp_path, monkeypa
     """``moe tune`` writes after every token count, skips counts the file holds, and --force retunes the
     given counts while keeping the others (the sweep itself needs a GPU: a fake stands in)."""
     from moe.backends.triton import tuning
-    from moe.bench import PRESETS
+    from moe.workload import PRESETS
 
     swept: list[list[int]] = []
 
@@ -171,20 +175,21 @@ def test_tune_resumes_and_force_retunes_only_the_given_counts(tmp_path, monkeypa
 
 def test_chosen_config_is_remembered_until_cleared(tmp_path, monkeypatch):
     """The Triton backend remembers its config per shape and token count (host time at small batches);
-    clear_config_cache() makes it read changed tuned files."""
-    from moe.backends.triton import _choose_config, clear_config_cache, options
+    moe.reset_caches() makes it read changed tuned files."""
+    from moe.backends.triton import choose_config
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     monkeypatch.setenv("MOE_TUNED_CONFIGS_DIR", str(tmp_path))
+    moe.reset_caches()
     name = tuned.file_name(7, 80, "Fake GPU", torch.bfloat16)
     (tmp_path / name).write_text(json.dumps(_file(num_experts=7, intermediate_size=80, device_name="Fake GPU")))
     p = ExpertsProblem("cuda", torch.bfloat16, 32, 7, 7, 96, 80, 3)
     dev = torch.device("cuda")
-    assert _choose_config(p, dev, options()) == SMALL
+    assert choose_config(p, dev) == SMALL
     (tmp_path / name).write_text(json.dumps(_file(num_experts=7, intermediate_size=80, device_name="Fake GPU",
                                                   configs={"1": BIG.model_dump()})))
-    tuned._find.cache_clear()
-    assert _choose_config(p, dev, options()) == SMALL  # remembered
-    assert _choose_config(dataclasses.replace(p, num_tokens=64), dev, options()) == BIG  # new token count
-    clear_config_cache()
-    assert _choose_config(p, dev, options()) == BIG
+    tuned._find.cache_clear()  # the file is read again, but the chosen config per token count is remembered
+    assert choose_config(p, dev) == SMALL  # remembered
+    assert choose_config(dataclasses.replace(p, num_tokens=64), dev) == BIG  # new token count
+    moe.reset_caches()
+    assert choose_config(p, dev) == BIG

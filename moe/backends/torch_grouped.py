@@ -10,7 +10,9 @@ import functools
 import torch
 
 from ..activations import apply_activation
-from .base import ExpertsArgs, ExpertsProblem
+from ..contract import ExpertsArgs, ExpertsProblem
+from ..kernels.align import align
+from ..kernels.combine import combine
 
 __all__ = ["BACKEND", "grouped_experts"]
 
@@ -22,14 +24,11 @@ def _unavailable() -> str | None:
     try:
         import triton  # noqa: F401  (the alignment and combine kernels)
     except ImportError as exc:
-        return f"needs triton for its alignment kernel ({exc})"
+        return f"needs triton for its alignment and combine kernels ({exc}); pip install 'moe-layer[triton]'"
     return None
 
 
 def grouped_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> torch.Tensor:
-    from .triton import combine
-    from .triton.align import align
-
     x = args.hidden_states
     T, K, k = problem.num_tokens, problem.hidden_size, problem.top_k
     num_pairs = T * k
@@ -53,7 +52,8 @@ def grouped_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tenso
         ys = ys + args.w2_bias.index_select(0, expert_of_row)
     y = torch.empty(num_pairs + 1, K, dtype=x.dtype, device=x.device)  # row num_pairs collects dropped rows
     y.index_copy_(0, torch.where(live, pair, num_pairs), ys)
-    combine(y, ids, topk_w, out, problem, args.expert_map)
+    combine(y, ids, topk_w, out, top_k=k, num_global=problem.num_global_experts, num_local=problem.num_experts,
+            expert_map=args.expert_map, weight_on_input=problem.apply_router_weight_on_input)
     return out
 
 
@@ -66,33 +66,30 @@ class TorchGroupedBackend:
 
     def is_available(self) -> tuple[bool, str]:
         err = _unavailable()
-        if err:
-            return False, err
-        from .triton import BACKEND as triton_backend
-
-        ok, why = triton_backend.is_available()
-        return (True, "ok") if ok else (False, f"its alignment kernel cannot run: {why}")
+        return (False, err) if err else (True, "ok")
 
     def supports(self, problem: ExpertsProblem) -> tuple[bool, str]:
-        from .triton import interpreting
-
-        if problem.quant.is_quantized:
-            return False, f"quantized schemes are not implemented ({problem.quant})"
+        target = problem.target
         elt = problem.dtype.itemsize
         if (problem.hidden_size * elt) % 16 or (problem.intermediate_size * elt) % 16:
             return False, (f"torch._grouped_mm needs 16-byte aligned rows: K={problem.hidden_size} and "
                            f"N={problem.intermediate_size} must be multiples of {16 // elt} for {problem.dtype}")
-        if problem.device_type == "cuda":
+        if target is None:
+            return False, "no device target: the device's features decide (give one, e.g. moe.target.TARGETS['h200'])"
+        if target.vendor == "cuda":
             if problem.dtype != torch.bfloat16:
                 return False, f"torch._grouped_mm on CUDA takes bfloat16 only, got {problem.dtype}"
-            if torch.cuda.get_device_capability() < (9, 0):
-                return False, "torch._grouped_mm needs compute capability >= 9.0 on CUDA"
+            if not (target.wgmma or target.tcgen05):
+                return False, (f"torch._grouped_mm's fast path needs Hopper or Blackwell datacenter MMA (wgmma or "
+                               f"tcgen05); {target.describe()} has neither")
             return True, "ok"
-        if problem.device_type == "cpu" and interpreting():
+        if target.vendor == "cpu":
+            if not target.triton_interpreter:
+                return False, "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1) for the alignment kernel"
             if problem.dtype not in (torch.float32, torch.bfloat16):
                 return False, f"CPU torch._grouped_mm: float32 or bfloat16, got {problem.dtype}"
             return True, "ok"
-        return False, f"device {problem.device_type!r}: CUDA, or CPU under the Triton interpreter"
+        return False, f"{target.describe()}: CUDA (Hopper or Blackwell), or CPU under the Triton interpreter"
 
     def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:
         grouped_experts(args, problem, out)

@@ -120,38 +120,17 @@ class ParallelFusedMoE(FusedMoE):
             loaded_weight = torch.zeros_like(loaded_weight)  # added once, by TP rank 0
         return super().weight_loader(loaded_weight, expert_id, shard_id)
 
-    @torch.no_grad()
-    def load_fused_weights(
-        self,
-        w13: torch.Tensor | None = None,
-        w2: torch.Tensor | None = None,
-        w13_bias: torch.Tensor | None = None,
-        w2_bias: torch.Tensor | None = None,
-    ) -> None:
-        """Load fused checkpoint tensors of the full shape ([E, 2N, K], [E, K, N], [E, 2N], [E, K]);
-        only this rank's experts and TP slice are copied."""
-        if self.ranks.tp_size == 1:
-            super().load_fused_weights(w13, w2, w13_bias, w2_bias)
-            return
+    def _fused_shape(self, name: str, dst: torch.Tensor) -> tuple[int, ...]:
+        """Fused checkpoint tensors have the full shape: [E, 2N, K], [E, K, N], [E, 2N], [E, K]."""
         c, big_n = self.config, self.global_intermediate_size
         halves = 2 if c.activation.gated else 1
-        idx = self.global_expert_ids()
-        for name, src, dst in (("w13", w13, self.w13_weight), ("w2", w2, self.w2_weight),
-                               ("w13_bias", w13_bias, self.w13_bias), ("w2_bias", w2_bias, self.w2_bias)):
-            if src is None:
-                continue
-            if dst is None:
-                raise ValueError(f"load_fused_weights: {name} given but this FusedMoE was built with bias=False")
-            want = {"w13": (c.num_experts, halves * big_n, c.hidden_size), "w2": (c.num_experts, c.hidden_size, big_n),
-                    "w13_bias": (c.num_experts, halves * big_n), "w2_bias": (c.num_experts, c.hidden_size)}[name]
-            if tuple(src.shape) != want:
-                raise ValueError(f"load_fused_weights: {name} must have shape {want}, got {tuple(src.shape)}")
-            local = self._local_slice(name, src)  # a view: only the local rows below are read
-            if self.expert_map is not None:
-                local = local[idx.to(src.device)]
-            dst.view(local.shape).copy_(local)
+        return {"w13": (c.num_experts, halves * big_n, c.hidden_size), "w2": (c.num_experts, c.hidden_size, big_n),
+                "w13_bias": (c.num_experts, halves * big_n), "w2_bias": (c.num_experts, c.hidden_size)}[name]
 
-    def _local_slice(self, name: str, src: torch.Tensor) -> torch.Tensor:
+    def _fused_slice(self, name: str, src: torch.Tensor) -> torch.Tensor:
+        """This rank's TP slice of a fused tensor (``load_fused_weights`` then keeps the local experts)."""
+        if self.ranks.tp_size == 1:
+            return src
         if name == "w2":
             return self._tp_slice(src, 2)
         if name == "w2_bias":

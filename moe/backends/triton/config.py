@@ -3,15 +3,14 @@ that picks one when no tuned config exists."""
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..base import ExpertsProblem
+from ...contract import ExpertsProblem
 
-__all__ = ["BATCH_INVARIANT_CONFIG", "GemmTile", "KernelConfig", "TritonOptions", "default_config", "options",
-           "reset_options", "set_options", "with_loads"]
+__all__ = ["BATCH_INVARIANT_CONFIG", "GemmTile", "KernelConfig", "default_config", "fit_smem", "with_loads",
+           "workspace_bytes"]
 
 Pow2 = Literal[16, 32, 64, 128, 256]
 
@@ -120,52 +119,6 @@ BATCH_INVARIANT_CONFIG = KernelConfig(
     block_m=64, gemm1=GemmTile(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3),
     gemm2=GemmTile(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3),
 )
-
-
-class TritonOptions(_Frozen):
-    """Run-time options of the Triton backend (not per shape).
-
-    - ``chunk_tokens``: batches above this many tokens run in chunks of it, bounding the workspace
-      (``MOE_CHUNK_TOKENS``, default 32768); the result is identical to an unchunked run.
-    - ``batch_invariant``: one kernel config for every batch size, so a token's output is bitwise the
-      same whatever else is in the batch (``MOE_BATCH_INVARIANT=1``); tuned configs are not used.
-    """
-
-    chunk_tokens: int = Field(32768, ge=1)
-    batch_invariant: bool = False
-
-    @classmethod
-    def from_env(cls) -> TritonOptions:
-        raw = os.environ.get("MOE_CHUNK_TOKENS")
-        try:
-            chunk = int(raw) if raw else 32768
-        except ValueError:
-            raise ValueError(f"MOE_CHUNK_TOKENS must be a positive integer, got {raw!r}") from None
-        invariant = os.environ.get("MOE_BATCH_INVARIANT", "0") not in ("", "0", "false", "False")
-        return cls(chunk_tokens=chunk, batch_invariant=invariant)
-
-
-_options: list[TritonOptions] = []
-
-
-def options() -> TritonOptions:
-    """The options in force: those set with :func:`set_options`, else read from the environment."""
-    if not _options:
-        _options.append(TritonOptions.from_env())
-    return _options[0]
-
-
-def set_options(**fields: object) -> TritonOptions:
-    """Update the options in force, e.g. ``set_options(batch_invariant=True)``; validated like the model."""
-    new = TritonOptions.model_validate({**options().model_dump(), **fields})
-    _options[:] = [new]
-    return new
-
-
-def reset_options() -> TritonOptions:
-    """Forget :func:`set_options` and read the environment again."""
-    _options.clear()
-    return options()
 
 
 def workspace_bytes(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, elt: int,

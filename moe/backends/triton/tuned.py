@@ -1,10 +1,12 @@
 """Tuned kernel configs as data: JSON files mapping token counts to :class:`KernelConfig`.
 
-One file per (backend, E, N, device, dtype, block shape), named
-``E={E},N={N},device_name={device},dtype={dtype}[,block_shape={a}x{b}].json``, shipped in ``configs/triton/``
-(the package ``moe.configs``) and validated on load. ``MOE_TUNED_CONFIGS_DIR`` names a folder searched
-first; ``MOE_TUNED_CONFIGS=0`` switches tuned files off (the heuristic alone). Lookup takes the nearest
-token count on a log scale. Written by ``moe tune``.
+One file per (backend, E, N, device, dtype, quantization scheme), named
+``E={E},N={N},device_name={device},dtype={dtype}[,quant={scheme}].json``, shipped in ``configs/triton/``
+(the package ``moe.configs``) and validated on load. Looked up in the ``tuned_configs_dir`` option's folder
+(``MOE_TUNED_CONFIGS_DIR``), then the per-user folder ``moe tune`` writes to, then the shipped files; the
+``tuned_configs`` option (``MOE_TUNED_CONFIGS=0``) switches tuned files off (the heuristic alone). Lookup
+takes the nearest token count on a log scale. Tuned files apply to CUDA devices (they are named by the
+card); CPU runs use the heuristic.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..base import ExpertsProblem
+from ...contract import ExpertsProblem
+from ...options import options, register_cache
 from .config import KernelConfig
 
 __all__ = ["TunedFile", "file_name", "load_tuned_file", "lookup", "tuned_config"]
@@ -43,7 +46,7 @@ class TunedFile(BaseModel):
     top_k: int = Field(ge=1)
     device_name: str
     dtype: str
-    block_shape: tuple[int, int] | None = None
+    quant: str = "none"  # the quantization scheme's key (QuantConfig.key())
     triton_version: str = ""
     configs: dict[int, KernelConfig]
     timings_us: dict[int, float] = {}
@@ -60,12 +63,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def file_name(num_experts: int, inter: int, device_name: str, dtype: torch.dtype | str,
-              block_shape: tuple[int, int] | None = None) -> str:
+def file_name(num_experts: int, inter: int, device_name: str, dtype: torch.dtype | str, quant: str = "none") -> str:
+    """``E=..,N=..,device_name=..,dtype=..[,quant=NAME].json``: quantized files are keyed by our scheme name
+    (a per-tensor and a per-channel FP8 file must not collide)."""
     dt = dtype if isinstance(dtype, str) else _dtype_name(dtype)
     name = f"E={num_experts},N={inter},device_name={device_name.replace(' ', '_')},dtype={dt}"
-    if block_shape is not None:
-        name += f",block_shape={block_shape[0]}x{block_shape[1]}"
+    if quant != "none":
+        name += f",quant={quant}"
     return name + ".json"
 
 
@@ -81,13 +85,21 @@ def load_tuned_file(path: Path | str) -> TunedFile:
         raise ValueError(f"tuned config {path}: {fields}") from None
 
 
-def _search_dirs() -> list[Path]:
+def user_dir() -> Path:
+    """The per-user folder ``moe tune`` writes to by default: ``$XDG_CACHE_HOME/moe/configs/triton``
+    (``~/.cache/moe/configs/triton``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "moe" / "configs" / "triton"
+
+
+def search_dirs() -> list[Path]:
+    """Where tuned files are looked up, first match wins: the ``tuned_configs_dir`` option
+    (``MOE_TUNED_CONFIGS_DIR``), the per-user folder, the shipped files."""
     dirs = []
-    user = os.environ.get("MOE_TUNED_CONFIGS_DIR")
-    if user:
-        dirs.append(Path(user))
-    dirs.append(_shipped_dir())
-    return dirs
+    chosen = options().tuned_configs_dir
+    if chosen is not None:
+        dirs.append(Path(chosen))
+    return [*dirs, user_dir(), _shipped_dir()]
 
 
 def _shipped_dir() -> Path:
@@ -115,17 +127,18 @@ def lookup(tuned: TunedFile, num_tokens: int) -> KernelConfig:
     return tuned.configs[best]
 
 
+register_cache(_find.cache_clear)
 _warned: set[str] = set()
 
 
 def tuned_config(problem: ExpertsProblem, device: torch.device) -> KernelConfig | None:
     """The tuned config for ``problem`` on ``device``, or None (with one warning per shape naming the
     tuning command) when no file exists."""
-    if os.environ.get("MOE_TUNED_CONFIGS", "1") in ("0", "false", "False") or device.type != "cuda":
+    if not options().tuned_configs or device.type != "cuda":
         return None
     name = file_name(problem.num_experts, problem.intermediate_size, torch.cuda.get_device_name(device),
-                     problem.dtype)
-    tuned = _find(name, tuple(_search_dirs()))
+                     problem.dtype, quant=problem.quant.key())
+    tuned = _find(name, tuple(search_dirs()))
     if tuned is None:
         if name not in _warned:
             _warned.add(name)

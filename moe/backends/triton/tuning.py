@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ...bench import PRESETS, Preset, _biases, _graph_time, _tokens, _weights, time_fn
+from ...contract import ExpertsArgs
 from ...routing import fused_topk
-from ..base import ExpertsArgs
+from ...workload import PRESETS, Preset, graph_time, random_biases, random_tokens, random_weights, time_fn
 from . import triton_experts
 from .config import SMEM_BUDGET, GemmTile, KernelConfig, default_config, with_loads
 
@@ -86,14 +86,14 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
     p = PRESETS[preset] if isinstance(preset, str) else preset
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    w13, w2 = _weights(p, dtype, dev, gen)
-    b13, b2 = _biases(p, dtype, dev, gen)
+    w13, w2 = random_weights(p, dtype, dev, gen)
+    b13, b2 = random_biases(p, dtype, dev, gen)
     results = []
     for m in ms:
-        x, logits = _tokens(p, m, dtype, dev, gen)
+        x, logits = random_tokens(p, m, dtype, dev, gen)
         w, ids = fused_topk(logits, p.top_k)
         args = ExpertsArgs(x, w13, w2, w, ids, b13, b2)
-        prob = p.problem("cuda", dtype, m)
+        prob = p.problem(dev, dtype, m)
         out = torch.empty_like(x)
         pairs = m * p.top_k
         rpe = pairs / max(1, min(p.num_experts, pairs))
@@ -102,7 +102,7 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         def timed(cfg: KernelConfig, args=args, prob=prob, out=out, m=m) -> float:
             fn = lambda: triton_experts(args, prob, out, cfg)
             if m <= graph_max_m:
-                return _graph_time(fn, dev, TUNE_REP_MS) * 1e6
+                return graph_time(fn, dev, TUNE_REP_MS) * 1e6
             return time_fn(fn, dev, rep_ms=TUNE_REP_MS) * 1e6
 
         base_cfg = default_config(prob)

@@ -1,7 +1,8 @@
 """Triton kernels for routing alignment (kernels only; the launch lives in align.py).
 
-Pairs (token, slot) are grouped by local expert, each expert's group padded to BLOCK_M rows:
-- ``_count``: per-expert pair counts (atomics), non-local pairs dropped, and the sentinel fill of the
+Pairs (token, slot) are grouped by local expert, each expert's group padded to BLOCK_M rows; pairs
+routed elsewhere, or with an id or mapped id out of range, are dropped (``_jit.local_expert``):
+- ``_count``: per-expert pair counts (atomics), and the sentinel fill of the
   sorted-pair buffer, shared among its programs;
 - ``_scan``: one program: padded offsets, the expert of every row tile, the padded total;
 - ``_scatter``: each pair's row in the sorted order;
@@ -11,26 +12,18 @@ Pairs (token, slot) are grouped by local expert, each expert's group padded to B
 import triton
 import triton.language as tl
 
-from ._pdl import chain
+from ._jit import chain, local_expert
 
 
 @triton.jit
-def _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP: tl.constexpr):
-    e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
-    if HAS_MAP:
-        e = tl.load(emap_ptr + e, mask=mask, other=-1).to(tl.int32)
-    return e
-
-
-@triton.jit
-def _count(ids_ptr, emap_ptr, counts_ptr, sorted_ptr, num_pairs, sorted_len, HAS_MAP: tl.constexpr,
-           BLOCK: tl.constexpr):
+def _count(ids_ptr, emap_ptr, counts_ptr, sorted_ptr, num_pairs, sorted_len, num_global, num_experts,
+           HAS_MAP: tl.constexpr, BLOCK: tl.constexpr):
     """Per-expert counts of this program's pairs, and its share of the padding marker fill."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_pairs
-    e = _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP)
-    mask = mask & (e >= 0)
+    e = local_expert(ids_ptr, emap_ptr, offs, mask, num_global, num_experts, HAS_MAP)
+    mask = e >= 0
     tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=mask)
     share = tl.cdiv(sorted_len, tl.num_programs(0))
     end = tl.minimum(pid * share + share, sorted_len)
@@ -67,12 +60,13 @@ def _scan(
 
 @triton.jit
 def _scatter(
-    ids_ptr, emap_ptr, starts_ptr, cursor_ptr, sorted_ptr, num_pairs, HAS_MAP: tl.constexpr, BLOCK: tl.constexpr
+    ids_ptr, emap_ptr, starts_ptr, cursor_ptr, sorted_ptr, num_pairs, num_global, num_experts, HAS_MAP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_pairs
-    e = _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP)
-    mask = mask & (e >= 0)
+    e = local_expert(ids_ptr, emap_ptr, offs, mask, num_global, num_experts, HAS_MAP)
+    mask = e >= 0
     rank = tl.atomic_add(cursor_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=mask)
     start = tl.load(starts_ptr + e, mask=mask, other=0)
     tl.store(sorted_ptr + start + rank, offs.to(tl.int32), mask=mask)
@@ -81,7 +75,7 @@ def _scatter(
 @triton.jit
 def _align_one(
     ids_ptr, emap_ptr, cursor_ptr, ends_ptr, total_ptr, block_expert_ptr, sorted_ptr,
-    num_experts, num_pairs, max_blocks, sorted_len,
+    num_global, num_experts, num_pairs, max_blocks, sorted_len,
     HAS_MAP: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
     """The whole alignment in one program, for small batches (one launch instead of a memset and three):
@@ -95,8 +89,8 @@ def _align_one(
     for p0 in range(0, num_pairs, CHUNK):
         offs = p0 + tl.arange(0, CHUNK)
         mask = offs < num_pairs
-        e = _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP)
-        counts += tl.histogram(tl.where(mask & (e >= 0), e, num_experts), E_PAD)
+        e = local_expert(ids_ptr, emap_ptr, offs, mask, num_global, num_experts, HAS_MAP)
+        counts += tl.histogram(tl.where(e >= 0, e, num_experts), E_PAD)
     counts = tl.where(emask, counts, 0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end = tl.cumsum(padded, 0)
@@ -118,7 +112,7 @@ def _align_one(
     for p0 in range(0, num_pairs, CHUNK):
         offs = p0 + tl.arange(0, CHUNK)
         mask = offs < num_pairs
-        e = _local_expert(ids_ptr, emap_ptr, offs, mask, HAS_MAP)
-        mask = mask & (e >= 0)
+        e = local_expert(ids_ptr, emap_ptr, offs, mask, num_global, num_experts, HAS_MAP)
+        mask = e >= 0
         row = tl.atomic_add(cursor_ptr + e, tl.full([CHUNK], 1, tl.int32), mask=mask)
         tl.store(sorted_ptr + row, offs.to(tl.int32), mask=mask)

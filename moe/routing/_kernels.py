@@ -1,17 +1,18 @@
-"""Triton routing kernels (kernels only; launches in routing.py).
+"""Triton routing kernels (kernels only; launches in triton.py).
 
 Each program routes BLOCK_T token rows held in registers as one [BLOCK_T, width] tile, the expert
 axis padded to a power of two. Scores are fp32 whatever the logits' dtype. Top-k is k rounds of
 "take the largest still-available value, the lowest column among equals": the order of a stable
 descending sort, so ties go to the lower expert index as in the torch reference. Availability is a
 mask, not a -inf fill, so -inf scores (masked experts) keep their index order and padding columns
-are never picked.
+are never picked. A token whose logits are all -inf gets weights 0 and ids 0..k-1, as in the torch
+implementations.
 """
 
 import triton
 import triton.language as tl
 
-from ._pdl import chain
+from ..kernels._jit import chain
 
 # scoring codes (see SCORING in routing.py)
 SOFTMAX, SIGMOID = 0, 1
@@ -26,10 +27,19 @@ def _load_rows(ptr, rows, cols, row_ok, col_ok, stride_t, stride_e):
 
 
 @triton.jit
+def _safe_div(x, total):
+    """x / total per row; a total of exactly 0 (every value masked) leaves x (all 0) as it is, a NaN
+    total stays visible."""
+    return x / tl.where(total == 0.0, 1.0, total)[:, None]
+
+
+@triton.jit
 def _score(x, SCORING: tl.constexpr):
-    if SCORING == 0:
-        e = tl.exp(x - tl.max(x, axis=1)[:, None])
-        s = e / tl.sum(e, axis=1)[:, None]
+    if SCORING == 0:  # a row of -inf (a fully masked token; padding columns are -inf too) scores 0
+        top = tl.max(x, axis=1)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        e = tl.exp(x - top[:, None])
+        s = _safe_div(e, tl.sum(e, axis=1))
     else:
         s = 1.0 / (1.0 + tl.exp(-x))
     return s
@@ -47,7 +57,7 @@ def _pick(values, avail, cols, WIDTH: tl.constexpr):
 @triton.jit
 def _store(w_ptr, ids_ptr, w, ids, rows, row_ok, slots, scale, RENORM: tl.constexpr, TOP_K: tl.constexpr):
     if RENORM:
-        w = w / tl.sum(w, axis=1)[:, None]  # padding slots hold 0
+        w = _safe_div(w, tl.sum(w, axis=1))  # padding slots hold 0
     offs = rows[:, None].to(tl.int64) * TOP_K + slots[None, :]
     mask = row_ok[:, None] & (slots < TOP_K)[None, :]
     tl.store(w_ptr + offs, w * scale, mask=mask)
@@ -80,9 +90,10 @@ def topk_kernel(
         avail = avail & (cols[None, :] != col[:, None])
         w = tl.where(slots[None, :] == j, best[:, None], w)
         ids = tl.where(slots[None, :] == j, col[:, None], ids)
-    if TOPK_FIRST:
-        live = (slots < TOP_K)[None, :]
+    if TOPK_FIRST:  # softmax over the k picked logits (normalized in _store)
+        live = (slots < TOP_K)[None, :] & (rows >= 0)[:, None]
         top = tl.max(tl.where(live, w, float("-inf")), axis=1)
+        top = tl.where(top == float("-inf"), 0.0, top)
         w = tl.where(live, tl.exp(w - top[:, None]), 0.0)
     ids = tl.minimum(ids, E - 1)  # only NaN logits (undefined) leave a round without a pick: stay in range
     _store(w_ptr, ids_ptr, w, ids, rows, row_ok, slots, scale, RENORM, TOP_K)
@@ -147,4 +158,8 @@ def grouped_topk_kernel(
         w = tl.where(slots[None, :] == j, weight[:, None], w)
         ids = tl.where(slots[None, :] == j, ((col // P_PAD) * P + col % P_PAD)[:, None], ids)
     ids = tl.minimum(ids, E - 1)  # only NaN logits (undefined) leave a round without a pick: stay in range
+    # a fully masked token (every logit -inf) gets ids 0..k-1 and weight 0, whatever the bias would pick
+    dead = tl.max(tl.where(col_ok[None, :], x, float("-inf")), axis=1) == float("-inf")
+    ids = tl.where(dead[:, None], slots[None, :], ids)
+    w = tl.where(dead[:, None], 0.0, w)
     _store(w_ptr, ids_ptr, w, ids, rows, row_ok, slots, scale, RENORM, TOP_K)

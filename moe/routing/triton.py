@@ -1,11 +1,11 @@
-"""Routing on the GPU: one Triton launch per call (kernels in _routing.py).
+"""Routing on the GPU: one Triton launch per call (kernels in _kernels.py).
 
 Outputs are allocated with ``torch.empty``; nothing reads a value back to the host, so a call can be
 captured in a CUDA graph (after a first call has compiled the kernel). Under ``torch.compile`` each
 call is one opaque custom op (``moe::triton_topk`` / ``moe::triton_grouped_topk``) with a fake
 implementation, so the layer traces with ``fullgraph=True``.
 
-The torch implementations in ``moe.routing`` define the semantics (and are the CPU path); these
+The torch implementations in ``moe.routing.reference`` define the semantics (and are the CPU path); these
 functions match them, ties to the lower expert index included. CPU tensors work only under the
 Triton interpreter (``TRITON_INTERPRET=1``, the tests).
 """
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ...routing import check_groups
-from ...validation import check_finite_logits, check_float, check_ndim, check_same_device, check_top_k
-from . import _routing, interpreting
-from .host import cdiv, chains, next_pow2, pdl_option
-from .launch import launch
+from ..kernels.host import cdiv, chains, interpreting, next_pow2, pdl_option
+from ..kernels.launch import launch
+from ..validation import check_finite_logits, check_float, check_ndim, check_same_device, check_top_k
+from . import _kernels as _routing
+from .reference import check_groups
 
 __all__ = ["MAX_EXPERTS", "MAX_TOP_K", "RoutingTile", "default_tile", "fused_topk", "grouped_topk", "supports",
            "topk_softmax"]
@@ -120,7 +120,7 @@ def _check(router_logits: torch.Tensor, top_k: int) -> None:
     check_top_k(top_k, router_logits.shape[1])
     ok, reason = supports(router_logits.shape[1], top_k)
     if not ok:
-        raise ValueError(f"{reason}; use the torch implementation in moe.routing (moe.routing.set_gpu_routing(False))")
+        raise ValueError(f"{reason}; use the torch implementation in moe.routing (moe.set_options(gpu_routing=False))")
     check_finite_logits(router_logits)
 
 

@@ -41,9 +41,10 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: to
           pdl: bool = False) -> Alignment:
     """Group the pairs of ``topk_ids`` [T, k] by local expert (``expert_map`` drops non-local pairs).
 
-    Small batches (up to ONE_PROGRAM_PAIRS pairs) take one launch of one program; larger ones a memset
-    and three launches spread over the device. ``pdl``: the one-program launch chains by programmatic
-    dependent launch (``host.chains``)."""
+    Pairs routed elsewhere, or whose id (or mapped id) is out of range, are dropped: a bad map or bad ids
+    can never make a kernel read or write out of bounds. Small batches (up to ONE_PROGRAM_PAIRS pairs)
+    take one launch of one program; larger ones a memset and three launches spread over the device.
+    ``pdl``: the one-program launch chains by programmatic dependent launch (``host.chains``)."""
     if num_experts > MAX_EXPERTS:
         raise ValueError(f"num_experts={num_experts} exceeds the alignment kernel's limit of {MAX_EXPERTS}")
     ids = topk_ids.reshape(-1)
@@ -58,19 +59,20 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: to
     counts, cursor = scratch[:num_experts], scratch[num_experts:]
     emap = expert_map if expert_map is not None else ids
     has_map = expert_map is not None
+    num_global = expert_map.shape[0] if has_map else num_experts
     if num_pairs <= ONE_PROGRAM_PAIRS and num_experts <= ONE_PROGRAM_EXPERTS:
-        launch(_align._align_one, (1,), dev, ids, emap, cursor, ends, total, block_expert, sorted_ids, num_experts,
-               num_pairs, max_blocks, sorted_len, HAS_MAP=has_map, E_PAD=next_pow2(num_experts + 1),
+        launch(_align._align_one, (1,), dev, ids, emap, cursor, ends, total, block_expert, sorted_ids, num_global,
+               num_experts, num_pairs, max_blocks, sorted_len, HAS_MAP=has_map, E_PAD=next_pow2(num_experts + 1),
                BLOCK_M=block_m, CHUNK=1024, PDL=pdl, num_warps=8, **pdl_option(pdl))
         return Alignment(sorted_ids, block_expert, total, ends, max_blocks, block_m)
     scratch.zero_()
     grid = (cdiv(num_pairs, _BLOCK),)
-    launch(_align._count, grid, dev, ids, emap, counts, sorted_ids, num_pairs, sorted_len, HAS_MAP=has_map,
-           BLOCK=_BLOCK)
+    launch(_align._count, grid, dev, ids, emap, counts, sorted_ids, num_pairs, sorted_len, num_global, num_experts,
+           HAS_MAP=has_map, BLOCK=_BLOCK)
     launch(_align._scan, (1,), dev, counts, starts, ends, block_expert, total, num_experts, max_blocks,
            E_PAD=next_pow2(num_experts), BLOCK_M=block_m, CHUNK=32)
-    launch(_align._scatter, grid, dev, ids, emap, starts, cursor, sorted_ids, num_pairs, HAS_MAP=has_map,
-           BLOCK=_BLOCK)
+    launch(_align._scatter, grid, dev, ids, emap, starts, cursor, sorted_ids, num_pairs, num_global, num_experts,
+           HAS_MAP=has_map, BLOCK=_BLOCK)
     return Alignment(sorted_ids, block_expert, total, ends, max_blocks, block_m)
 
 

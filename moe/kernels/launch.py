@@ -10,37 +10,66 @@ picked: the constexpr arguments and launch options, each tensor's dtype and 16-b
 integer's class (equal to 1, a multiple of 16, fits 32 bits), each tensor descriptor's dtype and box,
 and every other argument's type.
 
-``MOE_DIRECT_LAUNCH=0`` (or ``set_direct_launch(False)``) sends every launch through Triton's launcher,
+Calling a compiled kernel directly depends on Triton internals (its compiled-kernel launcher and its
+specialization rules), so it runs only on the Triton versions in :data:`VERIFIED_TRITON`, whose GPU
+bitwise test against Triton's launcher passed (``test_gpu_direct_launch_matches_triton_launcher``); any
+other version uses Triton's launcher, and ``direct_launch_status()`` (printed by ``moe backends``) says
+why. The ``direct_launch`` option (``MOE_DIRECT_LAUNCH=0``) sends every launch through Triton's launcher,
 after the same first-launch check. The CPU interpreter always uses Triton's launcher.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 from typing import Any
 
 import torch
 
+from ..options import options, options_version, register_cache
+from ..target import current_target
 from .host import device_index
 
-__all__ = ["direct_launch_enabled", "launch", "launch_counts", "set_direct_launch"]
+__all__ = ["VERIFIED_TRITON", "direct_launch_enabled", "direct_launch_status", "launch", "launch_counts"]
+
+# Triton releases on which direct launches passed the GPU bitwise test against Triton's launcher
+VERIFIED_TRITON = ("3.6.0",)
 
 _compiled: dict[tuple, tuple[Any, tuple]] = {}  # key -> (compiled kernel, constexpr values in order)
+register_cache(_compiled.clear)
 _counts = {"direct": 0, "triton": 0}
-_switch: list[bool] = []
+
+
+@functools.cache
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def direct_launch_status() -> tuple[bool, str]:
+    """Whether CUDA launches skip Triton's launcher, and why (not)."""
+    if not options().direct_launch:
+        return False, "off (option direct_launch / MOE_DIRECT_LAUNCH=0): Triton's launcher"
+    try:
+        version = _triton_version()
+    except ImportError:
+        return False, "triton is not installed"
+    if version not in VERIFIED_TRITON:
+        return False, (f"off: triton {version} is not a verified release ({', '.join(VERIFIED_TRITON)}); "
+                       "Triton's launcher is used")
+    return True, f"on (triton {version} verified bitwise on a GPU)"
+
+
+_enabled: dict[int, bool] = {}  # by options version: the check sits on every launch
+register_cache(_enabled.clear)
 
 
 def direct_launch_enabled() -> bool:
-    if not _switch:
-        _switch.append(os.environ.get("MOE_DIRECT_LAUNCH", "1") not in ("0", "false", "False"))
-    return _switch[0]
-
-
-def set_direct_launch(enabled: bool | None) -> None:
-    """Switch the direct path on or off; ``None`` reads ``MOE_DIRECT_LAUNCH`` again."""
-    _switch[:] = [] if enabled is None else [bool(enabled)]
+    version = options_version()
+    on = _enabled.get(version)
+    if on is None:
+        on = _enabled[version] = direct_launch_status()[0]
+    return on
 
 
 def launch_counts() -> dict[str, int]:
@@ -48,10 +77,8 @@ def launch_counts() -> dict[str, int]:
     return dict(_counts)
 
 
-@functools.cache
 def _smem_limit(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+    return current_target(torch.device("cuda", index)).smem_per_block
 
 
 def _spec(args: tuple) -> tuple:
@@ -83,14 +110,9 @@ def launch(kernel: Any, grid: tuple[int, ...], device: torch.device, *args: Any,
         hit = _compiled[key] = (compiled, tuple(kwargs[name] for name in kernel.arg_names[len(args):]))
     if direct_launch_enabled():
         compiled, tail = hit
-        try:
-            compiled[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](*args, *tail)
-            _counts["direct"] += 1
-            return
-        except TypeError as exc:  # this Triton's compiled-kernel launcher takes other arguments
-            set_direct_launch(False)
-            warnings.warn(f"direct kernel launches are off ({exc}); every launch goes through Triton's launcher",
-                          RuntimeWarning, stacklevel=2)
+        compiled[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](*args, *tail)
+        _counts["direct"] += 1
+        return
     _counts["triton"] += 1
     kernel[grid](*args, **kwargs)
 

@@ -1,0 +1,61 @@
+"""The one place that turns (kernel config, problem, launch facts) into the GEMM kernels' constexprs.
+
+A scheme, layout or load path is a mode value (see _gemm.py), never a new boolean: adding a
+quantization scheme adds an entry to :data:`W_SCALE_MODES` and the kernel code for its mode.
+"""
+
+from __future__ import annotations
+
+from ...contract import ExpertsProblem
+from ...options import register_cache
+from . import _gemm
+from .config import KernelConfig
+
+__all__ = ["ACT_CODES", "W_SCALE_MODES", "gemm_modes", "weight_scale_mode"]
+
+ACT_CODES = {"silu": _gemm.SILU, "gelu": _gemm.GELU, "gelu_tanh": _gemm.GELU_TANH, "swigluoai": _gemm.SWIGLUOAI,
+             "relu2": _gemm.RELU2, "silu_no_mul": _gemm.SILU_NO_MUL, "gelu_no_mul": _gemm.GELU_NO_MUL}
+# (weight format, granularity) -> the epilogue's weight-scale mode
+W_SCALE_MODES = {None: _gemm.NO_SCALE, ("scaled", "tensor"): _gemm.TENSOR_SCALE}
+
+
+def weight_scale_mode(problem: ExpertsProblem) -> int | None:
+    """The W_SCALE mode of the problem's weight scheme, None when the kernels have none for it."""
+    w = problem.quant.weights
+    return W_SCALE_MODES.get(None if w is None else (w.format, w.granularity))
+
+
+_cache: dict[tuple, tuple[dict, dict]] = {}
+register_cache(_cache.clear)
+
+
+def gemm_modes(cfg: KernelConfig, problem: ExpertsProblem, *, direct: bool, tma1: bool, tma2: bool, pdl: bool,
+               interp: bool, ieee: bool) -> tuple[dict, dict]:
+    """The constexprs and launch options of GEMM1 and GEMM2 (remembered: they sit on every call's path)."""
+    key = (cfg, problem, direct, tma1, tma2, pdl, interp, ieee)
+    hit = _cache.get(key)
+    if hit is None:
+        hit = _cache[key] = _derive(cfg, problem, direct, tma1, tma2, pdl, interp, ieee)
+    return hit
+
+
+def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2: bool, pdl: bool, interp: bool,
+            ieee: bool) -> tuple[dict, dict]:
+    g1, g2, act = cfg.gemm1, cfg.gemm2, p.activation
+    w_scale = weight_scale_mode(p)
+    if w_scale is None:
+        raise ValueError(f"triton: no kernel mode for weights {p.quant.weights}")
+    common = dict(TOP_K=p.top_k, ROUTE=_gemm.DIRECT if direct else _gemm.SORTED, HAS_MAP=p.has_expert_map,
+                  WEIGHT_ON_INPUT=p.apply_router_weight_on_input, W_SCALE=w_scale, BLOCK_M=cfg.block_m,
+                  INTERP=interp, IEEE=ieee, PDL=pdl)
+    mode1 = dict(common, ACT=ACT_CODES[act.name], GATED=act.gated, HAS_BIAS=p.has_w13_bias,
+                 BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, GROUP_M=g1.group_m, EVEN_K=p.hidden_size % g1.block_k == 0,
+                 LOADS=_gemm.TMA if tma1 else _gemm.POINTER,
+                 GATE_UP=_gemm.ONE_DOT if act.gated and cfg.gate_up == "one_dot" else _gemm.TWO_DOTS,
+                 num_warps=g1.num_warps, num_stages=g1.num_stages)
+    mode2 = dict(common, HAS_BIAS=p.has_w2_bias, ATOMIC=cfg.combine == "atomic", BLOCK_N=g2.block_n,
+                 BLOCK_K=g2.block_k, GROUP_M=g2.group_m, EVEN_K=p.intermediate_size % g2.block_k == 0,
+                 LOADS=_gemm.TMA if tma2 else _gemm.POINTER, num_warps=g2.num_warps, num_stages=g2.num_stages)
+    if pdl:
+        mode1["launch_pdl"] = mode2["launch_pdl"] = True
+    return mode1, mode2

@@ -1,0 +1,190 @@
+"""Quantization schemes: one frozen scheme per operand, and the named configurations.
+
+A :class:`QuantConfig` holds a :class:`WeightScheme` (how ``w13`` and ``w2`` are stored) and an
+:class:`ActivationScheme` (how the GEMMs' inputs are quantized; ``None``: they stay in the activation
+dtype, weight-only). Each scheme is a format plus a granularity, never a boolean per format: adding a
+scheme adds a value here and a mode in the kernels.
+
+Canonical storage (rows = output features, cols = input features; ``P`` = 2 for a gated w13, else 1):
+
+| format | data | scale |
+|---|---|---|
+| ``scaled`` | the activation dtype ``[E, rows, cols]`` | fp32 per tensor ``[E, P]`` |
+| ``fp8`` | float8_e4m3fn ``[E, rows, cols]`` | fp32: tensor ``[E, P]``; channel ``[E, rows]``; block |
+|  |  | ``[E, P * ceil(rows / P / 128), ceil(cols / 128)]``, the gate's blocks then the up's |
+| ``int8`` | int8 ``[E, rows, cols]`` (symmetric) | fp32 channel ``[E, rows]`` |
+
+``scaled`` is unquantized weights times a per-(expert, part) scale: the seam's test scheme, with real
+scale tensors on every path, not a format anyone ships. Dequantization multiplies: ``data * scale``
+broadcast over its tensor, row or block.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = ["NAMES", "SCALED", "ActivationScheme", "QuantConfig", "WeightScheme", "named", "scheme_key"]
+
+WeightFormat = Literal["scaled", "fp8", "int8"]
+Granularity = Literal["tensor", "channel", "block", "group"]
+ActivationFormat = Literal["fp8", "int8"]
+ActivationGranularity = Literal["tensor", "token", "group"]
+
+# the granularities each weight format is stored with
+_WEIGHT_GRANULARITIES: dict[str, tuple[str, ...]] = {
+    "scaled": ("tensor",),
+    "fp8": ("tensor", "channel", "block"),
+    "int8": ("channel",),
+}
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT8_MAX = 127.0
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class WeightScheme(_Frozen):
+    """How expert weights are stored: a format and the granularity of its scales."""
+
+    format: WeightFormat
+    granularity: Granularity
+    block: tuple[int, int] | None = Field(None, description="block: (rows, cols) of one scale, e.g. (128, 128)")
+
+    def key(self) -> str:
+        """Compact canonical JSON (how the scheme crosses the custom-op boundary)."""
+        return _json(self)
+
+    @classmethod
+    def parse(cls, text: str) -> WeightScheme:
+        return _parse_weights(text)
+
+    @model_validator(mode="after")
+    def _check(self) -> WeightScheme:
+        allowed = _WEIGHT_GRANULARITIES[self.format]
+        if self.granularity not in allowed:
+            raise ValueError(f"granularity: {self.format} weights are stored per {', '.join(allowed)}, "
+                             f"got {self.granularity!r}")
+        if self.granularity == "block":
+            if self.block is None or min(self.block) < 1:
+                raise ValueError(f"block: block granularity needs a (rows, cols) block size, got {self.block}")
+        elif self.block is not None:
+            raise ValueError(f"block: only block granularity takes a block size, got block={self.block} with "
+                             f"granularity={self.granularity!r}")
+        return self
+
+
+class ActivationScheme(_Frozen):
+    """How a GEMM's input is quantized before the dot: dynamic (from the data of each call) or static
+    (``static=True``: scales given with the call or held by the layer)."""
+
+    format: ActivationFormat
+    granularity: ActivationGranularity
+    group_size: int | None = Field(None, ge=1, description="group: input elements per scale, e.g. 128")
+    static: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ActivationScheme:
+        if (self.granularity == "group") != (self.group_size is not None):
+            raise ValueError(f"group_size: needed with granularity='group' and only then, got "
+                             f"granularity={self.granularity!r}, group_size={self.group_size}")
+        if self.static and self.granularity != "tensor":
+            raise ValueError(f"static: static activation scales are per tensor, got granularity={self.granularity!r}")
+        return self
+
+
+class QuantConfig(_Frozen):
+    """One scheme per operand. ``QuantConfig()`` is unquantized; weights without activations is
+    weight-only quantization."""
+
+    weights: WeightScheme | None = None
+    activations: ActivationScheme | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantConfig:
+        w, a = self.weights, self.activations
+        if a is not None:
+            if w is None:
+                raise ValueError("activations: quantized activations need quantized weights (weights=...)")
+            if w.format != a.format:
+                raise ValueError(f"activations: {a.format} activations need {a.format} weights, got {w.format}")
+        return self
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weights is not None
+
+    def key(self) -> str:
+        """The canonical string: a name of :data:`NAMES`, ``none``, or compact JSON. It crosses the
+        ``moe::fused_experts`` custom op and keys tuned files."""
+        return scheme_key(self)
+
+    @classmethod
+    def parse(cls, value: str | QuantConfig | None) -> QuantConfig:
+        """A name, a canonical key, a ``QuantConfig`` or None (unquantized)."""
+        if value is None:
+            return NONE
+        if isinstance(value, QuantConfig):
+            return value
+        if not isinstance(value, str):
+            raise TypeError(f"quant: expected a QuantConfig or a name, got {type(value).__name__}")
+        return _parse(value)
+
+
+NONE = QuantConfig()
+SCALED = QuantConfig(weights=WeightScheme(format="scaled", granularity="tensor"))
+
+NAMES: dict[str, QuantConfig] = {
+    "fp8_tensor": QuantConfig(weights=WeightScheme(format="fp8", granularity="tensor"),
+                              activations=ActivationScheme(format="fp8", granularity="tensor")),
+    "fp8_tensor_static": QuantConfig(weights=WeightScheme(format="fp8", granularity="tensor"),
+                                     activations=ActivationScheme(format="fp8", granularity="tensor", static=True)),
+    "fp8_channel": QuantConfig(weights=WeightScheme(format="fp8", granularity="channel"),
+                               activations=ActivationScheme(format="fp8", granularity="token")),
+    "fp8_block": QuantConfig(weights=WeightScheme(format="fp8", granularity="block", block=(128, 128)),
+                             activations=ActivationScheme(format="fp8", granularity="group", group_size=128)),
+    "int8_channel": QuantConfig(weights=WeightScheme(format="int8", granularity="channel"),
+                                activations=ActivationScheme(format="int8", granularity="token")),
+}
+_KEYS = {cfg: name for name, cfg in NAMES.items()} | {NONE: "none", SCALED: "scaled"}
+
+
+def named(name: str) -> QuantConfig:
+    """The configuration a name stands for; an unknown name is an error listing :data:`NAMES`."""
+    if name not in NAMES:
+        raise ValueError(f"quant: unknown quantization scheme {name!r}; named schemes: {', '.join(NAMES)}")
+    return NAMES[name]
+
+
+def _json(model: BaseModel) -> str:
+    return json.dumps(model.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=256)
+def scheme_key(cfg: QuantConfig) -> str:
+    return _KEYS.get(cfg) or _json(cfg)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_weights(text: str) -> WeightScheme:
+    return WeightScheme.model_validate_json(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(text: str) -> QuantConfig:
+    if text == "none":
+        return NONE
+    if text == "scaled":
+        return SCALED
+    if text in NAMES:
+        return NAMES[text]
+    if not text.startswith("{"):
+        named(text)  # raises the error listing the names
+    try:
+        return QuantConfig.model_validate_json(text)
+    except ValidationError as exc:
+        raise ValueError(f"quant: {text!r} is not a QuantConfig: {exc.errors()[0]['msg']}") from None

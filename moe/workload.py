@@ -1,0 +1,178 @@
+"""Workloads and timing shared by ``moe bench``, the tuner and the benchmark scripts.
+
+- :data:`PRESETS`: the benchmark shapes (``moe bench --preset``);
+- random inputs the way shared benchmarks draw them: weights made in their dtype directly, fresh
+  ``torch.randn`` router logits, softmax, top-k, renormalized (never balanced or hand-made ids);
+- the roofline: copy bandwidth and matmul rate measured now, and the floor of a call;
+- timing: :func:`time_fn` (``triton.testing.do_bench``'s median on CUDA, which flushes L2; wall clock on
+  CPU) and :func:`graph_time` (CUDA-graph replays).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import ActivationSpec
+from .contract import ExpertsProblem
+from .target import current_target
+
+__all__ = ["PRESETS", "Ceilings", "Preset", "floor_seconds", "graph_time", "measure_ceilings", "preset",
+           "random_biases", "random_tokens", "random_weights", "time_fn"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A benchmark shape: w13 [E, 2N, K], w2 [E, K, N], top-k of E."""
+
+    name: str
+    num_experts: int
+    top_k: int
+    hidden_size: int  # K
+    intermediate_size: int  # N
+    default_m: tuple[int, ...]
+    activation: str = "silu"
+    bias: bool = False  # per-expert biases on both projections (gpt-oss)
+
+    def problem(self, device: torch.device | str, dtype: torch.dtype, m: int) -> ExpertsProblem:
+        device = torch.device(device)
+        return ExpertsProblem(device.type, dtype, m, self.num_experts, self.num_experts, self.hidden_size,
+                              self.intermediate_size, self.top_k, ActivationSpec.parse(self.activation),
+                              has_w13_bias=self.bias, has_w2_bias=self.bias, target=current_target(device))
+
+    def describe(self) -> str:
+        return (f"E={self.num_experts} N={self.intermediate_size} K={self.hidden_size} top_k={self.top_k} "
+                f"{self.activation}{' +bias' if self.bias else ''}")
+
+    def weight_bytes(self, elt: int) -> int:
+        """Bytes of all experts' weights at ``elt`` bytes an element."""
+        rows = 2 * self.intermediate_size if ActivationSpec.parse(self.activation).gated else self.intermediate_size
+        return self.num_experts * (rows + self.intermediate_size) * self.hidden_size * elt
+
+
+_M = (1, 16, 64, 256, 1024, 4096, 16384)
+PRESETS = {
+    "default": Preset("default", 8, 2, 256, 384, (1, 16, 64)),
+    "mixtral": Preset("mixtral", 8, 2, 4096, 14336, _M),
+    "qwen3": Preset("qwen3", 128, 8, 2048, 768, _M),
+    "dsv3": Preset("dsv3", 256, 8, 7168, 2048, _M),
+    # held out: the heuristic was not developed on these
+    "gptoss20b": Preset("gptoss20b", 32, 4, 2880, 2880, _M, activation="swigluoai", bias=True),
+    "qwen2moe57b": Preset("qwen2moe57b", 64, 8, 3584, 2560, _M),
+}
+
+
+def preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def random_weights(p: Preset, dtype: torch.dtype, device: torch.device | str,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random w13, w2 made in ``dtype`` directly (no full-size fp32 temporaries: dsv3 is 22 GB in bf16)."""
+    k, n, e = p.hidden_size, p.intermediate_size, p.num_experts
+    rows = 2 * n if ActivationSpec.parse(p.activation).gated else n
+    w13 = torch.randn(e, rows, k, generator=gen, device=device, dtype=dtype).mul_(k**-0.5)
+    w2 = torch.randn(e, k, n, generator=gen, device=device, dtype=dtype).mul_(n**-0.5)
+    return w13, w2
+
+
+def random_biases(p: Preset, dtype: torch.dtype, device: torch.device | str,
+                  gen: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if not p.bias:
+        return None, None
+    rows = 2 * p.intermediate_size if ActivationSpec.parse(p.activation).gated else p.intermediate_size
+    b13 = torch.randn(p.num_experts, rows, generator=gen, device=device, dtype=dtype).mul_(0.1)
+    b2 = torch.randn(p.num_experts, p.hidden_size, generator=gen, device=device, dtype=dtype).mul_(0.1)
+    return b13, b2
+
+
+def random_tokens(p: Preset, m: int, dtype: torch.dtype, device: torch.device | str,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states [m, K] and fresh random router logits [m, E] (fp32)."""
+    x = torch.randn(m, p.hidden_size, generator=gen, device=device, dtype=dtype)
+    logits = torch.randn(m, p.num_experts, generator=gen, device=device)
+    return x, logits
+
+
+@dataclass
+class Ceilings:
+    copy_gbps: float
+    matmul_tflops: float
+    device: str
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, reps: int = 5, rep_ms: int = 100) -> float:
+    """Median seconds of ``fn``: triton's do_bench on CUDA (it flushes L2; ``rep_ms`` of repetitions),
+    wall clock on CPU."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median") * 1e-3
+        except ImportError:
+            pass
+    return statistics.median(wall_times(fn, device, reps))
+
+
+def wall_times(fn: Callable[[], object], device: torch.device, reps: int = 5) -> list[float]:
+    """Seconds of each of ``reps`` calls after a warm-up (2 when a call takes over a second)."""
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    if time.perf_counter() - t0 > 1.0:  # slow paths (the interpreter): a few runs are enough
+        reps = 2
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def graph_time(fn: Callable[[], object], device: torch.device, rep_ms: int = 100) -> float:
+    """Median seconds of one replay of ``fn`` captured in a CUDA graph (warmed up outside the capture)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()  # warm up (compiles kernels) outside the capture
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_fn(graph.replay, device, rep_ms=rep_ms)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
+    """Copy bandwidth (read + write) and dense matmul rate, measured now on ``device``."""
+    nbytes = 2 * 2**30 if device.type == "cuda" else 2**28
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t_copy = time_fn(lambda: dst.copy_(src), device)
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t_mm = time_fn(lambda: a @ b, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return Ceilings(2 * nbytes / t_copy / 1e9, 2 * n**3 / t_mm / 1e12, name)
+
+
+def floor_seconds(p: Preset, m: int, experts_hit: int, elt: int, ceil: Ceilings) -> float:
+    """The roofline floor of one call: max(bytes / bandwidth, flops / matmul rate), with bytes = the
+    weights of the experts hit + the input and output rows."""
+    k, n = p.hidden_size, p.intermediate_size
+    rows = 2 * n if ActivationSpec.parse(p.activation).gated else n
+    nbytes = experts_hit * (rows * k + k * n) * elt + 2 * m * k * elt
+    flops = 2 * m * p.top_k * k * rows + 2 * m * p.top_k * n * k
+    return max(nbytes / (ceil.copy_gbps * 1e9), flops / (ceil.matmul_tflops * 1e12))
