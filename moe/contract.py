@@ -10,6 +10,8 @@ A backend is one object with:
 - ``apply(args, problem, out)``: compute the experts and write the combined [T, K] result into ``out``.
 
 Optional members:
+- ``priority_for(target) -> int``: the priority on a device target, when it differs by device (``priority``
+  is then this machine's);
 - ``schemes``: the quantization schemes it runs, as canonical keys (``QuantConfig.key()``: ``"none"``,
   ``"fp8_block"``, ...); the registry checks a call's scheme against it before ``supports``. A backend
   without it runs ``"none"`` only.

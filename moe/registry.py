@@ -1,6 +1,7 @@
 """The backend registry: registration, plugins, selection, and the decision trace that explains it.
 
-``backend="auto"`` walks the registered backends by descending priority and takes the first that is
+``backend="auto"`` walks the registered backends by descending priority (for the call's device target,
+where a backend has ``priority_for``) and takes the first that is
 available, runs the call's quantization scheme and supports the problem; every other candidate is listed
 with its reason. A backend named explicitly runs or raises with its reason: there is never a silent
 fallback.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 from .contract import Backend, ExpertsProblem, backend_schemes
 from .options import register_cache
+from .target import DeviceTarget
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -173,9 +175,11 @@ def get_backend(name: str) -> Backend:
     return _registry[name]
 
 
-def _priority(backend: Backend) -> int:
+def _priority(backend: Backend, target: DeviceTarget | None = None) -> int:
+    """The backend's priority, for ``target`` when it has ``priority_for`` (lowest if either misbehaves)."""
     try:
-        p = backend.priority
+        p = backend.priority_for(target) if target is not None and hasattr(backend, "priority_for") \
+            else backend.priority
     except Exception:  # a property that raises: last
         return -(2**31)
     return p if isinstance(p, int) else -(2**31)
@@ -232,7 +236,9 @@ def _decide(problem: ExpertsProblem, backend: str) -> Decision:
         if not candidate.ok:
             raise BackendUnavailableError(f"backend {backend!r} cannot run this problem: {candidate.reason}")
         return Decision(backend, backend, (candidate,))
-    candidates = tuple(judge(b, problem) for b in list_backends())
+    _ensure_loaded()
+    ranked = sorted(_registry.values(), key=lambda b: (-_priority(b, problem.target), b.name))
+    candidates = tuple(judge(b, problem) for b in ranked)
     chosen = next((c.name for c in candidates if c.ok), None)
     if chosen is None:
         reasons = "; ".join(f"{c.name}: {c.reason}" for c in candidates)

@@ -1,8 +1,17 @@
-"""The project's one tolerance table and comparison, used by every test and by ``moe bench``.
+"""Testing tools: the one tolerance table, the float64 oracle, and the parity helper for backend authors.
 
-Errors are norm-relative against a float64 reference: ``||out - ref|| / ||ref||``.
+    report = moe.testing.check_backend("my_backend")   # raises AssertionError listing every failing case
+    print(report)                                        # passed / skipped (with supports() reasons)
 
-Rows and why (measured this session on the parity cases, CPU and H200):
+``check_backend`` runs the project's parity cases (odd and zero-sized shapes, every activation, biases,
+expert maps, transposed inputs and strided outputs, the ``scaled`` quantization scheme) on a named backend:
+fresh random inputs, a NaN-poisoned ``out``, the float64 oracle, and the decision trace (the backend that
+was asked for is the one that ran). Cases the backend's ``supports()`` refuses are skipped with its
+reason. The project's own parity matrix (tests/test_parity.py) calls the same functions for every
+registered backend.
+
+Tolerances are norm-relative against the float64 oracle, ``||out - ref|| / ||ref||``, one row per
+(dtype, quantization scheme). Rows and why (measured on the parity cases, CPU and H200):
 - float32 1e-5: fp32 accumulation measures 1e-7 to 3e-7 (reference, Triton, torch_grouped); 1e-5 leaves
   headroom for GPU reduction orders at large K without hiding a wrong term (a dropped bias or slot
   moves the error to 1e-2 or more).
@@ -10,21 +19,50 @@ Rows and why (measured this session on the parity cases, CPU and H200):
   and the output are each rounded once, which measures 1.8e-3 to 5e-3 (CPU and H200, T up to 16385).
 - float16 2e-3: 11 mantissa bits (4.9e-4 roundoff); the same three roundings measure 2.7e-4 to 6.3e-4.
 - float64 1e-12: the reference itself.
+- ``scaled`` weights (the seam's test scheme: unquantized data times a per-(expert, part) fp32 scale)
+  round nothing more, so its rows equal the unquantized ones.
 Changing a row needs a measurement that justifies it, written here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["TOLERANCES", "assert_close", "rel_error"]
+from .activations import apply_activation
+from .config import ActivationSpec, MoEConfig
+from .contract import ExpertsProblem
+from .explain import problem_from_config
+from .functional import fused_experts
+from .quant import SCALED, QuantConfig, QuantizedWeight, dequantize
+from .registry import get_backend, judge, last_decision
+from .routing import fused_topk
 
-TOLERANCES: dict[torch.dtype, float] = {
-    torch.float64: 1e-12,
-    torch.float32: 1e-5,
-    torch.bfloat16: 1e-2,
-    torch.float16: 2e-3,
+__all__ = ["ACTIVATIONS", "TOKEN_COUNTS", "TOLERANCES", "ParityCase", "ParityReport", "assert_close",
+           "check_backend", "experts_float64", "make_inputs", "parity_cases", "rel_error", "run_case", "tolerance"]
+
+# Token counts every parity sweep covers: users of other MoE libraries most often report wrong results
+# that appear for one backend at one batch-size bucket only.
+TOKEN_COUNTS = (1, 3, 4, 8, 16, 64, 512, 4096, 16384)
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai", "relu2", "silu_no_mul", "gelu_no_mul")
+
+_BASE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+TOLERANCES: dict[tuple[torch.dtype, str], float] = {
+    **{(dtype, "none"): tol for dtype, tol in _BASE.items()},
+    **{(dtype, "scaled"): tol for dtype, tol in _BASE.items()},
 }
+
+
+def tolerance(dtype: torch.dtype, scheme: str = "none") -> float:
+    """The tolerance row of (dtype, quantization scheme key)."""
+    key = (dtype, scheme)
+    if key not in TOLERANCES:
+        raise KeyError(f"no tolerance row for {dtype} with scheme {scheme!r}; rows: "
+                       f"{sorted({s for _, s in TOLERANCES})} for {sorted({str(d) for d, _ in TOLERANCES})}")
+    return TOLERANCES[key]
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -37,12 +75,212 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None, what: str = "") -> None:
-    """Fail unless ``out`` matches ``ref`` within the tolerance row of ``dtype`` (default: out's dtype)."""
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None, what: str = "",
+                 scheme: str = "none") -> None:
+    """Fail unless ``out`` matches ``ref`` within the tolerance row of (``dtype``, ``scheme``); ``dtype``
+    defaults to out's."""
     dtype = dtype or out.dtype
     if out.shape != ref.shape:
         raise AssertionError(f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
-    tol = TOLERANCES[dtype]
+    tol = tolerance(dtype, scheme)
     err = rel_error(out, ref)
     if not err <= tol:
-        raise AssertionError(f"{what}: norm-relative error {err:.3e} > {tol:.0e} ({dtype})")
+        raise AssertionError(f"{what}: norm-relative error {err:.3e} > {tol:.0e} ({dtype}, {scheme})")
+
+
+def experts_float64(x, w13, w2, weights, ids, activation="silu", w13_bias=None, w2_bias=None, on_input=False,
+                    expert_map=None) -> torch.Tensor:
+    """The oracle: a plain loop over (token, slot) pairs in float64 on the CPU. ``w13``/``w2`` may be
+    ``QuantizedWeight`` (dequantized in float64)."""
+    spec = ActivationSpec.parse(activation)
+    w13 = dequantize(w13, torch.float64) if isinstance(w13, QuantizedWeight) else w13
+    w2 = dequantize(w2, torch.float64) if isinstance(w2, QuantizedWeight) else w2
+    x, w13, w2, weights = x.double().cpu(), w13.double().cpu(), w2.double().cpu(), weights.double().cpu()
+    ids = ids.cpu()
+    emap = expert_map.cpu() if expert_map is not None else None
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if emap is not None:
+                e = int(emap[e])
+                if e < 0:
+                    continue
+            xe = x[t] * weights[t, j] if on_input else x[t]
+            h = w13[e] @ xe
+            if w13_bias is not None:
+                h = h + w13_bias[e].double().cpu()
+            y = w2[e] @ apply_activation(h, spec)
+            if w2_bias is not None:
+                y = y + w2_bias[e].double().cpu()
+            out[t] += y if on_input else weights[t, j] * y
+    return out
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """One parity case: shape, options, dtype, input layout and quantization scheme."""
+
+    T: int
+    E: int
+    K: int
+    N: int
+    k: int
+    activation: str = "silu"
+    bias: bool = False
+    expert_map: bool = False
+    dtype: torch.dtype = torch.float32
+    layout: str = "contiguous"  # contiguous | transposed (x and out) | strided_out | in_place
+    quant: str = "none"  # none | scaled
+
+    def __str__(self) -> str:
+        extra = (("+bias" if self.bias else "") + ("+emap" if self.expert_map else "")
+                 + (f"+{self.layout}" if self.layout != "contiguous" else "")
+                 + (f"+{self.quant}" if self.quant != "none" else ""))
+        return (f"T{self.T}-E{self.E}-K{self.K}-N{self.N}-k{self.k}-{self.activation}{extra}-"
+                f"{str(self.dtype).removeprefix('torch.')}")
+
+
+def make_inputs(case: ParityCase, device: str | torch.device = "cpu") -> dict:
+    """Fresh random inputs for ``case`` (never zeros), routing from random logits; keyword arguments of
+    ``fused_experts`` (with ``hidden_states``, ``w13``, ``w2``, ``topk_weights``, ``topk_ids``)."""
+    gated = ActivationSpec.parse(case.activation).gated
+    rows = 2 * case.N if gated else case.N
+    local, emap = case.E, None
+    if case.expert_map:  # every other global expert is local (round-robin over 2 ranks, this is rank 0)
+        emap = torch.full((case.E,), -1, dtype=torch.int32)
+        held = torch.arange(0, case.E, 2)
+        emap[held] = torch.arange(held.numel(), dtype=torch.int32)
+        local, emap = held.numel(), emap.to(device)
+    scale = 4.0 if case.activation == "swigluoai" else 1.0  # reach the clamp
+    x = torch.randn(case.T, case.K, device=device)
+    w13 = torch.randn(local, rows, case.K, device=device) * (scale / case.K**0.5)
+    w2 = torch.randn(local, case.K, case.N, device=device) / case.N**0.5
+    weights, ids = fused_topk(torch.randn(case.T, case.E, device=device), case.k, renormalize=True)
+    inputs = {"hidden_states": x.to(case.dtype), "w13": w13.to(case.dtype), "w2": w2.to(case.dtype),
+              "topk_weights": weights, "topk_ids": ids, "activation": case.activation, "w13_bias": None,
+              "w2_bias": None, "expert_map": emap}
+    if case.bias:
+        inputs["w13_bias"] = (torch.randn(local, rows, device=device) * 0.1).to(case.dtype)
+        inputs["w2_bias"] = (torch.randn(local, case.K, device=device) * 0.1).to(case.dtype)
+    if case.layout == "transposed":  # [T, K] views of [K, T] storage
+        inputs["hidden_states"] = inputs["hidden_states"].t().contiguous().t()
+    if case.quant == "scaled":
+        parts = 2 if gated else 1
+        inputs["w13"] = QuantizedWeight(inputs["w13"], torch.rand(local, parts, device=device) + 0.5,
+                                        SCALED.weights, parts=parts)
+        inputs["w2"] = QuantizedWeight(inputs["w2"], torch.rand(local, 1, device=device) + 0.5, SCALED.weights)
+    elif case.quant != "none":
+        raise ValueError(f"ParityCase.quant: {case.quant!r} is not a parity scheme yet (none, scaled)")
+    return inputs
+
+
+def _out_for(case: ParityCase, x: torch.Tensor) -> torch.Tensor:
+    """The NaN-poisoned ``out`` of the case's layout."""
+    if case.layout == "in_place":
+        return x
+    if case.layout == "transposed":
+        return torch.full((x.shape[1], x.shape[0]), float("nan"), dtype=x.dtype, device=x.device).t()
+    if case.layout == "strided_out":  # every other column of a wider buffer
+        return torch.full((x.shape[0], 2 * x.shape[1]), float("nan"), dtype=x.dtype, device=x.device)[:, ::2]
+    return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
+
+
+def _problem(case: ParityCase, device: str | torch.device) -> ExpertsProblem:
+    cfg = MoEConfig(num_experts=case.E, top_k=case.k, hidden_size=case.K, intermediate_size=case.N,
+                    activation=ActivationSpec.parse(case.activation), bias=case.bias,
+                    quant=QuantConfig.parse(case.quant))
+    p = problem_from_config(cfg, dtype=case.dtype, device=device, num_tokens=case.T)
+    return dataclasses.replace(p, has_expert_map=case.expert_map,
+                               num_experts=(case.E + 1) // 2 if case.expert_map else case.E)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: ParityCase
+    status: str  # passed | skipped | failed
+    detail: str
+
+
+def run_case(backend: str, case: ParityCase, device: str | torch.device = "cpu") -> CaseResult:
+    """Run one case on ``backend``: skipped with the backend's reason when it cannot run it, failed when
+    the output differs from the float64 oracle beyond the tolerance row, has NaN (an unwritten element of
+    the poisoned ``out``), or another backend ran."""
+    verdict = judge(get_backend(backend), _problem(case, device))
+    if not verdict.ok:
+        return CaseResult(case, "skipped", verdict.reason)
+    inputs = make_inputs(case, device)
+    args = dict(inputs)
+    x = args.pop("hidden_states")
+    ref = experts_float64(x, args["w13"], args["w2"], args["topk_weights"], args["topk_ids"], case.activation,
+                          args["w13_bias"], args["w2_bias"], expert_map=args["expert_map"])
+    out = _out_for(case, x)
+    try:
+        got = fused_experts(x, args.pop("w13"), args.pop("w2"), args.pop("topk_weights"), args.pop("topk_ids"),
+                            backend=backend, out=out, **args)
+        ran = last_decision()
+        if ran is None or ran.chosen != backend:
+            return CaseResult(case, "failed", f"asked for {backend!r}, ran {ran.chosen if ran else None!r}")
+        if got is not out:
+            return CaseResult(case, "failed", "fused_experts did not return the out tensor it was given")
+        assert_close(got, ref, dtype=case.dtype, scheme=case.quant, what=f"{backend} {case}")
+    except AssertionError as exc:
+        return CaseResult(case, "failed", str(exc))
+    err = rel_error(out, ref)
+    return CaseResult(case, "passed", f"error {err:.1e}" if math.isfinite(err) else "")
+
+
+def parity_cases(*, quick: bool = False) -> list[ParityCase]:
+    """The project's parity cases. One shape runs the full product of activations x biases x expert map
+    x dtypes; the other shapes (T = 0 and 1, odd K and N, K and N not multiples of 16, E up to 256, k in
+    {1, 2, 3, 8}) cover the options pairwise, plus input layouts and the ``scaled`` scheme."""
+    full = (9, 8, 32, 24, 2)
+    shapes = [(1, 4, 16, 8, 1), (1, 64, 32, 16, 8), (7, 5, 33, 17, 3), (33, 8, 48, 40, 2), (17, 256, 16, 8, 8),
+              (12, 64, 24, 20, 2)]
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    cases = []
+    acts = ACTIVATIONS[:2] if quick else ACTIVATIONS
+    for act in acts:
+        for bias in (False, True):
+            for emap in (False, True):
+                for dtype in dtypes[:2]:
+                    cases.append(ParityCase(*full, activation=act, bias=bias, expert_map=emap, dtype=dtype))
+    for i, shape in enumerate(shapes[:2] if quick else shapes):
+        for j, act in enumerate(acts):
+            cases.append(ParityCase(*shape, activation=act, bias=(i + j) % 2 == 1, expert_map=(i + j // 2) % 2 == 1,
+                                    dtype=dtypes[(i + j) % 3]))
+    cases.append(ParityCase(0, 8, 32, 24, 2))  # an empty batch
+    for layout in ("transposed", "strided_out", "in_place"):
+        for dtype in dtypes[:2]:
+            cases.append(ParityCase(*full, dtype=dtype, layout=layout, bias=True))
+    for act in ("silu", "relu2"):
+        for dtype in dtypes[:2]:
+            cases.append(ParityCase(*full, activation=act, dtype=dtype, quant="scaled", expert_map=act == "relu2"))
+    return cases
+
+
+@dataclass
+class ParityReport:
+    backend: str
+    results: list[CaseResult]
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    def __str__(self) -> str:
+        lines = [f"{self.backend}: {self.count('passed')} passed, {self.count('skipped')} skipped, "
+                 f"{self.count('failed')} failed"]
+        lines += [f"  FAILED {r.case}: {r.detail}" for r in self.results if r.status == "failed"]
+        reasons = sorted({r.detail for r in self.results if r.status == "skipped"})
+        lines += [f"  skipped: {reason}" for reason in reasons]
+        return "\n".join(lines)
+
+
+def check_backend(backend: str, cases: list[ParityCase] | None = None, device: str | torch.device = "cpu",
+                  *, quick: bool = False) -> ParityReport:
+    """Run the parity cases on ``backend``; raise AssertionError listing the failures (the report
+    otherwise). A backend that ran none of them (every case refused by ``supports()``) also fails."""
+    report = ParityReport(backend, [run_case(backend, c, device) for c in (cases or parity_cases(quick=quick))])
+    if report.count("failed") or not report.count("passed"):
+        raise AssertionError(str(report) + ("" if report.count("passed") else "\n  no case ran"))
+    return report

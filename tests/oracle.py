@@ -29,7 +29,7 @@ def act64(name: str, h: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) 
 
 def experts64(x, w13, w2, weights, ids, activation="silu", w13_bias=None, w2_bias=None,
               on_input=False, expert_map=None, alpha=1.702, limit=7.0) -> torch.Tensor:
-    """Per (token, slot) loop in float64."""
+    """Per (token, slot) loop in float64, with this file's own activation formulas."""
     x, w13, w2, weights = x.double().cpu(), w13.double().cpu(), w2.double().cpu(), weights.double().cpu()
     ids = ids.cpu()
     out = torch.zeros_like(x)
@@ -73,10 +73,7 @@ def _order(scores: list[float]) -> list[int]:
 def topk_route64(logits, k, renormalize=True, scoring="softmax"):
     out_w, out_ids = [], []
     for row in logits.double().tolist():
-        if scoring == "softmax":
-            s = _softmax(row)
-        else:
-            s = [1 / (1 + math.exp(-v)) for v in row]
+        s = _softmax(row) if scoring == "softmax" else [1 / (1 + math.exp(-v)) for v in row]
         top = _order(s)[:k]
         w = [s[i] for i in top]
         if renormalize:
@@ -100,10 +97,7 @@ def grouped_route64(logits, k, num_groups, topk_group, renormalize, scoring, bia
     e = logits.shape[1]
     per = e // num_groups
     for row in logits.double().tolist():
-        if scoring == "softmax":
-            s = _softmax(row)
-        else:
-            s = [1 / (1 + math.exp(-v)) for v in row]
+        s = _softmax(row) if scoring == "softmax" else [1 / (1 + math.exp(-v)) for v in row]
         c = [s[i] + (float(bias[i]) if bias is not None else 0.0) for i in range(e)]
         gscore = []
         for g in range(num_groups):

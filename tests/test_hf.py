@@ -23,7 +23,7 @@ import moe.hf  # noqa: E402
 from moe.hf import MoEBlock, MoEExperts  # noqa: E402
 from moe.hf.families import FAMILIES, family_for  # noqa: E402
 from moe.hf.tiny import TINY_FAMILIES, randomize, tiny_config, tiny_model  # noqa: E402
-from moe.testing import TOLERANCES, assert_close  # noqa: E402
+from moe.testing import assert_close, tolerance  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -425,7 +425,7 @@ def test_tiny_config_rejects_unknown_family():
 
 
 def test_bf16_row_is_the_documented_bound():
-    assert TOLERANCES[torch.bfloat16] == 1e-2  # docs/hf.md quotes it
+    assert tolerance(torch.bfloat16) == 1e-2  # docs/hf.md quotes it
 
 
 # ------------------------------------------------------------------------------------------ hf-check

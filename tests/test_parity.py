@@ -1,8 +1,7 @@
-"""The cross-backend parity matrix: cases x activations x biases x expert map x dtypes x backends,
-each compared with the float64 oracle. A combination a backend does not support is skipped with its
-``supports()`` reason; every test checks from the decision trace that the intended backend ran.
-
-One case runs the full product; the other shapes cover the options pairwise, to keep CI short.
+"""The cross-backend parity matrix: moe.testing's parity cases x every registered backend, each compared
+with the float64 oracle through the same helper backend authors call (moe.testing.run_case). A case a
+backend's supports() refuses is skipped with that reason; every run checks from the decision trace that
+the asked-for backend ran.
 """
 
 from __future__ import annotations
@@ -11,66 +10,51 @@ import os
 
 import pytest
 import torch
-from cases import Case, make_inputs, oracle, run
 
 import moe
-from moe.explain import problem_from_config
-from moe.testing import assert_close
+from moe.testing import parity_cases, run_case
 
-BACKENDS = ["torch", "triton", "torch_grouped"]
-ACTS = ["silu", "gelu", "gelu_tanh", "swigluoai", "relu2", "silu_no_mul", "gelu_no_mul"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-FULL = (9, 8, 32, 24, 2)
-SHAPES = [  # T, E, K, N, k: T = 1, odd K/N, K/N not multiples of 128, E in {4, 5, 8, 64, 256}, k in {1, 2, 3, 8}
-    (1, 4, 16, 8, 1),
-    (1, 64, 32, 16, 8),
-    (7, 5, 33, 17, 3),
-    (33, 8, 48, 40, 2),
-    (17, 256, 16, 8, 8),
-    (12, 64, 24, 20, 2),
-]
-
-
-def _matrix():
-    out = []
-    for act in ACTS:
-        for bias in (False, True):
-            for emap in (False, True):
-                for dtype in (torch.float32, torch.bfloat16):
-                    out.append((Case(*FULL[:1], *FULL[1:], activation=act, bias=bias, expert_map=emap), dtype))
-    for i, shape in enumerate(SHAPES):
-        for j, act in enumerate(ACTS):
-            case = Case(*shape, activation=act, bias=(i + j) % 2 == 1, expert_map=(i + j // 2) % 2 == 1)
-            out.append((case, DTYPES[(i + j) % 3]))
-    return out
-
-
-MATRIX = _matrix()
-
-
-def _problem(case: Case, dtype: torch.dtype) -> moe.ExpertsProblem:
-    cfg = moe.MoEConfig(num_experts=case.E, top_k=case.k, hidden_size=case.K, intermediate_size=case.N,
-                        activation=moe.ActivationSpec.parse(case.activation), bias=case.bias)
-    p = problem_from_config(cfg, dtype=dtype, device="cpu", num_tokens=case.T)
-    if case.expert_map:
-        from dataclasses import replace
-        p = replace(p, has_expert_map=True, num_experts=(case.E + 1) // 2)
-    return p
+BACKENDS = [b.name for b in moe.list_backends()]
+CASES = parity_cases()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case,dtype", MATRIX, ids=[f"{c}-{str(d)[6:]}" for c, d in MATRIX])
-def test_parity(case, dtype, backend):
-    b = moe.get_backend(backend)
-    ok, why = b.is_available()
-    if ok:
-        ok, why = b.supports(_problem(case, dtype))
-    if not ok:
-        pytest.skip(f"{backend}: {why}")
-    inputs = make_inputs(case, dtype)
-    out = run(inputs, backend)
-    assert moe.last_decision().chosen == backend
-    assert_close(out, oracle(inputs), what=f"{backend} {case} {dtype}")
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_parity(case, backend):
+    result = run_case(backend, case)
+    if result.status == "skipped":
+        pytest.skip(f"{backend}: {result.detail}")
+    assert result.status == "passed", result.detail
+
+
+def test_the_matrix_covers_the_built_in_backends():
+    assert {"torch", "triton", "torch_grouped"} <= set(BACKENDS)
+
+
+def test_check_backend_reports_a_wrong_backend():
+    """The helper fails a backend whose output is wrong, and one that runs nothing (it cannot pass
+    vacuously)."""
+
+    class Off:
+        name, priority = "test_off_by_one", -100
+
+        def is_available(self):
+            return True, "ok"
+
+        def supports(self, problem):
+            return (True, "ok") if problem.dtype == torch.float32 else (False, "float32 only")
+
+        def apply(self, args, problem, out):
+            from moe.backends.torch_ref import torch_ref_experts
+
+            out.copy_(torch_ref_experts(args, problem) * 1.01)
+
+    moe.register_backend(Off())
+    try:
+        with pytest.raises(AssertionError, match=r"test_off_by_one: \d+ passed, \d+ skipped, 1[0-9] failed"):
+            moe.testing.check_backend("test_off_by_one", quick=True)
+    finally:
+        moe.unregister_backend("test_off_by_one")
 
 
 def test_triton_runs_in_ci():

@@ -64,6 +64,9 @@ class TorchGroupedBackend:
     def priority(self) -> int:
         return 10 if torch.cuda.is_available() else -20
 
+    def priority_for(self, target) -> int:
+        return -20 if target.vendor == "cpu" else 10
+
     def is_available(self) -> tuple[bool, str]:
         err = _unavailable()
         return (False, err) if err else (True, "ok")

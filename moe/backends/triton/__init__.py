@@ -239,8 +239,11 @@ class TritonBackend:
 
     @property
     def priority(self) -> int:
-        # On CPU the kernels only run under the interpreter: a test vehicle, never preferred over the reference.
         return 20 if torch.cuda.is_available() else -10
+
+    def priority_for(self, target) -> int:
+        # On CPU the kernels only run under the interpreter: a test vehicle, never preferred over the reference.
+        return -10 if target.vendor == "cpu" else 20
 
     def is_available(self) -> tuple[bool, str]:
         if importlib.util.find_spec("triton") is None:
