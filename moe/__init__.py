@@ -1,7 +1,7 @@
 """moe: a multi-backend Mixture-of-Experts inference layer for PyTorch."""
 
 from . import functional as _functional  # noqa: F401  (registers the moe::fused_experts custom op)
-from . import quant
+from . import quant, testing
 from .activations import apply_activation, interleaved_to_gate_up
 from .config import ActivationSpec, MoEConfig, RoutingConfig
 from .contract import Backend, ExpertsArgs, ExpertsProblem, PreparedWeights
@@ -65,6 +65,7 @@ __all__ = [
     "set_options",
     "set_validation",
     "stable_topk",
+    "testing",
     "topk_softmax",
     "unregister_backend",
     "validation",
