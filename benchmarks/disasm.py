@@ -15,11 +15,11 @@ from collections import Counter
 
 import torch
 
-from moe.backends.base import ExpertsArgs
-from moe.backends.triton import _choose_config, options, triton_experts
-from moe.backends.triton.launch import _compiled
-from moe.bench import PRESETS, _tokens, _weights
+from moe.backends.triton import choose_config, triton_experts
+from moe.contract import ExpertsArgs
+from moe.kernels.launch import compiled_kernels
 from moe.routing import fused_topk
+from moe.workload import PRESETS, random_tokens, random_weights
 
 OPS = ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "LDG", "STG", "LDL", "STL", "BAR", "WARPSYNC", "SHFL")
 
@@ -35,18 +35,17 @@ def summarize(point: str) -> None:
     p = PRESETS[name]
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    w13, w2 = _weights(p, torch.bfloat16, dev, gen)
-    x, logits = _tokens(p, int(m), torch.bfloat16, dev, gen)
+    w13, w2 = random_weights(p, torch.bfloat16, dev, gen)
+    x, logits = random_tokens(p, int(m), torch.bfloat16, dev, gen)
     w, ids = fused_topk(logits, p.top_k)
-    problem = p.problem("cuda", torch.bfloat16, int(m))
-    cfg = _choose_config(problem, dev, options())
-    before = set(_compiled)
+    problem = p.problem(dev, torch.bfloat16, int(m))
+    cfg = choose_config(problem, dev)
+    before = {id(k) for k in compiled_kernels()}
     triton_experts(ExpertsArgs(x, w13, w2, w, ids), problem, torch.empty_like(x), cfg)
     torch.cuda.synchronize()
     print(f"{point}: {cfg.model_dump()}")
-    for key in set(_compiled) - before:
-        ck = _compiled[key][0]
-        if not ck.name.startswith("moe_gemm"):
+    for ck in compiled_kernels():
+        if id(ck) in before or not ck.name.startswith("moe_gemm"):
             continue
         try:
             sass = sass_of(ck)

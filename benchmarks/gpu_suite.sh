@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One GPU call: the GPU tests, the benchmark, the HF and expert-parallel benchmarks; full results under
-# $OUT, short tables last.  On the GPU machine (repo root, wheels carried in .whl/):
-#   PARTS=tests,host,bench,untuned,hf,parallel bash benchmarks/gpu_suite.sh [presets] [ms]
+# One GPU call: GPU tests (in parts), the benchmark, the HF and expert-parallel benchmarks; full results
+# under $OUT, short tables last.  On the GPU machine (repo root, wheels carried in .whl/):
+#   PARTS=tests,host,bench,untuned,hf,parallel TESTS=triton,torch_grouped,routing,rest bash benchmarks/gpu_suite.sh [presets] [ms]
+# TESTS picks the GPU test parts (each fits one 10-minute command); TEST_TIMEOUT bounds each part.
 set -uo pipefail
 S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || exit 1
@@ -12,10 +13,28 @@ presets=${1:-mixtral,qwen3,dsv3}
 ms=${2:-1,16,64,256,1024,4096,16384}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+# GPU test parts: marker expressions over the area and backend markers tests/conftest.py adds
+test_part() {
+  case "$1" in
+    all) echo "gpu" ;;
+    triton) echo "gpu and kernels and not torch_grouped" ;;
+    torch_grouped) echo "gpu and kernels and torch_grouped" ;;
+    routing) echo "gpu and routing" ;;
+    fuzz) echo "gpu and fuzz" ;;
+    quant) echo "gpu and quant" ;;
+    rest) echo "gpu and not kernels and not routing and not fuzz and not quant" ;;
+    *) echo "unknown test part '$1' (all, triton, torch_grouped, routing, fuzz, quant, rest)" >&2; return 2 ;;
+  esac
+}
 if [[ $parts == *,tests,* ]]; then
-  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -m gpu -q -p no:cacheprovider tests ${PYTEST_K:+-k "$PYTEST_K"} \
-    > "$OUT/gpu_tests.log" 2>&1
-  echo "gpu tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -12
+  tests=${TESTS:-all}
+  for part in ${tests//,/ }; do
+    expr=$(test_part "$part") || exit 2
+    timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -m "$expr" -q -p no:cacheprovider tests ${PYTEST_K:+-k "$PYTEST_K"} \
+      > "$OUT/gpu_tests_$part.log" 2>&1
+    echo "gpu tests [$part] rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests_$part.log" | tail -12
+  done
 fi
 if [[ $parts == *,parallel,* ]] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   timeout 240 torchrun --nproc-per-node 2 benchmarks/parallel_gpu.py --out "$OUT/parallel.json" \

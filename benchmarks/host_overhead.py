@@ -14,10 +14,11 @@ import time
 
 import torch
 
-import moe.backends.triton.launch as ln
+import moe
 from moe import fused_experts
-from moe.bench import PRESETS, _tokens, _weights
+from moe.kernels.launch import direct_launch_status
 from moe.routing import fused_topk
+from moe.workload import PRESETS, random_tokens, random_weights
 
 
 def host_us(call, calls: int) -> tuple[float, float]:
@@ -37,8 +38,8 @@ def measure(name: str, m: int, calls: int, profile: bool) -> list[tuple[float, f
     p = PRESETS[name]
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    w13, w2 = _weights(p, torch.bfloat16, dev, gen)
-    x, logits = _tokens(p, m, torch.bfloat16, dev, gen)
+    w13, w2 = random_weights(p, torch.bfloat16, dev, gen)
+    x, logits = random_tokens(p, m, torch.bfloat16, dev, gen)
     w, ids = fused_topk(logits, p.top_k)
     out = torch.empty_like(x)
 
@@ -47,8 +48,8 @@ def measure(name: str, m: int, calls: int, profile: bool) -> list[tuple[float, f
 
     res = []
     for direct in (False, True):
-        ln.set_direct_launch(direct)
-        res.append(host_us(call, calls))
+        with moe.override_options(direct_launch=direct):
+            res.append(host_us(call, calls))
     if profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -57,7 +58,6 @@ def measure(name: str, m: int, calls: int, profile: bool) -> list[tuple[float, f
         prof.disable()
         torch.cuda.synchronize()
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
-    ln.set_direct_launch(None)
     return res
 
 
@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
+    print(f"direct launches: {direct_launch_status()[1]}")
     rows = []
     for case in a.cases.split(","):
         name, m = case.split(":")

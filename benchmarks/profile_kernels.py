@@ -6,27 +6,25 @@ each GEMM's achieved FLOP rate and weight bandwidth: the profile behind the targ
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import moe
 from moe import fused_experts
-from moe.bench import PRESETS, _tokens, _weights
 from moe.routing import fused_topk
+from moe.workload import PRESETS, random_tokens, random_weights
 
 ITERS = 5
 
 
 def kernel_times(call, iters: int = ITERS, warmup: int = 3) -> dict[str, float]:
     """CUDA time per kernel name (us per call) of ``call()``, from torch.profiler over ``iters`` calls.
-    Chained launches are off meanwhile (``MOE_PDL=0``): a chained kernel starts early and waits on the
-    GPU, so its profiled duration would include the wait for its predecessor."""
-    before = os.environ.get("MOE_PDL")
-    os.environ["MOE_PDL"] = "0"
-    try:
+    Chained launches are off meanwhile (the ``pdl`` option): a chained kernel starts early and waits on
+    the GPU, so its profiled duration would include the wait for its predecessor."""
+    with moe.override_options(pdl=False):
         for _ in range(warmup):
             call()
         torch.cuda.synchronize()
@@ -34,11 +32,6 @@ def kernel_times(call, iters: int = ITERS, warmup: int = 3) -> dict[str, float]:
             for _ in range(iters):
                 call()
             torch.cuda.synchronize()
-    finally:
-        if before is None:
-            os.environ.pop("MOE_PDL")
-        else:
-            os.environ["MOE_PDL"] = before
     times: dict[str, float] = defaultdict(float)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -49,7 +42,7 @@ def kernel_times(call, iters: int = ITERS, warmup: int = 3) -> dict[str, float]:
 def profile_one(name: str, m: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
     p = PRESETS[name]
     gen = torch.Generator(device="cuda").manual_seed(1)
-    x, logits = _tokens(p, m, torch.bfloat16, torch.device("cuda"), gen)
+    x, logits = random_tokens(p, m, torch.bfloat16, torch.device("cuda"), gen)
     w, ids = fused_topk(logits, p.top_k)
     hit = int(torch.unique(ids).numel())
     out = torch.empty_like(x)
@@ -74,7 +67,7 @@ def main(argv: list[str]) -> None:
         by_preset[name].append(int(m))
     for name, ms in by_preset.items():
         gen = torch.Generator(device="cuda").manual_seed(0)
-        w13, w2 = _weights(PRESETS[name], torch.bfloat16, torch.device("cuda"), gen)
+        w13, w2 = random_weights(PRESETS[name], torch.bfloat16, torch.device("cuda"), gen)
         for m in ms:
             profile_one(name, m, w13, w2)
         del w13, w2

@@ -32,7 +32,26 @@ def _fresh_options():
     moe.reset_caches()
 
 
+# GPU tests by area (the file they live in) and by backend (their `backend` parameter), so the GPU suite
+# runs in parts that each fit one 10-minute command: benchmarks/gpu_suite.sh TESTS=triton,routing,...
+_AREAS = {"test_gpu.py": "kernels", "test_routing_kernels.py": "routing", "test_properties.py": "fuzz",
+          "test_hf.py": "hf", "test_parallel_gpu.py": "parallel", "test_quant_gpu.py": "quant"}
+
+
+def _mark_parts(items) -> None:
+    for item in items:
+        if "gpu" not in item.keywords:
+            continue
+        area = _AREAS.get(item.path.name)
+        if area:
+            item.add_marker(getattr(pytest.mark, area))
+        backend = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+        if backend in ("triton", "torch_grouped"):
+            item.add_marker(getattr(pytest.mark, backend))
+
+
 def pytest_collection_modifyitems(config, items):
+    _mark_parts(items)
     if torch.cuda.is_available():
         return
     # gpu tests are deselected in CI with -m "not gpu"; run by hand without a GPU, they say why they skip

@@ -29,7 +29,8 @@ from ..options import options, options_version, register_cache
 from ..target import current_target
 from .host import device_index
 
-__all__ = ["VERIFIED_TRITON", "direct_launch_enabled", "direct_launch_status", "launch", "launch_counts"]
+__all__ = ["VERIFIED_TRITON", "compiled_kernels", "direct_launch_enabled", "direct_launch_status", "launch",
+           "launch_counts"]
 
 # Triton releases on which direct launches passed the GPU bitwise test against Triton's launcher
 VERIFIED_TRITON = ("3.6.0",)
@@ -70,6 +71,11 @@ def direct_launch_enabled() -> bool:
     if on is None:
         on = _enabled[version] = direct_launch_status()[0]
     return on
+
+
+def compiled_kernels() -> list[Any]:
+    """The compiled kernels kept so far (one per specialization key): what ``benchmarks/disasm.py`` reads."""
+    return [compiled for compiled, _ in _compiled.values()]
 
 
 def launch_counts() -> dict[str, int]:
