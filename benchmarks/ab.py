@@ -47,7 +47,7 @@ def _worker(presets: list[str], ms: list[int], rep_ms: int) -> dict:
             w, ids = moe.fused_topk(torch.randn(m, e, generator=gen, device=dev), k)
             y = torch.empty_like(x)
 
-            def call(x=x, w=w, ids=ids, y=y):
+            def call(x=x, w=w, ids=ids, y=y, w13=w13, w2=w2):
                 return moe.fused_experts(x, w13, w2, w, ids, backend="triton", out=y)
 
             call()

@@ -1,27 +1,42 @@
 """``moe bench``: every usable backend on a workload, timed against the roofline floor and checked
 against the reference.
 
-Method (shared/ANCHORS.md): fresh random logits -> softmax -> top-k -> renormalize; experts hit are
+Method (docs/performance.md): fresh random logits -> softmax -> top-k -> renormalize; experts hit are
 counted from the ids for the floor; ``fused_experts`` is timed from weights and routing ids with
 alignment and allocation inside; a ``FusedMoE.forward`` row times the layer from router logits; on
 CUDA small batches are also timed as CUDA-graph replays; both ceilings (copy bandwidth, matmul rate)
 are measured in the same run. The reference upcasts one expert at a time.
+
+Each row reports the median of its timed calls with their min and max; a row whose spread
+(max - min) / median exceeds :data:`WIDE_SPREAD` says so. On CPU the "floor" comes from ceilings measured
+on a large copy and a 1024-square matmul, while small presets run from cache: it is no bound (rows land
+above 100%), so CPU rows leave ``pct_floor`` None and the table prints "-".
+
+Requests are checked before anything is allocated (:func:`resolve_request`, :func:`check_memory`, and
+for the CLI :func:`check_output_path` and :func:`check_plot_available`); a bad one raises
+:class:`BenchError` naming the flag.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
 
 import torch
 
 from .backends.torch_ref import torch_ref_experts
+from .config import ActivationSpec
 from .contract import ExpertsArgs, ExpertsProblem
 from .functional import fused_experts
 from .layer import FusedMoE
-from .registry import BackendUnavailableError, list_backends, select_backend
+from .registry import BackendUnavailableError, get_backend, list_backends, select_backend
 from .routing import fused_topk
 from .testing import rel_error
 from .workload import (
@@ -29,20 +44,28 @@ from .workload import (
     Ceilings,
     Preset,
     floor_seconds,
-    graph_time,
+    graph_time,  # noqa: F401  (imported from here by the scripts under benchmarks/)
     measure_ceilings,
     random_biases,
     random_tokens,
     random_weights,
-    time_fn,
+    time_fn,  # noqa: F401  (the same)
+    wall_times,
 )
 
-__all__ = ["GRAPH_MAX_M", "KERNELS_MAX_M", "Row", "run_bench"]
-
+__all__ = ["GRAPH_MAX_M", "KERNELS_MAX_M", "WIDE_SPREAD", "BenchError", "BenchRequest", "Row", "bench_info",
+           "check_memory", "check_output_path", "check_plot_available", "estimate_bytes", "format_table",
+           "plot", "resolve_request", "run_bench", "run_request", "write_json"]
 
 GRAPH_MAX_M = 256
-KERNELS_MAX_M = 1024  # "kernels" rows (routing aligned beforehand) up to here, as ANCHORS.md times vLLM
+KERNELS_MAX_M = 1024  # "kernels" rows (routing aligned beforehand) up to here, as docs/performance.md times vLLM
 REFERENCE_TIMING_MAX_PAIRS = 8192  # the per-expert reference is an oracle, not a contender
+WIDE_SPREAD = 0.1  # (max - min) / median above this: the row's median is not to be trusted to 10%
+GB = 1e9
+
+
+class BenchError(ValueError):
+    """A bench request that cannot run: the message names the flag, the value and the fix."""
 
 
 @dataclass
@@ -50,13 +73,185 @@ class Row:
     preset: str
     m: int
     backend: str
-    mode: str  # eager | graph | layer
-    time_us: float | None
+    mode: str  # eager | graph | kernels | layer
+    time_us: float | None  # median
     floor_us: float
-    pct_floor: float | None
+    pct_floor: float | None  # None on CPU, where the floor is no bound
     rel_err: float | None
     note: str = ""
     extra: dict = field(default_factory=dict)
+    min_us: float | None = None
+    max_us: float | None = None
+
+    @property
+    def spread(self) -> float | None:
+        """(max - min) / median of the timed calls."""
+        if self.time_us is None or self.min_us is None or self.max_us is None or self.time_us <= 0:
+            return None
+        return (self.max_us - self.min_us) / self.time_us
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """A checked request: the preset, token counts, device, dtype and backend names to run."""
+
+    preset: Preset
+    ms: tuple[int, ...]
+    device: torch.device
+    dtype: torch.dtype
+    backends: tuple[str, ...]
+
+
+# ---------------------------------------------------------------- checks (before any allocation)
+
+
+def resolve_request(
+    preset: str = "default",
+    ms: tuple[int, ...] | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    backends: tuple[str, ...] | None = None,
+) -> BenchRequest:
+    """Check and complete a request; raises :class:`BenchError` naming the flag at fault."""
+    if preset not in PRESETS:
+        raise BenchError(f"--preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    dev = _resolve_device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    ms = tuple(ms) if ms else p.default_m
+    if any(m < 1 for m in ms):
+        raise BenchError(f"--m: token counts must be >= 1, got {','.join(map(str, ms))}")
+    names = _resolve_backends(backends)
+    return BenchRequest(p, ms, dev, dtype, names)
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cuda", "cpu"):
+        raise BenchError(f"--device: got {device!r}; allowed: cuda (or cuda:N) and cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); "
+                         "use --device cpu or leave --device out")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BenchError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _resolve_backends(backends: tuple[str, ...] | None) -> tuple[str, ...]:
+    registered = [b.name for b in list_backends()]
+    if backends is None:
+        return tuple(registered)
+    for name in backends:
+        try:
+            get_backend(name)
+        except ValueError:
+            raise BenchError(f"--backends: unknown backend {name!r}; registered: {', '.join(registered)} "
+                             "(comma-separated, e.g. --backends torch,triton)") from None
+    return tuple(backends)
+
+
+def check_output_path(flag: str, path: str) -> None:
+    """The file's folder must exist and be writable, and the path must not be a folder."""
+    p = Path(path).expanduser()
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise BenchError(f"{flag} {path}: is a folder; give a file path such as {p / 'results.json'}")
+    if not parent.is_dir():
+        raise BenchError(f"{flag} {path}: the folder {parent} does not exist; create it or give another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BenchError(f"{flag} {path}: the folder {parent} is not writable; give another path")
+
+
+def check_plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BenchError("--plot needs matplotlib, which is not installed: pip install 'moe-layer[plot]'") from None
+
+
+def estimate_bytes(p: Preset, ms: tuple[int, ...], dtype: torch.dtype, device_type: str) -> tuple[int, int]:
+    """(bytes of the experts' weights, an allowance for everything else) for a run: the ceiling
+    measurement, the tokens, the fp32 reference (one expert upcast at a time) and the backends'
+    workspaces at the largest M, sized generously (fp32 intermediates, two alive at once)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    k, n, e, top_k = p.hidden_size, p.intermediate_size, p.num_experts, p.top_k
+    rows = 2 * n if ActivationSpec.parse(p.activation).gated else n
+    weights = p.weight_bytes(elt) + (e * (rows + k) * elt if p.bias else 0)
+    m = max(ms)
+    copy = 2 * 2**31 if device_type == "cuda" else 2 * 2**28  # what measure_ceilings copies
+    square = 8192 if device_type == "cuda" else 1024
+    ceilings = copy + 3 * square * square * elt
+    tokens = m * (2 * k * elt + e * 4 + top_k * 12)
+    reference = 2 * m * k * 4 + (rows + n) * k * 4 + m * top_k * (rows + n) * 4
+    workspace = 2 * m * top_k * (rows + n + k) * 4
+    return weights, ceilings + tokens + reference + workspace
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device``: MemAvailable on CPU, ``mem_get_info`` on CUDA; None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None  # not Linux, or unreadable: skip the check
+
+
+def check_memory(req: BenchRequest) -> None:
+    """Refuse a run that would not fit, with the numbers, before allocating its weights."""
+    avail = available_bytes(req.device)
+    if avail is None:
+        return
+    weights, other = estimate_bytes(req.preset, req.ms, req.dtype, req.device.type)
+    if weights + other <= avail:
+        return
+    smaller = [n for n, q in PRESETS.items() if sum(estimate_bytes(q, q.default_m, req.dtype, req.device.type))
+               <= avail and n != req.preset.name]
+    hint = f"--preset {'default' if 'default' in smaller else smaller[0]}" if smaller else "a machine with more memory"
+    raise BenchError(
+        f"--preset {req.preset.name}: needs about {(weights + other) / GB:.1f} GB on {req.device} "
+        f"({weights / GB:.1f} GB of expert weights in {_dtype_name(req.dtype)} + {other / GB:.1f} GB for the "
+        f"ceilings, reference and workspaces at M={max(req.ms)}) but {avail / GB:.1f} GB is available; "
+        f"use a smaller preset (e.g. {hint}; fitting here: {', '.join(smaller) or 'none'})")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def bench_info(req: BenchRequest) -> dict:
+    """What a result needs to be read later: the shape, dtype, device, versions and the time."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    from . import __version__
+
+    p = req.preset
+    return {
+        "preset": p.name,
+        "shape": {"E": p.num_experts, "N": p.intermediate_size, "K": p.hidden_size, "top_k": p.top_k,
+                  "activation": p.activation, "bias": p.bias},
+        "dtype": _dtype_name(req.dtype),
+        "device": str(req.device),
+        "versions": {"torch": torch.__version__, "triton": triton_version, "moe": __version__},
+        "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "floor_is_bound": req.device.type != "cpu",
+    }
+
+
+# ---------------------------------------------------------------- running
 
 
 class _Progress:
@@ -82,18 +277,21 @@ def run_bench(
     backends: tuple[str, ...] | None = None,
     progress: bool = True,
 ) -> tuple[Ceilings, list[Row]]:
-    p = PRESETS[preset]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    ms = ms or p.default_m
+    """Check the request (raising :class:`BenchError`), then run it."""
+    req = resolve_request(preset, ms, device, dtype, backends)
+    check_memory(req)
+    return run_request(req, progress)
+
+
+def run_request(req: BenchRequest, progress: bool = True) -> tuple[Ceilings, list[Row]]:
+    p, dev, dtype = req.preset, req.device, req.dtype
     ceil = measure_ceilings(dev, dtype)
     gen = torch.Generator(device=dev).manual_seed(0)
-    names = backends or tuple(b.name for b in list_backends())
-    bar = _Progress(len(ms) * (len(names) + 1), progress)
+    bar = _Progress(len(req.ms) * (len(req.backends) + 1), progress)
     rows: list[Row] = []
     w13, w2 = random_weights(p, dtype, dev, gen)
     b13, b2 = random_biases(p, dtype, dev, gen)
-    for m in ms:
+    for m in req.ms:
         x, logits = random_tokens(p, m, dtype, dev, gen)
         weights, ids = fused_topk(logits, p.top_k)
         hit = int(torch.unique(ids).numel())
@@ -101,14 +299,55 @@ def run_bench(
         args = ExpertsArgs(x, w13, w2, weights, ids, b13, b2)
         problem = p.problem(dev, dtype, m)
         ref = torch_ref_experts(args, problem, compute_dtype=torch.float32)
-        for name in names:
-            bar.step(f"{preset} M={m} {name}")
+        for name in req.backends:
+            bar.step(f"{p.name} M={m} {name}")
             rows.extend(_bench_backend(name, p, m, args, problem, ref, floor, dev))
-        bar.step(f"{preset} M={m} FusedMoE.forward")
+        bar.step(f"{p.name} M={m} FusedMoE.forward")
         rows.append(_bench_layer(p, m, args, logits, ref, floor, dev))
         del x, ref
     bar.close()
     return ceil, rows
+
+
+def _call_times(fn: Callable[[], object], dev: torch.device) -> list[float]:
+    """Seconds of each timed call: do_bench's samples on CUDA (it flushes L2), wall clock on CPU."""
+    if dev.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            pass
+        else:
+            return [t * 1e-3 for t in do_bench(fn, warmup=25, rep=100, return_mode="all")]
+    return wall_times(fn, dev)
+
+
+def _graph_times(fn: Callable[[], object], dev: torch.device) -> list[float]:
+    """Seconds of each replay of ``fn`` captured in a CUDA graph (warmed up outside the capture)."""
+    stream = torch.cuda.Stream(dev)
+    stream.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(stream):
+        fn()  # compiles kernels outside the capture
+    torch.cuda.current_stream(dev).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _call_times(graph.replay, dev)
+
+
+def timed_row(p: Preset, m: int, backend: str, mode: str, times: list[float], floor: float,
+              err: float | None, dev: torch.device, note: str = "") -> Row:
+    """A row from per-call seconds: median, min and max; no % of floor on CPU; a wide spread noted."""
+    med, lo, hi = statistics.median(times), min(times), max(times)
+    pct = None if dev.type == "cpu" else 100 * floor / med
+    row = Row(p.name, m, backend, mode, med * 1e6, floor * 1e6, pct, err, note, min_us=lo * 1e6, max_us=hi * 1e6)
+    spread = row.spread
+    if spread is not None and spread > WIDE_SPREAD:
+        row.note = "; ".join(filter(None, [row.note, f"wide spread: (max-min)/median = {spread:.0%}"]))
+    return row
+
+
+def _skipped(p: Preset, m: int, name: str, mode: str, floor: float, note: str, err: float | None = None) -> Row:
+    return Row(p.name, m, name, mode, None, floor * 1e6, None, err, note)
 
 
 def _bench_backend(name: str, p: Preset, m: int, args: ExpertsArgs, problem: ExpertsProblem,
@@ -116,24 +355,21 @@ def _bench_backend(name: str, p: Preset, m: int, args: ExpertsArgs, problem: Exp
     try:
         select_backend(problem, name)
     except BackendUnavailableError as err:
-        return [Row(p.name, m, name, "eager", None, floor * 1e6, None, None, f"skipped: {err}")]
+        return [_skipped(p, m, name, "eager", floor, f"skipped: {err}")]
     if name == "torch" and dev.type == "cuda" and m * p.top_k > REFERENCE_TIMING_MAX_PAIRS:
-        return [Row(p.name, m, name, "eager", None, floor * 1e6, None, None, "reference: not timed at this size")]
+        return [_skipped(p, m, name, "eager", floor, "reference: not timed at this size")]
 
     def call() -> torch.Tensor:
         return fused_experts(args.hidden_states, args.w13, args.w2, args.topk_weights, args.topk_ids,
                              activation=p.activation, w13_bias=args.w13_bias, w2_bias=args.w2_bias, backend=name)
 
-    out = call()
-    err = rel_error(out, ref)
-    t = time_fn(call, dev)
-    rows = [Row(p.name, m, name, "eager", t * 1e6, floor * 1e6, 100 * floor / t, err)]
+    err = rel_error(call(), ref)
+    rows = [timed_row(p, m, name, "eager", _call_times(call, dev), floor, err, dev)]
     if dev.type == "cuda" and m <= GRAPH_MAX_M and name != "torch":
         try:
-            tg = graph_time(call, dev)
-            rows.append(Row(p.name, m, name, "graph", tg * 1e6, floor * 1e6, 100 * floor / tg, err))
+            rows.append(timed_row(p, m, name, "graph", _graph_times(call, dev), floor, err, dev))
         except Exception as exc:  # a backend that cannot be captured says so in the table
-            rows.append(Row(p.name, m, name, "graph", None, floor * 1e6, None, err, f"not capturable: {exc}"))
+            rows.append(_skipped(p, m, name, "graph", floor, f"not capturable: {exc}", err))
     if name == "triton" and dev.type == "cuda" and m <= KERNELS_MAX_M:
         rows.append(_bench_triton_kernels(p, m, args, problem, ref, floor, dev))
     return rows
@@ -141,8 +377,8 @@ def _bench_backend(name: str, p: Preset, m: int, args: ExpertsArgs, problem: Exp
 
 def _bench_triton_kernels(p: Preset, m: int, args: ExpertsArgs, problem: ExpertsProblem, ref: torch.Tensor,
                           floor: float, dev: torch.device) -> Row:
-    """The Triton kernels alone, eager, with the routing aligned beforehand: how ANCHORS.md times vLLM's
-    Triton kernel up to 1024 tokens (mode "kernels")."""
+    """The Triton kernels alone, eager, with the routing aligned beforehand: how docs/performance.md times
+    vLLM's Triton kernel up to 1024 tokens (mode "kernels")."""
     from .backends.triton import choose_config, triton_experts
     from .kernels.align import align
 
@@ -155,8 +391,7 @@ def _bench_triton_kernels(p: Preset, m: int, args: ExpertsArgs, problem: Experts
 
     call()
     err = rel_error(out, ref)
-    t = time_fn(call, dev)
-    return Row(p.name, m, "triton", "kernels", t * 1e6, floor * 1e6, 100 * floor / t, err)
+    return timed_row(p, m, "triton", "kernels", _call_times(call, dev), floor, err, dev)
 
 
 def _bench_layer(p: Preset, m: int, args: ExpertsArgs, logits: torch.Tensor, ref: torch.Tensor, floor: float,
@@ -172,29 +407,57 @@ def _bench_layer(p: Preset, m: int, args: ExpertsArgs, logits: torch.Tensor, ref
     with torch.no_grad():
         out = layer(x, logits)
         chosen = select_backend(p.problem(dev, x.dtype, m)).chosen
-        t = time_fn(lambda: layer(x, logits), dev)
-    return Row(p.name, m, f"auto->{chosen}", "layer", t * 1e6, floor * 1e6, 100 * floor / t, rel_error(out, ref))
+        times = _call_times(lambda: layer(x, logits), dev)
+    return timed_row(p, m, f"auto->{chosen}", "layer", times, floor, rel_error(out, ref), dev)
 
 
-def format_table(ceil: Ceilings, rows: list[Row]) -> str:
-    head = (f"device: {ceil.device}   ceilings (measured now): copy {ceil.copy_gbps:,.0f} GB/s, "
-            f"matmul {ceil.matmul_tflops:.4g} TFLOP/s")
-    lines = [head, f"{'preset':<8} {'M':>6} {'backend':<18} {'mode':<6} {'time us':>10} {'floor us':>10} "
-                   f"{'% floor':>8} {'rel err':>9}  note"]
+# ---------------------------------------------------------------- output
+
+
+def _header(ceil: Ceilings, info: dict | None) -> list[str]:
+    lines = []
+    if info is not None:
+        s, v = info["shape"], info["versions"]
+        lines.append(f"preset {info['preset']}: E={s['E']} N={s['N']} K={s['K']} top_k={s['top_k']} "
+                     f"{s['activation']}{' +bias' if s['bias'] else ''}, {info['dtype']} on {info['device']}   "
+                     f"torch {v['torch']}, triton {v['triton']}, moe {v['moe']}   {info['time']}")
+    lines.append(f"device: {ceil.device}   ceilings (measured now): copy {ceil.copy_gbps:,.0f} GB/s, "
+                 f"matmul {ceil.matmul_tflops:.4g} TFLOP/s")
+    if ceil.device == "cpu":
+        lines.append("cpu: the roofline floor is not a bound here (its ceilings come from a large copy and a "
+                     "1024-square matmul; small presets run from cache), so 'floor us' and '% floor' are left out")
+    lines.append(f"times: median of the timed calls, with min and max; a spread (max-min)/median over "
+                 f"{WIDE_SPREAD:.0%} is noted")
+    return lines
+
+
+def format_table(ceil: Ceilings, rows: list[Row], info: dict | None = None) -> str:
+    cpu = ceil.device == "cpu"
+    lines = _header(ceil, info)
+    lines.append(f"{'preset':<8} {'M':>6} {'backend':<18} {'mode':<7} {'median us':>10} {'min us':>10} "
+                 f"{'max us':>10} {'floor us':>10} {'% floor':>8} {'rel err':>9}  note")
     for r in rows:
-        t = f"{r.time_us:10.1f}" if r.time_us is not None else f"{'-':>10}"
+        med, lo, hi = (_num(v, 10, ".1f") for v in (r.time_us, r.min_us, r.max_us))
+        floor = _num(None if cpu else r.floor_us, 10, ".1f")
         pct = f"{r.pct_floor:7.1f}%" if r.pct_floor is not None else f"{'-':>8}"
-        err = f"{r.rel_err:9.2e}" if r.rel_err is not None else f"{'-':>9}"
-        lines.append(f"{r.preset:<8} {r.m:>6} {r.backend:<18} {r.mode:<6} {t} {r.floor_us:10.1f} {pct} {err}  {r.note}")
+        err = _num(r.rel_err, 9, ".2e")
+        lines.append(f"{r.preset:<8} {r.m:>6} {r.backend:<18} {r.mode:<7} {med} {lo} {hi} {floor} {pct} {err}  "
+                     f"{r.note}")
     return "\n".join(lines)
 
 
-def write_json(path: str, ceil: Ceilings, rows: list[Row]) -> None:
+def _num(value: float | None, width: int, spec: str) -> str:
+    return f"{value:{width}{spec}}" if value is not None else f"{'-':>{width}}"
+
+
+def write_json(path: str, ceil: Ceilings, rows: list[Row], info: dict | None = None) -> None:
+    data = {"info": info or {}, "ceilings": asdict(ceil), "rows": [asdict(r) for r in rows]}
     with open(path, "w") as f:
-        json.dump({"ceilings": asdict(ceil), "rows": [asdict(r) for r in rows]}, f, indent=1)
+        json.dump(data, f, indent=1)
 
 
 def plot(path: str, rows: list[Row]) -> None:
+    """% of floor against M; where no row has one (CPU), the median time."""
     try:
         import matplotlib
 
@@ -202,16 +465,19 @@ def plot(path: str, rows: list[Row]) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise SystemExit("--plot needs matplotlib: pip install 'moe-layer[plot]'") from exc
+    use_pct = any(r.pct_floor is not None for r in rows)
     fig, ax = plt.subplots(figsize=(7, 4))
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
-        if r.pct_floor is not None:
-            series.setdefault(f"{r.preset} {r.backend} {r.mode}", []).append((r.m, r.pct_floor))
+        value = r.pct_floor if use_pct else r.time_us
+        if value is not None:
+            series.setdefault(f"{r.preset} {r.backend} {r.mode}", []).append((r.m, value))
     for label, pts in series.items():
         ax.plot([m for m, _ in pts], [v for _, v in pts], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens (M)")
-    ax.set_ylabel("% of roofline floor")
+    ax.set_ylabel("% of roofline floor" if use_pct else "median time (us)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)

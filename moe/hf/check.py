@@ -2,7 +2,11 @@
 logits difference and the forward time before and after.
 
 PATH is a local model directory (config + safetensors, as ``save_pretrained`` writes it); FAMILY builds
-a tiny random model of that family offline (see ``moe.hf.tiny``).
+a tiny random model of that family offline (see ``moe.hf.tiny``). The "before" model keeps the experts
+implementation it was built with unless ``--experts-implementation`` names one.
+
+Everything that can be checked without the model (flags, backend name, device, the folder) is checked
+before it is built; errors are one line (``SystemExit`` with a message).
 """
 
 from __future__ import annotations
@@ -16,14 +20,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..registry import last_decision
-from ..testing import TOLERANCES, rel_error
+from ..cli import DTYPES
+from ..registry import BackendUnavailableError, get_backend, last_decision, list_backends
+from ..testing import rel_error, tolerance
 from .replace import replace_moe_blocks
 from .tiny import TINY_FAMILIES, tiny_model
 
 __all__ = ["add_arguments", "run"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,30 +34,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="PATH_OR_FAMILY",
                         help=f"a local model directory, or a family for a tiny random model: {families}")
     parser.add_argument("--backend", default="auto", help="moe backend for the replaced blocks (default: auto)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="default: float32")
+    parser.add_argument("--dtype", type=str.lower, choices=list(DTYPES), default="float32",
+                        metavar="{fp32,bf16,fp16}", help="default: float32 (float32/bfloat16/float16 work too)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--batch", type=int, default=2, help="batch size of the random input (default: 2)")
     parser.add_argument("--seq", type=int, default=16, help="sequence length of the random input (default: 16)")
     parser.add_argument("--repeat", type=int, default=5, help="timed forwards, median reported (default: 5)")
-    parser.add_argument("--experts-implementation", default=None,
-                        help="transformers experts implementation of the 'before' model (default: transformers' "
-                             "default; 'eager' is its reference loop)")
+    parser.add_argument("--experts-implementation", default=None, metavar="NAME",
+                        help="transformers experts implementation of the 'before' model, e.g. eager, grouped_mm, "
+                             "batched_mm (default: the model's own: what from_pretrained picks for a folder, "
+                             "'eager' for a tiny family); a model that does not accept it is an error")
     parser.add_argument("--seed", type=int, default=0, help="seed of the input and of a tiny model (default: 0)")
 
 
+def _check_args(args: argparse.Namespace) -> str:
+    """Everything checkable before the model is built; returns the device."""
+    if args.batch < 1 or args.seq < 1 or args.repeat < 1:
+        raise SystemExit(f"hf-check: --batch, --seq and --repeat must be >= 1, got {args.batch}, {args.seq}, "
+                         f"{args.repeat}")
+    if args.backend != "auto":
+        try:
+            get_backend(args.backend)
+        except ValueError:
+            names = ", ".join(b.name for b in list_backends())
+            raise SystemExit(f"hf-check: --backend {args.backend!r} is not registered; use auto or one of "
+                             f"{names} (moe backends says which can run here)") from None
+    if os.path.isdir(args.model):
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise SystemExit(f"hf-check: {args.model} is a folder but not a model (no config.json); give a folder "
+                             f"save_pretrained wrote, or a family: {', '.join(TINY_FAMILIES)}")
+    elif args.model not in TINY_FAMILIES:
+        raise SystemExit(f"hf-check: {args.model!r} is neither a model folder nor a family; families: "
+                         f"{', '.join(TINY_FAMILIES)}")
+    return _check_device(args.device)
+
+
+def _check_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cuda", "cpu"):
+        raise SystemExit(f"hf-check: --device: got {device!r}; allowed: cuda (or cuda:N) and cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"hf-check: --device {device}: this machine has no CUDA device; use --device cpu")
+    return device
+
+
+def _refused(model: str, impl: str, exc: Exception) -> SystemExit:
+    return SystemExit(f"hf-check: --experts-implementation {impl!r} is not accepted by {model}: "
+                      f"{str(exc).splitlines()[0]}")
+
+
 def _load(args: argparse.Namespace, dtype: torch.dtype, device: str) -> nn.Module:
+    impl = args.experts_implementation
     if os.path.isdir(args.model):
         import transformers
 
-        kwargs = {"experts_implementation": args.experts_implementation} if args.experts_implementation else {}
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **kwargs)
-    elif args.model in TINY_FAMILIES:
-        model = tiny_model(args.model, seed=args.seed, dtype=dtype)
-        if args.experts_implementation != "eager":
-            model.set_experts_implementation(args.experts_implementation or "grouped_mm")
+        kwargs = {"experts_implementation": impl} if impl else {}
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, **kwargs)
+        except ValueError as exc:
+            if impl and "experts" in str(exc):
+                raise _refused(args.model, impl, exc) from None
+            raise
     else:
-        raise SystemExit(f"hf-check: {args.model!r} is neither a directory nor a family; families: "
-                         f"{', '.join(TINY_FAMILIES)}")
+        model = tiny_model(args.model, seed=args.seed, dtype=dtype)
+        if impl:  # otherwise the model keeps what it was built with
+            try:
+                model.set_experts_implementation(impl)
+            except ValueError as exc:
+                raise _refused(type(model).__name__, impl, exc) from None
     return model.to(device).eval()
 
 
@@ -73,12 +122,11 @@ def _time_ms(fn: Callable[[], torch.Tensor], device: str, repeat: int) -> tuple[
 
 def run(args: argparse.Namespace) -> int:
     """Run the check; 0 when the logits agree within the tolerance row of the dtype, 1 otherwise."""
-    if args.batch < 1 or args.seq < 1 or args.repeat < 1:
-        raise SystemExit(f"hf-check: --batch, --seq and --repeat must be >= 1, got {args.batch}, {args.seq}, "
-                         f"{args.repeat}")
-    dtype = _DTYPES[args.dtype]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check_args(args)
+    dtype = DTYPES[args.dtype]
+    dtype_name = str(dtype).removeprefix("torch.")
     model = _load(args, dtype, device)
+    impl = getattr(model.config, "_experts_implementation", None) or "transformers' default"
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
     ids = ids.to(device)
@@ -88,17 +136,21 @@ def run(args: argparse.Namespace) -> int:
             return model(ids).logits
 
     before, t_before = _time_ms(forward, device, args.repeat)
-    names = replace_moe_blocks(model, backend=args.backend)
-    after, t_after = _time_ms(forward, device, args.repeat)
+    try:
+        names = replace_moe_blocks(model, backend=args.backend)
+        after, t_after = _time_ms(forward, device, args.repeat)
+    except BackendUnavailableError as exc:  # the backend's own reason, e.g. Triton on CPU without its interpreter
+        raise SystemExit(f"hf-check: --backend {args.backend}: {exc}") from None
 
-    err, tol = rel_error(after, before), TOLERANCES[dtype]
+    err, tol = rel_error(after, before), tolerance(dtype)
     decision = last_decision()
-    print(f"model: {args.model} ({type(model).__name__}, {args.dtype}, {device}), input {args.batch} x {args.seq}")
+    print(f"model: {args.model} ({type(model).__name__}, {dtype_name}, {device}), input {args.batch} x {args.seq}")
     print(f"replaced {len(names)} blocks: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
     print(f"backend: requested {args.backend!r}, ran {decision.chosen if decision else 'none'!r}")
     verdict = "ok" if err <= tol else "EXCEEDS"
-    print(f"logits: norm-relative difference {err:.2e} (tolerance for {args.dtype}: {tol:.0e}) {verdict}")
-    print(f"forward: before {t_before:.2f} ms, after {t_after:.2f} ms ({t_before / t_after:.2f}x)")
+    print(f"logits: norm-relative difference {err:.2e} (tolerance for {dtype_name}: {tol:.0e}) {verdict}")
+    print(f"forward: before {t_before:.2f} ms (experts {impl!r}), after {t_after:.2f} ms "
+          f"({t_before / t_after:.2f}x)")
     if err > tol and dtype != torch.float32:
         print("note: in low precision a token whose top-k is nearly tied can route differently; "
               "compare per block or in float32 to separate that from a real difference")
