@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from .frozen import Frozen
 from .quant.schemes import QuantConfig
 
 __all__ = [
@@ -22,10 +23,6 @@ __all__ = [
 ]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
 DEFAULT_ALPHA = 1.702
 DEFAULT_LIMIT = 7.0
 GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
@@ -33,7 +30,7 @@ NON_GATED_ACTIVATIONS = ("relu2", "silu_no_mul", "gelu_no_mul")
 ActivationName = Literal["silu", "gelu", "gelu_tanh", "swigluoai", "relu2", "silu_no_mul", "gelu_no_mul"]
 
 
-class ActivationSpec(_Frozen):
+class ActivationSpec(Frozen):
     """An activation and its parameters.
 
     Gated activations compute ``act(gate) * up`` from ``w13 = [gate rows; up rows]``; ``swigluoai`` is
@@ -69,7 +66,7 @@ _PARSED: dict[str, ActivationSpec] = {}
 RoutingMethod = Literal["topk", "topk_then_softmax", "grouped_topk", "custom"]
 
 
-class RoutingConfig(_Frozen):
+class RoutingConfig(Frozen):
     """How router logits become (weights, ids).
 
     - ``topk``: softmax (fp32) or sigmoid scores, top-k, optional renormalization (Mixtral, Qwen).
@@ -105,7 +102,7 @@ class RoutingConfig(_Frozen):
         return self
 
 
-class MoEConfig(_Frozen):
+class MoEConfig(Frozen):
     """The shape, routing and activation of one MoE layer (no tensors)."""
 
     num_experts: int = Field(ge=1)

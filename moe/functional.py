@@ -12,8 +12,10 @@ chosen backend and the backward recomputes the call through the differentiable t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -518,8 +520,22 @@ def _backward_op(
                     w2_global_scale, topk_weights, topk_ids, w13_bias, w2_bias, expert_map, a13_scale, a2_scale,
                     weights_scheme, w13_parts, w2_parts)
     problem = _problem(args, spec, apply_router_weight_on_input, cfg if cfg.is_quantized else None)
-    grads = reference_grads(args, problem, grad_out, tuple(need))
+    with _autograd_inside_an_op():
+        grads = reference_grads(args, problem, grad_out, tuple(need))
     return [g if g is not None else grad_out.new_empty(0) for g in grads]
+
+
+@contextlib.contextmanager
+def _autograd_inside_an_op() -> Iterator[None]:
+    """A custom op's body runs with autograd's dispatch keys excluded; the backward op records a graph of
+    the reference on purpose, so it lets them back in for its own body."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
+    for name in dir(torch._C.DispatchKey):
+        if name.startswith("Autograd"):
+            keys = keys | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, name))
+    exclude = torch._C._dispatch_tls_local_exclude_set() - keys
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
 
 
 @_backward_op.register_fake
@@ -534,12 +550,14 @@ def _(grad_out, hidden_states, w13, w13_scale, w13_zero, w13_global_scale, w2, w
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[:_N_TENSORS])
     ctx.plain = inputs[18:26]  # activation, alpha, limit, quant, weights_scheme, w13_parts, w2_parts, on_input
+    ctx.num_prepared = len(inputs[16])
 
 
 def _op_backward(ctx, grad_out):
     need = [bool(ctx.needs_input_grad[i]) for i in _GRAD_POSITIONS]
     grads = torch.ops.moe.fused_experts_backward(grad_out, *ctx.saved_tensors, *ctx.plain, need)
-    result: list[torch.Tensor | None] = [None] * 27
+    result: list = [None] * 27
+    result[16] = [None] * ctx.num_prepared  # the structure of the inputs: a list for the prepared tensors
     for pos, g, n in zip(_GRAD_POSITIONS, grads, need, strict=True):
         result[pos] = g if n else None
     return tuple(result)

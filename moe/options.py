@@ -17,16 +17,16 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
+
+from .frozen import ConfigError, Frozen
 
 __all__ = ["ENV_VARS", "Options", "options", "options_version", "override_options", "register_cache",
            "reset_caches", "set_options"]
 
 
-class Options(BaseModel):
+class Options(Frozen):
     """The runtime options (frozen; build a new one with :func:`set_options`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     value_checks: bool = Field(False, description="value checks (ids in range, finite logits and weights) on "
                                   "GPU tensors; they always run on CPU tensors")
@@ -91,16 +91,9 @@ def _from_env(environ: dict[str, str] | os._Environ) -> Options:
             fields[name] = raw
     try:
         return Options(**fields)
-    except ValidationError as exc:
-        raise ValueError(_env_error(exc)) from None
-
-
-def _env_error(exc: ValidationError) -> str:
-    parts = []
-    for e in exc.errors():
-        field = str(e["loc"][0]) if e["loc"] else ""
-        parts.append(f"{ENV_VARS.get(field, field)}={e.get('input')!r}: {e['msg']}")
-    return "; ".join(parts)
+    except ConfigError as exc:
+        raise ValueError("; ".join(f"{ENV_VARS.get(field, field)}={received!r}: {msg}"
+                                   for field, msg, received in exc.problems)) from None
 
 
 _lock = threading.Lock()
@@ -138,7 +131,7 @@ def set_options(**fields: object) -> Options:
     if unknown:
         raise ValueError(f"set_options: unknown option(s) {', '.join(unknown)}; known: "
                          f"{', '.join(Options.model_fields)}")
-    new = Options.model_validate({**options().model_dump(), **fields})
+    new = Options(**{**options().model_dump(), **fields})
     _install(new)
     return new
 

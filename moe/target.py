@@ -20,8 +20,9 @@ import subprocess
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from .frozen import Frozen
 from .options import register_cache
 
 __all__ = ["TARGETS", "DeviceTarget", "cuda_target", "current_target", "named_target", "rocm_target"]
@@ -29,11 +30,9 @@ __all__ = ["TARGETS", "DeviceTarget", "cuda_target", "current_target", "named_ta
 Vendor = Literal["cuda", "rocm", "cpu", "other"]
 
 
-class DeviceTarget(BaseModel):
+class DeviceTarget(Frozen):
     """What a device can do. Build one with :func:`cuda_target` / :func:`rocm_target` (features derived
     from the compute capability) or by hand for a card with other features."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     vendor: Vendor

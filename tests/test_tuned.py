@@ -37,8 +37,8 @@ def test_lookup_nearest_on_log_scale(tmp_path):
 
 
 @pytest.mark.parametrize("over,match", [
-    ({"configs": {}}, r"configs: Value error, configs must map token counts"),
-    ({"configs": {"16": {"block_m": 48}}}, r"configs\.16\.block_m"),
+    ({"configs": {}}, r"TunedFile.configs: configs must map token counts"),
+    ({"configs": {"16": {"block_m": 48}}}, r"TunedFile.configs\.16: KernelConfig.block_m: Input should be 16, 32, 64, 128 or 256 \(got 48\)"),
     ({"top_k": 0}, r"top_k: Input should be greater than or equal to 1"),
     ({"colour": "red"}, r"colour: Extra inputs are not permitted"),
 ])

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch.distributed import ProcessGroup
+
+from ..frozen import Frozen
 
 __all__ = ["DispatchName", "ParallelConfig", "ParallelRanks", "Placement"]
 
@@ -22,7 +24,7 @@ Placement = Literal["contiguous", "round_robin"]
 DispatchName = Literal["allgather", "all_to_all"]
 
 
-class ParallelConfig(BaseModel):
+class ParallelConfig(Frozen):
     """How a :class:`~moe.parallel.ParallelFusedMoE` is split. Frozen and validated; holds no tensors.
 
     - ``ep_size``: ranks the experts are spread over. ``num_experts`` need not divide evenly: with

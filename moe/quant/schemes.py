@@ -25,7 +25,9 @@ import functools
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from ..frozen import Frozen
 
 __all__ = ["NAMES", "SCALED", "ActivationScheme", "QuantConfig", "WeightScheme", "named", "scheme_key"]
 
@@ -44,11 +46,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127.0
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class WeightScheme(_Frozen):
+class WeightScheme(Frozen):
     """How expert weights are stored: a format and the granularity of its scales."""
 
     format: WeightFormat
@@ -78,7 +76,7 @@ class WeightScheme(_Frozen):
         return self
 
 
-class ActivationScheme(_Frozen):
+class ActivationScheme(Frozen):
     """How a GEMM's input is quantized before the dot: dynamic (from the data of each call) or static
     (``static=True``: scales given with the call or held by the layer)."""
 
@@ -97,7 +95,7 @@ class ActivationScheme(_Frozen):
         return self
 
 
-class QuantConfig(_Frozen):
+class QuantConfig(Frozen):
     """One scheme per operand. ``QuantConfig()`` is unquantized; weights without activations is
     weight-only quantization."""
 
@@ -171,7 +169,7 @@ def scheme_key(cfg: QuantConfig) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _parse_weights(text: str) -> WeightScheme:
-    return WeightScheme.model_validate_json(text)
+    return WeightScheme(**json.loads(text))
 
 
 @functools.lru_cache(maxsize=256)
@@ -185,6 +183,6 @@ def _parse(text: str) -> QuantConfig:
     if not text.startswith("{"):
         named(text)  # raises the error listing the names
     try:
-        return QuantConfig.model_validate_json(text)
-    except ValidationError as exc:
-        raise ValueError(f"quant: {text!r} is not a QuantConfig: {exc.errors()[0]['msg']}") from None
+        return QuantConfig(**json.loads(text))
+    except (ValueError, TypeError) as exc:  # bad JSON, or a ConfigError naming the field
+        raise ValueError(f"quant: {text!r} is not a QuantConfig: {exc}") from None

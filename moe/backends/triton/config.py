@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ...contract import ExpertsProblem
+from ...frozen import Frozen
 
 __all__ = ["BATCH_INVARIANT_CONFIG", "GemmTile", "KernelConfig", "default_config", "fit_smem", "with_loads",
            "workspace_bytes"]
@@ -15,11 +16,7 @@ __all__ = ["BATCH_INVARIANT_CONFIG", "GemmTile", "KernelConfig", "default_config
 Pow2 = Literal[16, 32, 64, 128, 256]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class GemmTile(_Frozen):
+class GemmTile(Frozen):
     block_n: Pow2 = 64
     block_k: Pow2 = 64
     group_m: int = Field(8, ge=1, le=64)
@@ -30,7 +27,7 @@ class GemmTile(_Frozen):
     loads: Literal["pointer", "tma"] = "pointer"
 
 
-class KernelConfig(_Frozen):
+class KernelConfig(Frozen):
     """One launch's tiles: ``block_m`` is the alignment's row tile, shared by both GEMMs."""
 
     block_m: Pow2 = 64

@@ -20,9 +20,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from ...contract import ExpertsProblem
+from ...frozen import ConfigError, Frozen
 from ...options import options, register_cache
 from .config import KernelConfig
 
@@ -33,10 +34,8 @@ _CLI_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 TUNE_HINT = "moe tune --E {E} --N {N} --K {K} --top-k {k} --dtype {dtype}"
 
 
-class TunedFile(BaseModel):
+class TunedFile(Frozen):
     """The schema of one tuned file."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     schema_version: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
     backend: str = "triton"
@@ -49,7 +48,7 @@ class TunedFile(BaseModel):
     quant: str = "none"  # the quantization scheme's key (QuantConfig.key())
     triton_version: str = ""
     configs: dict[int, KernelConfig]
-    timings_us: dict[int, float] = {}
+    timings_us: dict[int, float] = Field(default_factory=dict)
 
     @field_validator("configs")
     @classmethod
@@ -77,12 +76,15 @@ def load_tuned_file(path: Path | str) -> TunedFile:
     """Read and validate one file; errors name the file and the field."""
     path = Path(path)
     try:
-        return TunedFile.model_validate(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"tuned config {path}: not valid JSON ({exc})") from None
-    except ValidationError as exc:
-        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"tuned config {path}: {fields}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"tuned config {path}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return TunedFile(**data)
+    except ConfigError as exc:
+        raise ValueError(f"tuned config {path}: {exc}") from None
 
 
 def user_dir() -> Path:
