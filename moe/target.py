@@ -113,19 +113,26 @@ def named_target(name: str) -> DeviceTarget:
 
 
 _current: dict[tuple[str, int | None], DeviceTarget] = {}
+_by_device: dict[object, DeviceTarget] = {}  # the same, keyed by the device object or string passed (hot path)
 register_cache(_current.clear)
+register_cache(_by_device.clear)
 
 
 def current_target(device: torch.device | str) -> DeviceTarget:
     """The target of a device of this process (cached per device)."""
-    device = torch.device(device)
-    index = device.index
-    if device.type == "cuda" and index is None:
-        index = torch.cuda.current_device()
-    key = (device.type, index)
+    found = _by_device.get(device)
+    if found is not None:
+        return found
+    dev = torch.device(device)
+    index = dev.index
+    if dev.type == "cuda" and index is None:
+        index = torch.cuda.current_device()  # "cuda" follows the current device: not cached by object
+    key = (dev.type, index)
     found = _current.get(key)
     if found is None:
-        found = _current[key] = _read(device.type, index)
+        found = _current[key] = _read(dev.type, index)
+    if dev.type != "cuda" or dev.index is not None:
+        _by_device[device] = found
     return found
 
 
