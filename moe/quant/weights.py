@@ -126,7 +126,8 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32, expert: 
     """``data * scale`` in ``dtype``: [E, rows, cols], or [rows, cols] of one ``expert``."""
     experts = range(qw.num_experts) if expert is None else [expert]
     _, rows, cols = qw.shape
-    out = [(qw.data[e].to(torch.float32) * _expand(qw.scale[e], qw.scheme, rows, cols, qw.parts)).to(dtype)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    out = [(qw.data[e].to(work) * _expand(qw.scale[e].to(work), qw.scheme, rows, cols, qw.parts)).to(dtype)
            for e in experts]
     return out[0] if expert is not None else torch.stack(out)
 
