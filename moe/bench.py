@@ -176,8 +176,8 @@ def check_plot_available() -> None:
 
 def estimate_bytes(p: Preset, ms: tuple[int, ...], dtype: torch.dtype, device_type: str) -> tuple[int, int]:
     """(bytes of the experts' weights, an allowance for everything else) for a run: the ceiling
-    measurement, the tokens, the fp32 reference (one expert upcast at a time) and the backends'
-    workspaces at the largest M, sized generously (fp32 intermediates, two alive at once)."""
+    measurement, the tokens, the fp32 reference (one expert upcast at a time, at worst every token on it)
+    and a backend's workspace at the largest M, sized as fp32 intermediates of every (token, expert) pair."""
     elt = torch.empty((), dtype=dtype).element_size()
     k, n, e, top_k = p.hidden_size, p.intermediate_size, p.num_experts, p.top_k
     rows = 2 * n if ActivationSpec.parse(p.activation).gated else n
@@ -187,8 +187,8 @@ def estimate_bytes(p: Preset, ms: tuple[int, ...], dtype: torch.dtype, device_ty
     square = 8192 if device_type == "cuda" else 1024
     ceilings = copy + 3 * square * square * elt
     tokens = m * (2 * k * elt + e * 4 + top_k * 12)
-    reference = 2 * m * k * 4 + (rows + n) * k * 4 + m * top_k * (rows + n) * 4
-    workspace = 2 * m * top_k * (rows + n + k) * 4
+    reference = 2 * m * k * 4 + (rows + n) * k * 4 + m * (rows + n) * 4
+    workspace = m * top_k * (rows + n + k) * 4
     return weights, ceilings + tokens + reference + workspace
 
 

@@ -14,6 +14,7 @@ from . import __version__
 
 if TYPE_CHECKING:
     from .config import MoEConfig
+    from .contract import ExpertsProblem
 
 __all__ = ["DTYPES", "CliError", "build_parser", "main"]
 
@@ -83,8 +84,9 @@ def _backends_config(args: argparse.Namespace) -> MoEConfig:
     scheme = quant.named(args.quant) if args.quant and args.quant != "none" else quant.QuantConfig()
     try:
         return MoEConfig(**shape, quant=scheme)
-    except ValidationError as exc:
-        raise CliError(f"--problem {args.problem}: {exc.errors()[0]['msg']}") from None
+    except ValueError as exc:  # pydantic's ValidationError or the package's own config error
+        msg = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc).splitlines()[0]
+        raise CliError(f"--problem {args.problem}: {msg}") from None
 
 
 def _priority_on(backend: object, target: object) -> int | None:
@@ -109,11 +111,25 @@ def _print_broken_plugins() -> None:
         print(f"  {p.name} = {p.value} (from {p.distribution}): {p.reason}")
 
 
-def _cmd_backends(args: argparse.Namespace) -> int:
+def _print_backend_table(problem: ExpertsProblem) -> None:
+    """One line per backend, in the order auto tries them on the problem's target."""
     from .contract import backend_schemes
-    from .explain import problem_from_config, resolve_target
+    from .registry import judge, list_backends
+
+    print(f"{'backend':<16} {'priority':>8}  {'usable':<6}  {'schemes':<14} why")
+    ranked = sorted(((_priority_on(b, problem.target), b) for b in list_backends()),
+                    key=lambda pb: (-(pb[0] if pb[0] is not None else -(2**31)), pb[1].name))
+    for prio, b in ranked:
+        c = judge(b, problem)
+        schemes = ",".join(sorted(backend_schemes(b)))
+        prio_text = "?" if prio is None else str(prio)
+        print(f"{b.name:<16} {prio_text:>8}  {'yes' if c.ok else 'no':<6}  {schemes:<14} {c.reason}")
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from .explain import explain, problem_from_config, resolve_target
     from .kernels.launch import direct_launch_status  # imports nothing heavy
-    from .registry import BackendUnavailableError, judge, list_backends, select_backend
+    from .registry import BackendUnavailableError
 
     target = resolve_target(None, args.target)
     where = (f"--target {args.target}: judged for that card, which this machine need not have; installed "
@@ -126,16 +142,9 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     print(f"problem: E={problem.num_experts} N={problem.intermediate_size} K={problem.hidden_size} "
           f"top_k={problem.top_k} {str(dtype).removeprefix('torch.')} quant={problem.quant.key()}"
           f"{'' if given else ' (representative; change with --problem E,N,K,TOPK --dtype --quant)'}")
-    print(f"{'backend':<16} {'priority':>8}  {'usable':<6}  {'schemes':<14} why")
-    ranked = sorted(((_priority_on(b, target), b) for b in list_backends()),
-                    key=lambda pb: (-(pb[0] if pb[0] is not None else -(2**31)), pb[1].name))
-    for prio, b in ranked:  # in the order auto tries them on this target
-        c = judge(b, problem)
-        schemes = ",".join(sorted(backend_schemes(b)))
-        prio_text = "?" if prio is None else str(prio)
-        print(f"{b.name:<16} {prio_text:>8}  {'yes' if c.ok else 'no':<6}  {schemes:<14} {c.reason}")
+    _print_backend_table(problem)
     try:
-        decision = select_backend(problem)
+        decision = explain(problem)
         print(str(decision) if given else f"auto chooses: {decision.chosen}")
     except BackendUnavailableError as exc:
         print(f"auto: {exc}")

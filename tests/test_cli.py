@@ -121,3 +121,10 @@ def test_tune_accepts_dtype_spellings():
 
     for spelling in ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
         assert build_parser().parse_args(["tune", "--dtype", spelling]).dtype == spelling
+
+
+def test_hf_check_accepts_the_same_dtype_spellings():
+    from moe.cli import DTYPES
+    from moe.hf.check import DTYPES as HF_DTYPES
+
+    assert HF_DTYPES == DTYPES

@@ -20,13 +20,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..cli import DTYPES
 from ..registry import BackendUnavailableError, get_backend, last_decision, list_backends
 from ..testing import rel_error, tolerance
 from .replace import replace_moe_blocks
 from .tiny import TINY_FAMILIES, tiny_model
 
 __all__ = ["add_arguments", "run"]
+
+# the spellings every moe command accepts (moe.cli.DTYPES; not imported from there: cli imports this module)
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +70,7 @@ def _check_args(args: argparse.Namespace) -> str:
             raise SystemExit(f"hf-check: {args.model} is a folder but not a model (no config.json); give a folder "
                              f"save_pretrained wrote, or a family: {', '.join(TINY_FAMILIES)}")
     elif args.model not in TINY_FAMILIES:
-        raise SystemExit(f"hf-check: {args.model!r} is neither a model folder nor a family; families: "
+        raise SystemExit(f"hf-check: {args.model!r} is neither a directory nor a family; families: "
                          f"{', '.join(TINY_FAMILIES)}")
     return _check_device(args.device)
 
@@ -149,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"backend: requested {args.backend!r}, ran {decision.chosen if decision else 'none'!r}")
     verdict = "ok" if err <= tol else "EXCEEDS"
     print(f"logits: norm-relative difference {err:.2e} (tolerance for {dtype_name}: {tol:.0e}) {verdict}")
-    print(f"forward: before {t_before:.2f} ms (experts {impl!r}), after {t_after:.2f} ms "
-          f"({t_before / t_after:.2f}x)")
+    print(f"forward: before {t_before:.2f} ms, after {t_after:.2f} ms ({t_before / t_after:.2f}x; "
+          f"experts before: {impl!r})")
     if err > tol and dtype != torch.float32:
         print("note: in low precision a token whose top-k is nearly tied can route differently; "
               "compare per block or in float32 to separate that from a real difference")
