@@ -22,6 +22,7 @@ import torch
 from .backends.torch_ref import torch_ref_experts
 from .config import GATED_ACTIVATIONS, NON_GATED_ACTIVATIONS, ActivationSpec
 from .contract import ExpertsArgs, ExpertsProblem, PreparedWeights, Weight
+from .options import register_cache
 from .quant import QuantConfig, QuantizedWeight, WeightScheme, check_quantized_weight
 from .registry import get_backend, select_backend
 from .target import current_target
@@ -171,7 +172,15 @@ def _grad_inputs(args: ExpertsArgs) -> tuple[torch.Tensor | None, ...]:
 
 
 def _needs_grad(args: ExpertsArgs) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in _grad_inputs(args))
+    """Grad mode on and a differentiable input requiring grad (written out: it runs on every call)."""
+    if not torch.is_grad_enabled():
+        return False
+    a = args
+    return (a.hidden_states.requires_grad or a.topk_weights.requires_grad
+            or (isinstance(a.w13, torch.Tensor) and a.w13.requires_grad)
+            or (isinstance(a.w2, torch.Tensor) and a.w2.requires_grad)
+            or (a.w13_bias is not None and a.w13_bias.requires_grad)
+            or (a.w2_bias is not None and a.w2_bias.requires_grad))
 
 
 def reference_grads(args: ExpertsArgs, problem: ExpertsProblem, grad_out: torch.Tensor,
@@ -216,6 +225,7 @@ class _WithGrad(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------ describing a call
 _problems: dict[tuple, ExpertsProblem] = {}
+register_cache(_problems.clear)
 
 
 def _meta(t: torch.Tensor | QuantizedWeight | None) -> tuple | None:
@@ -231,7 +241,10 @@ def _problem(args: ExpertsArgs, spec: ActivationSpec, on_input: bool,
     """The validated description of a call, remembered per (shapes, dtypes, devices, options): the
     metadata checks depend on nothing else, and they cost more host time than a small batch's kernels."""
     try:
-        key = (spec, on_input, quant, *(_meta(getattr(args, f)) for f in _ARG_FIELDS[:-1]))
+        a = args
+        key = (spec, on_input, quant, _meta(a.hidden_states), _meta(a.w13), _meta(a.w2), _meta(a.topk_weights),
+               _meta(a.topk_ids), _meta(a.w13_bias), _meta(a.w2_bias), _meta(a.expert_map), _meta(a.a13_scale),
+               _meta(a.a2_scale))
         problem = _problems.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable options: the checks below say what is wrong
         key, problem = None, None
@@ -401,9 +414,11 @@ def _compiled_call(x, w13, w2, topk_weights, topk_ids, spec, w13_bias, w2_bias, 
                    a13_scale, a2_scale, backend, out, prepared):
     """Under torch.compile: the whole call is the opaque ``moe::fused_experts`` op (functional, with an
     autograd formula through the reference), which validates and selects a backend when it runs. Only
-    tensors and plain values cross the op boundary."""
-    scheme = _quant_key(quant)
-    weights_scheme = _weights_key(w13.scheme) if isinstance(w13, QuantizedWeight) else ""
+    tensors and plain values cross the op boundary: schemes travel as their string keys (``FusedMoE`` and
+    ``QuantizedWeight`` hold them as strings, since Dynamo does not trace pydantic models on every torch
+    release; pass ``quant`` as a name or key string when calling fused_experts under compile)."""
+    scheme = quant if isinstance(quant, str) else ("none" if quant is None else quant.key())
+    weights_scheme = w13.scheme_key if isinstance(w13, QuantizedWeight) else ""
     d13, s13, z13, g13, parts13 = _flat(w13)
     d2, s2, z2, g2, parts2 = _flat(w2)
     names = ",".join(prepared.tensors) if prepared is not None else ""
@@ -415,16 +430,6 @@ def _compiled_call(x, w13, w2, topk_weights, topk_ids, spec, w13_bias, w2_bias, 
     )
     return y if out is None else out.copy_(y)
 
-
-@torch._dynamo.assume_constant_result
-def _quant_key(quant: QuantConfig | str | None) -> str:
-    """The canonical key of ``quant``, evaluated once at trace time (a pydantic model is not traced)."""
-    return "none" if quant is None else QuantConfig.parse(quant).key()
-
-
-@torch._dynamo.assume_constant_result
-def _weights_key(scheme: object) -> str:
-    return scheme.key()  # type: ignore[attr-defined]
 
 
 def _op_args(x, w13, w13_scale, w13_zero, w13_global_scale, w2, w2_scale, w2_zero, w2_global_scale, topk_weights,

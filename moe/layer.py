@@ -116,6 +116,8 @@ class FusedMoE(nn.Module):
         if self.shared_expert_gate is not None and shared_experts is None:
             raise ValueError("shared_expert_gate needs shared_experts")
         self._prepared = PreparedCache()  # a backend's own arrangement of the weights, made once (Backend.prepare)
+        # the scheme as a string: what crosses torch.compile (None: unquantized)
+        self._quant_key = self.config.quant.key() if self.config.quant.is_quantized else None
         self.reset_parameters()
 
     def _init_expert_map(self, expert_map: torch.Tensor | None, device: torch.device | str | None) -> None:
@@ -195,7 +197,7 @@ class FusedMoE(nn.Module):
             x, self.w13_weight, self.w2_weight, weights, ids, activation=self.config.activation,
             w13_bias=self.w13_bias, w2_bias=self.w2_bias,
             apply_router_weight_on_input=self.config.apply_router_weight_on_input,
-            expert_map=self.expert_map, quant=self.config.quant, backend=self.backend, prepared=self._prepared,
+            expert_map=self.expert_map, quant=self._quant_key, backend=self.backend, prepared=self._prepared,
         )
 
     @torch.no_grad()

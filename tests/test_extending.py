@@ -4,8 +4,9 @@ backend, the parity helper, a bench row, one-time weight preparation), and its p
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 import moe
 

@@ -22,7 +22,7 @@ def combine(y: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, out: torch
     interp = interpreting()
     block = min(64 if interp else 1024, next_pow2(hidden))
     launch(
-        _kernel(), (num_tokens, cdiv(hidden, block)), y.device,
+        _kernel[0] if _kernel else _load(), (num_tokens, cdiv(hidden, block)), y.device,
         y, ids, expert_map if expert_map is not None else ids, topk_w, out, hidden, num_global, num_local,
         y.stride(0), out.stride(0), out.stride(1), TOP_K=top_k, HAS_MAP=expert_map is not None,
         WEIGHT_ON_INPUT=weight_on_input, BLOCK=block, INTERP=interp, PDL=pdl, **pdl_option(pdl),
@@ -30,7 +30,11 @@ def combine(y: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, out: torch
     return out
 
 
-def _kernel():
+_kernel: list = []
+
+
+def _load():
     from ._combine import moe_combine  # imports triton: only when a combine runs
 
+    _kernel.append(moe_combine)
     return moe_combine

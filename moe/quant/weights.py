@@ -7,7 +7,7 @@ quantizing a large layer on its device never holds a full fp32 copy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,9 +51,11 @@ class QuantizedWeight:
     zero: torch.Tensor | None = None
     global_scale: torch.Tensor | None = None
     parts: int = 1
+    scheme_key: str = field(init=False, repr=False)  # the scheme as a plain string (torch.compile reads it)
 
     def __post_init__(self) -> None:
         check_quantized_weight("QuantizedWeight", self)
+        object.__setattr__(self, "scheme_key", self.scheme.key())
 
     @property
     def shape(self) -> torch.Size:
@@ -83,9 +85,9 @@ def check_quantized_weight(name: str, qw: QuantizedWeight) -> None:
     """Raise, naming ``name``, unless ``qw``'s tensors have the dtypes and shapes of its scheme."""
     if not isinstance(qw.scheme, WeightScheme):
         raise TypeError(f"{name}.scheme: expected a WeightScheme, got {type(qw.scheme).__name__}")
-    for field in ("data", "scale"):
-        if not isinstance(getattr(qw, field), torch.Tensor):
-            raise TypeError(f"{name}.{field}: expected a torch.Tensor, got {type(getattr(qw, field)).__name__}")
+    for attr in ("data", "scale"):
+        if not isinstance(getattr(qw, attr), torch.Tensor):
+            raise TypeError(f"{name}.{attr}: expected a torch.Tensor, got {type(getattr(qw, attr)).__name__}")
     data, scale, scheme = qw.data, qw.scale, qw.scheme
     allowed = _data_dtypes(scheme)
     if data.dtype not in allowed:
@@ -104,9 +106,9 @@ def check_quantized_weight(name: str, qw: QuantizedWeight) -> None:
                          f"weight with parts={qw.parts} have shape {want}, got {tuple(scale.shape)}")
     if scale.device != data.device:
         raise ValueError(f"{name}.scale is on {scale.device} but {name}.data is on {data.device}")
-    for field in ("zero", "global_scale"):
-        if getattr(qw, field) is not None:
-            raise ValueError(f"{name}.{field}: {scheme.format} weights have no {field}")
+    for attr in ("zero", "global_scale"):
+        if getattr(qw, attr) is not None:
+            raise ValueError(f"{name}.{attr}: {scheme.format} weights have no {attr}")
 
 
 def _expand(scale: torch.Tensor, scheme: WeightScheme, rows: int, cols: int, parts: int) -> torch.Tensor:

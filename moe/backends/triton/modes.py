@@ -25,18 +25,22 @@ def weight_scale_mode(problem: ExpertsProblem) -> int | None:
     return W_SCALE_MODES.get(None if w is None else (w.format, w.granularity))
 
 
-_cache: dict[tuple, tuple[dict, dict]] = {}
+_cache: dict[tuple, tuple[KernelConfig, ExpertsProblem, dict, dict]] = {}
 register_cache(_cache.clear)
 
 
 def gemm_modes(cfg: KernelConfig, problem: ExpertsProblem, *, direct: bool, tma1: bool, tma2: bool, pdl: bool,
                interp: bool, ieee: bool) -> tuple[dict, dict]:
-    """The constexprs and launch options of GEMM1 and GEMM2 (remembered: they sit on every call's path)."""
-    key = (cfg, problem, direct, tma1, tma2, pdl, interp, ieee)
+    """The constexprs and launch options of GEMM1 and GEMM2, remembered: they sit on every call's path.
+    Keyed by the identity of the (cached) config and problem objects, checked on a hit, since hashing a
+    nested pydantic config costs microseconds per call."""
+    key = (id(cfg), id(problem), direct, tma1, tma2, pdl, interp, ieee)
     hit = _cache.get(key)
-    if hit is None:
-        hit = _cache[key] = _derive(cfg, problem, direct, tma1, tma2, pdl, interp, ieee)
-    return hit
+    if hit is None or hit[0] is not cfg or hit[1] is not problem:
+        if len(_cache) > 4096:
+            _cache.clear()
+        hit = _cache[key] = (cfg, problem, *_derive(cfg, problem, direct, tma1, tma2, pdl, interp, ieee))
+    return hit[2], hit[3]
 
 
 def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2: bool, pdl: bool, interp: bool,
