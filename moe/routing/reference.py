@@ -8,7 +8,8 @@ import torch
 
 from ..validation import check_finite_logits, check_float, check_ndim, check_top_k
 
-__all__ = ["check_groups", "check_logits", "fused_topk_ref", "grouped_topk_ref", "stable_topk", "topk_softmax_ref"]
+__all__ = ["check_groups", "check_logits", "fused_topk_ref", "grouped_topk_ref", "routing_vjp", "stable_topk",
+           "topk_softmax_ref"]
 
 
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,9 +26,10 @@ def check_logits(router_logits: torch.Tensor, top_k: int) -> None:
 
 
 def _softmax(x: torch.Tensor) -> torch.Tensor:
-    """Softmax along the last dim; a row of -inf only (a fully masked token) scores 0 everywhere."""
-    s = torch.softmax(x, dim=-1)
-    return s.masked_fill(torch.isneginf(x).all(dim=-1, keepdim=True), 0.0)
+    """Softmax along the last dim; a row of -inf only (a fully masked token) scores 0 everywhere, with a
+    zero gradient (not the NaN a softmax of -inf would give)."""
+    dead = torch.isneginf(x).all(dim=-1, keepdim=True)
+    return torch.softmax(x.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
 
 def _scores(router_logits: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -123,3 +125,29 @@ def check_groups(
             f"e_score_correction_bias scores each group by its best two experts, but num_experts={num_experts} "
             f"in num_expert_group={num_expert_group} groups leaves {num_experts // num_expert_group} per group"
         )
+
+
+def routing_vjp(logits: torch.Tensor, ids: torch.Tensor, grad_weights: torch.Tensor, *, scoring: str = "softmax",
+                renormalize: bool = True, scale: float = 1.0, topk_first: bool = False) -> torch.Tensor:
+    """The gradient of the routing weights with respect to the logits, the ids held fixed (how any top-k
+    routing differentiates): for ``weights = scale * norm(score(logits)[ids])`` (``fused_topk``,
+    ``grouped_topk``: the bias only selects) or, with ``topk_first``, ``scale * softmax(logits[ids])``
+    (``topk_softmax``). Static shapes only (gather / scatter), so it also traces under torch.compile."""
+    x = logits.float()  # [T, E]
+    g = grad_weights.float() * scale  # [T, k]
+    idx = ids.long()
+    if topk_first:
+        w = _softmax(x.gather(1, idx))  # [T, k]
+        gv = w * (g - (g * w).sum(dim=-1, keepdim=True))
+        return torch.zeros_like(x).scatter_add_(1, idx, gv).to(logits.dtype)
+    s = _scores(logits, scoring)  # [T, E]
+    v = s.gather(1, idx)  # [T, k]
+    if renormalize:
+        total = v.sum(dim=-1, keepdim=True)
+        total = torch.where(total == 0, torch.ones_like(total), total)
+        gv = (g - (g * v / total).sum(dim=-1, keepdim=True)) / total
+    else:
+        gv = g
+    gs = torch.zeros_like(s).scatter_add_(1, idx, gv)  # [T, E]
+    gx = s * (gs - (gs * s).sum(dim=-1, keepdim=True)) if scoring == "softmax" else gs * s * (1 - s)
+    return gx.to(logits.dtype)

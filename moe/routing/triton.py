@@ -20,7 +20,7 @@ from ..kernels.host import cdiv, chains, interpreting, next_pow2, pdl_option
 from ..kernels.launch import launch
 from ..validation import check_finite_logits, check_float, check_ndim, check_same_device, check_top_k
 from . import _kernels as _routing
-from .reference import check_groups
+from .reference import check_groups, routing_vjp
 
 __all__ = ["MAX_EXPERTS", "MAX_TOP_K", "RoutingTile", "default_tile", "fused_topk", "grouped_topk", "supports",
            "topk_softmax"]
@@ -75,7 +75,8 @@ def fused_topk(
     code = _scoring(scoring)
     if torch.compiler.is_compiling():
         return torch.ops.moe.triton_topk(router_logits, top_k, code, False, renormalize, routed_scaling_factor)
-    return _launch_topk(router_logits, top_k, code, False, renormalize, routed_scaling_factor, tile)
+    out = _launch_topk(router_logits, top_k, code, False, renormalize, routed_scaling_factor, tile)
+    return _with_grad(router_logits, *out, code, renormalize, routed_scaling_factor, False)
 
 
 def topk_softmax(
@@ -86,7 +87,8 @@ def topk_softmax(
     code = _routing.SOFTMAX
     if torch.compiler.is_compiling():
         return torch.ops.moe.triton_topk(router_logits, top_k, code, True, True, routed_scaling_factor)
-    return _launch_topk(router_logits, top_k, code, True, True, routed_scaling_factor, tile)
+    out = _launch_topk(router_logits, top_k, code, True, True, routed_scaling_factor, tile)
+    return _with_grad(router_logits, *out, code, True, routed_scaling_factor, True)
 
 
 def grouped_topk(
@@ -110,8 +112,9 @@ def grouped_topk(
     if torch.compiler.is_compiling():
         return torch.ops.moe.triton_grouped_topk(router_logits, e_score_correction_bias, top_k, num_expert_group,
                                                  topk_group, code, renormalize, routed_scaling_factor)
-    return _launch_grouped(router_logits, e_score_correction_bias, top_k, num_expert_group, topk_group, code,
-                           renormalize, routed_scaling_factor, tile)
+    out = _launch_grouped(router_logits, e_score_correction_bias, top_k, num_expert_group, topk_group, code,
+                          renormalize, routed_scaling_factor, tile)
+    return _with_grad(router_logits, *out, code, renormalize, routed_scaling_factor, False)
 
 
 def _check(router_logits: torch.Tensor, top_k: int) -> None:
@@ -184,6 +187,36 @@ def _launch_grouped(
     return weights, ids
 
 
+# -------------------------------------------------------------------------------------------- gradients
+_SCORING_NAMES = {code: name for name, code in SCORING.items()}
+
+
+class _RoutingGrad(torch.autograd.Function):
+    """The kernels' weights, with the gradient of the torch semantics (``routing_vjp``): the router learns."""
+
+    @staticmethod
+    def forward(ctx, logits, weights, ids, scoring, renormalize, scale, topk_first):  # type: ignore[override]
+        ctx.save_for_backward(logits, ids)
+        ctx.opts = (_SCORING_NAMES[scoring], renormalize, scale, topk_first)
+        ctx.mark_non_differentiable(ids)
+        return weights.view_as(weights), ids
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_ids):  # type: ignore[override]
+        logits, ids = ctx.saved_tensors
+        scoring, renormalize, scale, topk_first = ctx.opts
+        grad = routing_vjp(logits, ids, grad_weights, scoring=scoring, renormalize=renormalize, scale=scale,
+                           topk_first=topk_first)
+        return grad, None, None, None, None, None, None
+
+
+def _with_grad(logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, scoring: int, renormalize: bool,
+               scale: float, topk_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return weights, ids
+    return _RoutingGrad.apply(logits, weights, ids, scoring, renormalize, scale, topk_first)
+
+
 # ------------------------------------------------------------------------------ torch.compile boundary
 @torch.library.custom_op("moe::triton_topk", mutates_args=())
 def _topk_op(
@@ -208,3 +241,29 @@ def _grouped_op(
 @_grouped_op.register_fake
 def _(logits, bias, top_k, num_groups, topk_group, scoring, renormalize, scale):
     return _outputs(logits, top_k)
+
+
+def _topk_setup(ctx, inputs, output) -> None:
+    logits, _top_k, scoring, topk_first, renormalize, scale = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.opts = (_SCORING_NAMES[scoring], renormalize or topk_first, scale, topk_first)
+
+
+def _grouped_setup(ctx, inputs, output) -> None:
+    logits, _bias, _top_k, _groups, _topk_group, scoring, renormalize, scale = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.opts = (_SCORING_NAMES[scoring], renormalize, scale, False)
+
+
+def _logits_grad(ctx, grad_weights, _grad_ids) -> torch.Tensor:
+    logits, ids = ctx.saved_tensors
+    scoring, renormalize, scale, topk_first = ctx.opts
+    return routing_vjp(logits, ids, grad_weights, scoring=scoring, renormalize=renormalize, scale=scale,
+                       topk_first=topk_first)
+
+
+_topk_op.register_autograd(lambda ctx, gw, gi: (_logits_grad(ctx, gw, gi), None, None, None, None, None),
+                           setup_context=_topk_setup)
+_grouped_op.register_autograd(
+    lambda ctx, gw, gi: (_logits_grad(ctx, gw, gi), None, None, None, None, None, None, None),
+    setup_context=_grouped_setup)
