@@ -13,8 +13,8 @@ Optional members:
 - ``priority_for(target) -> int``: the priority on a device target, when it differs by device (``priority``
   is then this machine's);
 - ``schemes``: the quantization schemes it runs, as canonical keys (``QuantConfig.key()``: ``"none"``,
-  ``"fp8_block"``, ...); the registry checks a call's scheme against it before ``supports``. A backend
-  without it runs ``"none"`` only.
+  ``"fp8_block"``, ...; ``"*"``: any, ``supports`` decides); the registry checks a call's scheme against it
+  before ``supports``. A backend without it runs ``"none"`` only.
 - ``prepare(args, problem) -> PreparedWeights``: the backend's own arrangement of the weights (shuffled,
   interleaved, transposed scales), made once per (backend, weights) by the layer that owns them and
   passed back in ``args.prepared`` on every call (docs/extending.md states the memory rule).

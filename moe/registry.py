@@ -203,7 +203,7 @@ def judge(backend: Backend, problem: ExpertsProblem) -> Candidate:
     if ok:
         scheme = problem.quant.key()
         schemes = backend_schemes(backend)
-        if scheme not in schemes:
+        if scheme not in schemes and "*" not in schemes:
             ok, reason = False, f"runs the quantization schemes {', '.join(sorted(schemes))}, not {scheme}"
     if ok:
         ok, reason = _verdict(backend, "supports", problem)

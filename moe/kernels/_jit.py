@@ -33,9 +33,11 @@ def cast(x, dtype, INTERP: tl.constexpr):
 
 
 @triton.jit
-def dot(a, b, acc, INTERP: tl.constexpr, IEEE: tl.constexpr):
-    """``acc + a @ b``; IEEE: full fp32 (no tf32) for fp32 operands."""
-    if INTERP:  # the interpreter mishandles low-precision dots
+def dot(a, b, acc, INTERP: tl.constexpr, IEEE: tl.constexpr, INT: tl.constexpr = False):
+    """``acc + a @ b``; IEEE: full fp32 (no tf32) for fp32 operands; INT: int8 operands, int32 ``acc``."""
+    if INT:
+        return tl.dot(a, b, acc, out_dtype=tl.int32)
+    if INTERP:  # the interpreter mishandles low-precision float dots (its int8 dots are exact)
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if IEEE:

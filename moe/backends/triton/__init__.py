@@ -19,6 +19,7 @@ from ...kernels.align import MAX_EXPERTS, Alignment, align
 from ...kernels.combine import combine
 from ...kernels.host import cdiv, chains, device_index, interpreting, tensor_copies
 from ...kernels.launch import _smem_limit, launch
+from ...kernels.quant import RowLayout, quantize_rows
 from ...options import options, options_version, register_cache
 from ...quant import QuantizedWeight
 from .config import BATCH_INVARIANT_CONFIG, GemmTile, KernelConfig, default_config
@@ -122,8 +123,15 @@ def choose_config(problem: ExpertsProblem, device: torch.device) -> KernelConfig
 
 
 def _split(w: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(data, scale) of a weight operand."""
-    return (w.data, w.scale) if isinstance(w, QuantizedWeight) else (w, None)
+    """(data, scale) of a weight operand; scales contiguous (the kernels index them by strides)."""
+    return (w.data, w.scale.contiguous()) if isinstance(w, QuantizedWeight) else (w, None)
+
+
+def _strides(t: torch.Tensor | None) -> tuple[int, int]:
+    """(expert or row stride, next stride) of a scale tensor; zeros where there is none."""
+    if t is None:
+        return 0, 0
+    return t.stride(0) if t.dim() else 0, t.stride(1) if t.dim() > 1 else 0
 
 
 def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: KernelConfig, allow_tf32: bool,
@@ -151,6 +159,13 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         grid_m = al.max_blocks
     route = (ids, ids, ids) if al is None else (al.sorted_ids, al.block_expert, al.total)  # DIRECT reads none
     emap_arg = emap if emap is not None else ids
+    act = problem.quant.activations
+    static1 = args.a13_scale is not None and args.a13_scale.numel() > 1
+    static2 = args.a2_scale is not None and args.a2_scale.numel() > 1
+    x_in, sx = x, args.a13_scale  # GEMM1's input: x, or its rows quantized (a per-expert static scale: in GEMM1)
+    if act is not None and not static1:
+        qx = quantize_rows(x, act, static=args.a13_scale, pdl=pdl)
+        x_in, sx = qx.data, qx.scale
     # GEMM1 stores the activated rows in sorted order (padding rows left unwritten), so GEMM2 reads
     # whole row tiles; single-token (direct) tiles hold one pair each, stored at the pair's index
     inter = torch.empty(num_pairs if al is None else al.max_blocks * cfg.block_m, N, dtype=dtype, device=dev)
@@ -158,31 +173,44 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     y = (torch.zeros(T, K, dtype=torch.float32, device=dev) if atomic
          else torch.empty(num_pairs, K, dtype=dtype, device=dev))
     g1, g2 = cfg.gemm1, cfg.gemm2
-    tma1, tma2 = _use_tma(g1, (w13,), dev, interp), _use_tma(g2, (w2, inter), dev, interp)
+    amax = torch.zeros(1, dtype=torch.float32, device=dev) if act is not None and act.granularity == "tensor" \
+        and not act.static else None  # GEMM2's per-tensor scale, gathered by GEMM1
+    tma1 = _use_tma(g1, (w13,), dev, interp)
+    # GEMM2's input through descriptors: the activated rows, or their 1-byte quantized copy (16-byte rows)
+    tma2 = _use_tma(g2, (w2, inter), dev, interp) and (act is None or N % 16 == 0)
+    ieee = dtype == torch.float32 and not allow_tf32 and act is None  # fp32 dots (quantized inputs: 8-bit dots)
     mode1, mode2 = modes.gemm_modes(cfg, problem, direct=direct, tma1=tma1, tma2=tma2, pdl=pdl, interp=interp,
-                                    ieee=dtype == torch.float32 and not allow_tf32)
+                                    ieee=ieee, static1=static1, static2=static2)
     one_dot = mode1["GATE_UP"] == _gemm.ONE_DOT
     b13 = args.w13_bias if args.w13_bias is not None else x
     s13 = s13 if s13 is not None else topk_w  # unread without a scale mode
+    sx = sx if sx is not None else topk_w
     launch(
         _gemm.moe_gemm1, (grid_m * cdiv(N, g1.block_n),), dev,
-        x, w13, _w13_descriptor(w13, g1, N, one_dot) if tma1 else w13, b13, s13, inter, *route, ids, emap_arg,
-        topk_w, N, K, num_pairs, grid_m, num_global, num_local, x.stride(0), w13.stride(0), w13.stride(1),
-        b13.stride(0), s13.stride(0), inter.stride(0), problem.activation.alpha, problem.activation.limit, **mode1,
+        x_in, w13, _w13_descriptor(w13, g1, N, one_dot) if tma1 else w13, b13, s13, sx,
+        amax if amax is not None else topk_w, inter, *route, ids, emap_arg, topk_w, N, K, num_pairs, grid_m,
+        num_global, num_local, x_in.stride(0), w13.stride(0), w13.stride(1), b13.stride(0), *_strides(s13),
+        sx.stride(0) if sx.dim() else 0, inter.stride(0), problem.activation.alpha, problem.activation.limit, **mode1,
     )
+    a2, sa2 = inter, topk_w  # GEMM2's input: the activated rows, or them quantized
+    if act is not None:
+        layout = RowLayout(None if al is None else al.sorted_ids, None if al is None else al.block_expert,
+                           cfg.block_m, ids, emap, num_pairs, num_global, num_local)
+        qi = quantize_rows(inter, act, static=args.a2_scale, amax=amax, layout=layout, pdl=pdl)
+        a2, sa2 = qi.data, qi.scale
     b2 = args.w2_bias if args.w2_bias is not None else x
     s2 = s2 if s2 is not None else topk_w
     if tma2:
         desc = _descriptor_type()
-        a_desc = desc(inter, list(inter.shape), list(inter.stride()), [cfg.block_m, g2.block_k])
+        a_desc = desc(a2, list(a2.shape), list(a2.stride()), [cfg.block_m, g2.block_k])
         w2_desc = desc(w2, list(w2.shape), list(w2.stride()), [1, g2.block_n, g2.block_k])
     else:
-        a_desc, w2_desc = inter, w2
+        a_desc, w2_desc = a2, w2
     launch(
         _gemm.moe_gemm2, (grid_m * cdiv(K, g2.block_n),), dev,
-        inter, w2, a_desc, w2_desc, b2, s2, y, *route, ids, emap_arg, topk_w,
-        N, K, num_pairs, grid_m, num_global, num_local, inter.stride(0), w2.stride(0), w2.stride(1), b2.stride(0),
-        s2.stride(0), y.stride(0), **mode2,
+        a2, w2, a_desc, w2_desc, b2, s2, sa2, y, *route, ids, emap_arg, topk_w,
+        N, K, num_pairs, grid_m, num_global, num_local, a2.stride(0), w2.stride(0), w2.stride(1), b2.stride(0),
+        *_strides(s2), sa2.stride(0) if sa2.dim() else 0, y.stride(0), **mode2,
     )
     if atomic:
         out.copy_(y)
@@ -233,9 +261,27 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _supports_quant(problem: ExpertsProblem) -> tuple[bool, str]:
+    """The quantized schemes the kernels run, on devices that have the dots they need."""
+    w, a, target = problem.quant.weights, problem.quant.activations, problem.target
+    if w is None or w.format == "scaled":
+        return True, "ok"
+    if a is None:
+        return False, f"weight-only {w.format} weights are not implemented yet (activations in {problem.dtype})"
+    if target.is_gpu and a.format == "fp8" and not target.fp8_mma:
+        return False, (f"{target.describe()} has no e4m3 FP8 tensor cores (fp8_mma); run FP8 checkpoints there "
+                       "with FP8 weights and bf16 activations (weight-only), or on the torch backend")
+    if target.is_gpu and a.format == "int8" and not target.int8_mma:
+        return False, f"{target.describe()} has no int8 tensor cores (int8_mma)"
+    if w.granularity == "block" and (a.granularity != "group" or a.group_size != w.block[1]):
+        return False, (f"block weights {w.block} need activation groups of {w.block[1]} columns, got "
+                       f"{a.granularity} {a.group_size or ''}".rstrip())
+    return True, "ok"
+
+
 class TritonBackend:
     name = "triton"
-    schemes = ("none", "scaled")
+    schemes = ("none", "scaled", "fp8_tensor", "fp8_tensor_static", "fp8_channel", "fp8_block", "int8_channel")
 
     @property
     def priority(self) -> int:
@@ -262,7 +308,7 @@ class TritonBackend:
             return False, f"dtype {problem.dtype} is not supported (float16, bfloat16, float32)"
         if problem.num_experts > MAX_EXPERTS:
             return False, f"num_experts={problem.num_experts} exceeds {MAX_EXPERTS}"
-        return True, "ok"
+        return _supports_quant(problem)
 
     def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:
         triton_experts(args, problem, out)

@@ -7,22 +7,29 @@ Each kernel takes its choices as mode values, never one boolean per format (mode
 - LOADS: weight tiles (GEMM2: its input tiles too) by POINTER loads or through TMA tensor descriptors;
 - GATE_UP (gated GEMM1): TWO_DOTS, a gate and an up tile with a dot each, or ONE_DOT, one tile of
   [gate | up] columns (2 x BLOCK_N wide) with one dot, split after the loop;
-- W_SCALE: how the weights are scaled (NO_SCALE, TENSOR_SCALE: one fp32 per expert and part); each
-  quantization scheme adds a value here;
+- W_SCALE: the weights' scales (NO_SCALE; TENSOR_SCALE: one fp32 per expert and part; CHANNEL_SCALE: one
+  per output row; BLOCK_SCALE: one per W_BN x W_BK block, applied inside the K loop);
+- A_SCALE: the GEMM input's quantization (A_NONE: the activation dtype; A_TENSOR: one scale; A_TOKEN: one
+  per row; A_GROUP: one per row and A_GK columns, inside the K loop; A_EXPERT: one per expert, static:
+  GEMM1 quantizes its gathered rows with it, GEMM2 reads rows quantized with it);
+- INT: int8 operands with int32 accumulation (fp8 and the activation dtypes accumulate in fp32);
 - INTERP: the one interpreter switch (``moe.kernels._jit``).
+Each quantization scheme is a (W_SCALE, A_SCALE, INT) triple (modes.py), never a boolean per format.
 """
 
 import triton
 import triton.language as tl
 
 from ...kernels._jit import cast, chain, dot, local_expert
+from ...kernels._quant import quantize
 
 # activation codes (ACT_CODES in modes.py); codes below RELU2 are gated
 SILU, GELU, GELU_TANH, SWIGLUOAI, RELU2, SILU_NO_MUL, GELU_NO_MUL = 0, 1, 2, 3, 4, 5, 6
 SORTED, DIRECT = 0, 1
 POINTER, TMA = 0, 1
 TWO_DOTS, ONE_DOT = 0, 1
-NO_SCALE, TENSOR_SCALE = 0, 1
+NO_SCALE, TENSOR_SCALE, CHANNEL_SCALE, BLOCK_SCALE = 0, 1, 2, 3
+A_NONE, A_TENSOR, A_TOKEN, A_GROUP, A_EXPERT = 0, 1, 2, 3, 4
 
 
 @triton.jit
@@ -100,12 +107,16 @@ def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _load_a(ptrs, kmask, rw, EVEN_K: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, INTERP: tl.constexpr):
-    """A [BLOCK_M, BLOCK_K] activation tile (columns past the reduction read 0 unless EVEN_K), scaled by
-    the router weight ``rw`` when it applies on the input."""
+def _load_a(ptrs, kmask, rw, s_gather, EVEN_K: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
+            GATHER_QUANT: tl.constexpr, INT: tl.constexpr, INTERP: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] input tile (columns past the reduction read 0 unless EVEN_K), scaled by the
+    router weight ``rw`` when it applies on the input, and with GATHER_QUANT quantized here by the
+    expert's static scale ``s_gather`` (after the router weight, as the reference does)."""
     a = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=kmask[None, :], other=0.0)
     if WEIGHT_ON_INPUT:
         a = cast(a.to(tl.float32) * rw[:, None], ptrs.dtype.element_ty, INTERP)
+    if GATHER_QUANT:
+        a = quantize(a.to(tl.float32) / s_gather, INT, INTERP)
     return a
 
 
@@ -119,91 +130,139 @@ def _load_w(ptrs, kmask, cmask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw,
-                   LOADS: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, INTERP: tl.constexpr,
-                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _zeros(BLOCK_M: tl.constexpr, COLS: tl.constexpr, INT: tl.constexpr):
+    return tl.zeros([BLOCK_M, COLS], dtype=tl.int32 if INT else tl.float32)
+
+
+@triton.jit
+def _step(acc, a, w, sa, sw, k0, W_SCALE: tl.constexpr, W_BK: tl.constexpr, INT: tl.constexpr,
+          INTERP: tl.constexpr, IEEE: tl.constexpr):
+    """One K step: ``acc += a @ w``, or with block scales ``acc += (a @ w) * sa[rows] * sw[cols]`` for the
+    K block of ``k0`` (``sa``/``sw`` are base pointers of the row and column scales; + k0 // W_BK)."""
+    if W_SCALE == 3:
+        kb = k0 // W_BK
+        part = dot(a, w, tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE)
+        return acc + part * tl.load(sa + kb)[:, None] * tl.load(sw + kb)[None, :]
+    return dot(a, w, acc, INTERP, IEEE, INT)
+
+
+@triton.jit
+def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_gather, sa, ws_base, stride_wsr,
+                   LOADS: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, W_SCALE: tl.constexpr,
+                   GATHER_QUANT: tl.constexpr, INT: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr,
+                   INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """The K loop of a gated GEMM1 as one dot per step over [gate | up] columns: [BLOCK_M, 2 * BLOCK_N].
     TMA: one [1, 2, BLOCK_N, BLOCK_K] box of the [E, 2, N, K] view; gate rows past N read up rows, finite
     and never stored."""
     offs_k = tl.arange(0, BLOCK_K)
     c = tl.arange(0, 2 * BLOCK_N)
-    cmask = n0 + c % BLOCK_N < N
-    wrow = n0 + c % BLOCK_N + (c // BLOCK_N) * N  # columns 0..BLOCK_N: gate rows, then the up rows
+    n = n0 + c % BLOCK_N
+    cmask = n < N
+    wrow = n + (c // BLOCK_N) * N  # columns 0..BLOCK_N: gate rows, then the up rows
     gu_ptrs = w_base + wrow[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+    # block scales: the gate's block rows, then the up's (a block never straddles the two)
+    sw = ws_base + ((c // BLOCK_N) * tl.cdiv(N, W_BN) + tl.where(cmask, n, 0) // W_BN) * stride_wsr
+    acc = _zeros(BLOCK_M, 2 * BLOCK_N, INT)
     for k0 in range(0, K, BLOCK_K):
         kmask = offs_k < K - k0
-        a = _load_a(a_ptrs, kmask, rw, EVEN_K, WEIGHT_ON_INPUT, INTERP)
+        a = _load_a(a_ptrs, kmask, rw, s_gather, EVEN_K, WEIGHT_ON_INPUT, GATHER_QUANT, INT, INTERP)
         if LOADS == 1:
             gu = w_desc.load([expert, 0, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
         else:
             gu = _load_w(gu_ptrs, kmask, cmask, EVEN_K)
             gu_ptrs += BLOCK_K
-        acc = dot(a, gu, acc, INTERP, IEEE)
+        acc = _step(acc, a, gu, sa, sw, k0, W_SCALE, W_BK, INT, INTERP, IEEE)
         a_ptrs += BLOCK_K
     return acc
 
 
 @triton.jit
-def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nmask,
-                    GATED: tl.constexpr, LOADS: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
-                    INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nmask, s_gather, sa, ws_base,
+                    stride_wsr, GATED: tl.constexpr, LOADS: tl.constexpr, EVEN_K: tl.constexpr,
+                    WEIGHT_ON_INPUT: tl.constexpr, W_SCALE: tl.constexpr, GATHER_QUANT: tl.constexpr,
+                    INT: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr, INTERP: tl.constexpr,
+                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The K loop of GEMM1 as a gate dot and (gated) an up dot per step: two [BLOCK_M, BLOCK_N]
     accumulators. TMA: [1, BLOCK_N, BLOCK_K] boxes; gate rows past N read up rows, never stored."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     g_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     u_ptrs = g_ptrs + N * stride_wn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    brow = tl.where(nmask, offs_n, 0) // W_BN
+    sw_g = ws_base + brow * stride_wsr
+    sw_u = ws_base + (tl.cdiv(N, W_BN) + brow) * stride_wsr
+    acc_g = _zeros(BLOCK_M, BLOCK_N, INT)
+    acc_u = _zeros(BLOCK_M, BLOCK_N, INT)
     for k0 in range(0, K, BLOCK_K):
         kmask = offs_k < K - k0
-        a = _load_a(a_ptrs, kmask, rw, EVEN_K, WEIGHT_ON_INPUT, INTERP)
+        a = _load_a(a_ptrs, kmask, rw, s_gather, EVEN_K, WEIGHT_ON_INPUT, GATHER_QUANT, INT, INTERP)
         if LOADS == 1:
             g = w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
         else:
             g = _load_w(g_ptrs, kmask, nmask, EVEN_K)
             g_ptrs += BLOCK_K
-        acc_g = dot(a, g, acc_g, INTERP, IEEE)
+        acc_g = _step(acc_g, a, g, sa, sw_g, k0, W_SCALE, W_BK, INT, INTERP, IEEE)
         if GATED:
             if LOADS == 1:
                 u = w_desc.load([expert, N + n0, k0]).reshape(BLOCK_N, BLOCK_K).T
             else:
                 u = _load_w(u_ptrs, kmask, nmask, EVEN_K)
                 u_ptrs += BLOCK_K
-            acc_u = dot(a, u, acc_u, INTERP, IEEE)
+            acc_u = _step(acc_u, a, u, sa, sw_u, k0, W_SCALE, W_BK, INT, INTERP, IEEE)
         a_ptrs += BLOCK_K
     return acc_g, acc_u
 
 
 @triton.jit
-def _weight_scale(acc, scale_ptr, expert, stride_se, part, W_SCALE: tl.constexpr):
-    """The epilogue's weight scale of one part (0: gate or the only part, 1: up)."""
+def _row_scales(as_ptr, arow, valid, stride_as):
+    """Pointers to the per-row input scales (A_GROUP: each row's first group), [BLOCK_M]; rows that hold
+    no pair point at row 0."""
+    return as_ptr + tl.where(valid, arow, 0) * stride_as
+
+
+@triton.jit
+def _epilogue_scale(acc, as_ptr, a_rows, expert, ws_ptr, cols, cmask, stride_wsr, part, W_SCALE: tl.constexpr,
+                    A_SCALE: tl.constexpr, INT: tl.constexpr):
+    """The scales not applied inside the K loop: the input's (per tensor, per expert, per row) and the
+    weights' (per tensor part, per output row), on a [BLOCK_M, cols] accumulator."""
+    acc = acc.to(tl.float32) if INT else acc
+    if A_SCALE == 1:
+        acc = acc * tl.load(as_ptr)
+    elif A_SCALE == 4:
+        acc = acc * tl.load(as_ptr + expert)
+    elif A_SCALE == 2:
+        acc = acc * tl.load(a_rows)[:, None]
     if W_SCALE == 1:
-        acc = acc * tl.load(scale_ptr + expert.to(tl.int64) * stride_se + part)
+        acc = acc * tl.load(ws_ptr + part * stride_wsr)
+    elif W_SCALE == 2:
+        acc = acc * tl.load(ws_ptr + cols * stride_wsr, mask=cmask, other=1.0)[None, :]
     return acc
 
 
 @triton.jit
 def moe_gemm1(
-    x_ptr, w_ptr, w_desc, bias_ptr, scale_ptr, out_ptr,
+    x_ptr, w_ptr, w_desc, bias_ptr, ws_ptr, as_ptr, amax_ptr, out_ptr,
     sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, topk_w_ptr,
     N, K, num_pairs, num_pid_m, num_global, num_local,
-    stride_xm, stride_we, stride_wn, stride_be, stride_se, stride_om,
+    stride_xm, stride_we, stride_wn, stride_be, stride_wse, stride_wsr, stride_as, stride_om,
     alpha, limit,
     TOP_K: tl.constexpr, ROUTE: tl.constexpr, HAS_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, W_SCALE: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, INT: tl.constexpr,
+    OUT_AMAX: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, LOADS: tl.constexpr, GATE_UP: tl.constexpr,
+    EVEN_K: tl.constexpr, LOADS: tl.constexpr, GATE_UP: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr,
     INTERP: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[row, n] = act(x[token] @ w13[e, gate rows n].T, x[token] @ w13[e, N + n].T) for the tile's pairs,
     where row is the pair's place in the sorted order (the pair itself for DIRECT tiles).
 
     TMA loads read ``w_desc``: w13 as [E, 2N, K] with [1, BLOCK_N, BLOCK_K] boxes, or with ONE_DOT as
-    [E, 2, N, K] with [1, 2, BLOCK_N, BLOCK_K] boxes. PDL: launched with launch_pdl; wait for the previous
-    kernel (the alignment, or whatever ran before), then let GEMM2 launch."""
+    [E, 2, N, K] with [1, 2, BLOCK_N, BLOCK_K] boxes. Quantized inputs (A_SCALE) are x's rows quantized
+    beforehand (``moe.kernels.quant``), or with A_EXPERT quantized here. OUT_AMAX: the absolute max of the
+    stored output joins ``amax_ptr[0]`` (GEMM2's per-tensor dynamic scale). PDL: launched with
+    launch_pdl; wait for the previous kernel (the alignment, or whatever ran before), then let the next
+    one launch."""
     chain(PDL, PDL)
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs, num_global,
@@ -217,35 +276,47 @@ def moe_gemm1(
     nmask = offs_n < N
     a_ptrs = x_ptr + token[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     w_base = w_ptr + expert.to(tl.int64) * stride_we
+    ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
     if WEIGHT_ON_INPUT:
         rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
     else:
         rw = tl.full([BLOCK_M], 1.0, tl.float32)  # unused
+    s_gather = tl.load(as_ptr + expert) if A_SCALE == 4 else 1.0
+    a_rows = _row_scales(as_ptr, token, valid, stride_as)
     if GATED and GATE_UP == 1:
-        acc = _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, LOADS, EVEN_K,
-                             WEIGHT_ON_INPUT, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_gather, a_rows, ws_base,
+                             stride_wsr, LOADS, EVEN_K, WEIGHT_ON_INPUT, W_SCALE, A_SCALE == 4, INT, W_BN, W_BK,
+                             INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
     else:
-        acc_g, acc_u = _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nmask, GATED, LOADS,
-                                       EVEN_K, WEIGHT_ON_INPUT, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-    acc_g = _weight_scale(acc_g, scale_ptr, expert, stride_se, 0, W_SCALE)
+        acc_g, acc_u = _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nmask, s_gather,
+                                       a_rows, ws_base, stride_wsr, GATED, LOADS, EVEN_K, WEIGHT_ON_INPUT, W_SCALE,
+                                       A_SCALE == 4, INT, W_BN, W_BK, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc_g = _epilogue_scale(acc_g, as_ptr, a_rows, expert, ws_base, offs_n, nmask, stride_wsr, 0, W_SCALE, A_SCALE,
+                            INT)
     if GATED:
-        acc_u = _weight_scale(acc_u, scale_ptr, expert, stride_se, 1, W_SCALE)
+        acc_u = _epilogue_scale(acc_u, as_ptr, a_rows, expert, ws_base, N + offs_n, nmask, stride_wsr, 1, W_SCALE,
+                                A_SCALE, INT)
     if HAS_BIAS:
         b_base = bias_ptr + expert.to(tl.int64) * stride_be
         acc_g += tl.load(b_base + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if GATED:
             acc_u += tl.load(b_base + N + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    h = _activate(acc_g, acc_u, ACT, alpha, limit)
+    h = cast(_activate(acc_g.to(tl.float32), acc_u.to(tl.float32), ACT, alpha, limit), out_ptr.dtype.element_ty,
+             INTERP)
     orow = _first_row(pid_m, ROUTE, BLOCK_M) + tl.arange(0, BLOCK_M)
     o_ptrs = out_ptr + orow[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(o_ptrs, cast(h, out_ptr.dtype.element_ty, INTERP), mask=valid[:, None] & nmask[None, :])
+    smask = valid[:, None] & nmask[None, :]
+    tl.store(o_ptrs, h, mask=smask)
+    if OUT_AMAX:
+        tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(smask, tl.abs(h.to(tl.float32)), 0.0), axis=1), axis=0))
 
 
 @triton.jit
-def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, N, stride_am, stride_wk,
-                LOADS: tl.constexpr, EVEN_K: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, N, stride_am, stride_wk, sa, sw,
+                LOADS: tl.constexpr, EVEN_K: tl.constexpr, W_SCALE: tl.constexpr, INT: tl.constexpr,
+                W_BK: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The reduction of GEMM2 over the intermediate dim N: [BLOCK_M, BLOCK_N] output columns o0... TMA:
     the input as [rows, N] with [BLOCK_M, BLOCK_K] boxes (padding rows read whatever GEMM1 left there:
     they reach only their own, unstored, rows) and w2 as [E, K, N] with [1, BLOCK_N, BLOCK_K] boxes."""
@@ -256,35 +327,36 @@ def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, 
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
     w_ptrs = w_base + offs_o[None, :].to(tl.int64) * stride_wk + offs_k[:, None]
     no_rw = tl.full([BLOCK_M], 1.0, tl.float32)  # GEMM2 never scales its input
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_N, INT)
     for k0 in range(0, N, BLOCK_K):
         if LOADS == 1:
             w = w_desc.load([expert, o0, k0]).reshape(BLOCK_N, BLOCK_K).T
             a = a_desc.load([first, k0])
         else:
             kmask = offs_k < N - k0
-            a = _load_a(a_ptrs, kmask, no_rw, EVEN_K, False, INTERP)
+            a = _load_a(a_ptrs, kmask, no_rw, 1.0, EVEN_K, False, False, INT, INTERP)
             w = _load_w(w_ptrs, kmask, omask, EVEN_K)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        acc = dot(a, w, acc, INTERP, IEEE)
+        acc = _step(acc, a, w, sa, sw, k0, W_SCALE, W_BK, INT, INTERP, IEEE)
     return acc
 
 
 @triton.jit
 def moe_gemm2(
-    a_ptr, w_ptr, a_desc, w_desc, bias_ptr, scale_ptr, y_ptr,
+    a_ptr, w_ptr, a_desc, w_desc, bias_ptr, ws_ptr, as_ptr, y_ptr,
     sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, topk_w_ptr,
     N, K, num_pairs, num_pid_m, num_global, num_local,
-    stride_am, stride_we, stride_wk, stride_be, stride_se, stride_ym,
+    stride_am, stride_we, stride_wk, stride_be, stride_wse, stride_wsr, stride_as, stride_ym,
     TOP_K: tl.constexpr, ROUTE: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    W_SCALE: tl.constexpr, ATOMIC: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, LOADS: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, INT: tl.constexpr, ATOMIC: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, LOADS: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr,
+    INTERP: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
-    """y[pair, kk] = a[row] @ w2[e, kk].T (+ bias), a's rows in sorted order as GEMM1 stored them; with
-    ATOMIC, add weight * y into fp32 y[token]. PDL: launched with launch_pdl; wait for GEMM1, then let
-    the combine launch."""
+    """y[pair, kk] = a[row] @ w2[e, kk].T (+ bias), a's rows in sorted order as GEMM1 stored them (quantized
+    with their scales when A_SCALE says so); with ATOMIC, add weight * y into fp32 y[token]. PDL: launched
+    with launch_pdl; wait for the previous kernel, then let the combine launch."""
     chain(PDL, PDL)
     pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(K, BLOCK_N), GROUP_M)
     pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs, num_global,
@@ -296,14 +368,20 @@ def moe_gemm2(
     offs_o = o0 + tl.arange(0, BLOCK_N)  # output columns (hidden dim)
     omask = offs_o < K
     first = _first_row(pid_m, ROUTE, BLOCK_M)
+    ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
+    a_rows = _row_scales(as_ptr, (first + tl.arange(0, BLOCK_M)).to(tl.int64), valid, stride_as)
+    sw = ws_base + (tl.where(omask, offs_o, 0) // W_BN) * stride_wsr  # block scales of the output columns
     acc = _gemm2_loop(a_ptr, a_desc, w_desc, w_ptr + expert.to(tl.int64) * stride_we, expert, first, valid, o0, omask,
-                      N, stride_am, stride_wk, LOADS, EVEN_K, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-    acc = _weight_scale(acc, scale_ptr, expert, stride_se, 0, W_SCALE)
+                      N, stride_am, stride_wk, a_rows, sw, LOADS, EVEN_K, W_SCALE, INT, W_BK, INTERP, IEEE, BLOCK_M,
+                      BLOCK_N, BLOCK_K)
+    acc = _epilogue_scale(acc, as_ptr, a_rows, expert, ws_base, offs_o, omask, stride_wsr, 0, W_SCALE, A_SCALE, INT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_o, mask=omask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     mask = valid[:, None] & omask[None, :]
-    y = cast(acc, a_ptr.dtype.element_ty, INTERP)  # rounded like the reference's expert output
+    # the expert output, rounded to the activations' dtype like the reference's (with ATOMIC, y_ptr is the
+    # fp32 [T, K] sum: the bias pointer, the w2 bias or the hidden states, carries that dtype)
+    y = cast(acc, bias_ptr.dtype.element_ty if ATOMIC else y_ptr.dtype.element_ty, INTERP)
     if ATOMIC:
         if WEIGHT_ON_INPUT:
             rw = tl.full([BLOCK_M], 1.0, tl.float32)

@@ -1,7 +1,8 @@
 """The one place that turns (kernel config, problem, launch facts) into the GEMM kernels' constexprs.
 
-A scheme, layout or load path is a mode value (see _gemm.py), never a new boolean: adding a
-quantization scheme adds an entry to :data:`W_SCALE_MODES` and the kernel code for its mode.
+A scheme, layout or load path is a mode value (see _gemm.py), never a new boolean: a quantization scheme
+is a weight-scale mode (:data:`W_SCALE_MODES`), an input-scale mode (:func:`input_mode`) and the int8
+switch; adding one adds entries here and the kernel code for its modes.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from ...options import register_cache
 from . import _gemm
 from .config import KernelConfig
 
-__all__ = ["ACT_CODES", "W_SCALE_MODES", "gemm_modes", "weight_scale_mode"]
+__all__ = ["ACT_CODES", "W_SCALE_MODES", "gemm_modes", "input_mode", "weight_scale_mode"]
 
 ACT_CODES = {"silu": _gemm.SILU, "gelu": _gemm.GELU, "gelu_tanh": _gemm.GELU_TANH, "swigluoai": _gemm.SWIGLUOAI,
              "relu2": _gemm.RELU2, "silu_no_mul": _gemm.SILU_NO_MUL, "gelu_no_mul": _gemm.GELU_NO_MUL}
-# (weight format, granularity) -> the epilogue's weight-scale mode
-W_SCALE_MODES = {None: _gemm.NO_SCALE, ("scaled", "tensor"): _gemm.TENSOR_SCALE}
+# (weight format, granularity) -> the weight-scale mode
+W_SCALE_MODES = {None: _gemm.NO_SCALE, ("scaled", "tensor"): _gemm.TENSOR_SCALE, ("fp8", "tensor"): _gemm.TENSOR_SCALE,
+                 ("fp8", "channel"): _gemm.CHANNEL_SCALE, ("fp8", "block"): _gemm.BLOCK_SCALE,
+                 ("int8", "channel"): _gemm.CHANNEL_SCALE}
+_A_DYNAMIC = {"tensor": _gemm.A_TENSOR, "token": _gemm.A_TOKEN, "group": _gemm.A_GROUP}
 
 
 def weight_scale_mode(problem: ExpertsProblem) -> int | None:
@@ -25,41 +29,60 @@ def weight_scale_mode(problem: ExpertsProblem) -> int | None:
     return W_SCALE_MODES.get(None if w is None else (w.format, w.granularity))
 
 
+def input_mode(problem: ExpertsProblem, per_expert_static: bool) -> int:
+    """The A_SCALE mode of a GEMM's input: unquantized, dynamic per tensor / token / group, or static per
+    tensor (one scale) or per expert."""
+    act = problem.quant.activations
+    if act is None:
+        return _gemm.A_NONE
+    if act.static:
+        return _gemm.A_EXPERT if per_expert_static else _gemm.A_TENSOR
+    return _A_DYNAMIC[act.granularity]
+
+
 _cache: dict[tuple, tuple[KernelConfig, ExpertsProblem, dict, dict]] = {}
 register_cache(_cache.clear)
 
 
 def gemm_modes(cfg: KernelConfig, problem: ExpertsProblem, *, direct: bool, tma1: bool, tma2: bool, pdl: bool,
-               interp: bool, ieee: bool) -> tuple[dict, dict]:
+               interp: bool, ieee: bool, static1: bool = False, static2: bool = False) -> tuple[dict, dict]:
     """The constexprs and launch options of GEMM1 and GEMM2, remembered: they sit on every call's path.
     Keyed by the identity of the (cached) config and problem objects, checked on a hit, since hashing a
-    nested pydantic config costs microseconds per call."""
-    key = (id(cfg), id(problem), direct, tma1, tma2, pdl, interp, ieee)
+    nested pydantic config costs microseconds per call. ``static1``/``static2``: the static input scales
+    are one per expert."""
+    key = (id(cfg), id(problem), direct, tma1, tma2, pdl, interp, ieee, static1, static2)
     hit = _cache.get(key)
     if hit is None or hit[0] is not cfg or hit[1] is not problem:
         if len(_cache) > 4096:
             _cache.clear()
-        hit = _cache[key] = (cfg, problem, *_derive(cfg, problem, direct, tma1, tma2, pdl, interp, ieee))
+        hit = _cache[key] = (cfg, problem, *_derive(cfg, problem, direct, tma1, tma2, pdl, interp, ieee, static1,
+                                                    static2))
     return hit[2], hit[3]
 
 
 def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2: bool, pdl: bool, interp: bool,
-            ieee: bool) -> tuple[dict, dict]:
+            ieee: bool, static1: bool, static2: bool) -> tuple[dict, dict]:
     g1, g2, act = cfg.gemm1, cfg.gemm2, p.activation
     w_scale = weight_scale_mode(p)
     if w_scale is None:
         raise ValueError(f"triton: no kernel mode for weights {p.quant.weights}")
+    w, a = p.quant.weights, p.quant.activations
+    w_bn, w_bk = w.block if w is not None and w.granularity == "block" else (1, 1)
     common = dict(TOP_K=p.top_k, ROUTE=_gemm.DIRECT if direct else _gemm.SORTED, HAS_MAP=p.has_expert_map,
-                  WEIGHT_ON_INPUT=p.apply_router_weight_on_input, W_SCALE=w_scale, BLOCK_M=cfg.block_m,
+                  WEIGHT_ON_INPUT=p.apply_router_weight_on_input, W_SCALE=w_scale,
+                  INT=a is not None and a.format == "int8", BLOCK_M=cfg.block_m, W_BN=w_bn, W_BK=w_bk,
                   INTERP=interp, IEEE=ieee, PDL=pdl)
     mode1 = dict(common, ACT=ACT_CODES[act.name], GATED=act.gated, HAS_BIAS=p.has_w13_bias,
+                 A_SCALE=input_mode(p, static1),
+                 OUT_AMAX=a is not None and not a.static and a.granularity == "tensor",
                  BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, GROUP_M=g1.group_m, EVEN_K=p.hidden_size % g1.block_k == 0,
                  LOADS=_gemm.TMA if tma1 else _gemm.POINTER,
                  GATE_UP=_gemm.ONE_DOT if act.gated and cfg.gate_up == "one_dot" else _gemm.TWO_DOTS,
                  num_warps=g1.num_warps, num_stages=g1.num_stages)
-    mode2 = dict(common, HAS_BIAS=p.has_w2_bias, ATOMIC=cfg.combine == "atomic", BLOCK_N=g2.block_n,
-                 BLOCK_K=g2.block_k, GROUP_M=g2.group_m, EVEN_K=p.intermediate_size % g2.block_k == 0,
-                 LOADS=_gemm.TMA if tma2 else _gemm.POINTER, num_warps=g2.num_warps, num_stages=g2.num_stages)
+    mode2 = dict(common, HAS_BIAS=p.has_w2_bias, A_SCALE=input_mode(p, static2), ATOMIC=cfg.combine == "atomic",
+                 BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, GROUP_M=g2.group_m,
+                 EVEN_K=p.intermediate_size % g2.block_k == 0, LOADS=_gemm.TMA if tma2 else _gemm.POINTER,
+                 num_warps=g2.num_warps, num_stages=g2.num_stages)
     if pdl:
         mode1["launch_pdl"] = mode2["launch_pdl"] = True
     return mode1, mode2
