@@ -12,6 +12,15 @@ Each row reports the median of its timed calls with their min and max; a row who
 on a large copy and a 1024-square matmul, while small presets run from cache: it is no bound (rows land
 above 100%), so CPU rows leave ``pct_floor`` None and the table prints "-".
 
+With ``--quant NAME`` (a quantization scheme of ``moe.quant.NAMES``) the same random weights are also
+quantized once (``moe.quant.quantize``, expert by expert, on the device); each backend that declares the
+scheme gets quantized rows beside its unquantized rows of the same mode, tokens and routing, with the
+speed-up ``vs_bf16`` (unquantized median / quantized median). Quantized rows are checked against the
+torch reference on the quantized weights (W8A8: both GEMM inputs quantized as the kernels do); their
+floor counts the quantized weight bytes (data + scales) and the FP8 or INT8 matmul rate measured now.
+``fp8_tensor_static`` takes its static scales from a calibration batch (:func:`calibrate_static_scales`).
+No kernels or layer rows under ``--quant``.
+
 Requests are checked before anything is allocated (:func:`resolve_request`, :func:`check_memory`, and
 for the CLI :func:`check_output_path` and :func:`check_plot_available`); a bad one raises
 :class:`BenchError` naming the flag.
@@ -19,6 +28,7 @@ for the CLI :func:`check_output_path` and :func:`check_plot_available`); a bad o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -31,11 +41,14 @@ from pathlib import Path
 
 import torch
 
+from .activations import apply_activation
 from .backends.torch_ref import torch_ref_experts
 from .config import ActivationSpec
 from .contract import ExpertsArgs, ExpertsProblem
 from .functional import fused_experts
 from .layer import FusedMoE
+from .quant import NAMES, QuantConfig, QuantizedWeight, named, quantize
+from .quant.schemes import FP8_MAX, INT8_MAX
 from .registry import BackendUnavailableError, get_backend, list_backends, select_backend
 from .routing import fused_topk
 from .testing import rel_error
@@ -43,8 +56,10 @@ from .workload import (
     PRESETS,
     Ceilings,
     Preset,
+    expert_weight_bytes,
     floor_seconds,
     graph_time,  # noqa: F401  (imported from here by the scripts under benchmarks/)
+    matmul_rate,
     measure_ceilings,
     random_biases,
     random_tokens,
@@ -53,14 +68,15 @@ from .workload import (
     wall_times,
 )
 
-__all__ = ["GRAPH_MAX_M", "KERNELS_MAX_M", "WIDE_SPREAD", "BenchError", "BenchRequest", "Row", "bench_info",
-           "check_memory", "check_output_path", "check_plot_available", "estimate_bytes", "format_table",
-           "plot", "resolve_request", "run_bench", "run_request", "write_json"]
+__all__ = ["CALIBRATION_M", "GRAPH_MAX_M", "KERNELS_MAX_M", "WIDE_SPREAD", "BenchError", "BenchRequest", "Row",
+           "bench_info", "calibrate_static_scales", "check_memory", "check_output_path", "check_plot_available",
+           "estimate_bytes", "format_table", "plot", "resolve_request", "run_bench", "run_request", "write_json"]
 
 GRAPH_MAX_M = 256
 KERNELS_MAX_M = 1024  # "kernels" rows (routing aligned beforehand) up to here, as docs/performance.md times vLLM
 REFERENCE_TIMING_MAX_PAIRS = 8192  # the per-expert reference is an oracle, not a contender
 WIDE_SPREAD = 0.1  # (max - min) / median above this: the row's median is not to be trusted to 10%
+CALIBRATION_M = 256  # tokens of the calibration batch that static activation scales come from
 GB = 1e9
 
 
@@ -82,6 +98,8 @@ class Row:
     extra: dict = field(default_factory=dict)
     min_us: float | None = None
     max_us: float | None = None
+    quant: str = "none"  # the quantization scheme of the row's call (a name of moe.quant.NAMES), or "none"
+    vs_bf16: float | None = None  # quantized rows: median of the unquantized row of the same mode / this median
 
     @property
     def spread(self) -> float | None:
@@ -100,6 +118,7 @@ class BenchRequest:
     device: torch.device
     dtype: torch.dtype
     backends: tuple[str, ...]
+    quant: str | None = None  # a name of moe.quant.NAMES; None: unquantized only
 
 
 # ---------------------------------------------------------------- checks (before any allocation)
@@ -111,6 +130,7 @@ def resolve_request(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     backends: tuple[str, ...] | None = None,
+    quant: str | None = None,
 ) -> BenchRequest:
     """Check and complete a request; raises :class:`BenchError` naming the flag at fault."""
     if preset not in PRESETS:
@@ -122,7 +142,16 @@ def resolve_request(
     if any(m < 1 for m in ms):
         raise BenchError(f"--m: token counts must be >= 1, got {','.join(map(str, ms))}")
     names = _resolve_backends(backends)
-    return BenchRequest(p, ms, dev, dtype, names)
+    return BenchRequest(p, ms, dev, dtype, names, _resolve_quant(quant))
+
+
+def _resolve_quant(quant: str | None) -> str | None:
+    if quant is None or quant == "none":
+        return None
+    if quant not in NAMES:
+        raise BenchError(f"--quant: unknown quantization scheme {quant!r}; allowed: {', '.join(NAMES)} "
+                         "(or none)")
+    return quant
 
 
 def _resolve_device(device: str | None) -> torch.device:
@@ -174,10 +203,14 @@ def check_plot_available() -> None:
         raise BenchError("--plot needs matplotlib, which is not installed: pip install 'moe-layer[plot]'") from None
 
 
-def estimate_bytes(p: Preset, ms: tuple[int, ...], dtype: torch.dtype, device_type: str) -> tuple[int, int]:
+def estimate_bytes(p: Preset, ms: tuple[int, ...], dtype: torch.dtype, device_type: str,
+                   quant: str | None = None) -> tuple[int, int]:
     """(bytes of the experts' weights, an allowance for everything else) for a run: the ceiling
     measurement, the tokens, the fp32 reference (one expert upcast at a time, at worst every token on it)
-    and a backend's workspace at the largest M, sized as fp32 intermediates of every (token, expert) pair."""
+    and a backend's workspace at the largest M, sized as fp32 intermediates of every (token, expert) pair.
+    With ``quant`` the weights include the quantized copy (data + scales) and the allowance the quantizing
+    and W8A8 reference temporaries (a few fp32 copies of one expert, the GEMM2 inputs of every pair) and
+    the second reference."""
     elt = torch.empty((), dtype=dtype).element_size()
     k, n, e, top_k = p.hidden_size, p.intermediate_size, p.num_experts, p.top_k
     rows = 2 * n if ActivationSpec.parse(p.activation).gated else n
@@ -185,11 +218,15 @@ def estimate_bytes(p: Preset, ms: tuple[int, ...], dtype: torch.dtype, device_ty
     m = max(ms)
     copy = 2 * 2**31 if device_type == "cuda" else 2 * 2**28  # what measure_ceilings copies
     square = 8192 if device_type == "cuda" else 1024
-    ceilings = copy + 3 * square * square * elt
+    ceilings = copy + 3 * square * square * max(elt, 2)  # bf16 / fp8 (+ bf16 out) / int8 (+ int32 out): one at a time
     tokens = m * (2 * k * elt + e * 4 + top_k * 12)
     reference = 2 * m * k * 4 + (rows + n) * k * 4 + m * (rows + n) * 4
     workspace = m * top_k * (rows + n + k) * 4
-    return weights, ceilings + tokens + reference + workspace
+    if quant is None:
+        return weights, ceilings + tokens + reference + workspace
+    copy_q = e * expert_weight_bytes(p, elt, quant)
+    temporaries = 4 * max(rows * k, k * n) * 4 + m * top_k * n * 4 + m * k * 4 + CALIBRATION_M * (k + rows) * 4
+    return weights + copy_q, ceilings + tokens + reference + workspace + temporaries
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -211,15 +248,16 @@ def check_memory(req: BenchRequest) -> None:
     avail = available_bytes(req.device)
     if avail is None:
         return
-    weights, other = estimate_bytes(req.preset, req.ms, req.dtype, req.device.type)
+    weights, other = estimate_bytes(req.preset, req.ms, req.dtype, req.device.type, req.quant)
     if weights + other <= avail:
         return
-    smaller = [n for n, q in PRESETS.items() if sum(estimate_bytes(q, q.default_m, req.dtype, req.device.type))
-               <= avail and n != req.preset.name]
+    smaller = [n for n, q in PRESETS.items() if n != req.preset.name and
+               sum(estimate_bytes(q, q.default_m, req.dtype, req.device.type, req.quant)) <= avail]
     hint = f"--preset {'default' if 'default' in smaller else smaller[0]}" if smaller else "a machine with more memory"
+    copy = f" and their {req.quant} copy" if req.quant else ""
     raise BenchError(
         f"--preset {req.preset.name}: needs about {(weights + other) / GB:.1f} GB on {req.device} "
-        f"({weights / GB:.1f} GB of expert weights in {_dtype_name(req.dtype)} + {other / GB:.1f} GB for the "
+        f"({weights / GB:.1f} GB of expert weights in {_dtype_name(req.dtype)}{copy} + {other / GB:.1f} GB for the "
         f"ceilings, reference and workspaces at M={max(req.ms)}) but {avail / GB:.1f} GB is available; "
         f"use a smaller preset (e.g. {hint}; fitting here: {', '.join(smaller) or 'none'})")
 
@@ -248,7 +286,36 @@ def bench_info(req: BenchRequest) -> dict:
         "versions": {"torch": torch.__version__, "triton": triton_version, "moe": __version__},
         "time": datetime.now().astimezone().isoformat(timespec="seconds"),
         "floor_is_bound": req.device.type != "cpu",
+        "quant": _quant_info(req),
     }
+
+
+def _quant_info(req: BenchRequest) -> dict | None:
+    """The scheme of a ``--quant`` run and how its rows are measured (None without ``--quant``)."""
+    if req.quant is None:
+        return None
+    cfg, p = named(req.quant), req.preset
+    elt = torch.empty((), dtype=req.dtype).element_size()
+    info = {
+        "name": req.quant,
+        "scheme": cfg.model_dump(mode="json", exclude_none=True),
+        "weight_bytes_per_expert": expert_weight_bytes(p, elt, cfg),
+        "unquantized_bytes_per_expert": expert_weight_bytes(p, elt),
+        "matmul_rate": "fp8_tflops" if cfg.activations.format == "fp8" else "int8_tops",
+        "rel_err": "against the torch reference on the quantized weights (both GEMM inputs quantized)",
+        "quant_err": "rel err of that reference against the unquantized fp32 reference (row extra)",
+        "vs_bf16": f"median of the {_dtype_name(req.dtype)} row of the same backend and mode, same tokens and "
+                   "routing / median of the quantized row",
+    }
+    if cfg.activations.static:
+        top = _top(cfg)
+        info["calibration"] = {
+            "tokens": CALIBRATION_M,
+            "method": f"per-tensor scales from {CALIBRATION_M} random tokens drawn and routed like the run's: "
+                      f"a13 = amax|x| / {top:g}; a2 = amax of GEMM2's input (the unquantized GEMM1 output with its "
+                      f"bias, after the activation, max over the experts hit) / {top:g}; values in each row's extra",
+        }
+    return info
 
 
 # ---------------------------------------------------------------- running
@@ -276,37 +343,126 @@ def run_bench(
     dtype: torch.dtype | None = None,
     backends: tuple[str, ...] | None = None,
     progress: bool = True,
+    quant: str | None = None,
 ) -> tuple[Ceilings, list[Row]]:
     """Check the request (raising :class:`BenchError`), then run it."""
-    req = resolve_request(preset, ms, device, dtype, backends)
+    req = resolve_request(preset, ms, device, dtype, backends, quant)
     check_memory(req)
     return run_request(req, progress)
+
+
+@dataclass(frozen=True, eq=False)
+class _Case:
+    """One kind of call to time at one M: its tensors, problem, reference output, floor and scheme; ``extra``
+    is copied onto its rows."""
+
+    args: ExpertsArgs
+    problem: ExpertsProblem
+    ref: torch.Tensor
+    floor: float
+    quant: str = "none"
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class _Quantized:
+    """The run's quantized copy of the weights, made once: the scheme, both weights, static scales."""
+
+    name: str
+    config: QuantConfig
+    w13: QuantizedWeight
+    w2: QuantizedWeight
+    a13_scale: torch.Tensor | None = None
+    a2_scale: torch.Tensor | None = None
+
+    @property
+    def bytes_per_expert(self) -> int:
+        return (self.w13.nbytes() + self.w2.nbytes()) // self.w13.num_experts
+
+    def case(self, p: Preset, base: _Case, hit: int, ceil: Ceilings) -> _Case:
+        """The quantized call on ``base``'s tokens and routing, with its W8A8 reference and floor."""
+        args = dataclasses.replace(base.args, w13=self.w13, w2=self.w2, a13_scale=self.a13_scale,
+                                   a2_scale=self.a2_scale)
+        problem = dataclasses.replace(base.problem, quant=self.config)
+        ref = torch_ref_experts(args, problem, compute_dtype=torch.float32)
+        x = args.hidden_states
+        floor = floor_seconds(p, x.shape[0], hit, x.element_size(), ceil, self.bytes_per_expert,
+                              matmul_rate(ceil, self.config))
+        extra = {"quant_err": rel_error(ref, base.ref)}
+        if self.a13_scale is not None and self.a2_scale is not None:
+            extra |= {"a13_scale": self.a13_scale.item(), "a2_scale": self.a2_scale.item()}
+        return _Case(args, problem, ref, floor, self.name, extra)
 
 
 def run_request(req: BenchRequest, progress: bool = True) -> tuple[Ceilings, list[Row]]:
     p, dev, dtype = req.preset, req.device, req.dtype
     ceil = measure_ceilings(dev, dtype)
     gen = torch.Generator(device=dev).manual_seed(0)
-    bar = _Progress(len(req.ms) * (len(req.backends) + 1), progress)
+    bar = _Progress(len(req.ms) * (len(req.backends) + (0 if req.quant else 1)), progress)
     rows: list[Row] = []
     w13, w2 = random_weights(p, dtype, dev, gen)
     b13, b2 = random_biases(p, dtype, dev, gen)
+    quantized = _quantize(req.quant, p, w13, w2, b13, gen) if req.quant else None
     for m in req.ms:
         x, logits = random_tokens(p, m, dtype, dev, gen)
         weights, ids = fused_topk(logits, p.top_k)
         hit = int(torch.unique(ids).numel())
-        floor = floor_seconds(p, m, hit, x.element_size(), ceil)
         args = ExpertsArgs(x, w13, w2, weights, ids, b13, b2)
         problem = p.problem(dev, dtype, m)
-        ref = torch_ref_experts(args, problem, compute_dtype=torch.float32)
+        base = _Case(args, problem, torch_ref_experts(args, problem, compute_dtype=torch.float32),
+                     floor_seconds(p, m, hit, x.element_size(), ceil))
+        qcase = quantized.case(p, base, hit, ceil) if quantized is not None else None
         for name in req.backends:
-            bar.step(f"{p.name} M={m} {name}")
-            rows.extend(_bench_backend(name, p, m, args, problem, ref, floor, dev))
-        bar.step(f"{p.name} M={m} FusedMoE.forward")
-        rows.append(_bench_layer(p, m, args, logits, ref, floor, dev))
-        del x, ref
+            bar.step(f"{p.name} M={m} {name}{f' {req.quant}' if req.quant else ''}")
+            rows.extend(_bench_backend(name, p, m, base, dev) if qcase is None
+                        else _bench_quantized(name, p, m, base, qcase, dev))
+        if qcase is None:
+            bar.step(f"{p.name} M={m} FusedMoE.forward")
+            rows.append(_bench_layer(p, m, args, logits, base.ref, base.floor, dev))
+        del x, base, qcase
     bar.close()
     return ceil, rows
+
+
+def _quantize(name: str, p: Preset, w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor | None,
+              gen: torch.Generator) -> _Quantized:
+    """Quantize the run's weights once (expert by expert, on their device); static scales calibrated."""
+    cfg = named(name)
+    gated = ActivationSpec.parse(p.activation).gated
+    qw13 = quantize(w13, cfg.weights, parts=2 if gated else 1)
+    qw2 = quantize(w2, cfg.weights)
+    if not cfg.activations.static:
+        return _Quantized(name, cfg, qw13, qw2)
+    x, logits = random_tokens(p, CALIBRATION_M, w13.dtype, w13.device, gen)
+    a13, a2 = calibrate_static_scales(p, cfg, x, fused_topk(logits, p.top_k)[1], w13, b13)
+    return _Quantized(name, cfg, qw13, qw2, a13, a2)
+
+
+def calibrate_static_scales(p: Preset, cfg: QuantConfig, x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
+                            b13: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static per-tensor activation scales ([1] fp32 each) from a calibration batch ``x`` [M, K] routed by
+    ``ids``: a13 = amax|x| / top; a2 = amax of GEMM2's input (each expert's unquantized GEMM1 output with its
+    bias, after the activation, rounded to ``x``'s dtype; the max over the experts hit) / top, where top is
+    the format's largest value (448 for e4m3). One expert at a time, in fp32."""
+    spec = ActivationSpec.parse(p.activation)
+    amax2 = torch.zeros((), dtype=torch.float32, device=x.device)
+    for e in torch.unique(ids).tolist():
+        tok = (ids == e).any(dim=1).nonzero().squeeze(1)
+        h = x[tok].float() @ w13[e].float().t()
+        if b13 is not None:
+            h += b13[e].float()
+        a = apply_activation(h, spec).to(x.dtype)
+        amax2 = torch.maximum(amax2, a.abs().amax().float())
+    top = _top(cfg)
+    return _scale(x.abs().amax().float(), top), _scale(amax2, top)
+
+
+def _top(cfg: QuantConfig) -> float:
+    return FP8_MAX if cfg.activations is None or cfg.activations.format == "fp8" else INT8_MAX
+
+
+def _scale(amax: torch.Tensor, top: float) -> torch.Tensor:
+    return torch.where(amax > 0, amax / top, torch.ones_like(amax)).reshape(1)
 
 
 def _call_times(fn: Callable[[], object], dev: torch.device) -> list[float]:
@@ -335,44 +491,85 @@ def _graph_times(fn: Callable[[], object], dev: torch.device) -> list[float]:
 
 
 def timed_row(p: Preset, m: int, backend: str, mode: str, times: list[float], floor: float,
-              err: float | None, dev: torch.device, note: str = "") -> Row:
+              err: float | None, dev: torch.device, note: str = "", quant: str = "none") -> Row:
     """A row from per-call seconds: median, min and max; no % of floor on CPU; a wide spread noted."""
     med, lo, hi = statistics.median(times), min(times), max(times)
     pct = None if dev.type == "cpu" else 100 * floor / med
-    row = Row(p.name, m, backend, mode, med * 1e6, floor * 1e6, pct, err, note, min_us=lo * 1e6, max_us=hi * 1e6)
+    row = Row(p.name, m, backend, mode, med * 1e6, floor * 1e6, pct, err, note, min_us=lo * 1e6, max_us=hi * 1e6,
+              quant=quant)
     spread = row.spread
     if spread is not None and spread > WIDE_SPREAD:
-        row.note = "; ".join(filter(None, [row.note, f"wide spread: (max-min)/median = {spread:.0%}"]))
+        row.note = _joined(row.note, f"wide spread: (max-min)/median = {spread:.0%}")
     return row
 
 
-def _skipped(p: Preset, m: int, name: str, mode: str, floor: float, note: str, err: float | None = None) -> Row:
-    return Row(p.name, m, name, mode, None, floor * 1e6, None, err, note)
+def _joined(*notes: str) -> str:
+    return "; ".join(filter(None, notes))
 
 
-def _bench_backend(name: str, p: Preset, m: int, args: ExpertsArgs, problem: ExpertsProblem,
-                   ref: torch.Tensor, floor: float, dev: torch.device) -> list[Row]:
-    try:
-        select_backend(problem, name)
-    except BackendUnavailableError as err:
-        return [_skipped(p, m, name, "eager", floor, f"skipped: {err}")]
-    if name == "torch" and dev.type == "cuda" and m * p.top_k > REFERENCE_TIMING_MAX_PAIRS:
-        return [_skipped(p, m, name, "eager", floor, "reference: not timed at this size")]
+def _skipped(p: Preset, m: int, name: str, mode: str, floor: float, note: str, err: float | None = None,
+             quant: str = "none") -> Row:
+    return Row(p.name, m, name, mode, None, floor * 1e6, None, err, note, quant=quant)
+
+
+def _caller(p: Preset, case: _Case, name: str) -> Callable[[], torch.Tensor]:
+    a, quant = case.args, None if case.quant == "none" else case.quant
 
     def call() -> torch.Tensor:
-        return fused_experts(args.hidden_states, args.w13, args.w2, args.topk_weights, args.topk_ids,
-                             activation=p.activation, w13_bias=args.w13_bias, w2_bias=args.w2_bias, backend=name)
+        return fused_experts(a.hidden_states, a.w13, a.w2, a.topk_weights, a.topk_ids, activation=p.activation,
+                             w13_bias=a.w13_bias, w2_bias=a.w2_bias, quant=quant, a13_scale=a.a13_scale,
+                             a2_scale=a.a2_scale, backend=name)
 
-    err = rel_error(call(), ref)
-    rows = [timed_row(p, m, name, "eager", _call_times(call, dev), floor, err, dev)]
+    return call
+
+
+def _bench_backend(name: str, p: Preset, m: int, case: _Case, dev: torch.device, kernels: bool = True) -> list[Row]:
+    """The backend's eager row, its graph row (CUDA, M <= GRAPH_MAX_M) and, for triton, its kernels row."""
+    q = case.quant
+    try:
+        select_backend(case.problem, name)
+    except BackendUnavailableError as err:
+        return [_skipped(p, m, name, "eager", case.floor, f"skipped: {err}", quant=q)]
+    if name == "torch" and dev.type == "cuda" and m * p.top_k > REFERENCE_TIMING_MAX_PAIRS:
+        return [_skipped(p, m, name, "eager", case.floor, "reference: not timed at this size", quant=q)]
+    call = _caller(p, case, name)
+    err = rel_error(call(), case.ref)
+    rows = [timed_row(p, m, name, "eager", _call_times(call, dev), case.floor, err, dev, quant=q)]
     if dev.type == "cuda" and m <= GRAPH_MAX_M and name != "torch":
         try:
-            rows.append(timed_row(p, m, name, "graph", _graph_times(call, dev), floor, err, dev))
+            rows.append(timed_row(p, m, name, "graph", _graph_times(call, dev), case.floor, err, dev, quant=q))
         except Exception as exc:  # a backend that cannot be captured says so in the table
-            rows.append(_skipped(p, m, name, "graph", floor, f"not capturable: {exc}", err))
-    if name == "triton" and dev.type == "cuda" and m <= KERNELS_MAX_M:
-        rows.append(_bench_triton_kernels(p, m, args, problem, ref, floor, dev))
+            rows.append(_skipped(p, m, name, "graph", case.floor, f"not capturable: {exc}", err, quant=q))
+    if kernels and name == "triton" and dev.type == "cuda" and m <= KERNELS_MAX_M:
+        rows.append(_bench_triton_kernels(p, m, case.args, case.problem, case.ref, case.floor, dev))
     return rows
+
+
+def _bench_quantized(name: str, p: Preset, m: int, base: _Case, qcase: _Case, dev: torch.device) -> list[Row]:
+    """A backend that declares the scheme: its unquantized rows and its quantized rows of the same modes, each
+    quantized row after the unquantized row of its mode and carrying ``vs_bf16``; others: one skipped row."""
+    try:
+        select_backend(qcase.problem, name)
+    except BackendUnavailableError as err:
+        return [_with_extra(_skipped(p, m, name, "eager", qcase.floor, f"skipped: {err}", quant=qcase.quant),
+                            qcase.extra)]
+    plain = {r.mode: r for r in _bench_backend(name, p, m, base, dev, kernels=False)}
+    rows: list[Row] = []
+    for q in _bench_backend(name, p, m, qcase, dev, kernels=False):
+        _with_extra(q, qcase.extra)
+        if name == "torch":
+            q.note = _joined(f"quantization error vs unquantized {qcase.extra['quant_err']:.2e}", q.note)
+        b = plain.pop(q.mode, None)
+        if b is not None:
+            rows.append(b)
+            q.vs_bf16 = b.time_us / q.time_us if b.time_us and q.time_us else None
+        rows.append(q)
+    return rows + list(plain.values())
+
+
+def _with_extra(row: Row, extra: dict) -> Row:
+    row.extra.update(extra)
+    return row
 
 
 def _bench_triton_kernels(p: Preset, m: int, args: ExpertsArgs, problem: ExpertsProblem, ref: torch.Tensor,
@@ -414,35 +611,69 @@ def _bench_layer(p: Preset, m: int, args: ExpertsArgs, logits: torch.Tensor, ref
 # ---------------------------------------------------------------- output
 
 
-def _header(ceil: Ceilings, info: dict | None) -> list[str]:
+def _header(ceil: Ceilings, info: dict | None, rows: list[Row]) -> list[str]:
     lines = []
     if info is not None:
         s, v = info["shape"], info["versions"]
         lines.append(f"preset {info['preset']}: E={s['E']} N={s['N']} K={s['K']} top_k={s['top_k']} "
                      f"{s['activation']}{' +bias' if s['bias'] else ''}, {info['dtype']} on {info['device']}   "
                      f"torch {v['torch']}, triton {v['triton']}, moe {v['moe']}   {info['time']}")
+    low = "".join(f", {label} {value:,.0f} {unit}" for label, value, unit in
+                  (("fp8", ceil.fp8_tflops, "TFLOP/s"), ("int8", ceil.int8_tops, "TOP/s")) if value is not None)
     lines.append(f"device: {ceil.device}   ceilings (measured now): copy {ceil.copy_gbps:,.0f} GB/s, "
-                 f"matmul {ceil.matmul_tflops:.4g} TFLOP/s")
+                 f"matmul {ceil.matmul_tflops:.4g} TFLOP/s{low}")
     if ceil.device == "cpu":
         lines.append("cpu: the roofline floor is not a bound here (its ceilings come from a large copy and a "
                      "1024-square matmul; small presets run from cache), so 'floor us' and '% floor' are left out")
+    if info is not None and info.get("quant"):
+        lines += _quant_header(ceil, info, rows)
     lines.append(f"times: median of the timed calls, with min and max; a spread (max-min)/median over "
                  f"{WIDE_SPREAD:.0%} is noted")
     return lines
 
 
+def _quant_header(ceil: Ceilings, info: dict, rows: list[Row]) -> list[str]:
+    q = info["quant"]
+    w, a = q["scheme"]["weights"], q["scheme"]["activations"]
+    block = "x".join(map(str, w.get("block") or ()))
+    per = {"tensor": "tensor", "channel": "output channel", "block": f"block {block}", "token": "token",
+           "group": f"group of {a.get('group_size')}"}
+    rate = q["matmul_rate"].split("_")[0]
+    lines = [f"quantization scheme {q['name']}: weights {w['format']} per {per[w['granularity']]}, activations "
+             f"{a['format']} per {per[a['granularity']]} ({'static' if a.get('static') else 'dynamic'}); "
+             f"{q['weight_bytes_per_expert'] / 1e6:.3g} MB an expert (data + scales) against "
+             f"{q['unquantized_bytes_per_expert'] / 1e6:.3g} MB in {info['dtype']}",
+             f"rows quant={q['name']}: rel err against the torch reference on the quantized weights; floor from "
+             f"their weight bytes and the {rate} rate; 'vs bf16' = median of the {info['dtype']} row above "
+             f"(same backend, mode, tokens, routing) / median of the quantized row"]
+    if getattr(ceil, q["matmul_rate"]) is None and ceil.device != "cpu":
+        lines.append(f"no {rate} matmul rate on this device: the floor of quantized rows uses the "
+                     f"{info['dtype']} rate")
+    cal = q.get("calibration")
+    scales = next((r.extra for r in rows if "a13_scale" in r.extra), None)
+    if cal is not None:
+        values = f": a13 = {scales['a13_scale']:.4g}, a2 = {scales['a2_scale']:.4g}" if scales else ""
+        lines.append(f"static activation scales: {cal['method'].split('; values')[0]}{values}")
+    return lines
+
+
 def format_table(ceil: Ceilings, rows: list[Row], info: dict | None = None) -> str:
     cpu = ceil.device == "cpu"
-    lines = _header(ceil, info)
-    lines.append(f"{'preset':<8} {'M':>6} {'backend':<18} {'mode':<7} {'median us':>10} {'min us':>10} "
-                 f"{'max us':>10} {'floor us':>10} {'% floor':>8} {'rel err':>9}  note")
+    quant = any(r.quant != "none" for r in rows)
+    pw = max([8, *(len(r.preset) for r in rows)])
+    qw = max([5, *(len(r.quant) for r in rows)])
+    lines = _header(ceil, info, rows)
+    lines.append(f"{'preset':<{pw}} {'M':>6} {'backend':<18} " + (f"{'quant':<{qw}} " if quant else "")
+                 + f"{'mode':<7} {'median us':>10} {'min us':>10} {'max us':>10} {'floor us':>10} {'% floor':>8} "
+                 f"{'rel err':>9}" + (f" {'vs bf16':>7}" if quant else "") + "  note")
     for r in rows:
         med, lo, hi = (_num(v, 10, ".1f") for v in (r.time_us, r.min_us, r.max_us))
         floor = _num(None if cpu else r.floor_us, 10, ".1f")
         pct = f"{r.pct_floor:7.1f}%" if r.pct_floor is not None else f"{'-':>8}"
         err = _num(r.rel_err, 9, ".2e")
-        lines.append(f"{r.preset:<8} {r.m:>6} {r.backend:<18} {r.mode:<7} {med} {lo} {hi} {floor} {pct} {err}  "
-                     f"{r.note}")
+        speedup = (f" {r.vs_bf16:6.2f}x" if r.vs_bf16 is not None else f" {'-':>7}") if quant else ""
+        lines.append(f"{r.preset:<{pw}} {r.m:>6} {r.backend:<18} " + (f"{r.quant:<{qw}} " if quant else "")
+                     + f"{r.mode:<7} {med} {lo} {hi} {floor} {pct} {err}{speedup}  {r.note}")
     return "\n".join(lines)
 
 
@@ -471,7 +702,8 @@ def plot(path: str, rows: list[Row]) -> None:
     for r in rows:
         value = r.pct_floor if use_pct else r.time_us
         if value is not None:
-            series.setdefault(f"{r.preset} {r.backend} {r.mode}", []).append((r.m, value))
+            label = f"{r.preset} {r.backend} {r.mode}" + (f" {r.quant}" if r.quant != "none" else "")
+            series.setdefault(label, []).append((r.m, value))
     for label, pts in series.items():
         ax.plot([m for m, _ in pts], [v for _, v in pts], marker="o", label=label)
     ax.set_xscale("log", base=2)

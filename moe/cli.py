@@ -15,6 +15,7 @@ from . import __version__
 if TYPE_CHECKING:
     from .config import MoEConfig
     from .contract import ExpertsProblem
+    from .quant import QuantConfig
 
 __all__ = ["DTYPES", "CliError", "build_parser", "main"]
 
@@ -162,7 +163,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     try:  # everything is checked before the first allocation
         req = bench.resolve_request(args.preset, _parse_ms(args.m), args.device,
-                                    DTYPES[args.dtype] if args.dtype else None, _split_backends(args.backends))
+                                    DTYPES[args.dtype] if args.dtype else None, _split_backends(args.backends),
+                                    args.quant)
         if args.json:
             bench.check_output_path("--json", args.json)
         if args.plot:
@@ -193,11 +195,25 @@ def _split_backends(text: str | None) -> tuple[str, ...] | None:
 
 
 def _bench_epilog() -> str:
+    from .quant import NAMES
     from .workload import PRESETS
 
     lines = ["presets (w13 [E, 2N, K], w2 [E, K, N]):"]
     lines += [f"  {name:<12} {p.describe()}   M={','.join(map(str, p.default_m))}" for name, p in PRESETS.items()]
+    lines += ["", "quantization schemes (--quant):"]
+    lines += [f"  {name:<18} {_describe_scheme(cfg)}" for name, cfg in NAMES.items()]
     return "\n".join(lines)
+
+
+def _describe_scheme(cfg: QuantConfig) -> str:
+    w, a = cfg.weights, cfg.activations
+    if w is None:
+        return "unquantized"
+    wg = f"{w.block[0]}x{w.block[1]} blocks" if w.granularity == "block" and w.block else f"per {w.granularity}"
+    if a is None:
+        return f"weights {w.format} {wg}; activations unquantized"
+    ag = f"groups of {a.group_size}" if a.granularity == "group" else f"per {a.granularity}"
+    return f"weights {w.format} {wg}; activations {a.format} {ag}, {'static' if a.static else 'dynamic'} scales"
 
 
 # ---------------------------------------------------------------- moe hf-check
@@ -265,6 +281,7 @@ def _add_backends(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .quant import NAMES
     from .workload import PRESETS
 
     p = sub.add_parser("bench", help="time every usable backend against the roofline floor",
@@ -278,6 +295,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON (after the table is printed)")
     p.add_argument("--plot", metavar="PATH.png",
                    help="plot percent of floor (CPU: time) against M (needs matplotlib: pip install 'moe-layer[plot]')")
+    p.add_argument("--quant", metavar="NAME",
+                   help=f"also time this quantization scheme beside the unquantized rows: {', '.join(NAMES)} "
+                   "(default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.set_defaults(func=_cmd_bench)
 

@@ -362,6 +362,8 @@ def _check_routing(args: ExpertsArgs, num_tokens: int, num_experts: int) -> tupl
     num_global = num_experts
     if args.expert_map is not None:
         check_ndim("expert_map", args.expert_map, 1, "[num_global_experts]")
+        if args.expert_map.numel() == 0:
+            raise ValueError("expert_map: empty; it has one entry per global expert (the range of topk_ids)")
         if args.expert_map.dtype not in _INT_IDS:
             raise TypeError(f"expert_map: dtype {args.expert_map.dtype} is not allowed; use torch.int32 or int64")
         num_global = args.expert_map.shape[0]

@@ -3,13 +3,15 @@
 - :data:`PRESETS`: the benchmark shapes (``moe bench --preset``);
 - random inputs the way shared benchmarks draw them: weights made in their dtype directly, fresh
   ``torch.randn`` router logits, softmax, top-k, renormalized (never balanced or hand-made ids);
-- the roofline: copy bandwidth and matmul rate measured now, and the floor of a call;
+- the roofline: copy bandwidth and matmul rates (bf16; on CUDA also FP8 and INT8) measured now, and the
+  floor of a call, unquantized or with a quantization scheme's weight bytes and matmul rate;
 - timing: :func:`time_fn` (``triton.testing.do_bench``'s median on CUDA, which flushes L2; wall clock on
   CPU) and :func:`graph_time` (CUDA-graph replays).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -19,10 +21,12 @@ import torch
 
 from .config import ActivationSpec
 from .contract import ExpertsProblem
+from .quant import QuantConfig, scale_shape
 from .target import current_target
 
-__all__ = ["PRESETS", "Ceilings", "Preset", "floor_seconds", "graph_time", "measure_ceilings", "preset",
-           "random_biases", "random_tokens", "random_weights", "time_fn"]
+__all__ = ["PRESETS", "Ceilings", "Preset", "copy_bandwidth", "dense_matmul_rate", "expert_weight_bytes",
+           "floor_seconds", "fp8_matmul_rate", "graph_time", "int8_matmul_rate", "matmul_rate", "measure_ceilings",
+           "preset", "random_biases", "random_tokens", "random_weights", "time_fn"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ PRESETS = {
     "dsv3": Preset("dsv3", 256, 8, 7168, 2048, _M),
     # held out: the heuristic was not developed on these
     "gptoss20b": Preset("gptoss20b", 32, 4, 2880, 2880, _M, activation="swigluoai", bias=True),
+    "gptoss120b": Preset("gptoss120b", 128, 4, 2880, 2880, _M, activation="swigluoai", bias=True),
     "qwen2moe57b": Preset("qwen2moe57b", 64, 8, 3584, 2560, _M),
 }
 
@@ -102,9 +107,15 @@ def random_tokens(p: Preset, m: int, dtype: torch.dtype, device: torch.device | 
 
 @dataclass
 class Ceilings:
+    """Measured now: copy bandwidth, the matmul rate in the run's dtype and, on CUDA, the FP8 rate
+    (``torch._scaled_mm``, e4m3, per-tensor scales, bf16 output) and the INT8 rate (``torch._int_mm``);
+    those two are None on CPU and where the device has no such matmul."""
+
     copy_gbps: float
     matmul_tflops: float
     device: str
+    fp8_tflops: float | None = None
+    int8_tops: float | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -155,24 +166,93 @@ def graph_time(fn: Callable[[], object], device: torch.device, rep_ms: int = 100
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
-    """Copy bandwidth (read + write) and dense matmul rate, measured now on ``device``."""
+    """Copy bandwidth (read + write), dense matmul rate and, on CUDA, the FP8 and INT8 matmul rates,
+    measured now on ``device`` (one after another: each frees its tensors before the next)."""
+    n = 8192 if device.type == "cuda" else 1024
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    ceil = Ceilings(copy_bandwidth(device), dense_matmul_rate(device, dtype, n), name)
+    if device.type == "cuda":
+        ceil.fp8_tflops, ceil.int8_tops = fp8_matmul_rate(device, n), int8_matmul_rate(device, n)
+    return ceil
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """GB/s of read + write copying 2 GiB (CUDA) or 256 MiB (CPU)."""
     nbytes = 2 * 2**30 if device.type == "cuda" else 2**28
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_()
     dst = torch.empty_like(src)
-    t_copy = time_fn(lambda: dst.copy_(src), device)
-    n = 8192 if device.type == "cuda" else 1024
+    return 2 * nbytes / time_fn(lambda: dst.copy_(src), device) / 1e9
+
+
+def dense_matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """TFLOP/s of an n^3 matmul of random ``dtype`` data."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t_mm = time_fn(lambda: a @ b, device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return Ceilings(2 * nbytes / t_copy / 1e9, 2 * n**3 / t_mm / 1e12, name)
+    return 2 * n**3 / time_fn(lambda: a @ b, device) / 1e12
 
 
-def floor_seconds(p: Preset, m: int, experts_hit: int, elt: int, ceil: Ceilings) -> float:
+def fp8_matmul_rate(device: torch.device, n: int = 8192) -> float | None:
+    """TFLOP/s of ``torch._scaled_mm`` on n^3 e4m3 with per-tensor scales and bf16 output; None where the
+    device has no FP8 matmul."""
+    try:
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16).to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16).to(torch.float8_e4m3fn).t()  # column-major
+        one = torch.ones((), device=device, dtype=torch.float32)
+
+        def mm() -> torch.Tensor:
+            return torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+        mm()
+    except (RuntimeError, TypeError, AttributeError):  # no FP8 matmul here (e.g. before sm_89)
+        return None
+    return 2 * n**3 / time_fn(mm, device) / 1e12
+
+
+def int8_matmul_rate(device: torch.device, n: int = 8192) -> float | None:
+    """TOP/s of ``torch._int_mm`` on n^3 int8 (int32 output); None where the device has no INT8 matmul."""
+    try:
+        a = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
+        b = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
+        torch._int_mm(a, b)
+    except (RuntimeError, TypeError, AttributeError):
+        return None
+    return 2 * n**3 / time_fn(lambda: torch._int_mm(a, b), device) / 1e12
+
+
+def expert_weight_bytes(p: Preset, elt: int, quant: QuantConfig | str | None = None) -> int:
+    """Bytes of one expert's w13 and w2 as stored: ``elt`` bytes an element unquantized; with a quantized
+    scheme (a ``QuantConfig`` or a name of ``moe.quant.NAMES``), its data (1 byte an element for fp8 and
+    int8) plus its fp32 scales: what ``(qw13.nbytes() + qw2.nbytes()) / num_experts`` counts."""
+    k, n = p.hidden_size, p.intermediate_size
+    gated = ActivationSpec.parse(p.activation).gated
+    rows = 2 * n if gated else n
+    scheme = QuantConfig.parse(quant).weights
+    if scheme is None:
+        return (rows * k + k * n) * elt
+    data = elt if scheme.format == "scaled" else 1
+    scales = math.prod(scale_shape(scheme, 1, rows, k, 2 if gated else 1)) + math.prod(scale_shape(scheme, 1, k, n, 1))
+    return (rows * k + k * n) * data + 4 * scales
+
+
+def matmul_rate(ceil: Ceilings, quant: QuantConfig | str | None = None) -> float | None:
+    """The matmul rate (TFLOP/s) bounding a scheme's GEMMs: the FP8 rate for fp8 activations, the INT8
+    rate for int8 ones (None where not measured: CPU, or no such matmul); otherwise (unquantized or
+    weight-only) the rate in the run's dtype."""
+    act = QuantConfig.parse(quant).activations
+    if act is None:
+        return ceil.matmul_tflops
+    return ceil.fp8_tflops if act.format == "fp8" else ceil.int8_tops
+
+
+def floor_seconds(p: Preset, m: int, experts_hit: int, elt: int, ceil: Ceilings,
+                  weight_bytes_per_expert: int | None = None, rate: float | None = None) -> float:
     """The roofline floor of one call: max(bytes / bandwidth, flops / matmul rate), with bytes = the
-    weights of the experts hit + the input and output rows."""
+    weights of the experts hit (``weight_bytes_per_expert`` each, e.g. :func:`expert_weight_bytes` of a
+    scheme; default: unquantized at ``elt``) + the input and output rows at ``elt``, and the rate
+    ``rate`` TFLOP/s (e.g. :func:`matmul_rate`; default: ``ceil.matmul_tflops``)."""
     k, n = p.hidden_size, p.intermediate_size
     rows = 2 * n if ActivationSpec.parse(p.activation).gated else n
-    nbytes = experts_hit * (rows * k + k * n) * elt + 2 * m * k * elt
+    per_expert = weight_bytes_per_expert if weight_bytes_per_expert is not None else (rows * k + k * n) * elt
+    nbytes = experts_hit * per_expert + 2 * m * k * elt
     flops = 2 * m * p.top_k * k * rows + 2 * m * p.top_k * n * k
-    return max(nbytes / (ceil.copy_gbps * 1e9), flops / (ceil.matmul_tflops * 1e12))
+    return max(nbytes / (ceil.copy_gbps * 1e9), flops / ((rate or ceil.matmul_tflops) * 1e12))

@@ -28,6 +28,15 @@ def _unavailable() -> str | None:
     return None
 
 
+def _aligned(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as torch._grouped_mm takes it: 16-byte aligned base and strides (a copy of a weight view
+    that is not, e.g. a column slice; a contiguous weight passes as it is)."""
+    elt = w.element_size()
+    if w.data_ptr() % 16 == 0 and w.stride(-1) == 1 and all(s * elt % 16 == 0 for s in w.stride()[:-1]):
+        return w
+    return w.contiguous()
+
+
 def grouped_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> torch.Tensor:
     x = args.hidden_states
     T, K, k = problem.num_tokens, problem.hidden_size, problem.top_k
@@ -42,12 +51,13 @@ def grouped_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tenso
     if problem.apply_router_weight_on_input:
         xs = (xs.float() * topk_w.index_select(0, safe).unsqueeze(1)).to(x.dtype)
     offs = al.expert_ends  # [E] int32 cumulative row ends
-    h = torch._grouped_mm(xs, args.w13.transpose(1, 2), offs=offs)  # [P, 2N]
+    w13, w2 = _aligned(args.w13), _aligned(args.w2)
+    h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [P, 2N]
     expert_of_row = al.block_expert.clamp(min=0).long()  # row tile 1: the expert of each row
     if args.w13_bias is not None:
         h = h + args.w13_bias.index_select(0, expert_of_row)
     a = apply_activation(h.float(), problem.activation).to(x.dtype)  # [P, N]
-    ys = torch._grouped_mm(a, args.w2.transpose(1, 2), offs=offs)  # [P, K]
+    ys = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [P, K]
     if args.w2_bias is not None:
         ys = ys + args.w2_bias.index_select(0, expert_of_row)
     y = torch.empty(num_pairs + 1, K, dtype=x.dtype, device=x.device)  # row num_pairs collects dropped rows

@@ -57,7 +57,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: to
     scratch, starts, ends, total, block_expert, sorted_ids = _carve(
         dev, (2 * num_experts, num_experts, num_experts, 1, max_blocks, sorted_len))
     counts, cursor = scratch[:num_experts], scratch[num_experts:]
-    emap = expert_map if expert_map is not None else ids
+    emap = expert_map.contiguous() if expert_map is not None else ids  # indexed as a flat array
     has_map = expert_map is not None
     num_global = expert_map.shape[0] if has_map else num_experts
     if num_pairs <= ONE_PROGRAM_PAIRS and num_experts <= ONE_PROGRAM_EXPERTS:

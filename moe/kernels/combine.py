@@ -19,6 +19,7 @@ def combine(y: torch.Tensor, ids: torch.Tensor, topk_w: torch.Tensor, out: torch
     the router weights were applied to the input, so the pairs are summed unweighted. ``pdl``: launched
     to wait on the GPU for the kernel that wrote ``y`` (a chained GEMM)."""
     num_tokens, hidden = out.shape
+    expert_map = expert_map.contiguous() if expert_map is not None else None  # indexed as a flat array
     interp = interpreting()
     block = min(64 if interp else 1024, next_pow2(hidden))
     launch(

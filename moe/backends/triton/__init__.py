@@ -148,7 +148,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     num_global, num_local = problem.num_global_experts, problem.num_experts
     ids = args.topk_ids.reshape(-1).contiguous()
     topk_w = args.topk_weights.reshape(-1).contiguous()
-    emap = args.expert_map
+    emap = args.expert_map.contiguous() if args.expert_map is not None else None  # indexed as a flat array
     direct = T == 1
     pdl = chains(dev)  # every launch below waits on the GPU for the one before, which lets it start early
     if direct:
@@ -182,7 +182,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     mode1, mode2 = modes.gemm_modes(cfg, problem, direct=direct, tma1=tma1, tma2=tma2, pdl=pdl, interp=interp,
                                     ieee=ieee, static1=static1, static2=static2)
     one_dot = mode1["GATE_UP"] == _gemm.ONE_DOT
-    b13 = args.w13_bias if args.w13_bias is not None else x
+    b13 = _row_major(args.w13_bias) if args.w13_bias is not None else x
     s13 = s13 if s13 is not None else topk_w  # unread without a scale mode
     sx = sx if sx is not None else topk_w
     launch(
@@ -198,7 +198,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
                            cfg.block_m, ids, emap, num_pairs, num_global, num_local)
         qi = quantize_rows(inter, act, static=args.a2_scale, amax=amax, layout=layout, pdl=pdl)
         a2, sa2 = qi.data, qi.scale
-    b2 = args.w2_bias if args.w2_bias is not None else x
+    b2 = _row_major(args.w2_bias) if args.w2_bias is not None else x
     s2 = s2 if s2 is not None else topk_w
     if tma2:
         desc = _descriptor_type()
