@@ -14,9 +14,9 @@ from ._jit import chain, local_expert
 # modes (see quant.py): how a row's scale is found
 TOKEN, GROUP, TENSOR, STATIC, AMAX = 0, 1, 2, 3, 4
 FP8, INT8 = 0, 1
-FP8_MAX: tl.constexpr = 448.0
-INT8_MAX: tl.constexpr = 127.0
-_MAGIC: tl.constexpr = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest even in fp32
+FP8_MAX = tl.constexpr(448.0)
+INT8_MAX = tl.constexpr(127.0)
+_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 to nearest even in fp32
 
 
 @triton.jit
@@ -37,18 +37,23 @@ def round_e4m3(v):
 @triton.jit
 def quantize(v, FMT: tl.constexpr, INTERP: tl.constexpr):
     """fp32 ``v`` (already divided by its scale) stored as fp8 e4m3 or int8."""
-    if FMT == 1:
-        return _rint(tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX)).to(tl.int8)
-    v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-    if INTERP:
-        v = round_e4m3(v)
-    return v.to(tl.float8e4nv)
+    if FMT == 1:  # one return for both formats: Triton 3.6 type-checks every return of a function
+        q = _rint(tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX)).to(tl.int8)
+    else:
+        v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+        if INTERP:
+            v = round_e4m3(v)
+        q = v.to(tl.float8e4nv)
+    return q
 
 
 @triton.jit
 def _scale_of(amax, FMT: tl.constexpr):
-    top = INT8_MAX if FMT == 1 else FP8_MAX
-    return tl.where(amax > 0, amax / top, 1.0)
+    if FMT == 1:  # noqa: SIM108  (an if: Triton 3.6 does not fold a conditional expression on constexprs)
+        scale = tl.where(amax > 0, amax / INT8_MAX, 1.0)
+    else:
+        scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
+    return scale
 
 
 @triton.jit

@@ -131,7 +131,11 @@ def _load_w(ptrs, kmask, cmask, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _zeros(BLOCK_M: tl.constexpr, COLS: tl.constexpr, INT: tl.constexpr):
-    return tl.zeros([BLOCK_M, COLS], dtype=tl.int32 if INT else tl.float32)
+    if INT:  # noqa: SIM108  (an if: Triton 3.6 does not fold a conditional expression on constexprs here)
+        acc = tl.zeros([BLOCK_M, COLS], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, COLS], dtype=tl.float32)
+    return acc
 
 
 @triton.jit
@@ -226,7 +230,8 @@ def _epilogue_scale(acc, as_ptr, a_rows, expert, ws_ptr, cols, cmask, stride_wsr
                     A_SCALE: tl.constexpr, INT: tl.constexpr):
     """The scales not applied inside the K loop: the input's (per tensor, per expert, per row) and the
     weights' (per tensor part, per output row), on a [BLOCK_M, cols] accumulator."""
-    acc = acc.to(tl.float32) if INT else acc
+    if INT:
+        acc = acc.to(tl.float32)
     if A_SCALE == 1:
         acc = acc * tl.load(as_ptr)
     elif A_SCALE == 4:

@@ -1,0 +1,120 @@
+"""Quantized experts on the GPU: every name on the Triton backend over the token-count list, NaN-poisoned,
+against the torch reference's emulation of the scheme (tight) and the unquantized float64 result (the
+quantization noise); CUDA-graph replay with new routing; and no bf16 copy of the weights during a call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe
+from moe.backends.torch_ref import torch_ref_experts
+from moe.contract import ExpertsArgs, ExpertsProblem
+from moe.quant import NAMES, named, quantize
+from moe.testing import QUANT_NOISE, TOKEN_COUNTS, assert_close, calibrate_static_scales, rel_error
+
+pytestmark = pytest.mark.gpu
+E, K, N, TOPK = 16, 512, 384, 4  # N = 3 blocks of 128: the block scales of several row tiles
+
+
+def _setup(T: int, name: str, emap: bool = False, per_expert: bool = False, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    local = E // 2 if emap else E
+    x = torch.randn(T, K, device="cuda", generator=g).to(torch.bfloat16)
+    w13 = (torch.randn(local, 2 * N, K, device="cuda", generator=g) / K**0.5).to(torch.bfloat16)
+    w2 = (torch.randn(local, K, N, device="cuda", generator=g) / N**0.5).to(torch.bfloat16)
+    weights, ids = moe.fused_topk(torch.randn(T, E, device="cuda", generator=g), TOPK)
+    expert_map = None
+    if emap:
+        expert_map = torch.full((E,), -1, dtype=torch.int32, device="cuda")
+        expert_map[::2] = torch.arange(local, dtype=torch.int32, device="cuda")
+    cfg = named(name)
+    kw = {}
+    if cfg.activations.static:
+        plain = {"hidden_states": x, "w13": w13, "topk_ids": ids, "expert_map": expert_map, "activation": "silu",
+                 "w13_bias": None}
+        kw["a13_scale"], kw["a2_scale"] = calibrate_static_scales(plain, per_expert)
+    q13, q2 = quantize(w13, cfg.weights, parts=2), quantize(w2, cfg.weights)
+    return dict(x=x, w13=w13, w2=w2, q13=q13, q2=q2, weights=weights, ids=ids, expert_map=expert_map, kw=kw)
+
+
+def _call(s, name, backend, out=None, weights=None, ids=None):
+    return moe.fused_experts(s["x"], s["q13"], s["q2"], s["weights"] if weights is None else weights,
+                             s["ids"] if ids is None else ids, expert_map=s["expert_map"], quant=name,
+                             backend=backend, out=out, **s["kw"])
+
+
+def _plain_reference(s) -> torch.Tensor:
+    args = ExpertsArgs(s["x"], s["w13"], s["w2"], s["weights"], s["ids"], expert_map=s["expert_map"])
+    prob = ExpertsProblem("cuda", torch.bfloat16, s["x"].shape[0], s["w13"].shape[0], E, K, N, TOPK,
+                          has_expert_map=s["expert_map"] is not None)
+    return torch_ref_experts(args, prob, compute_dtype=torch.float64)
+
+
+CASES = [(name, T, emap) for name in NAMES for T in TOKEN_COUNTS for emap in (False, True) if not emap or T in (3, 512)]
+
+
+@pytest.mark.parametrize(("name", "T", "emap"), CASES, ids=[f"{n}-T{t}{'-map' if m else ''}" for n, t, m in CASES])
+def test_gpu_quantized_parity(name, T, emap):
+    s = _setup(T, name, emap)
+    out = torch.full_like(s["x"], float("nan"))
+    assert _call(s, name, "triton", out=out) is out
+    assert moe.last_decision().chosen == "triton"
+    ref = _call(s, name, "torch")
+    assert_close(out, ref, scheme=name, what=f"triton {name} T={T} vs the emulation")
+    err = rel_error(out, _plain_reference(s))
+    assert err <= QUANT_NOISE[name], f"{name} T={T}: {err:.3e} from the unquantized result"
+
+
+@pytest.mark.parametrize("name", ["fp8_tensor_static"])
+def test_gpu_per_expert_static_scales(name):
+    for T in (1, 64, 2048):
+        s = _setup(T, name, per_expert=True)
+        out = torch.full_like(s["x"], float("nan"))
+        _call(s, name, "triton", out=out)
+        assert_close(out, _call(s, name, "torch"), scheme=name, what=f"per-expert static scales T={T}")
+
+
+@pytest.mark.parametrize("name", ["fp8_channel", "fp8_block", "fp8_tensor"])
+def test_gpu_quantized_cuda_graph(name):
+    T = 64
+    s = _setup(T, name)
+    w, ids = s["weights"].clone(), s["ids"].clone()
+    out = torch.empty_like(s["x"])
+    _call(s, name, "triton", out=out, weights=w, ids=ids)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _call(s, name, "triton", out=out, weights=w, ids=ids)
+    for seed in (1, 2):
+        nw, nids = moe.fused_topk(torch.randn(T, E, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)),
+                                  TOPK)
+        w.copy_(nw)
+        ids.copy_(nids)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, _call(s, name, "torch", weights=nw, ids=nids), scheme=name, what=f"{name} graph replay")
+
+
+@pytest.mark.parametrize("name", ["fp8_block", "int8_channel"])
+def test_gpu_no_bf16_copy_of_the_weights(name):
+    """The call's peak extra memory stays far below a bf16 copy of the weights (the quantized weights are
+    never dequantized to a full copy)."""
+    e, k, n = 64, 2048, 1024
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cfg = named(name)
+    q13 = quantize((torch.randn(e, 2 * n, k, device="cuda", generator=g) / k**0.5).to(torch.bfloat16), cfg.weights,
+                   parts=2)
+    q2 = quantize((torch.randn(e, k, n, device="cuda", generator=g) / n**0.5).to(torch.bfloat16), cfg.weights)
+    x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+    w, ids = moe.fused_topk(torch.randn(16, e, device="cuda"), 8)
+    moe.fused_experts(x, q13, q2, w, ids, quant=name, backend="triton")  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    moe.fused_experts(x, q13, q2, w, ids, quant=name, backend="triton")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    bf16_copy = e * 3 * n * k * 2
+    assert extra < 0.05 * bf16_copy, f"{name}: {extra / 2**20:.1f} MiB extra during a call (a bf16 copy: " \
+                                     f"{bf16_copy / 2**20:.0f} MiB)"
