@@ -10,15 +10,44 @@ from torch import nn
 
 from .activations import apply_activation
 from .config import ActivationSpec, MoEConfig, RoutingConfig
+from .contract import Weight
 from .functional import PreparedCache, fused_experts
-from .quant import QuantConfig
+from .quant import NAMES, QuantConfig, QuantizedWeight, quantize, scale_shape
 from .registry import get_backend
 from .routing import RoutingFunction, route
-from .validation import FLOAT_DTYPES, check_expert_map_values
+from .validation import FLOAT_DTYPES, check_expert_map_values, value_checks_enabled
 
 __all__ = ["FusedMoE", "GatedMLP"]
 
-ShardId = Literal["w1", "w3", "w2", "w1_bias", "w3_bias", "w2_bias"]
+ShardId = Literal[
+    "w1", "w3", "w2", "w1_bias", "w3_bias", "w2_bias", "w1_weight_scale", "w3_weight_scale", "w2_weight_scale",
+    "w1_input_scale", "w3_input_scale", "w2_input_scale",
+]
+
+# shard id -> (parameter, part): w1 is the gate half (part 0) of a w13 parameter, w3 the up half (part 1),
+# w2 the whole expert slice (None); w1's and w3's input scales both feed w13_input_scale
+_SHARDS: dict[str, tuple[str, int | None]] = {
+    f"{w}{suffix}": (f"{'w2' if w == 'w2' else 'w13'}{suffix or '_weight'}", {"w1": 0, "w3": 1}.get(w))
+    for suffix in ("", "_bias", "_weight_scale", "_input_scale") for w in ("w1", "w3", "w2")
+}
+# load_fused_weights keyword -> parameter
+_FUSED = {"w13": "w13_weight", "w2": "w2_weight", "w13_bias": "w13_bias", "w2_bias": "w2_bias",
+          "w13_scale": "w13_weight_scale", "w2_scale": "w2_weight_scale", "w13_input_scale": "w13_input_scale",
+          "w2_input_scale": "w2_input_scale"}
+_DATA_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}  # other formats store the activation dtype
+_FLOAT_NAMES = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _is_static(cfg: QuantConfig) -> bool:
+    return cfg.activations is not None and cfg.activations.static
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
 
 
 class GatedMLP(nn.Module):
@@ -49,6 +78,14 @@ class FusedMoE(nn.Module):
     routing, and optional ``shared_experts`` added to the routed output (scaled by
     ``sigmoid(shared_expert_gate(x))`` when a shared-expert gate is given, as Qwen2-MoE does).
 
+    ``quant`` (a :class:`~moe.quant.QuantConfig` or a name of ``moe.quant.NAMES``) stores the routed
+    experts quantized, in the canonical layout of ``moe.quant.schemes``: ``w13_weight``/``w2_weight`` hold
+    the data (float8_e4m3fn or int8), ``w13_weight_scale``/``w2_weight_scale`` their fp32 scales
+    (``moe.quant.scale_shape``; w13's gate and up halves have their own), and static activation schemes
+    add ``w13_input_scale``/``w2_input_scale`` (fp32 [E_local], one per expert). ``params_dtype`` stays
+    the activation dtype (of the inputs, biases, gates and shared experts). ``moe.quant.quantize_``
+    converts a float layer in place instead.
+
     ``expert_map`` ([E] int, the local id of each global expert or -1) is the seam for expert
     parallelism: the layer then holds only the local experts, and loaders skip the others.
     """
@@ -65,7 +102,7 @@ class FusedMoE(nn.Module):
         bias: bool = False,
         params_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-        quant: QuantConfig | None = None,
+        quant: QuantConfig | str | None = None,
         backend: str = "auto",
         gate: bool = True,
         gate_bias: bool = False,
@@ -80,7 +117,7 @@ class FusedMoE(nn.Module):
             num_experts=num_experts, top_k=top_k, hidden_size=hidden_size,
             intermediate_size=intermediate_size, routing=routing or RoutingConfig(),
             activation=ActivationSpec.parse(activation), bias=bias,
-            apply_router_weight_on_input=apply_router_weight_on_input, quant=quant or QuantConfig(),
+            apply_router_weight_on_input=apply_router_weight_on_input, quant=QuantConfig.parse(quant),
         )
         if self.config.routing.method == "custom" and custom_routing_function is None:
             raise ValueError("routing method 'custom' needs custom_routing_function")
@@ -92,16 +129,12 @@ class FusedMoE(nn.Module):
         self.custom_routing_function = custom_routing_function
         dtype = params_dtype or torch.get_default_dtype()
         if dtype not in FLOAT_DTYPES:
-            allowed = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
-            raise TypeError(f"params_dtype: {dtype} is not allowed; use {allowed} (quantized weights: quant=...)")
+            raise TypeError(f"params_dtype: {dtype} is not allowed; use {_FLOAT_NAMES} (quantized weights: quant=...)")
+        self.params_dtype = dtype  # the activation dtype (a quantized layer's weights are stored otherwise)
         factory = {"dtype": dtype, "device": device}
         self._init_expert_map(expert_map, device)
-        local, n, k = self.num_local_experts, intermediate_size, hidden_size
-        rows = 2 * n if self.config.activation.gated else n
-        self.w13_weight = nn.Parameter(torch.empty(local, rows, k, **factory), requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(local, k, n, **factory), requires_grad=False)
-        self.w13_bias = nn.Parameter(torch.zeros(local, rows, **factory), requires_grad=False) if bias else None
-        self.w2_bias = nn.Parameter(torch.zeros(local, k, **factory), requires_grad=False) if bias else None
+        self._init_experts(device)
+        k = hidden_size
         self.gate = nn.Linear(k, num_experts, bias=gate_bias, **factory) if gate else None
         self.e_score_correction_bias = (
             nn.Parameter(torch.zeros(num_experts, dtype=torch.float32, device=device), requires_grad=False)
@@ -118,7 +151,9 @@ class FusedMoE(nn.Module):
         self._prepared = PreparedCache()  # a backend's own arrangement of the weights, made once (Backend.prepare)
         # the scheme as a string: what crosses torch.compile (None: unquantized)
         self._quant_key = self.config.quant.key() if self.config.quant.is_quantized else None
+        self._qweights: tuple[QuantizedWeight, QuantizedWeight] | None = None  # over the parameters, see experts()
         self.reset_parameters()
+        self._expert_weights()  # made here, outside any torch.compile trace (QuantizedWeight validates eagerly)
 
     def _init_expert_map(self, expert_map: torch.Tensor | None, device: torch.device | str | None) -> None:
         num_experts = self.config.num_experts
@@ -138,12 +173,52 @@ class FusedMoE(nn.Module):
         self.num_local_experts = num_local
         self.register_buffer("expert_map", expert_map.to(torch.int32).to(device), persistent=False)
 
+    def _init_experts(self, device: torch.device | str | None) -> None:
+        """The routed experts' parameters: data, biases, and the scheme's scales (None when it has none)."""
+        c, local, parts, scheme = self.config, self.num_local_experts, self._parts, self.config.quant.weights
+        n, k, rows = c.intermediate_size, c.hidden_size, self._parts * c.intermediate_size
+        store = _DATA_DTYPES.get(scheme.format, self.params_dtype) if scheme else self.params_dtype
+        self.w13_weight = _frozen(torch.empty(local, rows, k, dtype=store, device=device))
+        self.w2_weight = _frozen(torch.empty(local, k, n, dtype=store, device=device))
+        factory = {"dtype": self.params_dtype, "device": device}
+        self.w13_bias = _frozen(torch.zeros(local, rows, **factory)) if c.bias else None
+        self.w2_bias = _frozen(torch.zeros(local, k, **factory)) if c.bias else None
+        static = _is_static(c.quant)
+        scales = {"w13_weight_scale": scale_shape(scheme, local, rows, k, parts) if scheme else None,
+                  "w2_weight_scale": scale_shape(scheme, local, k, n, 1) if scheme else None,
+                  "w13_input_scale": (local,) if static else None, "w2_input_scale": (local,) if static else None}
+        for name, shape in scales.items():
+            ones = None if shape is None else _frozen(torch.ones(shape, dtype=torch.float32, device=device))
+            self.register_parameter(name, ones)
+        # w1's and w3's input scales as loaded (NaN: not yet), merged into w13_input_scale by weight_loader
+        parts_seen = torch.full((local, 2), math.nan, device=device) if static else None
+        self.register_buffer("_w13_input_parts", parts_seen, persistent=False)
+
+    @property
+    def _parts(self) -> int:
+        """2 for a gated w13 (gate and up halves), 1 otherwise."""
+        return 2 if self.config.activation.gated else 1
+
+    @property
+    def _activation_dtype(self) -> torch.dtype:
+        """The dtype ``hidden_states`` must have: the weights' when unquantized (``layer.to(dtype)`` moves it)."""
+        return self.params_dtype if self._quant_key is not None else self.w13_weight.dtype
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        bound13 = 1.0 / math.sqrt(self.config.hidden_size)
-        bound2 = 1.0 / math.sqrt(self.config.intermediate_size)
-        self.w13_weight.uniform_(-bound13, bound13)
-        self.w2_weight.uniform_(-bound2, bound2)
+        """Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) expert weights; a quantized layer quantizes them one expert
+        at a time (scales from the data; input scales stay 1)."""
+        c = self.config
+        for name, fan_in, parts in (("w13", c.hidden_size, self._parts), ("w2", c.intermediate_size, 1)):
+            weight, bound = getattr(self, f"{name}_weight"), 1.0 / math.sqrt(fan_in)
+            if self._quant_key is None:
+                weight.uniform_(-bound, bound)
+                continue
+            scale = getattr(self, f"{name}_weight_scale")
+            for e in range(weight.shape[0]):
+                w = torch.empty(1, *weight.shape[1:], dtype=self.params_dtype, device=weight.device)
+                q = quantize(w.uniform_(-bound, bound), c.quant.weights, parts=parts)
+                weight[e], scale[e] = q.data[0], q.scale[0]
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,10 +231,12 @@ class FusedMoE(nn.Module):
                 f"got {tuple(shape)}"
             )
         x = hidden_states.reshape(-1, shape[-1])
-        if x.dtype != self.w13_weight.dtype and not self.config.quant.is_quantized:
-            raise TypeError(f"hidden_states: dtype {x.dtype} differs from the layer's parameters "
-                            f"({self.w13_weight.dtype}); cast the input (x.to({self.w13_weight.dtype})) or the layer "
-                            f"(layer.to({x.dtype}))")
+        want = self._activation_dtype
+        if x.dtype != want:
+            fix = f"cast the input (x.to({want}))"
+            if self._quant_key is None:
+                fix += f" or the layer (layer.to({x.dtype}))"
+            raise TypeError(f"hidden_states: dtype {x.dtype} differs from the layer's parameters ({want}); {fix}")
         weights, ids = self.select_experts(x, router_logits)
         y = self.experts(x, weights, ids)
         if self.shared_experts is not None:
@@ -193,18 +270,36 @@ class FusedMoE(nn.Module):
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The routed experts alone: [T, K] from routing weights and global ids."""
+        w13, w2 = self._expert_weights()
         return fused_experts(
-            x, self.w13_weight, self.w2_weight, weights, ids, activation=self.config.activation,
+            x, w13, w2, weights, ids, activation=self.config.activation,
             w13_bias=self.w13_bias, w2_bias=self.w2_bias,
             apply_router_weight_on_input=self.config.apply_router_weight_on_input,
-            expert_map=self.expert_map, quant=self._quant_key, backend=self.backend, prepared=self._prepared,
+            expert_map=self.expert_map, quant=self._quant_key, a13_scale=self.w13_input_scale,
+            a2_scale=self.w2_input_scale, backend=self.backend, prepared=self._prepared,
         )
+
+    def _expert_weights(self) -> tuple[Weight, Weight]:
+        """w13 and w2 as ``fused_experts`` takes them: the parameters, or QuantizedWeights over them, made
+        again only when a parameter object is replaced (in-place loads and ``layer.to(device)`` keep them;
+        after replacing one, call ``prepare()`` before ``torch.compile(fullgraph=True)``, which cannot make
+        them while tracing)."""
+        if self._quant_key is None:
+            return self.w13_weight, self.w2_weight
+        q = self._qweights
+        if (q is None or q[0].data is not self.w13_weight or q[0].scale is not self.w13_weight_scale
+                or q[1].data is not self.w2_weight or q[1].scale is not self.w2_weight_scale):
+            scheme = self.config.quant.weights
+            q = (QuantizedWeight(self.w13_weight, self.w13_weight_scale, scheme, parts=self._parts),
+                 QuantizedWeight(self.w2_weight, self.w2_weight_scale, scheme))
+            self._qweights = q
+        return q
 
     @torch.no_grad()
     def prepare(self) -> None:
         """Make the chosen backend's own arrangement of the weights now (``Backend.prepare``; most backends
         need none), e.g. before ``torch.compile``, which cannot make it while tracing."""
-        x = self.w13_weight.new_empty(0, self.config.hidden_size)
+        x = torch.empty(0, self.config.hidden_size, dtype=self._activation_dtype, device=self.w13_weight.device)
         k = self.config.top_k
         self.experts(x, x.new_empty(0, k, dtype=torch.float32), x.new_empty(0, k, dtype=torch.int32))
 
@@ -212,6 +307,39 @@ class FusedMoE(nn.Module):
         """Free the backend's own arrangement of the weights (``Backend.prepare``); the next forward on
         such a backend makes it again."""
         self._prepared.release()
+
+    # ------------------------------------------------------------------------------ quantization
+    @torch.no_grad()
+    def quantize_experts_(self, config: QuantConfig | str) -> None:
+        """Quantize the routed experts in place with ``config`` (``moe.quant.quantize_`` calls this):
+        ``w13_weight`` (gate and up halves with their own scales) and ``w2_weight`` become new data and
+        ``*_weight_scale`` parameters (``moe.quant.quantize``) and the float weights are freed; biases
+        stay in the activation dtype. Static activation schemes are refused: their input scales come from
+        calibration or a checkpoint, never from the weights."""
+        cfg = QuantConfig.parse(config)
+        if self._quant_key is not None:
+            raise ValueError(f"quantize_: this FusedMoE is already quantized ({self._quant_key}); quantize a layer "
+                             "with float weights, once")
+        if not cfg.is_quantized:
+            raise ValueError(f"quantize_: {cfg.key()} is not quantized; give a name of {', '.join(NAMES)}")
+        if _is_static(cfg):
+            dynamic = cfg.model_copy(update={"activations": cfg.activations.model_copy(update={"static": False})})
+            raise ValueError(
+                f"quantize_: {cfg.key()} quantizes activations with static input scales, which come from "
+                f"calibration or a checkpoint, not from the weights; build FusedMoE(quant={cfg.key()!r}) and "
+                "load them with weight_loader (w1_input_scale, w3_input_scale, w2_input_scale) or "
+                f"load_fused_weights, or use the dynamic scheme {dynamic.key()!r}"
+            )
+        self._prepared.release()
+        self._qweights = None
+        self.params_dtype = self.w13_weight.dtype  # the activation dtype from now on
+        for name, parts in (("w13", self._parts), ("w2", 1)):
+            q = quantize(getattr(self, f"{name}_weight"), cfg.weights, parts=parts)
+            setattr(self, f"{name}_weight", _frozen(q.data))  # the float weight goes here
+            setattr(self, f"{name}_weight_scale", _frozen(q.scale))
+        self.config = self.config.model_copy(update={"quant": cfg})
+        self._quant_key = cfg.key()
+        self._expert_weights()
 
     # ---------------------------------------------------------------------------- weight loading
     def local_expert_id(self, expert_id: int) -> int:
@@ -230,36 +358,96 @@ class FusedMoE(nn.Module):
 
     @torch.no_grad()
     def weight_loader(self, loaded_weight: torch.Tensor, expert_id: int, shard_id: ShardId) -> bool:
-        """Load one per-expert checkpoint tensor: ``w1`` (gate, [N, K]) and ``w3`` (up, [N, K]) into the
-        two halves of w13 (``w1`` fills all of it for non-gated activations), ``w2`` ([K, N]), and
-        their ``*_bias`` ([N] or [K]). Returns False (and loads nothing) for experts held elsewhere."""
+        """Load one per-expert checkpoint tensor. Returns False (and loads nothing) for experts held elsewhere.
+
+        - ``w1`` (gate, [N, K]) and ``w3`` (up, [N, K]) fill the two halves of w13 (``w1`` all of it for
+          non-gated activations), ``w2`` ([K, N]) w2; a quantized layer takes them in its storage dtype
+          (float8_e4m3fn or int8), an unquantized one casts float tensors to ``params_dtype``;
+        - ``w1_bias``/``w3_bias`` ([N]) and ``w2_bias`` ([K]);
+        - ``w1_weight_scale``/``w3_weight_scale``/``w2_weight_scale``: the shard's part of the canonical
+          scale: per tensor a scalar (w13's column 0 or 1), per channel [N] (w13's first or next N rows) or
+          [K], per block [ceil(N/128), ceil(K/128)] (the gate's or the up's block rows) or
+          [ceil(K/128), ceil(N/128)]; size-1 dims may be left out or added (a [N, 1] scale loads);
+        - ``w1_input_scale``/``w3_input_scale``/``w2_input_scale`` (static activation schemes): scalars.
+          w13's GEMM quantizes one input for both halves, so ``w13_input_scale`` of the expert is the larger
+          of its w1 and w3 input scales loaded so far (as vLLM does; they are often equal).
+        Scales of other float dtypes are cast to float32."""
         local = self.local_expert_id(expert_id)
         if local < 0:
             return False
+        what = f"weight_loader: {shard_id} of expert {expert_id}"
         dst = self._shard_view(shard_id, local)
-        if tuple(loaded_weight.shape) != tuple(dst.shape):
-            raise ValueError(
-                f"weight_loader: {shard_id} of expert {expert_id} must have shape {tuple(dst.shape)}, "
-                f"got {tuple(loaded_weight.shape)}"
-            )
-        dst.copy_(loaded_weight)
+        param = _SHARDS[shard_id][0]
+        self._check_dtype(what, param, loaded_weight)
+        self._check_shape(what, param, tuple(loaded_weight.shape), tuple(dst.shape))
+        value = loaded_weight.reshape(dst.shape)
+        if param.endswith("_input_scale"):
+            _check_input_scale(what, value)
+        if param == "w13_input_scale":
+            value = self._merge_input_scales(value, local, _SHARDS[shard_id][1])
+        dst.copy_(value)
         return True
 
-    def _shard_view(self, shard_id: str, local: int) -> torch.Tensor:
-        n, gated = self.config.intermediate_size, self.config.activation.gated
-        is_bias = shard_id.endswith("_bias")
-        if is_bias and not self.config.bias:
-            raise ValueError(f"weight_loader: {shard_id} given but this FusedMoE was built with bias=False")
-        base = shard_id.removesuffix("_bias")
-        if base == "w2":
-            return (self.w2_bias if is_bias else self.w2_weight)[local]  # type: ignore[index]
-        if base not in ("w1", "w3"):
-            raise ValueError(f"weight_loader: shard_id must be w1, w3, w2 or *_bias, got {shard_id!r}")
-        if base == "w3" and not gated:
+    def _merge_input_scales(self, value: torch.Tensor, local: int, part: int) -> torch.Tensor:
+        """w13's input scale of expert ``local`` after w1's (part 0) or w3's (part 1) is loaded: the larger
+        loaded so far, whatever the order (a reload replaces that part's value)."""
+        seen = self._w13_input_parts[local]
+        seen[part] = value
+        return torch.fmax(seen[0], seen[1])  # fmax skips the NaN of a part not loaded yet
+
+    def _shard_param(self, shard_id: str) -> str:
+        """The parameter shard ``shard_id`` fills; raises unless this layer has it."""
+        if shard_id not in _SHARDS:
+            raise ValueError(f"weight_loader: shard_id must be {', '.join(_SHARDS)}, got {shard_id!r}")
+        param, part = _SHARDS[shard_id]
+        if getattr(self, param) is None:
+            raise ValueError(self._missing(f"weight_loader: {shard_id}", param))
+        if part == 1 and not self.config.activation.gated:
             raise ValueError(f"weight_loader: {shard_id} given but activation {self.config.activation.name!r} "
                              "is not gated (only w1 and w2)")
-        w13 = (self.w13_bias if is_bias else self.w13_weight)[local]  # type: ignore[index]
-        return w13.narrow(0, n if base == "w3" else 0, n)
+        return param
+
+    def _shard_view(self, shard_id: str, local: int) -> torch.Tensor:
+        """The part of local expert ``local``'s slice of a parameter that shard ``shard_id`` fills."""
+        param = self._shard_param(shard_id)
+        view, part = getattr(self, param)[local], _SHARDS[shard_id][1]
+        if part is None or param == "w13_input_scale":
+            return view
+        size = view.shape[0] // self._parts  # w13's rows, scale rows or block rows: the gate's, then the up's
+        return view.narrow(0, part * size, size)
+
+    def _missing(self, what: str, param: str) -> str:
+        """Why this layer has no ``param`` for ``what``."""
+        if param.endswith("_bias"):
+            return f"{what} given but this FusedMoE was built with bias=False"
+        if self._quant_key is None:
+            return f"{what} given but this FusedMoE is unquantized; build it with quant=... (one of {', '.join(NAMES)})"
+        return (f"{what} given but {self._quant_key} quantizes activations with scales computed per call (no "
+                "input scales); leave it out, or build the layer with a static scheme (fp8_tensor_static)")
+
+    def _check_dtype(self, what: str, param: str, t: torch.Tensor) -> None:
+        """A quantized layer's data must be stored as its scheme stores it; everything else is float (cast)."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+        if param.endswith("_weight") and self._quant_key is not None:
+            want = getattr(self, param).dtype
+            if t.dtype != want:
+                raise TypeError(f"{what}: dtype {t.dtype}, but {self._quant_key} stores weights as {want}; load the "
+                                "checkpoint's quantized data, or load float weights into an unquantized FusedMoE "
+                                "and convert it with moe.quant.quantize_")
+        elif t.dtype not in FLOAT_DTYPES:
+            hint = ("; quantized checkpoints need FusedMoE(quant=...)"
+                    if param.endswith("_weight") and self._quant_key is None else "")
+            raise TypeError(f"{what}: dtype {t.dtype} is not allowed; use {_FLOAT_NAMES}{hint}")
+
+    @staticmethod
+    def _check_shape(what: str, param: str, got: tuple[int, ...], want: tuple[int, ...], note: str = "") -> None:
+        """Weights and biases have exactly the shape; scales may add or leave out size-1 dims."""
+        if param.endswith("_scale"):
+            if _squeezed(got) != _squeezed(want):
+                raise ValueError(f"{what} must have shape {want}{note} (size-1 dims may be left out), got {got}")
+        elif got != want:
+            raise ValueError(f"{what} must have shape {want}{note}, got {got}")
 
     @torch.no_grad()
     def load_fused_weights(
@@ -268,36 +456,57 @@ class FusedMoE(nn.Module):
         w2: torch.Tensor | None = None,
         w13_bias: torch.Tensor | None = None,
         w2_bias: torch.Tensor | None = None,
+        *,
+        w13_scale: torch.Tensor | None = None,
+        w2_scale: torch.Tensor | None = None,
+        w13_input_scale: torch.Tensor | None = None,
+        w2_input_scale: torch.Tensor | None = None,
     ) -> None:
         """Load fused 3-D checkpoint tensors covering all ``num_experts`` global experts (transformers'
         ``gate_up_proj`` transposed to [E, 2N, K], ``down_proj`` to [E, K, N]); only the local
-        experts are copied."""
+        experts are copied. A quantized layer also takes its scales in the canonical layout
+        (``w13_scale``/``w2_scale``: ``moe.quant.scale_shape`` for all E experts) and, for static
+        activation schemes, ``w13_input_scale``/``w2_input_scale`` [E] (w13's: the larger of a checkpoint's
+        w1 and w3 input scales)."""
+        given = {"w13": w13, "w2": w2, "w13_bias": w13_bias, "w2_bias": w2_bias, "w13_scale": w13_scale,
+                 "w2_scale": w2_scale, "w13_input_scale": w13_input_scale, "w2_input_scale": w2_input_scale}
         idx = None if self.expert_map is None else self.global_expert_ids()
-        for name, src, dst in (("w13", w13, self.w13_weight), ("w2", w2, self.w2_weight),
-                               ("w13_bias", w13_bias, self.w13_bias), ("w2_bias", w2_bias, self.w2_bias)):
+        for name, src in given.items():
             if src is None:
                 continue
+            param, what = _FUSED[name], f"load_fused_weights: {name}"
+            dst = getattr(self, param)
             if dst is None:
-                raise ValueError(f"load_fused_weights: {name} given but this FusedMoE was built with bias=False")
-            want = self._fused_shape(name, dst)
-            if tuple(src.shape) != want:
-                raise ValueError(f"load_fused_weights: {name} must have shape {want}, got {tuple(src.shape)}")
-            local = self._fused_slice(name, src)  # a view: only the local rows below are read
+                raise ValueError(self._missing(what, param))
+            self._check_dtype(what, param, src)
+            want = self._fused_shape(param, dst)
+            self._check_shape(what, param, tuple(src.shape), want)
+            if param.endswith("_input_scale"):
+                _check_input_scale(what, src)
+            local = self._fused_slice(param, src.reshape(want))  # a view: only the local rows below are read
             if idx is not None:
                 local = local[idx.to(src.device)]
             dst.view(local.shape).copy_(local)
 
-    def _fused_shape(self, name: str, dst: torch.Tensor) -> tuple[int, ...]:
-        """The checkpoint shape of fused tensor ``name`` (all global experts)."""
+    def _fused_shape(self, param: str, dst: torch.Tensor) -> tuple[int, ...]:
+        """The checkpoint shape of the fused tensor of parameter ``param`` (all global experts)."""
         return (self.config.num_experts, *dst.shape[1:])
 
-    def _fused_slice(self, name: str, src: torch.Tensor) -> torch.Tensor:
+    def _fused_slice(self, param: str, src: torch.Tensor) -> torch.Tensor:
         """This layer's part of a fused checkpoint tensor, before picking the local experts (tensor
         parallelism slices here)."""
         return src
 
     def extra_repr(self) -> str:
         c = self.config
+        quant = f", quant={self._quant_key}" if self._quant_key is not None else ""
         return (f"experts={c.num_experts} (local {self.num_local_experts}), top_k={c.top_k}, "
                 f"hidden={c.hidden_size}, intermediate={c.intermediate_size}, activation={c.activation.name}, "
-                f"routing={c.routing.method}, backend={self.backend!r}")
+                f"routing={c.routing.method}{quant}, backend={self.backend!r}")
+
+
+def _check_input_scale(what: str, scale: torch.Tensor) -> None:
+    """Static input scales divide the activations: a zero, negative or non-finite one is garbage (value
+    check: CPU tensors, or validation mode)."""
+    if value_checks_enabled(scale) and not bool(((scale > 0) & torch.isfinite(scale)).all()):
+        raise ValueError(f"{what}: input scales must be finite and > 0, got {scale.flatten()[:8].tolist()}")

@@ -9,16 +9,26 @@ adds the shared experts to its own rows after the combine. Only the routed exper
 - TP: every local expert holds a 1/tp_size slice of the intermediate dim (w13 rows of both the gate
   and the up half, w2 columns, w13 bias; ``w2_bias`` only on TP rank 0), and one all-reduce over the
   TP group sums the slices.
+
+Quantized layers (``quant=...``) split their scales with the weights: per-channel w13 scales by row,
+per-block scales by block (the TP slice of the intermediate dim must be a whole number of blocks, checked
+when the layer is built), per-tensor and static input scales whole on every rank. Dynamic activation
+scales come from what each rank computes: a per-token (or per-tensor) scale of GEMM2's input covers this
+TP rank's slice of the intermediate dim, and a per-tensor one the rows of this rank's call, so such
+results differ from the single-rank layer's by quantization rounding; per-group scales (``fp8_block``)
+and static ones are the same.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..layer import FusedMoE, ShardId
+from ..quant import QuantConfig
 from .config import ParallelConfig
 from .dispatch import AllGatherDispatch, AllToAllDispatch, Dispatch
 from .placement import expert_map, expert_owners
@@ -52,6 +62,7 @@ class ParallelFusedMoE(FusedMoE):
             raise ValueError("expert_map: ParallelFusedMoE builds it from parallel (ep_size, placement); "
                              "do not pass one")
         parallel.check_layer(num_experts, intermediate_size)
+        _check_tp_blocks(QuantConfig.parse(kwargs.get("quant")), parallel.tp_size, intermediate_size)
         ranks = parallel.resolve()
         emap = None
         if ranks.ep_size > 1:
@@ -93,53 +104,88 @@ class ParallelFusedMoE(FusedMoE):
         return y
 
     # ---------------------------------------------------------------------------- weight loading
+    def _tp_dim(self, param: str) -> int | None:
+        """The dim of fused parameter ``param`` ([E, ...]) that TP splits, or None (kept whole): w13's rows
+        (each of the gate and up halves), w2's columns, and the scales that follow them (per channel: w13's
+        rows, since w2's are K; per block: both); per-tensor and input scales are the same on every rank."""
+        scheme = self.config.quant.weights
+        granularity = scheme.granularity if scheme is not None else None
+        if param in ("w13_weight", "w13_bias") or (param == "w13_weight_scale" and granularity != "tensor"):
+            return 1
+        if param == "w2_weight" or (param == "w2_weight_scale" and granularity == "block"):
+            return 2
+        return None
+
     def _tp_slice(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        n = self.config.intermediate_size
-        return t.narrow(dim, self.ranks.tp_rank * n, n)
+        """This TP rank's 1/tp_size of ``t`` (a full-size tensor) along ``dim``."""
+        size = t.shape[dim] // self.ranks.tp_size
+        return t.narrow(dim, self.ranks.tp_rank * size, size)
 
     @torch.no_grad()
     def weight_loader(self, loaded_weight: torch.Tensor, expert_id: int, shard_id: ShardId) -> bool:
         """Load one per-expert checkpoint tensor of the full (unsliced) shape: ``w1``/``w3`` [N, K],
-        ``w2`` [K, N], ``w1_bias``/``w3_bias`` [N], ``w2_bias`` [K]. Keeps this rank's TP slice;
-        returns False for experts held by another EP rank."""
+        ``w2`` [K, N], ``w1_bias``/``w3_bias`` [N], ``w2_bias`` [K], and a quantized layer's scales
+        (``FusedMoE.weight_loader`` lists them, with the full N). Keeps this rank's TP slice; returns False
+        for experts held by another EP rank."""
         if self.ranks.tp_size == 1:
             return super().weight_loader(loaded_weight, expert_id, shard_id)
-        big_n, k = self.global_intermediate_size, self.config.hidden_size
-        full = {"w1": (big_n, k), "w3": (big_n, k), "w2": (k, big_n),
-                "w1_bias": (big_n,), "w3_bias": (big_n,), "w2_bias": (k,)}
-        if shard_id in full and tuple(loaded_weight.shape) != full[shard_id]:
-            raise ValueError(
-                f"weight_loader: {shard_id} of expert {expert_id} must have shape {full[shard_id]} "
-                f"(the full checkpoint shape), got {tuple(loaded_weight.shape)}"
-            )
-        if shard_id in ("w1", "w3", "w1_bias", "w3_bias"):
-            loaded_weight = self._tp_slice(loaded_weight, 0)
-        elif shard_id == "w2":
-            loaded_weight = self._tp_slice(loaded_weight, 1)
+        param = self._shard_param(shard_id)
+        dim = self._tp_dim(param)
+        if dim is not None:  # the per-expert shard lacks the expert dim, and w1/w3 are one half of w13
+            loaded_weight = self._tp_shard(loaded_weight, expert_id, shard_id, param, dim - 1)
         elif shard_id == "w2_bias" and self.ranks.tp_rank > 0:
             loaded_weight = torch.zeros_like(loaded_weight)  # added once, by TP rank 0
         return super().weight_loader(loaded_weight, expert_id, shard_id)
 
-    def _fused_shape(self, name: str, dst: torch.Tensor) -> tuple[int, ...]:
-        """Fused checkpoint tensors have the full shape: [E, 2N, K], [E, K, N], [E, 2N], [E, K]."""
-        c, big_n = self.config, self.global_intermediate_size
-        halves = 2 if c.activation.gated else 1
-        return {"w13": (c.num_experts, halves * big_n, c.hidden_size), "w2": (c.num_experts, c.hidden_size, big_n),
-                "w13_bias": (c.num_experts, halves * big_n), "w2_bias": (c.num_experts, c.hidden_size)}[name]
+    def _tp_shard(self, loaded: torch.Tensor, expert_id: int, shard_id: str, param: str, dim: int) -> torch.Tensor:
+        """This rank's slice of a full per-expert shard along ``dim``, its full shape checked first."""
+        local = tuple(self._shard_view(shard_id, 0).shape)
+        full = (*local[:dim], local[dim] * self.ranks.tp_size, *local[dim + 1:])
+        what = f"weight_loader: {shard_id} of expert {expert_id}"
+        self._check_dtype(what, param, loaded)
+        self._check_shape(what, param, tuple(loaded.shape), full, " (the full checkpoint shape)")
+        return self._tp_slice(loaded.reshape(full), dim)
 
-    def _fused_slice(self, name: str, src: torch.Tensor) -> torch.Tensor:
+    def _fused_shape(self, param: str, dst: torch.Tensor) -> tuple[int, ...]:
+        """Fused checkpoint tensors have the full shape: [E, 2N, K], [E, K, N], [E, 2N], [E, K], and the
+        scales of those (``moe.quant.scale_shape`` with the full N)."""
+        full = [self.config.num_experts, *dst.shape[1:]]
+        dim = self._tp_dim(param)
+        if dim is not None:
+            full[dim] *= self.ranks.tp_size
+        return tuple(full)
+
+    def _fused_slice(self, param: str, src: torch.Tensor) -> torch.Tensor:
         """This rank's TP slice of a fused tensor (``load_fused_weights`` then keeps the local experts)."""
         if self.ranks.tp_size == 1:
             return src
-        if name == "w2":
-            return self._tp_slice(src, 2)
-        if name == "w2_bias":
+        if param == "w2_bias":
             return src if self.ranks.tp_rank == 0 else torch.zeros_like(src)
-        halves = src.unflatten(1, (-1, self.global_intermediate_size))  # [E, 2, N, ...] gate, up
-        return self._tp_slice(halves, 2)
+        dim = self._tp_dim(param)
+        if dim is None:
+            return src
+        if dim == 1:  # w13: [E, P, rows of one half, ...], gate then up
+            return self._tp_slice(src.unflatten(1, (self._parts, -1)), 2)
+        return self._tp_slice(src, dim)
 
     def extra_repr(self) -> str:
         r = self.ranks
         return (f"{super().extra_repr()}, ep={r.ep_rank}/{r.ep_size} ({self.parallel.placement}, "
                 f"{self.parallel.dispatch}), tp={r.tp_rank}/{r.tp_size} (intermediate {self.config.intermediate_size} "
                 f"of {self.global_intermediate_size})")
+
+
+def _check_tp_blocks(quant: QuantConfig, tp_size: int, intermediate_size: int) -> None:
+    """Per-block scales split with their weights only where a TP slice of the intermediate dim (w13's
+    rows, w2's columns) is a whole number of blocks."""
+    scheme = quant.weights
+    if tp_size == 1 or scheme is None or scheme.granularity != "block":
+        return
+    rows, cols = scheme.block  # type: ignore[misc]
+    n = intermediate_size // tp_size
+    if n % rows or n % cols:
+        raise ValueError(
+            f"tp_size={tp_size}: each TP rank holds {n} of intermediate_size={intermediate_size}, not a multiple "
+            f"of the {quant.key()} scale block {rows}x{cols}, so the per-block scales cannot be split with the "
+            f"weights; pick a tp_size whose slice is a multiple of {math.lcm(rows, cols)}, or use expert parallelism"
+        )
