@@ -295,6 +295,25 @@ class FusedMoE(nn.Module):
             self._qweights = q
         return q
 
+    _QUANTIZED_STORAGE = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_input_scale",
+                          "w2_input_scale")
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """``layer.to(...)``, ``.half()``, ``.cuda()``: a quantized layer's data and scales move to the new
+        device but keep their storage dtypes (float8/int8 data, fp32 scales); everything else follows the
+        call as usual."""
+        if self._quant_key is None:
+            return super()._apply(fn, recurse)
+        kept = {n: self._parameters.pop(n) for n in self._QUANTIZED_STORAGE if self._parameters.get(n) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            probe = fn(torch.empty(0, dtype=self.params_dtype, device=next(iter(kept.values())).device))
+            self.params_dtype = probe.dtype  # the activation dtype follows the call
+            for name, p in kept.items():
+                self._parameters[name] = p if p.device == probe.device else _frozen(p.data.to(probe.device))
+        return self
+
     @torch.no_grad()
     def prepare(self) -> None:
         """Make the chosen backend's own arrangement of the weights now (``Backend.prepare``; most backends

@@ -426,3 +426,19 @@ def test_tensor_parallel_block_scales_need_whole_blocks(monkeypatch):
     with pytest.raises(ValueError, match=r"w1_weight_scale of expert 0 must have shape \(2, 2\) \(the full checkpoint "
                                          r"shape\).*got \(1, 2\)"):
         layer.weight_loader(torch.ones(1, 2), 0, "w1_weight_scale")
+
+
+def test_casting_a_quantized_layer_keeps_its_storage_dtypes():
+    """layer.to(bf16) / .half() cast the layer's float parts but move quantized data and scales without
+    converting them (a bf16 scale would lose precision; bf16 data would no longer be fp8)."""
+    layer = moe.FusedMoE(4, 2, 32, 16, params_dtype=torch.float32, quant="fp8_channel", backend="torch")
+    data, scale = layer.w13_weight, layer.w13_weight_scale
+    x = torch.randn(3, 32)
+    before = layer(x.clone()).detach()
+    layer.to(torch.bfloat16)
+    assert layer.w13_weight is data and layer.w13_weight.dtype == torch.float8_e4m3fn
+    assert layer.w13_weight_scale is scale and scale.dtype == torch.float32
+    assert layer.gate.weight.dtype == torch.bfloat16 and layer.params_dtype == torch.bfloat16
+    assert layer(x.bfloat16()).dtype == torch.bfloat16  # the activations follow the cast
+    layer.to(torch.float32)
+    torch.testing.assert_close(layer(x).detach(), before, rtol=2e-2, atol=2e-2)  # the gate made a bf16 round trip
