@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 import moe
 from moe.testing import ParityCase as Case
 from moe.testing import experts_float64
 
-__all__ = ["Case", "make_inputs", "oracle", "run"]
+__all__ = ["Case", "make_inputs", "oracle", "refused", "run"]
 
 
 def make_inputs(case: Case, dtype: torch.dtype = torch.float32, device: str = "cpu") -> dict:
@@ -28,3 +29,17 @@ def run(inputs: dict, backend: str, **kw) -> torch.Tensor:
     args = dict(inputs)
     x, w13, w2, w, ids = (args.pop(n) for n in ("hidden_states", "w13", "w2", "topk_weights", "topk_ids"))
     return moe.fused_experts(x, w13, w2, w, ids, backend=backend, **args, **kw)
+
+
+def refused(capsys, argv: list[str]) -> str:
+    """Run ``moe ARGV``; it must exit 2 with one line on stderr and print no table; returns that line."""
+    from moe.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2, exc.value
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("moe: error: "), err
+    assert "Traceback" not in err and "ceilings (measured now)" not in captured.out
+    return err

@@ -29,26 +29,11 @@ def act64(name: str, h: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) 
 
 def experts64(x, w13, w2, weights, ids, activation="silu", w13_bias=None, w2_bias=None,
               on_input=False, expert_map=None, alpha=1.702, limit=7.0) -> torch.Tensor:
-    """Per (token, slot) loop in float64, with this file's own activation formulas."""
-    x, w13, w2, weights = x.double().cpu(), w13.double().cpu(), w2.double().cpu(), weights.double().cpu()
-    ids = ids.cpu()
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if expert_map is not None:
-                e = int(expert_map[e])
-                if e < 0:
-                    continue
-            xe = x[t] * weights[t, j] if on_input else x[t]
-            h = w13[e] @ xe
-            if w13_bias is not None:
-                h = h + w13_bias[e].double().cpu()
-            y = w2[e] @ act64(activation, h, alpha, limit)
-            if w2_bias is not None:
-                y = y + w2_bias[e].double().cpu()
-            out[t] += y if on_input else weights[t, j] * y
-    return out
+    """Per (token, slot) loop in float64 (moe.testing's) with this file's own activation formulas."""
+    from moe.testing import experts_float64
+
+    return experts_float64(x, w13, w2, weights, ids, activation, w13_bias, w2_bias, on_input, expert_map,
+                           act=lambda h: act64(activation, h, alpha, limit))
 
 
 def _softmax(row: list[float]) -> list[float]:

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from cases import refused as _refused
 
 import moe
 import moe.bench
@@ -26,18 +27,6 @@ from moe.workload import (
     matmul_rate,
     measure_ceilings,
 )
-
-
-def _refused(capsys, argv: list[str]) -> str:
-    """Run ``moe ARGV``; it must exit 2 with one line on stderr and print no table; returns that line."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2, exc.value
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("moe: error: "), err
-    assert "ceilings (measured now)" not in captured.out
-    return err
 
 
 @pytest.fixture

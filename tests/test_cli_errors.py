@@ -7,24 +7,13 @@ import sys
 
 import pytest
 import torch
+from cases import refused as _refused
 
 import moe
 import moe.bench
 from moe.cli import main
 from moe.explain import problem_from_config
 from moe.registry import BrokenPlugin, judge
-
-
-def _refused(capsys, argv: list[str]) -> str:
-    """Run ``moe ARGV``; it must exit 2 with one line on stderr and print no table; returns that line."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2, exc.value
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("moe: error: "), err
-    assert "Traceback" not in err and "ceilings (measured now)" not in captured.out
-    return err
 
 
 @pytest.fixture
