@@ -100,7 +100,10 @@ def test_wheel_ships_tuned_files(tmp_path):
     wheel = next((tmp_path / "dist").glob("*.whl"))
     with zipfile.ZipFile(wheel) as z:
         names = [n for n in z.namelist() if n.startswith("moe/configs/triton/") and n.endswith(".json")]
+        packages = {n.rsplit("/", 1)[0] for n in z.namelist() if n.endswith("/__init__.py")}
     assert names
+    source = {str(p.parent.relative_to(root)) for p in (root / "moe").rglob("__init__.py")}
+    assert source <= packages, f"packages missing from the wheel (pyproject's list): {sorted(source - packages)}"
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)
