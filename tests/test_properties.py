@@ -192,30 +192,19 @@ def magnitude64(x, w13, w2, weights, ids, activation="silu", w13_bias=None, w2_b
     the rounding errors of a correct implementation are a few unit roundoffs of it. ``experts_float64``'s
     norm-relative tolerance means nothing where those terms cancel (K = 1, bf16: an output 1e-4 from terms
     of 0.1), so ``check_close`` falls back to this scale there."""
-    x, w13, w2, weights = (t.detach().double().cpu().abs() for t in (x, w13, w2, weights))
-    b13 = w13_bias.detach().double().cpu().abs() if w13_bias is not None else None
-    b2 = w2_bias.detach().double().cpu().abs() if w2_bias is not None else None
-    ids = ids.cpu()
-    emap = expert_map.cpu() if expert_map is not None else None
     n = w2.shape[-1]
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if emap is not None:
-                e = int(emap[e])
-                if e < 0:
-                    continue
-            xe = x[t] * weights[t, j] if on_input else x[t]
-            h = w13[e] @ xe + (b13[e] if b13 is not None else 0)
-            if activation in GATED:  # act(gate) * up: both roundings, |act'| <= 1.13, swigluoai adds 1 to up
-                gate, up = h[:n], h[n:]
-                a = 3 * gate * (up + 1 if activation == "swigluoai" else up)
-            else:
-                a = 3 * h * (h if activation == "relu2" else 1)
-            y = w2[e] @ a + (b2[e] if b2 is not None else 0)
-            out[t] += y if on_input else weights[t, j] * y
-    return out
+
+    def bound(h: torch.Tensor) -> torch.Tensor:
+        if activation in GATED:  # act(gate) * up: both roundings, |act'| <= 1.13, swigluoai adds 1 to up
+            gate, up = h[:n], h[n:]
+            return 3 * gate * (up + 1 if activation == "swigluoai" else up)
+        return 3 * h * (h if activation == "relu2" else 1)
+
+    def size(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().double().cpu().abs()
+
+    return experts_float64(size(x), size(w13), size(w2), size(weights), ids, activation, size(w13_bias),
+                           size(w2_bias), on_input, expert_map, act=bound)
 
 
 def check_close(got: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor, dtype: torch.dtype, what: str) -> None:
