@@ -108,10 +108,6 @@ def fused_experts(
     return out
 
 
-_ARG_FIELDS = ("hidden_states", "w13", "w2", "topk_weights", "topk_ids", "w13_bias", "w2_bias", "expert_map",
-               "a13_scale", "a2_scale", "prepared")
-
-
 def _check_values(args: ExpertsArgs, problem: ExpertsProblem) -> None:
     """The value checks (CPU tensors, or validation mode): ids in range, finite weights, the map's values."""
     check_ids_range(args.topk_ids, problem.num_global_experts)
@@ -431,7 +427,6 @@ def _compiled_call(x, w13, w2, topk_weights, topk_ids, spec, w13_bias, w2_bias, 
         weights_scheme, parts13, parts2, on_input, backend,
     )
     return y if out is None else out.copy_(y)
-
 
 
 def _op_args(x, w13, w13_scale, w13_zero, w13_global_scale, w2, w2_scale, w2_zero, w2_global_scale, topk_weights,
