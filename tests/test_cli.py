@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -126,5 +127,10 @@ def test_tune_accepts_dtype_spellings():
 def test_hf_check_accepts_the_same_dtype_spellings():
     from moe.cli import DTYPES
     from moe.hf.check import DTYPES as HF_DTYPES
+    from moe.hf.check import add_arguments
 
     assert HF_DTYPES == DTYPES
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for spelling in DTYPES:
+        assert parser.parse_args(["mixtral", "--dtype", spelling.upper()]).dtype == spelling

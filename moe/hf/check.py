@@ -20,19 +20,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..cli import DTYPES  # the spellings every moe command accepts (cli imports this module lazily)
 from ..registry import BackendUnavailableError, get_backend, last_decision, list_backends
 from ..testing import rel_error, tolerance
 from .replace import replace_moe_blocks
 from .tiny import TINY_FAMILIES, tiny_model
 
 __all__ = ["add_arguments", "run"]
-
-# the spellings every moe command accepts (moe.cli.DTYPES; not imported from there: cli imports this module)
-DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32,
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
