@@ -378,7 +378,7 @@ def _check_biases(args: ExpertsArgs, num_experts: int, rows: int, hidden: int, d
 
 
 def _check_activation_scales(args: ExpertsArgs, quant: QuantConfig, num_experts: int) -> None:
-    static = quant.activations is not None and quant.activations.static
+    static = quant.static_activations
     for name, s in (("a13_scale", args.a13_scale), ("a2_scale", args.a2_scale)):
         if s is None:
             if static:

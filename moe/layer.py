@@ -42,10 +42,6 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-def _is_static(cfg: QuantConfig) -> bool:
-    return cfg.activations is not None and cfg.activations.static
-
-
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(d for d in shape if d != 1)
 
@@ -183,7 +179,7 @@ class FusedMoE(nn.Module):
         factory = {"dtype": self.params_dtype, "device": device}
         self.w13_bias = _frozen(torch.zeros(local, rows, **factory)) if c.bias else None
         self.w2_bias = _frozen(torch.zeros(local, k, **factory)) if c.bias else None
-        static = _is_static(c.quant)
+        static = c.quant.static_activations
         scales = {"w13_weight_scale": scale_shape(scheme, local, rows, k, parts) if scheme else None,
                   "w2_weight_scale": scale_shape(scheme, local, k, n, 1) if scheme else None,
                   "w13_input_scale": (local,) if static else None, "w2_input_scale": (local,) if static else None}
@@ -341,7 +337,7 @@ class FusedMoE(nn.Module):
                              "with float weights, once")
         if not cfg.is_quantized:
             raise ValueError(f"quantize_: {cfg.key()} is not quantized; give a name of {', '.join(NAMES)}")
-        if _is_static(cfg):
+        if cfg.static_activations:
             dynamic = cfg.model_copy(update={"activations": cfg.activations.model_copy(update={"static": False})})
             raise ValueError(
                 f"quantize_: {cfg.key()} quantizes activations with static input scales, which come from "

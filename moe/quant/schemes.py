@@ -116,6 +116,11 @@ class QuantConfig(Frozen):
     def is_quantized(self) -> bool:
         return self.weights is not None
 
+    @property
+    def static_activations(self) -> bool:
+        """Whether activations are quantized with given (static) scales: ``a13_scale``/``a2_scale``."""
+        return self.activations is not None and self.activations.static
+
     def key(self) -> str:
         """The canonical string: a name of :data:`NAMES`, ``none``, or compact JSON. It crosses the
         ``moe::fused_experts`` custom op and keys tuned files."""
