@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import __version__
+from .validation import DTYPE_NAMES
 
 if TYPE_CHECKING:
     from .config import MoEConfig
@@ -19,12 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DTYPES", "CliError", "build_parser", "main"]
 
-# every spelling the commands accept, short and long
-DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32,
-}
+DTYPES = DTYPE_NAMES  # every spelling the commands accept, short and long
 _DTYPE_METAVAR = "{bf16,fp16,fp32}"  # the long spellings work too; the short list keeps --help readable
 # the representative shape ``moe backends`` judges (Mixtral's)
 _REPRESENTATIVE = {"num_experts": 8, "top_k": 2, "hidden_size": 4096, "intermediate_size": 14336}

@@ -20,6 +20,12 @@ from .options import options, override_options, set_options
 __all__ = ["set_validation", "validation", "value_checks_enabled"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the dtype spellings every moe command accepts, short and long (``--dtype``)
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32,
+}
 
 
 def set_validation(enabled: bool) -> None:

@@ -20,9 +20,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..cli import DTYPES  # the spellings every moe command accepts (cli imports this module lazily)
 from ..registry import BackendUnavailableError, get_backend, last_decision, list_backends
 from ..testing import rel_error, tolerance
+from ..validation import DTYPE_NAMES as DTYPES  # the spellings every moe command accepts
 from .replace import replace_moe_blocks
 from .tiny import TINY_FAMILIES, tiny_model
 
