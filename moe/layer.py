@@ -13,6 +13,7 @@ from .config import ActivationSpec, MoEConfig, RoutingConfig
 from .contract import Weight
 from .functional import PreparedCache, fused_experts
 from .quant import NAMES, QuantConfig, QuantizedWeight, quantize, scale_shape
+from .quant.schemes import STORAGE_DTYPES
 from .registry import get_backend
 from .routing import RoutingFunction, route
 from .validation import FLOAT_DTYPES, check_expert_map_values, value_checks_enabled
@@ -34,7 +35,6 @@ _SHARDS: dict[str, tuple[str, int | None]] = {
 _FUSED = {"w13": "w13_weight", "w2": "w2_weight", "w13_bias": "w13_bias", "w2_bias": "w2_bias",
           "w13_scale": "w13_weight_scale", "w2_scale": "w2_weight_scale", "w13_input_scale": "w13_input_scale",
           "w2_input_scale": "w2_input_scale"}
-_DATA_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}  # other formats store the activation dtype
 _FLOAT_NAMES = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
 
 
@@ -173,7 +173,7 @@ class FusedMoE(nn.Module):
         """The routed experts' parameters: data, biases, and the scheme's scales (None when it has none)."""
         c, local, parts, scheme = self.config, self.num_local_experts, self._parts, self.config.quant.weights
         n, k, rows = c.intermediate_size, c.hidden_size, self._parts * c.intermediate_size
-        store = _DATA_DTYPES.get(scheme.format, self.params_dtype) if scheme else self.params_dtype
+        store = STORAGE_DTYPES.get(scheme.format, self.params_dtype) if scheme else self.params_dtype
         self.w13_weight = _frozen(torch.empty(local, rows, k, dtype=store, device=device))
         self.w2_weight = _frozen(torch.empty(local, k, n, dtype=store, device=device))
         factory = {"dtype": self.params_dtype, "device": device}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.activations import storage_dtype
-from ..quant.schemes import ActivationScheme
+from ..quant.schemes import ActivationScheme, scale_from_amax
 from .host import interpreting, next_pow2, pdl_option
 from .launch import launch
 
@@ -73,8 +73,7 @@ def quantize_rows(x: torch.Tensor, scheme: ActivationScheme, *, static: torch.Te
             amax = torch.zeros(1, dtype=torch.float32, device=x.device)
             _launch(q_mod, x, q, amax, amax, q_mod.AMAX, **launch_args)
         _launch(q_mod, x, q, amax, amax, q_mod.TENSOR, **launch_args)
-        top = 127.0 if scheme.format == "int8" else 448.0
-        return QuantizedRows(q, torch.where(amax > 0, amax / top, torch.ones_like(amax)))  # the kernel's scale
+        return QuantizedRows(q, scale_from_amax(amax, scheme.format))  # the kernel's scale
     if scheme.granularity == "group":
         scale = torch.empty(rows, -(-k // group), dtype=torch.float32, device=x.device)
         _launch(q_mod, x, q, scale, scale, q_mod.GROUP, **launch_args)

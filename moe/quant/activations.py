@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from .schemes import FP8_MAX, INT8_MAX, ActivationScheme
+from .schemes import FORMAT_MAX, STORAGE_DTYPES, ActivationScheme, scale_from_amax
 
 __all__ = ["activation_scale", "dequantize_activations", "quantize_activations", "storage_dtype"]
 
 
 def storage_dtype(scheme: ActivationScheme) -> torch.dtype:
-    return torch.float8_e4m3fn if scheme.format == "fp8" else torch.int8
-
-
-def _top(scheme: ActivationScheme) -> float:
-    return FP8_MAX if scheme.format == "fp8" else INT8_MAX
+    return STORAGE_DTYPES[scheme.format]
 
 
 def activation_scale(x: torch.Tensor, scheme: ActivationScheme) -> torch.Tensor:
@@ -39,7 +35,7 @@ def activation_scale(x: torch.Tensor, scheme: ActivationScheme) -> torch.Tensor:
         amax = padded.view(rows, groups, g).amax(dim=-1)
     else:
         amax = a.amax().reshape(1) if a.numel() else a.new_zeros(1)
-    return torch.where(amax > 0, amax / _top(scheme), torch.ones_like(amax))
+    return scale_from_amax(amax, scheme.format)
 
 
 def _expand(scale: torch.Tensor, rows: int, k: int, scheme: ActivationScheme) -> torch.Tensor:
@@ -57,7 +53,7 @@ def quantize_activations(x: torch.Tensor, scheme: ActivationScheme,
     s = activation_scale(x, scheme) if scale is None else scale.to(torch.float32)
     rows, k = x.shape
     v = x.to(torch.float32) / _expand(s, rows, k, scheme)
-    top = _top(scheme)
+    top = FORMAT_MAX[scheme.format]
     if scheme.format == "int8":
         v = v.round()
     return v.clamp(-top, top).to(storage_dtype(scheme)), s

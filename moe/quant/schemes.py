@@ -25,11 +25,13 @@ import functools
 import json
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, Field, model_validator
 
 from ..frozen import Frozen
 
-__all__ = ["NAMES", "SCALED", "ActivationScheme", "QuantConfig", "WeightScheme", "named", "scheme_key"]
+__all__ = ["FORMAT_MAX", "NAMES", "SCALED", "STORAGE_DTYPES", "ActivationScheme", "QuantConfig", "WeightScheme",
+           "named", "scale_from_amax", "scheme_key"]
 
 WeightFormat = Literal["scaled", "fp8", "int8"]
 Granularity = Literal["tensor", "channel", "block", "group"]
@@ -44,6 +46,14 @@ _WEIGHT_GRANULARITIES: dict[str, tuple[str, ...]] = {
 }
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT8_MAX = 127.0
+# the largest stored value of each format, and its storage dtype (``scaled`` keeps the float dtype)
+FORMAT_MAX = {"scaled": 1.0, "fp8": FP8_MAX, "int8": INT8_MAX}
+STORAGE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def scale_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The scale that maps ``amax`` to the format's largest value; 1 where ``amax`` is 0 (all-zero data)."""
+    return torch.where(amax > 0, amax / FORMAT_MAX[fmt], torch.ones_like(amax))
 
 
 class WeightScheme(Frozen):

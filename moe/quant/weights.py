@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .schemes import FP8_MAX, INT8_MAX, WeightScheme
+from .schemes import FP8_MAX, INT8_MAX, STORAGE_DTYPES, WeightScheme, scale_from_amax
 
 __all__ = ["QuantizedWeight", "check_quantized_weight", "dequantize", "quantize", "scale_shape"]
 
@@ -19,7 +19,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _data_dtypes(scheme: WeightScheme) -> tuple[torch.dtype, ...]:
-    return {"scaled": _FLOATS, "fp8": (torch.float8_e4m3fn,), "int8": (torch.int8,)}[scheme.format]
+    return (STORAGE_DTYPES[scheme.format],) if scheme.format in STORAGE_DTYPES else _FLOATS
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -134,25 +134,21 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32, expert: 
     return out[0] if expert is not None else torch.stack(out)
 
 
-def _amax_scale(amax: torch.Tensor, top: float) -> torch.Tensor:
-    return torch.where(amax > 0, amax / top, torch.ones_like(amax))
-
-
-def _scale_of(w: torch.Tensor, scheme: WeightScheme, parts: int, top: float) -> torch.Tensor:
+def _scale_of(w: torch.Tensor, scheme: WeightScheme, parts: int) -> torch.Tensor:
     """One expert's fp32 scale from its fp32 weight [rows, cols]."""
     rows, cols = w.shape
     a = w.abs()
     if scheme.granularity == "tensor":
-        return _amax_scale(a.view(parts, -1).amax(dim=1), top)
+        return scale_from_amax(a.view(parts, -1).amax(dim=1), scheme.format)
     if scheme.granularity == "channel":
-        return _amax_scale(a.amax(dim=1), top)
+        return scale_from_amax(a.amax(dim=1), scheme.format)
     br, bc = scheme.block  # type: ignore[misc]
     per_part = rows // parts
     nr, nc = _cdiv(per_part, br), _cdiv(cols, bc)
     padded = a.new_zeros(parts, nr * br, nc * bc)
     padded[:, :per_part, :cols] = a.view(parts, per_part, cols)
     amax = padded.view(parts, nr, br, nc, bc).amax(dim=(2, 4))  # [P, nr, nc]
-    return _amax_scale(amax, top).reshape(parts * nr, nc)
+    return scale_from_amax(amax, scheme.format).reshape(parts * nr, nc)
 
 
 def quantize(weight: torch.Tensor, scheme: WeightScheme, *, parts: int = 1) -> QuantizedWeight:
@@ -168,14 +164,13 @@ def quantize(weight: torch.Tensor, scheme: WeightScheme, *, parts: int = 1) -> Q
                          f"{weight.shape[1]} rows")
     if not isinstance(scheme, WeightScheme):
         raise TypeError(f"quantize: scheme must be a WeightScheme, got {type(scheme).__name__}")
-    top = {"scaled": 1.0, "fp8": FP8_MAX, "int8": INT8_MAX}[scheme.format]
-    store = {"scaled": weight.dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[scheme.format]
+    store = STORAGE_DTYPES.get(scheme.format, weight.dtype)
     e, rows, cols = weight.shape
     data = torch.empty(e, rows, cols, dtype=store, device=weight.device)
     scale = torch.empty(scale_shape(scheme, e, rows, cols, parts), dtype=torch.float32, device=weight.device)
     for i in range(e):
         w = weight[i].to(torch.float32)
-        s = _scale_of(w, scheme, parts, top)
+        s = _scale_of(w, scheme, parts)
         q = w / _expand(s, scheme, rows, cols, parts)
         if scheme.format == "int8":
             q = q.round().clamp(-INT8_MAX, INT8_MAX)
