@@ -18,8 +18,8 @@ scheme gets quantized rows beside its unquantized rows of the same mode, tokens 
 speed-up ``vs_bf16`` (unquantized median / quantized median). Quantized rows are checked against the
 torch reference on the quantized weights (W8A8: both GEMM inputs quantized as the kernels do); their
 floor counts the quantized weight bytes (data + scales) and the FP8 or INT8 matmul rate measured now.
-``fp8_tensor_static`` takes its static scales from a calibration batch (:func:`calibrate_static_scales`).
-No kernels or layer rows under ``--quant``.
+``fp8_tensor_static`` takes its static scales from a calibration batch
+(``moe.quant.calibration.calibrate_static_scales``). No kernels or layer rows under ``--quant``.
 
 Requests are checked before anything is allocated (:func:`resolve_request`, :func:`check_memory`, and
 for the CLI :func:`check_output_path` and :func:`check_plot_available`); a bad one raises
@@ -41,14 +41,14 @@ from pathlib import Path
 
 import torch
 
-from .activations import apply_activation
 from .backends.torch_ref import torch_ref_experts
 from .config import ActivationSpec
 from .contract import ExpertsArgs, ExpertsProblem
 from .functional import fused_experts
 from .layer import FusedMoE
 from .quant import NAMES, QuantConfig, QuantizedWeight, named, quantize
-from .quant.schemes import FP8_MAX, INT8_MAX
+from .quant.calibration import calibrate_static_scales
+from .quant.schemes import FORMAT_MAX
 from .registry import BackendUnavailableError, get_backend, list_backends, select_backend
 from .routing import fused_topk
 from .testing import rel_error
@@ -69,7 +69,7 @@ from .workload import (
 )
 
 __all__ = ["CALIBRATION_M", "GRAPH_MAX_M", "KERNELS_MAX_M", "WIDE_SPREAD", "BenchError", "BenchRequest", "Row",
-           "bench_info", "calibrate_static_scales", "check_memory", "check_output_path", "check_plot_available",
+           "bench_info", "check_memory", "check_output_path", "check_plot_available",
            "estimate_bytes", "format_table", "plot", "resolve_request", "run_bench", "run_request", "write_json"]
 
 GRAPH_MAX_M = 256
@@ -308,7 +308,7 @@ def _quant_info(req: BenchRequest) -> dict | None:
                    "routing / median of the quantized row",
     }
     if cfg.activations.static:
-        top = _top(cfg)
+        top = FORMAT_MAX[cfg.activations.format]
         info["calibration"] = {
             "tokens": CALIBRATION_M,
             "method": f"per-tensor scales from {CALIBRATION_M} random tokens drawn and routed like the run's: "
@@ -434,35 +434,9 @@ def _quantize(name: str, p: Preset, w13: torch.Tensor, w2: torch.Tensor, b13: to
     if not cfg.activations.static:
         return _Quantized(name, cfg, qw13, qw2)
     x, logits = random_tokens(p, CALIBRATION_M, w13.dtype, w13.device, gen)
-    a13, a2 = calibrate_static_scales(p, cfg, x, fused_topk(logits, p.top_k)[1], w13, b13)
+    a13, a2 = calibrate_static_scales(x, w13, fused_topk(logits, p.top_k)[1], cfg.activations, p.activation,
+                                      w13_bias=b13)
     return _Quantized(name, cfg, qw13, qw2, a13, a2)
-
-
-def calibrate_static_scales(p: Preset, cfg: QuantConfig, x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
-                            b13: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Static per-tensor activation scales ([1] fp32 each) from a calibration batch ``x`` [M, K] routed by
-    ``ids``: a13 = amax|x| / top; a2 = amax of GEMM2's input (each expert's unquantized GEMM1 output with its
-    bias, after the activation, rounded to ``x``'s dtype; the max over the experts hit) / top, where top is
-    the format's largest value (448 for e4m3). One expert at a time, in fp32."""
-    spec = ActivationSpec.parse(p.activation)
-    amax2 = torch.zeros((), dtype=torch.float32, device=x.device)
-    for e in torch.unique(ids).tolist():
-        tok = (ids == e).any(dim=1).nonzero().squeeze(1)
-        h = x[tok].float() @ w13[e].float().t()
-        if b13 is not None:
-            h += b13[e].float()
-        a = apply_activation(h, spec).to(x.dtype)
-        amax2 = torch.maximum(amax2, a.abs().amax().float())
-    top = _top(cfg)
-    return _scale(x.abs().amax().float(), top), _scale(amax2, top)
-
-
-def _top(cfg: QuantConfig) -> float:
-    return FP8_MAX if cfg.activations is None or cfg.activations.format == "fp8" else INT8_MAX
-
-
-def _scale(amax: torch.Tensor, top: float) -> torch.Tensor:
-    return torch.where(amax > 0, amax / top, torch.ones_like(amax)).reshape(1)
 
 
 def _call_times(fn: Callable[[], object], dev: torch.device) -> list[float]:

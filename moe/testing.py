@@ -45,12 +45,21 @@ from .config import ActivationSpec, MoEConfig
 from .contract import ExpertsProblem
 from .explain import problem_from_config
 from .functional import fused_experts
-from .quant import NAMES, SCALED, QuantConfig, QuantizedWeight, dequantize, named, quantize
+from .quant import (
+    NAMES,
+    SCALED,
+    QuantConfig,
+    QuantizedWeight,
+    dequantize,
+    named,
+    quantize,
+)
+from .quant.calibration import calibrate_static_scales
 from .registry import get_backend, judge, last_decision
 from .routing import fused_topk
 
 __all__ = ["ACTIVATIONS", "QUANT_NOISE", "TOKEN_COUNTS", "TOLERANCES", "ParityCase", "ParityReport", "assert_close",
-           "calibrate_static_scales", "check_backend", "experts_float64", "make_inputs", "parity_cases",
+           "check_backend", "experts_float64", "make_inputs", "parity_cases",
            "quantized_inputs", "rel_error", "run_case", "tolerance"]
 
 # Token counts every parity sweep covers: users of other MoE libraries most often report wrong results
@@ -200,34 +209,15 @@ def quantized_inputs(inputs: dict, case: ParityCase, device: str | torch.device 
         cfg = named(case.quant)
         parts = 2 if gated else 1
         if cfg.activations.static:
-            inputs["a13_scale"], inputs["a2_scale"] = calibrate_static_scales(inputs, case.per_expert_scales)
+            inputs["a13_scale"], inputs["a2_scale"] = calibrate_static_scales(
+                inputs["hidden_states"], inputs["w13"], inputs["topk_ids"], cfg.activations, inputs["activation"],
+                w13_bias=inputs["w13_bias"], expert_map=inputs["expert_map"], per_expert=case.per_expert_scales)
         inputs["w13"] = quantize(inputs["w13"], cfg.weights, parts=parts)
         inputs["w2"] = quantize(inputs["w2"], cfg.weights)
         inputs["quant"] = case.quant
     elif case.quant != "none":
         raise ValueError(f"ParityCase.quant: {case.quant!r} is not a parity scheme (none, scaled, {', '.join(NAMES)})")
     return inputs
-
-
-def calibrate_static_scales(inputs: dict, per_expert: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Static FP8 input scales as a calibration would set them: the absolute max of GEMM1's input and of
-    GEMM2's (the activated rows, computed unquantized) over 448, per tensor or per expert ([1] or [E])."""
-    x, w13, ids = inputs["hidden_states"].float(), inputs["w13"].float(), inputs["topk_ids"].long()
-    if inputs["expert_map"] is not None:
-        ids = inputs["expert_map"].long()[ids]
-    spec = ActivationSpec.parse(inputs["activation"])
-    a13, a2 = torch.zeros(w13.shape[0]), torch.zeros(w13.shape[0])
-    for e in range(w13.shape[0]):
-        rows = x[(ids == e).any(dim=-1)]
-        if rows.numel():
-            a13[e] = rows.abs().max()
-            h = rows @ w13[e].t()
-            if inputs["w13_bias"] is not None:
-                h = h + inputs["w13_bias"][e].float()
-            a2[e] = apply_activation(h, spec).abs().max()
-    s13, s2 = (a13, a2) if per_expert else (a13.max().reshape(1), a2.max().reshape(1))
-    fix = lambda s: torch.where(s > 0, s / 448.0, torch.ones_like(s)).to(x.device)
-    return fix(s13), fix(s2)
 
 
 def _out_for(case: ParityCase, x: torch.Tensor) -> torch.Tensor:

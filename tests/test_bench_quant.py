@@ -17,6 +17,7 @@ from moe.activations import apply_activation
 from moe.cli import main
 from moe.contract import backend_schemes
 from moe.quant import NAMES, named, quantize, scale_shape
+from moe.quant.calibration import calibrate_static_scales
 from moe.registry import judge
 from moe.workload import (
     PRESETS,
@@ -115,12 +116,34 @@ def test_calibrate_static_scales_is_amax_over_448():
     b13, _ = moe.workload.random_biases(p, torch.float32, "cpu", gen)
     x = torch.randn(8, 32, generator=gen)
     ids = torch.tensor([[0, 1]] * 8)
-    a13, a2 = moe.bench.calibrate_static_scales(p, named("fp8_tensor_static"), x, ids, w13, b13)
+    a13, a2 = calibrate_static_scales(x, w13, ids, named("fp8_tensor_static").activations, p.activation, w13_bias=b13)
     assert a13.shape == a2.shape == (1,) and a13.dtype == a2.dtype == torch.float32
     assert a13.item() == pytest.approx(x.abs().max().item() / 448)
     spec = moe.ActivationSpec.parse("swigluoai")
     amax = max(apply_activation(x @ w13[e].t() + b13[e], spec).abs().max().item() for e in (0, 1))
     assert a2.item() == pytest.approx(amax / 448)
+
+
+def test_calibrate_static_scales_per_expert_with_an_expert_map():
+    """Per expert: each local expert's own rows (a pair routed to another rank counts for none); an expert that
+    got no rows has scale 1; per tensor is the max over the experts."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 16, generator=gen, dtype=torch.float64).to(torch.bfloat16)
+    w13 = torch.randn(3, 2 * 8, 16, generator=gen, dtype=torch.float64).to(torch.bfloat16)
+    emap = torch.tensor([0, -1, 1, 2], dtype=torch.int32)  # global 1 lives elsewhere; local 2 gets no rows
+    ids = torch.tensor([[0, 1], [2, 1], [0, 2], [1, 0], [2, 0], [1, 1]])
+    scheme = named("fp8_tensor_static").activations
+    a13, a2 = calibrate_static_scales(x, w13, ids, scheme, "silu", expert_map=emap, per_expert=True)
+    spec = moe.ActivationSpec.parse("silu")
+    for local, glob in ((0, 0), (1, 2)):
+        rows = x[(ids == glob).any(dim=1)].double()
+        assert a13[local].item() == pytest.approx(rows.abs().max().item() / 448, rel=1e-6)
+        act = apply_activation(rows @ w13[local].double().t(), spec).to(torch.bfloat16)
+        assert a2[local].item() == pytest.approx(act.abs().max().item() / 448, rel=1e-2)
+    assert a13[2].item() == a2[2].item() == 1.0
+    t13, t2 = calibrate_static_scales(x, w13, ids, scheme, "silu", expert_map=emap)
+    assert t13.shape == t2.shape == (1,)
+    assert t13.item() == a13[:2].max().item() and t2.item() == a2[:2].max().item()
 
 
 # ---------------------------------------------------------------- refusals

@@ -11,7 +11,8 @@ import moe
 from moe.backends.torch_ref import torch_ref_experts
 from moe.contract import ExpertsArgs, ExpertsProblem
 from moe.quant import NAMES, named, quantize
-from moe.testing import QUANT_NOISE, TOKEN_COUNTS, assert_close, calibrate_static_scales, rel_error
+from moe.quant.calibration import calibrate_static_scales
+from moe.testing import QUANT_NOISE, TOKEN_COUNTS, assert_close, rel_error
 
 pytestmark = pytest.mark.gpu
 E, K, N, TOPK = 16, 512, 384, 4  # N = 3 blocks of 128: the block scales of several row tiles
@@ -31,9 +32,8 @@ def _setup(T: int, name: str, emap: bool = False, per_expert: bool = False, seed
     cfg = named(name)
     kw = {}
     if cfg.activations.static:
-        plain = {"hidden_states": x, "w13": w13, "topk_ids": ids, "expert_map": expert_map, "activation": "silu",
-                 "w13_bias": None}
-        kw["a13_scale"], kw["a2_scale"] = calibrate_static_scales(plain, per_expert)
+        kw["a13_scale"], kw["a2_scale"] = calibrate_static_scales(x, w13, ids, cfg.activations, "silu",
+                                                                  expert_map=expert_map, per_expert=per_expert)
     q13, q2 = quantize(w13, cfg.weights, parts=2), quantize(w2, cfg.weights)
     return dict(x=x, w13=w13, w2=w2, q13=q13, q2=q2, weights=weights, ids=ids, expert_map=expert_map, kw=kw)
 
