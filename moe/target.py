@@ -28,6 +28,9 @@ from .options import register_cache
 __all__ = ["TARGETS", "DeviceTarget", "cuda_target", "current_target", "named_target", "rocm_target"]
 
 Vendor = Literal["cuda", "rocm", "cpu", "other"]
+# the tensor-core and copy features of a GPU target (CUDA and ROCm), and those only CUDA has
+_GPU_FEATURES = ("tma", "pdl", "wgmma", "tcgen05", "fp8_mma", "int8_mma", "fp4_mma")
+_CUDA_ONLY = ("tma", "pdl", "wgmma", "tcgen05")
 
 
 class DeviceTarget(Frozen):
@@ -51,13 +54,12 @@ class DeviceTarget(Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> DeviceTarget:
-        gpu_features = [f for f in ("tma", "pdl", "wgmma", "tcgen05", "fp8_mma", "int8_mma", "fp4_mma")
-                        if getattr(self, f)]
+        gpu_features = [f for f in _GPU_FEATURES if getattr(self, f)]
         if self.vendor in ("cpu", "other") and gpu_features:
             raise ValueError(f"a {self.vendor} target has no tensor-core features, got {', '.join(gpu_features)}")
         if self.vendor in ("cuda", "rocm") and self.capability is None:
             raise ValueError(f"a {self.vendor} target needs its capability, e.g. (9, 0)")
-        cuda_only = [f for f in ("tma", "pdl", "wgmma", "tcgen05") if getattr(self, f)]
+        cuda_only = [f for f in _CUDA_ONLY if getattr(self, f)]
         if self.vendor == "rocm" and cuda_only:
             raise ValueError(f"{', '.join(cuda_only)} are CUDA features; a rocm target cannot have them")
         if self.triton_interpreter and self.vendor != "cpu":
@@ -69,8 +71,7 @@ class DeviceTarget(Frozen):
         return self.vendor in ("cuda", "rocm")
 
     def describe(self) -> str:
-        feats = [f for f in ("tma", "pdl", "wgmma", "tcgen05", "fp8_mma", "int8_mma", "fp4_mma", "triton_interpreter")
-                 if getattr(self, f)]
+        feats = [f for f in (*_GPU_FEATURES, "triton_interpreter") if getattr(self, f)]
         cap = f" {self.capability[0]}.{self.capability[1]}" if self.capability else ""
         return f"{self.name} ({self.vendor}{cap}; {', '.join(feats) or 'no tensor-core features'})"
 
