@@ -42,7 +42,6 @@ from pathlib import Path
 import torch
 
 from .backends.torch_ref import torch_ref_experts
-from .config import ActivationSpec
 from .contract import ExpertsArgs, ExpertsProblem
 from .functional import fused_experts
 from .layer import FusedMoE
@@ -212,8 +211,7 @@ def estimate_bytes(p: Preset, ms: tuple[int, ...], dtype: torch.dtype, device_ty
     and W8A8 reference temporaries (a few fp32 copies of one expert, the GEMM2 inputs of every pair) and
     the second reference."""
     elt = torch.empty((), dtype=dtype).element_size()
-    k, n, e, top_k = p.hidden_size, p.intermediate_size, p.num_experts, p.top_k
-    rows = 2 * n if ActivationSpec.parse(p.activation).gated else n
+    k, n, e, top_k, rows = p.hidden_size, p.intermediate_size, p.num_experts, p.top_k, p.w13_rows
     weights = p.weight_bytes(elt) + (e * (rows + k) * elt if p.bias else 0)
     m = max(ms)
     copy = 2 * 2**31 if device_type == "cuda" else 2 * 2**28  # what measure_ceilings copies
@@ -428,8 +426,7 @@ def _quantize(name: str, p: Preset, w13: torch.Tensor, w2: torch.Tensor, b13: to
               gen: torch.Generator) -> _Quantized:
     """Quantize the run's weights once (expert by expert, on their device); static scales calibrated."""
     cfg = named(name)
-    gated = ActivationSpec.parse(p.activation).gated
-    qw13 = quantize(w13, cfg.weights, parts=2 if gated else 1)
+    qw13 = quantize(w13, cfg.weights, parts=p.parts)
     qw2 = quantize(w2, cfg.weights)
     if not cfg.activations.static:
         return _Quantized(name, cfg, qw13, qw2)

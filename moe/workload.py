@@ -48,14 +48,22 @@ class Preset:
                               self.intermediate_size, self.top_k, ActivationSpec.parse(self.activation),
                               has_w13_bias=self.bias, has_w2_bias=self.bias, target=current_target(device))
 
+    @property
+    def parts(self) -> int:
+        """2 for a gated activation (w13 holds gate rows, then up rows), 1 otherwise."""
+        return 2 if ActivationSpec.parse(self.activation).gated else 1
+
+    @property
+    def w13_rows(self) -> int:
+        return self.parts * self.intermediate_size
+
     def describe(self) -> str:
         return (f"E={self.num_experts} N={self.intermediate_size} K={self.hidden_size} top_k={self.top_k} "
                 f"{self.activation}{' +bias' if self.bias else ''}")
 
     def weight_bytes(self, elt: int) -> int:
         """Bytes of all experts' weights at ``elt`` bytes an element."""
-        rows = 2 * self.intermediate_size if ActivationSpec.parse(self.activation).gated else self.intermediate_size
-        return self.num_experts * (rows + self.intermediate_size) * self.hidden_size * elt
+        return self.num_experts * expert_weight_bytes(self, elt)
 
 
 _M = (1, 16, 64, 256, 1024, 4096, 16384)
@@ -81,8 +89,7 @@ def random_weights(p: Preset, dtype: torch.dtype, device: torch.device | str,
                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random w13, w2 made in ``dtype`` directly (no full-size fp32 temporaries: dsv3 is 22 GB in bf16)."""
     k, n, e = p.hidden_size, p.intermediate_size, p.num_experts
-    rows = 2 * n if ActivationSpec.parse(p.activation).gated else n
-    w13 = torch.randn(e, rows, k, generator=gen, device=device, dtype=dtype).mul_(k**-0.5)
+    w13 = torch.randn(e, p.w13_rows, k, generator=gen, device=device, dtype=dtype).mul_(k**-0.5)
     w2 = torch.randn(e, k, n, generator=gen, device=device, dtype=dtype).mul_(n**-0.5)
     return w13, w2
 
@@ -91,8 +98,7 @@ def random_biases(p: Preset, dtype: torch.dtype, device: torch.device | str,
                   gen: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if not p.bias:
         return None, None
-    rows = 2 * p.intermediate_size if ActivationSpec.parse(p.activation).gated else p.intermediate_size
-    b13 = torch.randn(p.num_experts, rows, generator=gen, device=device, dtype=dtype).mul_(0.1)
+    b13 = torch.randn(p.num_experts, p.w13_rows, generator=gen, device=device, dtype=dtype).mul_(0.1)
     b2 = torch.randn(p.num_experts, p.hidden_size, generator=gen, device=device, dtype=dtype).mul_(0.1)
     return b13, b2
 
@@ -223,14 +229,12 @@ def expert_weight_bytes(p: Preset, elt: int, quant: QuantConfig | str | None = N
     """Bytes of one expert's w13 and w2 as stored: ``elt`` bytes an element unquantized; with a quantized
     scheme (a ``QuantConfig`` or a name of ``moe.quant.NAMES``), its data (1 byte an element for fp8 and
     int8) plus its fp32 scales: what ``(qw13.nbytes() + qw2.nbytes()) / num_experts`` counts."""
-    k, n = p.hidden_size, p.intermediate_size
-    gated = ActivationSpec.parse(p.activation).gated
-    rows = 2 * n if gated else n
+    k, n, rows = p.hidden_size, p.intermediate_size, p.w13_rows
     scheme = QuantConfig.parse(quant).weights
     if scheme is None:
         return (rows * k + k * n) * elt
     data = elt if scheme.format == "scaled" else 1
-    scales = math.prod(scale_shape(scheme, 1, rows, k, 2 if gated else 1)) + math.prod(scale_shape(scheme, 1, k, n, 1))
+    scales = math.prod(scale_shape(scheme, 1, rows, k, p.parts)) + math.prod(scale_shape(scheme, 1, k, n, 1))
     return (rows * k + k * n) * data + 4 * scales
 
 
@@ -250,9 +254,8 @@ def floor_seconds(p: Preset, m: int, experts_hit: int, elt: int, ceil: Ceilings,
     weights of the experts hit (``weight_bytes_per_expert`` each, e.g. :func:`expert_weight_bytes` of a
     scheme; default: unquantized at ``elt``) + the input and output rows at ``elt``, and the rate
     ``rate`` TFLOP/s (e.g. :func:`matmul_rate`; default: ``ceil.matmul_tflops``)."""
-    k, n = p.hidden_size, p.intermediate_size
-    rows = 2 * n if ActivationSpec.parse(p.activation).gated else n
-    per_expert = weight_bytes_per_expert if weight_bytes_per_expert is not None else (rows * k + k * n) * elt
+    k, n, rows = p.hidden_size, p.intermediate_size, p.w13_rows
+    per_expert = weight_bytes_per_expert if weight_bytes_per_expert is not None else expert_weight_bytes(p, elt)
     nbytes = experts_hit * per_expert + 2 * m * k * elt
     flops = 2 * m * p.top_k * k * rows + 2 * m * p.top_k * n * k
     return max(nbytes / (ceil.copy_gbps * 1e9), flops / ((rate or ceil.matmul_tflops) * 1e12))
