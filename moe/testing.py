@@ -198,16 +198,14 @@ def quantized_inputs(inputs: dict, case: ParityCase, device: str | torch.device 
     """``inputs`` (unquantized) with the weights stored in ``case.quant``'s scheme (and, for static schemes,
     calibrated input scales): the same values, quantized."""
     inputs = dict(inputs)
-    gated = ActivationSpec.parse(case.activation).gated
+    parts = 2 if ActivationSpec.parse(case.activation).gated else 1
     local = inputs["w13"].shape[0]
     if case.quant == "scaled":
-        parts = 2 if gated else 1
         inputs["w13"] = QuantizedWeight(inputs["w13"], torch.rand(local, parts, device=device) + 0.5,
                                         SCALED.weights, parts=parts)
         inputs["w2"] = QuantizedWeight(inputs["w2"], torch.rand(local, 1, device=device) + 0.5, SCALED.weights)
     elif case.quant in NAMES:
         cfg = named(case.quant)
-        parts = 2 if gated else 1
         if cfg.activations.static:
             inputs["a13_scale"], inputs["a2_scale"] = calibrate_static_scales(
                 inputs["hidden_states"], inputs["w13"], inputs["topk_ids"], cfg.activations, inputs["activation"],
