@@ -45,21 +45,23 @@ from .backends.torch_ref import torch_ref_experts
 from .contract import ExpertsArgs, ExpertsProblem
 from .functional import fused_experts
 from .layer import FusedMoE
-from .quant import NAMES, QuantConfig, QuantizedWeight, named, quantize
-from .quant.calibration import calibrate_static_scales
+from .quant import NAMES, named
 from .quant.schemes import FORMAT_MAX
 from .registry import BackendUnavailableError, get_backend, list_backends, select_backend
 from .routing import fused_topk
 from .testing import rel_error
 from .workload import (
+    CALIBRATION_M,
     PRESETS,
     Ceilings,
     Preset,
+    QuantizedWorkload,
     expert_weight_bytes,
     floor_seconds,
     graph_time,  # noqa: F401  (imported from here by the scripts under benchmarks/)
     matmul_rate,
     measure_ceilings,
+    quantize_workload,
     random_biases,
     random_tokens,
     random_weights,
@@ -75,7 +77,6 @@ GRAPH_MAX_M = 256
 KERNELS_MAX_M = 1024  # "kernels" rows (routing aligned beforehand) up to here, as docs/performance.md times vLLM
 REFERENCE_TIMING_MAX_PAIRS = 8192  # the per-expert reference is an oracle, not a contender
 WIDE_SPREAD = 0.1  # (max - min) / median above this: the row's median is not to be trusted to 10%
-CALIBRATION_M = 256  # tokens of the calibration batch that static activation scales come from
 GB = 1e9
 
 
@@ -362,34 +363,17 @@ class _Case:
     extra: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True, eq=False)
-class _Quantized:
-    """The run's quantized copy of the weights, made once: the scheme, both weights, static scales."""
-
-    name: str
-    config: QuantConfig
-    w13: QuantizedWeight
-    w2: QuantizedWeight
-    a13_scale: torch.Tensor | None = None
-    a2_scale: torch.Tensor | None = None
-
-    @property
-    def bytes_per_expert(self) -> int:
-        return (self.w13.nbytes() + self.w2.nbytes()) // self.w13.num_experts
-
-    def case(self, p: Preset, base: _Case, hit: int, ceil: Ceilings) -> _Case:
-        """The quantized call on ``base``'s tokens and routing, with its W8A8 reference and floor."""
-        args = dataclasses.replace(base.args, w13=self.w13, w2=self.w2, a13_scale=self.a13_scale,
-                                   a2_scale=self.a2_scale)
-        problem = dataclasses.replace(base.problem, quant=self.config)
-        ref = torch_ref_experts(args, problem, compute_dtype=torch.float32)
-        x = args.hidden_states
-        floor = floor_seconds(p, x.shape[0], hit, x.element_size(), ceil, self.bytes_per_expert,
-                              matmul_rate(ceil, self.config))
-        extra = {"quant_err": rel_error(ref, base.ref)}
-        if self.a13_scale is not None and self.a2_scale is not None:
-            extra |= {"a13_scale": self.a13_scale.item(), "a2_scale": self.a2_scale.item()}
-        return _Case(args, problem, ref, floor, self.name, extra)
+def _quantized_case(q: QuantizedWorkload, p: Preset, base: _Case, hit: int, ceil: Ceilings) -> _Case:
+    """The quantized call on ``base``'s tokens and routing, with its W8A8 reference and floor."""
+    args = dataclasses.replace(base.args, w13=q.w13, w2=q.w2, a13_scale=q.a13_scale, a2_scale=q.a2_scale)
+    problem = dataclasses.replace(base.problem, quant=q.config)
+    ref = torch_ref_experts(args, problem, compute_dtype=torch.float32)
+    x = args.hidden_states
+    floor = floor_seconds(p, x.shape[0], hit, x.element_size(), ceil, q.bytes_per_expert, matmul_rate(ceil, q.config))
+    extra = {"quant_err": rel_error(ref, base.ref)}
+    if q.a13_scale is not None and q.a2_scale is not None:
+        extra |= {"a13_scale": q.a13_scale.item(), "a2_scale": q.a2_scale.item()}
+    return _Case(args, problem, ref, floor, q.name, extra)
 
 
 def run_request(req: BenchRequest, progress: bool = True) -> tuple[Ceilings, list[Row]]:
@@ -400,7 +384,7 @@ def run_request(req: BenchRequest, progress: bool = True) -> tuple[Ceilings, lis
     rows: list[Row] = []
     w13, w2 = random_weights(p, dtype, dev, gen)
     b13, b2 = random_biases(p, dtype, dev, gen)
-    quantized = _quantize(req.quant, p, w13, w2, b13, gen) if req.quant else None
+    quantized = quantize_workload(req.quant, p, w13, w2, b13, gen) if req.quant else None
     for m in req.ms:
         x, logits = random_tokens(p, m, dtype, dev, gen)
         weights, ids = fused_topk(logits, p.top_k)
@@ -409,7 +393,7 @@ def run_request(req: BenchRequest, progress: bool = True) -> tuple[Ceilings, lis
         problem = p.problem(dev, dtype, m)
         base = _Case(args, problem, torch_ref_experts(args, problem, compute_dtype=torch.float32),
                      floor_seconds(p, m, hit, x.element_size(), ceil))
-        qcase = quantized.case(p, base, hit, ceil) if quantized is not None else None
+        qcase = _quantized_case(quantized, p, base, hit, ceil) if quantized is not None else None
         for name in req.backends:
             bar.step(f"{p.name} M={m} {name}{f' {req.quant}' if req.quant else ''}")
             rows.extend(_bench_backend(name, p, m, base, dev) if qcase is None
@@ -420,20 +404,6 @@ def run_request(req: BenchRequest, progress: bool = True) -> tuple[Ceilings, lis
         del x, base, qcase
     bar.close()
     return ceil, rows
-
-
-def _quantize(name: str, p: Preset, w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor | None,
-              gen: torch.Generator) -> _Quantized:
-    """Quantize the run's weights once (expert by expert, on their device); static scales calibrated."""
-    cfg = named(name)
-    qw13 = quantize(w13, cfg.weights, parts=p.parts)
-    qw2 = quantize(w2, cfg.weights)
-    if not cfg.activations.static:
-        return _Quantized(name, cfg, qw13, qw2)
-    x, logits = random_tokens(p, CALIBRATION_M, w13.dtype, w13.device, gen)
-    a13, a2 = calibrate_static_scales(x, w13, fused_topk(logits, p.top_k)[1], cfg.activations, p.activation,
-                                      w13_bias=b13)
-    return _Quantized(name, cfg, qw13, qw2, a13, a2)
 
 
 def _call_times(fn: Callable[[], object], dev: torch.device) -> list[float]:

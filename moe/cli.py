@@ -254,7 +254,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     ms = _parse_ms(args.m) or (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
     from .backends.triton.tuning import tune
 
-    path = tune(p, list(ms), DTYPES[args.dtype], tune_out_dir(args.out), limit=args.limit, force=args.force)
+    quant = None if args.quant in (None, "none") else args.quant
+    path = tune(p, list(ms), DTYPES[args.dtype], tune_out_dir(args.out), limit=args.limit, force=args.force,
+                quant=quant)
     print(f"wrote {Path(path).resolve()}")
     return 0
 
@@ -299,6 +301,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
+    from .quant import NAMES
     from .workload import PRESETS
 
     p = sub.add_parser("tune", help="tune Triton kernel configs on this GPU and write a tuned file")
@@ -311,6 +314,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--m", help="comma-separated token counts (default: powers of two 1..16384)")
     p.add_argument("--out", help="folder for the file (default: $MOE_TUNED_CONFIGS_DIR, else the per-user cache "
                    "folder ~/.cache/moe/configs/triton, which later runs search)")
+    p.add_argument("--quant", choices=["none", *NAMES],
+                   help="tune the call quantized with this scheme (its own file, keyed by the name; default: none)")
     p.add_argument("--limit", type=int, help="at most this many candidates per token count")
     p.add_argument("--force", action="store_true",
                    help="retune the given token counts even where the file has them; keep the rest")

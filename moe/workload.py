@@ -21,12 +21,32 @@ import torch
 
 from .config import ActivationSpec
 from .contract import ExpertsProblem
-from .quant import QuantConfig, scale_shape
+from .quant import QuantConfig, QuantizedWeight, named, quantize, scale_shape
+from .quant.calibration import calibrate_static_scales
 from .target import current_target
 
-__all__ = ["PRESETS", "Ceilings", "Preset", "copy_bandwidth", "dense_matmul_rate", "expert_weight_bytes",
-           "floor_seconds", "fp8_matmul_rate", "graph_time", "int8_matmul_rate", "matmul_rate", "measure_ceilings",
-           "preset", "random_biases", "random_tokens", "random_weights", "time_fn"]
+__all__ = [
+    "CALIBRATION_M",
+    "PRESETS",
+    "Ceilings",
+    "Preset",
+    "QuantizedWorkload",
+    "copy_bandwidth",
+    "dense_matmul_rate",
+    "expert_weight_bytes",
+    "floor_seconds",
+    "fp8_matmul_rate",
+    "graph_time",
+    "int8_matmul_rate",
+    "matmul_rate",
+    "measure_ceilings",
+    "preset",
+    "quantize_workload",
+    "random_biases",
+    "random_tokens",
+    "random_weights",
+    "time_fn",
+]
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,40 @@ def random_tokens(p: Preset, m: int, dtype: torch.dtype, device: torch.device | 
     x = torch.randn(m, p.hidden_size, generator=gen, device=device, dtype=dtype)
     logits = torch.randn(m, p.num_experts, generator=gen, device=device)
     return x, logits
+
+
+CALIBRATION_M = 256  # tokens of the calibration batch that static activation scales come from
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWorkload:
+    """A run's quantized copy of its weights, made once: the scheme, both weights, static scales."""
+
+    name: str
+    config: QuantConfig
+    w13: QuantizedWeight
+    w2: QuantizedWeight
+    a13_scale: torch.Tensor | None = None
+    a2_scale: torch.Tensor | None = None
+
+    @property
+    def bytes_per_expert(self) -> int:
+        return (self.w13.nbytes() + self.w2.nbytes()) // self.w13.num_experts
+
+
+def quantize_workload(name: str, p: Preset, w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor | None,
+                      gen: torch.Generator) -> QuantizedWorkload:
+    """Quantize a run's weights with the scheme ``name`` (expert by expert, on their device). Static
+    activation scales are calibrated on :data:`CALIBRATION_M` random tokens drawn like the run's, each
+    routed to its top-k logits (``moe.quant.calibration.calibrate_static_scales``)."""
+    cfg = named(name)
+    qw13, qw2 = quantize(w13, cfg.weights, parts=p.parts), quantize(w2, cfg.weights)
+    if not cfg.static_activations:
+        return QuantizedWorkload(name, cfg, qw13, qw2)
+    x, logits = random_tokens(p, CALIBRATION_M, w13.dtype, w13.device, gen)
+    ids = logits.topk(p.top_k, dim=-1).indices
+    a13, a2 = calibrate_static_scales(x, w13, ids, cfg.activations, p.activation, w13_bias=b13)
+    return QuantizedWorkload(name, cfg, qw13, qw2, a13, a2)
 
 
 @dataclass

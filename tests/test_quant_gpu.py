@@ -12,7 +12,7 @@ from moe.backends.torch_ref import torch_ref_experts
 from moe.contract import ExpertsArgs, ExpertsProblem
 from moe.quant import NAMES, named, quantize
 from moe.quant.calibration import calibrate_static_scales
-from moe.testing import QUANT_NOISE, TOKEN_COUNTS, assert_close, rel_error
+from moe.testing import QUANT_NOISE, TOKEN_COUNTS, assert_close, experts_float64, rel_error
 
 pytestmark = pytest.mark.gpu
 E, K, N, TOPK = 16, 512, 384, 4  # N = 3 blocks of 128: the block scales of several row tiles
@@ -51,17 +51,21 @@ def _plain_reference(s) -> torch.Tensor:
     return torch_ref_experts(args, prob, compute_dtype=torch.float64)
 
 
-CASES = [(name, T, emap) for name in NAMES for T in TOKEN_COUNTS for emap in (False, True) if not emap or T in (3, 512)]
+# every backend that declares a scheme, at every token count (and two with an expert map)
+BACKEND_SCHEMES = [("triton", name) for name in NAMES] + [("torch_grouped", "fp8_channel")]
+CASES = [(b, name, T, emap) for b, name in BACKEND_SCHEMES for T in TOKEN_COUNTS for emap in (False, True)
+         if not emap or T in (3, 512)]
 
 
-@pytest.mark.parametrize(("name", "T", "emap"), CASES, ids=[f"{n}-T{t}{'-map' if m else ''}" for n, t, m in CASES])
-def test_gpu_quantized_parity(name, T, emap):
+@pytest.mark.parametrize(("backend", "name", "T", "emap"), CASES,
+                         ids=[f"{b}-{n}-T{t}{'-map' if m else ''}" for b, n, t, m in CASES])
+def test_gpu_quantized_parity(backend, name, T, emap):
     s = _setup(T, name, emap)
     out = torch.full_like(s["x"], float("nan"))
-    assert _call(s, name, "triton", out=out) is out
-    assert moe.last_decision().chosen == "triton"
+    assert _call(s, name, backend, out=out) is out
+    assert moe.last_decision().chosen == backend
     ref = _call(s, name, "torch")
-    assert_close(out, ref, scheme=name, what=f"triton {name} T={T} vs the emulation")
+    assert_close(out, ref, scheme=name, what=f"{backend} {name} T={T} vs the emulation")
     err = rel_error(out, _plain_reference(s))
     assert err <= QUANT_NOISE[name], f"{name} T={T}: {err:.3e} from the unquantized result"
 
@@ -96,8 +100,9 @@ def test_gpu_quantized_cuda_graph(name):
         assert_close(out, _call(s, name, "torch", weights=nw, ids=nids), scheme=name, what=f"{name} graph replay")
 
 
-@pytest.mark.parametrize("name", ["fp8_block", "int8_channel"])
-def test_gpu_no_bf16_copy_of_the_weights(name):
+@pytest.mark.parametrize(("backend", "name"), [("triton", "fp8_block"), ("triton", "int8_channel"),
+                                               ("torch_grouped", "fp8_channel")])
+def test_gpu_no_bf16_copy_of_the_weights(backend, name):
     """The call's peak extra memory stays far below a bf16 copy of the weights (the quantized weights are
     never dequantized to a full copy)."""
     e, k, n = 64, 2048, 1024
@@ -108,13 +113,42 @@ def test_gpu_no_bf16_copy_of_the_weights(name):
     q2 = quantize((torch.randn(e, k, n, device="cuda", generator=g) / n**0.5).to(torch.bfloat16), cfg.weights)
     x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
     w, ids = moe.fused_topk(torch.randn(16, e, device="cuda"), 8)
-    moe.fused_experts(x, q13, q2, w, ids, quant=name, backend="triton")  # compile first
+    moe.fused_experts(x, q13, q2, w, ids, quant=name, backend=backend)  # compile first
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    moe.fused_experts(x, q13, q2, w, ids, quant=name, backend="triton")
+    moe.fused_experts(x, q13, q2, w, ids, quant=name, backend=backend)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     bf16_copy = e * 3 * n * k * 2
     assert extra < 0.05 * bf16_copy, f"{name}: {extra / 2**20:.1f} MiB extra during a call (a bf16 copy: " \
                                      f"{bf16_copy / 2**20:.0f} MiB)"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not named(n).static_activations])
+def test_gpu_quantized_layer_forward(name):
+    """``quantize_`` on a bf16 FusedMoE on the GPU: the layer's forward (auto picks triton) equals
+    fused_experts on its own routing and quantized parameters, eager and replayed in a CUDA graph, and is
+    within the scheme's noise of the float layer."""
+    torch.manual_seed(0)
+    layer = moe.FusedMoE(E, TOPK, K, N, params_dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(33, K, device="cuda", dtype=torch.bfloat16)
+    w13, w2 = layer.w13_weight.detach().clone(), layer.w2_weight.detach().clone()
+    moe.quant.quantize_(layer, name)
+    assert layer.w13_weight.dtype in (torch.float8_e4m3fn, torch.int8)
+    out = layer(x)
+    assert moe.last_decision().chosen == "triton"
+    weights, ids = layer.select_experts(x, layer.gate(x))
+    q13, q2 = layer._expert_weights()
+    assert_close(out, moe.fused_experts(x, q13, q2, weights, ids, quant=name, backend="torch"), scheme=name,
+                 what=f"{name} layer vs the emulation")
+    assert rel_error(out, experts_float64(x, w13, w2, weights, ids)) <= QUANT_NOISE[name]
+    static_x = x.clone()
+    graph_out = layer(static_x)  # warm outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = layer(static_x)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(graph_out, layer(static_x), scheme=name, what=f"{name} layer graph replay")

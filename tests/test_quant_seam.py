@@ -125,7 +125,7 @@ def test_scaled_scheme_eager_and_compiled(backend):
 
 def test_backends_declare_their_schemes():
     inp, q13, q2 = _scaled()
-    with pytest.raises(moe.BackendUnavailableError, match="runs the quantization schemes none, not scaled"):
+    with pytest.raises(moe.BackendUnavailableError, match="runs the quantization schemes fp8_channel, none, not scaled"):
         moe.fused_experts(inp["hidden_states"], q13, q2, inp["topk_weights"], inp["topk_ids"], backend="torch_grouped")
     moe.fused_experts(inp["hidden_states"], q13, q2, inp["topk_weights"], inp["topk_ids"])
     d = moe.last_decision()

@@ -190,3 +190,21 @@ def test_precomputed_alignment_gives_the_same_result():
     with pytest.raises(ValueError, match="alignment: aligned for block_m=16 but the config has block_m=32"):
         triton_experts(args, prob, torch.empty_like(args.hidden_states), cfg.model_copy(update={"block_m": 32}),
                        alignment=al)
+
+
+def test_block_scaled_weights_refuse_k_tiles_wider_than_a_block():
+    """fp8_block: a K tile wider than the 128 columns of a scale block would apply one block's scale to
+    two; the config is refused before any GEMM launches, naming the GEMM and the fix."""
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+
+    inp, args, prob = _args(Case(T=3, E=2, K=256, N=128, k=1))
+    cfg = moe.quant.named("fp8_block")
+    args = ExpertsArgs(args.hidden_states, moe.quant.quantize(inp["w13"], cfg.weights, parts=2),
+                       moe.quant.quantize(inp["w2"], cfg.weights), args.topk_weights, args.topk_ids)
+    import dataclasses
+
+    prob = dataclasses.replace(prob, quant=cfg)
+    small = GemmTile(block_n=16, block_k=64, group_m=1, num_stages=1)
+    wide = KernelConfig(block_m=16, gemm1=small, gemm2=small.model_copy(update={"block_k": 256}))
+    with pytest.raises(ValueError, match=r"gemm2\.block_k=256 must divide the 128 columns of a weight scale block"):
+        triton_experts(args, prob, torch.empty_like(args.hidden_states), wide)

@@ -159,7 +159,7 @@ def test_tune_resumes_and_force_retunes_only_the_given_counts(tmp_path, monkeypa
 
     swept: list[list[int]] = []
 
-    def fake_sweep(p, ms, limit=None, dtype=None, on_result=None):
+    def fake_sweep(p, ms, limit=None, dtype=None, on_result=None, quant=None):
         swept.append(list(ms))
         for m in ms:
             on_result({"m": m, "best_us": float(len(swept))}, SMALL if m < 100 else BIG)
@@ -196,3 +196,46 @@ def test_chosen_config_is_remembered_until_cleared(tmp_path, monkeypatch):
     assert choose_config(dataclasses.replace(p, num_tokens=64), dev) == BIG  # new token count
     moe.reset_caches()
     assert choose_config(p, dev) == BIG
+
+
+def test_quantized_tune_writes_its_own_file_and_hint(tmp_path, monkeypatch):
+    """A quantized tune writes the file keyed by the scheme name (never the unquantized one), and the
+    missing-file warning of a quantized problem names ``--quant``."""
+    from moe.backends.triton import tuning
+    from moe.workload import PRESETS
+
+    seen: list = []
+
+    def fake_sweep(p, ms, limit=None, dtype=None, on_result=None, quant=None):
+        seen.append(quant)
+        for m in ms:
+            on_result({"m": m, "best_us": 1.0}, SMALL)
+
+    monkeypatch.setattr(tuning, "sweep", fake_sweep)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    path = tuning.tune(PRESETS["default"], [1], torch.bfloat16, tmp_path, quant="fp8_block")
+    assert seen == ["fp8_block"] and path.name.endswith(",quant=fp8_block.json")
+    assert tuned.load_tuned_file(path).quant == "fp8_block"
+    (tmp_path / "none").mkdir()
+    monkeypatch.setenv("MOE_TUNED_CONFIGS_DIR", str(tmp_path / "none"))
+    moe.reset_caches()
+    monkeypatch.setattr(tuned, "_warned", set())
+    p = dataclasses.replace(ExpertsProblem("cuda", torch.bfloat16, 32, 7, 7, 96, 80, 3),
+                            quant=moe.quant.named("fp8_channel"))
+    with pytest.warns(UserWarning, match=r"dtype=bfloat16,quant=fp8_channel\.json; .* --quant fp8_channel$"):
+        assert tuned.tuned_config(p, torch.device("cuda")) is None
+
+
+def test_tuner_never_proposes_k_tiles_that_straddle_a_scale_block():
+    """fp8_block's scales cover 128 columns: every candidate's block_k divides 128 (a 256-wide K tile
+    would apply one block's scale to two blocks)."""
+    from moe.backends.triton import tuning
+
+    for rpe in (1.0, 64.0, 1024.0):
+        cands = tuning.candidates(rpe, 1, True, k_block=128)
+        assert cands and all(128 % c.gemm1.block_k == 0 and 128 % c.gemm2.block_k == 0 for c in cands)
+        if rpe <= 16:  # the decode space has 256-wide K tiles: the filter removes them
+            assert len(cands) < len(tuning.candidates(rpe, 1, True))
+        best = cands[0]
+        for gemm in ("gemm1", "gemm2"):
+            assert all(128 % getattr(c, gemm).block_k == 0 for c in tuning.refinements(best, rpe, 1, True, gemm, 128))

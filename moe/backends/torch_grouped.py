@@ -1,6 +1,10 @@
 """The torch grouped-GEMM backend: our alignment kernel permutes the pairs by expert, two
 ``torch._grouped_mm`` calls do the projections, torch ops the activation, our combine kernel the
 weighted sum over k. It is both a user option and the comparison row of every benchmark.
+
+``fp8_channel`` (e4m3 weights with per-output-channel scales, dynamic per-token activations) runs through
+``torch._scaled_grouped_mm`` with row-wise scales, where torch has it on the device: each GEMM's input
+rows quantized by our ``quantize_rows`` kernel, the weights as stored (never dequantized).
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from ..activations import apply_activation
 from ..contract import ExpertsArgs, ExpertsProblem
 from ..kernels.align import align
 from ..kernels.combine import combine
+from ..kernels.quant import quantize_rows
+from ..quant import QuantizedWeight
 
 __all__ = ["BACKEND", "grouped_experts"]
+
 
 
 @functools.cache
@@ -37,6 +44,17 @@ def _aligned(w: torch.Tensor) -> torch.Tensor:
     return w.contiguous()
 
 
+def _grouped_mm(a: torch.Tensor, w: torch.Tensor | QuantizedWeight, offs: torch.Tensor,
+                problem: ExpertsProblem) -> torch.Tensor:
+    """``a`` [P, K] @ each expert's ``w`` [E, rows, K] transposed -> [P, rows] in ``a``'s dtype; fp8
+    weights take ``a`` quantized per row and the row-wise scaled grouped GEMM."""
+    if not isinstance(w, QuantizedWeight):
+        return torch._grouped_mm(a, _aligned(w).transpose(1, 2), offs=offs)
+    q = quantize_rows(a, problem.quant.activations)
+    return torch._scaled_grouped_mm(q.data, _aligned(w.data).transpose(1, 2), q.scale, w.scale, offs=offs,
+                                    out_dtype=a.dtype)
+
+
 def grouped_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> torch.Tensor:
     x = args.hidden_states
     T, K, k = problem.num_tokens, problem.hidden_size, problem.top_k
@@ -51,13 +69,12 @@ def grouped_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tenso
     if problem.apply_router_weight_on_input:
         xs = (xs.float() * topk_w.index_select(0, safe).unsqueeze(1)).to(x.dtype)
     offs = al.expert_ends  # [E] int32 cumulative row ends
-    w13, w2 = _aligned(args.w13), _aligned(args.w2)
-    h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [P, 2N]
+    h = _grouped_mm(xs, args.w13, offs, problem)  # [P, 2N]
     expert_of_row = al.block_expert.clamp(min=0).long()  # row tile 1: the expert of each row
     if args.w13_bias is not None:
         h = h + args.w13_bias.index_select(0, expert_of_row)
     a = apply_activation(h.float(), problem.activation).to(x.dtype)  # [P, N]
-    ys = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [P, K]
+    ys = _grouped_mm(a, args.w2, offs, problem)  # [P, K]
     if args.w2_bias is not None:
         ys = ys + args.w2_bias.index_select(0, expert_of_row)
     y = torch.empty(num_pairs + 1, K, dtype=x.dtype, device=x.device)  # row num_pairs collects dropped rows
@@ -67,8 +84,28 @@ def grouped_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tenso
     return out
 
 
+def _supports_quant(problem: ExpertsProblem) -> tuple[bool, str]:
+    q = problem.quant
+    if not q.is_quantized:
+        return True, "ok"
+    if q.key() != "fp8_channel":
+        return False, f"quantized: fp8_channel only (torch._scaled_grouped_mm with row-wise scales), got {q.key()}"
+    target = problem.target
+    if target is None or target.vendor != "cuda":
+        return False, "fp8_channel: torch._scaled_grouped_mm runs on CUDA only"
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return False, f"fp8_channel: torch {torch.__version__} has no torch._scaled_grouped_mm"
+    if not target.fp8_mma or not (target.wgmma or target.tcgen05):
+        return False, f"fp8_channel: torch._scaled_grouped_mm needs Hopper or Blackwell FP8 MMA; {target.describe()}"
+    if problem.hidden_size % 16 or problem.intermediate_size % 16:
+        return False, (f"fp8_channel: torch._scaled_grouped_mm needs 16-byte fp8 rows: K={problem.hidden_size} and "
+                       f"N={problem.intermediate_size} must be multiples of 16")
+    return True, "ok"
+
+
 class TorchGroupedBackend:
     name = "torch_grouped"
+    schemes = ("none", "fp8_channel")
 
     @property
     def priority(self) -> int:
@@ -95,7 +132,9 @@ class TorchGroupedBackend:
             if not (target.wgmma or target.tcgen05):
                 return False, (f"torch._grouped_mm's fast path needs Hopper or Blackwell datacenter MMA (wgmma or "
                                f"tcgen05); {target.describe()} has neither")
-            return True, "ok"
+            return _supports_quant(problem)
+        if problem.quant.is_quantized:
+            return _supports_quant(problem)
         if target.vendor == "cpu":
             if not target.triton_interpreter:
                 return False, "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1) for the alignment kernel"

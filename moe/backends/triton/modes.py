@@ -68,6 +68,11 @@ def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2
         raise ValueError(f"triton: no kernel mode for weights {p.quant.weights}")
     w, a = p.quant.weights, p.quant.activations
     w_bn, w_bk = w.block if w is not None and w.granularity == "block" else (1, 1)
+    if w_scale == _gemm.BLOCK_SCALE:  # one weight scale (and one activation group scale) per K tile
+        for name, tile in (("gemm1", g1), ("gemm2", g2)):
+            if w_bk % tile.block_k:
+                raise ValueError(f"kernel config: {name}.block_k={tile.block_k} must divide the {w_bk} columns of "
+                                 f"a weight scale block {w.block}; use block_k <= {w_bk}")
     common = dict(TOP_K=p.top_k, ROUTE=_gemm.DIRECT if direct else _gemm.SORTED, HAS_MAP=p.has_expert_map,
                   WEIGHT_ON_INPUT=p.apply_router_weight_on_input, W_SCALE=w_scale,
                   INT=a is not None and a.format == "int8", BLOCK_M=cfg.block_m, W_BN=w_bn, W_BK=w_bk,

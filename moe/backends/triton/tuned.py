@@ -146,6 +146,8 @@ def tuned_config(problem: ExpertsProblem, device: torch.device) -> KernelConfig 
             _warned.add(name)
             hint = TUNE_HINT.format(E=problem.num_experts, N=problem.intermediate_size, K=problem.hidden_size,
                                     k=problem.top_k, dtype=_CLI_DTYPES.get(problem.dtype, "bf16"))
+            if problem.quant.key() != "none":
+                hint += f" --quant {problem.quant.key()}"
             warnings.warn(f"moe: no tuned Triton config {name}; using the default heuristic. Tune with: {hint}",
                           stacklevel=3)
         return None

@@ -9,6 +9,7 @@ sweep entry point (prints, writes every measurement with ``--json``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -18,7 +19,16 @@ import torch
 
 from ...contract import ExpertsArgs
 from ...routing import fused_topk
-from ...workload import PRESETS, Preset, graph_time, random_biases, random_tokens, random_weights, time_fn
+from ...workload import (
+    PRESETS,
+    Preset,
+    graph_time,
+    quantize_workload,
+    random_biases,
+    random_tokens,
+    random_weights,
+    time_fn,
+)
 from . import triton_experts
 from .config import SMEM_BUDGET, GemmTile, KernelConfig, default_config, with_loads
 
@@ -41,20 +51,25 @@ def _tiles(rows_per_expert: float) -> list[tuple[int, GemmTile]]:
             for bm, bn, bk, warps, stages, group in space]
 
 
-def _fits(cfg: KernelConfig, elt: int, gated: bool) -> bool:
+def _fits(cfg: KernelConfig, elt: int, gated: bool, k_block: int | None = None) -> bool:
+    """Within the shared-memory budget and, for block-scaled weights (``k_block`` columns a scale),
+    with K tiles that never straddle a scale block."""
+    if k_block is not None and (k_block % cfg.gemm1.block_k or k_block % cfg.gemm2.block_k):
+        return False
     return max(cfg.smem_bytes(elt, gated)) <= SMEM_BUDGET
 
 
-def candidates(rows_per_expert: float, elt: int, gated: bool = True) -> list[KernelConfig]:
+def candidates(rows_per_expert: float, elt: int, gated: bool = True, k_block: int | None = None) -> list[KernelConfig]:
     """The first stage of the search: one tile for both GEMMs."""
     cfgs = (KernelConfig(block_m=bm, gemm1=t, gemm2=t) for bm, t in _tiles(rows_per_expert))
-    return [c for c in cfgs if _fits(c, elt, gated)]
+    return [c for c in cfgs if _fits(c, elt, gated, k_block)]
 
 
-def refinements(best: KernelConfig, rows_per_expert: float, elt: int, gated: bool, gemm: str) -> list[KernelConfig]:
+def refinements(best: KernelConfig, rows_per_expert: float, elt: int, gated: bool, gemm: str,
+                k_block: int | None = None) -> list[KernelConfig]:
     """Later stages: keep the winner's row tile and the other GEMM's tile, vary this GEMM's tile."""
     cfgs = (best.model_copy(update={gemm: t}) for bm, t in _tiles(rows_per_expert) if bm == best.block_m)
-    return [c for c in cfgs if _fits(c, elt, gated) and c != best]
+    return [c for c in cfgs if _fits(c, elt, gated, k_block) and c != best]
 
 
 def load_variants(best: KernelConfig) -> list[KernelConfig]:
@@ -79,25 +94,37 @@ def _search(timed, cands: list[KernelConfig], best: list, label: str, limit: int
 
 
 def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: int | None = None,
-          dtype: torch.dtype = torch.bfloat16, on_result=None, atomic: bool = False) -> list[dict]:
+          dtype: torch.dtype = torch.bfloat16, on_result=None, atomic: bool = False,
+          quant: str | None = None) -> list[dict]:
     """For each token count: the heuristic, then a joint search (same tile for both GEMMs), then the
     second GEMM's tile, then the first's, then the winner with its loads switched, each keeping the best
-    so far."""
+    so far. ``quant``: a name of ``moe.quant.NAMES``; the weights are quantized once (static activation
+    scales calibrated as ``moe bench`` does) and the configs timed on the quantized call."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     w13, w2 = random_weights(p, dtype, dev, gen)
     b13, b2 = random_biases(p, dtype, dev, gen)
+    q = quantize_workload(quant, p, w13, w2, b13, gen) if quant else None
+    if q is not None:
+        del w13, w2  # only the quantized copy is timed
+        w13, w2 = q.w13, q.w2
+    w_scheme = q.config.weights if q is not None else None
+    k_block = w_scheme.block[1] if w_scheme is not None and w_scheme.granularity == "block" else None
     results = []
     for m in ms:
         x, logits = random_tokens(p, m, dtype, dev, gen)
         w, ids = fused_topk(logits, p.top_k)
-        args = ExpertsArgs(x, w13, w2, w, ids, b13, b2)
+        a13, a2 = (q.a13_scale, q.a2_scale) if q is not None else (None, None)
+        args = ExpertsArgs(x, w13, w2, w, ids, b13, b2, a13_scale=a13, a2_scale=a2)
         prob = p.problem(dev, dtype, m)
+        if q is not None:
+            prob = dataclasses.replace(prob, quant=q.config)
         out = torch.empty_like(x)
         pairs = m * p.top_k
         rpe = pairs / max(1, min(p.num_experts, pairs))
         gated = prob.activation.gated
+        elt = 1 if q is not None else x.element_size()  # the operand tiles' bytes an element
 
         def timed(cfg: KernelConfig, args=args, prob=prob, out=out, m=m) -> float:
             fn = lambda: triton_experts(args, prob, out, cfg)
@@ -110,9 +137,9 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         best = [row["heuristic_us"], base_cfg]
 
         label = f"{p.name} M={m}"
-        _search(timed, candidates(rpe, x.element_size(), gated), best, f"{label} joint", limit)
-        _search(timed, refinements(best[1], rpe, x.element_size(), gated, "gemm2"), best, f"{label} gemm2", limit)
-        _search(timed, refinements(best[1], rpe, x.element_size(), gated, "gemm1"), best, f"{label} gemm1", limit)
+        _search(timed, candidates(rpe, elt, gated, k_block), best, f"{label} joint", limit)
+        for gemm in ("gemm2", "gemm1"):
+            _search(timed, refinements(best[1], rpe, elt, gated, gemm, k_block), best, f"{label} {gemm}", limit)
         _search(timed, load_variants(best[1]), best, f"{label} loads", None)
         row.update(best_us=best[0], best=best[1].model_dump())
         if atomic:
@@ -126,15 +153,16 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
 
 
 def tune(p: Preset, ms: list[int], dtype: torch.dtype, out_dir: Path, limit: int | None = None,
-         force: bool = False) -> Path:
-    """Tune ``ms`` for shape ``p`` and write (or extend) the tuned file in ``out_dir``; returns its path."""
+         force: bool = False, quant: str | None = None) -> Path:
+    """Tune ``ms`` for shape ``p`` (quantized with the scheme ``quant``, a name of ``moe.quant.NAMES``)
+    and write (or extend) the tuned file in ``out_dir``; returns its path."""
     import triton
 
     from .tuned import TunedFile, file_name, load_tuned_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name()
-    path = out_dir / file_name(p.num_experts, p.intermediate_size, device_name, dtype)
+    path = out_dir / file_name(p.num_experts, p.intermediate_size, device_name, dtype, quant=quant or "none")
     done: dict = {"configs": {}, "timings_us": {}}
     if path.exists():
         old = load_tuned_file(path)
@@ -148,6 +176,7 @@ def tune(p: Preset, ms: list[int], dtype: torch.dtype, out_dir: Path, limit: int
         done["timings_us"][row["m"]] = row["best_us"]
         f = TunedFile(num_experts=p.num_experts, intermediate_size=p.intermediate_size, hidden_size=p.hidden_size,
                       top_k=p.top_k, device_name=device_name, dtype=str(dtype).removeprefix("torch."),
+                      quant=quant or "none",
                       triton_version=triton.__version__, configs=dict(sorted(done["configs"].items())),
                       timings_us=dict(sorted(done["timings_us"].items())))
         tmp = path.with_suffix(".tmp")
@@ -155,7 +184,7 @@ def tune(p: Preset, ms: list[int], dtype: torch.dtype, out_dir: Path, limit: int
         tmp.replace(path)  # atomic: an interrupted write never leaves a broken file
 
     if todo:
-        sweep(p, todo, limit=limit, dtype=dtype, on_result=save)
+        sweep(p, todo, limit=limit, dtype=dtype, on_result=save, quant=quant)
     return path
 
 

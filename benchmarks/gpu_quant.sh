@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One GPU call for the quantized paths: the quant GPU tests, `moe tune --quant` (resumable; the files come
+# back as $OUT/tuned_quant.tar) and `moe bench --quant` (each name beside bf16 from the same run).
+#   PARTS=tests,tune,bench NAMES=fp8_block,... PRESETS=mixtral,... MS=1,16,64 TUNE_MS=1 TUNE_PRESETS=mixtral
+#   TUNE_TIMEOUT=120 BACKENDS=triton,torch_grouped bash benchmarks/gpu_quant.sh
+set -uo pipefail
+S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || exit 1
+export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+parts=",${PARTS:-tests,bench},"
+names=${NAMES:-fp8_tensor,fp8_tensor_static,fp8_channel,fp8_block,int8_channel}
+presets=${PRESETS:-mixtral,qwen3,dsv3,gptoss120b}
+ms=${MS:-1,16,64,256,1024,4096,16384}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [[ $parts == *,tests,* ]]; then
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -m "gpu and quant" -q -p no:cacheprovider tests \
+    ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/gpu_tests_quant.log" 2>&1
+  echo "gpu tests [quant] rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests_quant.log" | tail -15
+fi
+if [[ $parts == *,tune,* ]]; then
+  for p in ${TUNE_PRESETS:-mixtral}; do for n in ${TUNE_NAMES:-fp8_channel}; do
+    timeout "${TUNE_TIMEOUT:-120}" python3 -m moe tune --preset "${p}" --quant "$n" --m "${TUNE_MS:-1}" \
+      --out configs/triton 2>>"$OUT/tune.err" | tee -a "$OUT/tune.txt"
+  done; done
+  tar -cf "$OUT/tuned_quant.tar" configs/triton/*quant=*.json 2>/dev/null
+fi
+if [[ $parts == *,bench,* ]]; then
+  for p in ${presets//,/ }; do for n in ${names//,/ }; do
+    timeout "${BENCH_TIMEOUT:-240}" python3 -m moe bench --preset "$p" --m "$ms" --quant "$n" \
+      --backends "${BACKENDS:-triton}" --json "$OUT/bench_${p}_$n.json" --no-progress > "$OUT/bench_${p}_$n.txt" 2>&1
+    echo "bench $p $n rc=$?"
+  done; done
+  python3 benchmarks/quant_table.py "$OUT"/bench_*.json
+fi
