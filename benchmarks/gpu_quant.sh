@@ -14,16 +14,25 @@ presets=${PRESETS:-mixtral,qwen3,dsv3,gptoss120b}
 ms=${MS:-1,16,64,256,1024,4096,16384}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [[ $parts == *,tests,* ]]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -m "gpu and quant" -q -p no:cacheprovider tests \
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -m "gpu and quant" -q -rf --tb=short -p no:cacheprovider tests \
     ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/gpu_tests_quant.log" 2>&1
-  echo "gpu tests [quant] rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests_quant.log" | tail -15
+  echo "gpu tests [quant] rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests_quant.log" | cut -c1-300 | tail -25
+fi
+if [[ $parts == *,host,* ]]; then  # host microseconds of an eager call, unquantized and quantized
+  for n in none ${HOST_NAMES:-fp8_channel}; do
+    python3 benchmarks/host_overhead.py --cases qwen3:1,mixtral:16 --calls 300 \
+      $([ "$n" = none ] || echo "--quant $n") ${HOST_PROFILE:+--profile} > "$OUT/host_$n.txt" 2>&1
+    echo "host $n"; tail -4 "$OUT/host_$n.txt"
+  done
+  [ -n "${HOST_PROFILE:-}" ] && grep -A22 "Ordered by" "$OUT/host_${HOST_NAMES:-fp8_channel}.txt" | head -24 | cut -c1-150
 fi
 if [[ $parts == *,tune,* ]]; then
   for p in ${TUNE_PRESETS:-mixtral}; do for n in ${TUNE_NAMES:-fp8_channel}; do
     timeout "${TUNE_TIMEOUT:-120}" python3 -m moe tune --preset "${p}" --quant "$n" --m "${TUNE_MS:-1}" \
-      --out configs/triton 2>>"$OUT/tune.err" | tee -a "$OUT/tune.txt"
+      --out configs/triton ${TUNE_FORCE:+--force} 2>>"$OUT/tune.err" | tee -a "$OUT/tune.txt"
   done; done
   tar -cf "$OUT/tuned_quant.tar" configs/triton/*quant=*.json 2>/dev/null
+  grep -vE "^\s*$" "$OUT/tune.err" | grep -iE "error|skip" | cut -c1-200 | sort | uniq -c | head -5
 fi
 if [[ $parts == *,bench,* ]]; then
   for p in ${presets//,/ }; do for n in ${names//,/ }; do
@@ -33,3 +42,5 @@ if [[ $parts == *,bench,* ]]; then
   done; done
   python3 benchmarks/quant_table.py "$OUT"/bench_*.json
 fi
+# one archive: the device tool brings back only a few files
+tar -C "$OUT" -czf /tmp/results.tgz --exclude results.tgz . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/"

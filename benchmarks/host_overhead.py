@@ -2,7 +2,7 @@
 dominate): host microseconds per call with the GPU kept busy, with Triton's own launcher and with the
 direct launches of kept compiled kernels; optionally a cProfile of where the host time goes.
 
-    python3 benchmarks/host_overhead.py [--cases qwen3:1,qwen3:64,dsv3:1] [--profile]
+    python3 benchmarks/host_overhead.py [--cases qwen3:1,qwen3:64,dsv3:1] [--quant NAME] [--profile]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import moe
 from moe import fused_experts
 from moe.kernels.launch import direct_launch_status
 from moe.routing import fused_topk
-from moe.workload import PRESETS, random_tokens, random_weights
+from moe.workload import PRESETS, quantize_workload, random_tokens, random_weights
 
 
 def host_us(call, calls: int) -> tuple[float, float]:
@@ -34,7 +34,7 @@ def host_us(call, calls: int) -> tuple[float, float]:
     return host * 1e6 / calls, total * 1e6 / calls
 
 
-def measure(name: str, m: int, calls: int, profile: bool) -> list[tuple[float, float]]:
+def measure(name: str, m: int, calls: int, profile: bool, quant: str | None = None) -> list[tuple[float, float]]:
     p = PRESETS[name]
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -42,9 +42,13 @@ def measure(name: str, m: int, calls: int, profile: bool) -> list[tuple[float, f
     x, logits = random_tokens(p, m, torch.bfloat16, dev, gen)
     w, ids = fused_topk(logits, p.top_k)
     out = torch.empty_like(x)
+    kw = {}
+    if quant:
+        q = quantize_workload(quant, p, w13, w2, None, gen)
+        w13, w2, kw = q.w13, q.w2, dict(quant=quant, a13_scale=q.a13_scale, a2_scale=q.a2_scale)
 
     def call() -> None:
-        fused_experts(x, w13, w2, w, ids, out=out, backend="triton")
+        fused_experts(x, w13, w2, w, ids, out=out, backend="triton", **kw)
 
     res = []
     for direct in (False, True):
@@ -66,12 +70,13 @@ def main() -> None:
     ap.add_argument("--cases", default="qwen3:1,qwen3:64,dsv3:1,mixtral:1")
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--quant", help="a quantization scheme of moe.quant.NAMES (default: unquantized)")
     a = ap.parse_args()
     print(f"direct launches: {direct_launch_status()[1]}")
     rows = []
     for case in a.cases.split(","):
         name, m = case.split(":")
-        rows.append((case, *measure(name, int(m), a.calls, a.profile)))
+        rows.append((case, *measure(name, int(m), a.calls, a.profile, a.quant)))
         torch.cuda.empty_cache()
     print("| case | host us/call, Triton launcher | direct launches | drained us/call (Triton / direct) |")
     print("|---|---:|---:|---:|")

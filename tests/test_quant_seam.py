@@ -158,3 +158,26 @@ def test_static_activation_scales_are_required_and_checked():
         moe.fused_experts(x, q13, q2, w, ids, quant=cfg)
     with pytest.raises(ValueError, match=r"a2_scale: expected a \[1\] or \[4\] float32 tensor"):
         moe.fused_experts(x, q13, q2, w, ids, quant=cfg, a13_scale=torch.ones(1), a2_scale=torch.ones(3))
+
+
+def test_reference_emulates_a_rounded_gemm1_output():
+    """``gemm1_dtype`` rounds GEMM1's output before the activation (torch_grouped's scaled grouped GEMM
+    writes bf16): float32 changes nothing, bf16 moves some of GEMM2's fp8 inputs across a step, and an
+    unquantized problem refuses it."""
+    from moe.backends.torch_ref import torch_ref_experts
+    from moe.contract import ExpertsArgs, ExpertsProblem
+
+    case = Case(T=16, E=4, K=64, N=32, k=2)
+    inp = make_inputs(case, torch.bfloat16)
+    cfg = named("fp8_channel")
+    args = ExpertsArgs(inp["hidden_states"], quantize(inp["w13"], cfg.weights, parts=2), quantize(inp["w2"], cfg.weights),
+                       inp["topk_weights"], inp["topk_ids"])
+    prob = ExpertsProblem("cpu", torch.bfloat16, case.T, case.E, case.E, case.K, case.N, case.k, quant=cfg)
+    base = torch_ref_experts(args, prob)
+    assert torch.equal(torch_ref_experts(args, prob, gemm1_dtype=torch.float32), base)
+    rounded = torch_ref_experts(args, prob, gemm1_dtype=torch.bfloat16)
+    assert not torch.equal(rounded, base) and (rounded.float() - base.float()).norm() < 0.1 * base.float().norm()
+    plain = ExpertsArgs(inp["hidden_states"], inp["w13"], inp["w2"], inp["topk_weights"], inp["topk_ids"])
+    with pytest.raises(ValueError, match="gemm1_dtype: only W8A8 schemes"):
+        torch_ref_experts(plain, ExpertsProblem("cpu", torch.bfloat16, case.T, case.E, case.E, case.K, case.N, case.k),
+                          gemm1_dtype=torch.bfloat16)

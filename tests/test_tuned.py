@@ -77,7 +77,7 @@ def test_shipped_files_are_valid():
 
     for path in (Path(moe.configs.__file__).parent / "triton").glob("*.json"):
         f = tuned.load_tuned_file(path)
-        assert path.name == tuned.file_name(f.num_experts, f.intermediate_size, f.device_name, f.dtype)
+        assert path.name == tuned.file_name(f.num_experts, f.intermediate_size, f.device_name, f.dtype, f.quant)
 
 
 def test_wheel_ships_tuned_files(tmp_path):

@@ -28,12 +28,19 @@ def _expert(w: Weight, e: int, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def torch_ref_experts(
-    args: ExpertsArgs, problem: ExpertsProblem, compute_dtype: torch.dtype | None = None
+    args: ExpertsArgs, problem: ExpertsProblem, compute_dtype: torch.dtype | None = None,
+    gemm1_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The reference. With ``compute_dtype`` (e.g. float32 for a bf16 problem) each expert's weights
-    are upcast one expert at a time, so checking a large layer never holds a full upcast copy."""
+    are upcast one expert at a time, so checking a large layer never holds a full upcast copy.
+
+    ``gemm1_dtype`` (W8A8 only): GEMM1's output rounded to this dtype before its bias and the activation,
+    the emulation of a pipeline whose first GEMM writes its output in that dtype (``torch_grouped``:
+    ``torch._scaled_grouped_mm`` writes bf16 only). The kernels keep it in fp32 (the default, None)."""
     if problem.quant.activations is not None:
-        return _w8a8_reference(args, problem, compute_dtype or torch.float32)
+        return _w8a8_reference(args, problem, compute_dtype or torch.float32, gemm1_dtype)
+    if gemm1_dtype is not None:
+        raise ValueError("gemm1_dtype: only W8A8 schemes emulate a rounded GEMM1 output")
     if compute_dtype is None and problem.quant.is_quantized and args.hidden_states.dtype != torch.float64:
         compute_dtype = torch.float32
     cast = (lambda t: t.to(compute_dtype)) if compute_dtype is not None else (lambda t: t)
@@ -74,7 +81,8 @@ def _quantized_input(rows: torch.Tensor, scheme, static: torch.Tensor | None, ex
     return dequantize_activations(q, s, scheme, work)
 
 
-def _w8a8_reference(args: ExpertsArgs, problem: ExpertsProblem, work: torch.dtype) -> torch.Tensor:
+def _w8a8_reference(args: ExpertsArgs, problem: ExpertsProblem, work: torch.dtype,
+                    gemm1_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Both GEMM inputs quantized; weights dequantized one expert at a time; fp32 (or ``work``) matmuls."""
     act = problem.quant.activations
     x = args.hidden_states  # [T, K]
@@ -94,8 +102,10 @@ def _w8a8_reference(args: ExpertsArgs, problem: ExpertsProblem, work: torch.dtyp
             continue
         xe = _quantized_input(x[tok], act, args.a13_scale, e, scale1, work)
         h = xe @ _expert(args.w13, e, work).t()  # [n, 2N]
+        if gemm1_dtype is not None:
+            h = h.to(gemm1_dtype)
         if args.w13_bias is not None:
-            h = h + args.w13_bias[e].to(work)
+            h = h + args.w13_bias[e].to(h.dtype)
         a = apply_activation(h.to(torch.float32), problem.activation).to(dtype)  # [n, N], as GEMM1 stores it
         pairs.append((e, tok, slot, a))
     rows = [a for *_, a in pairs]

@@ -35,12 +35,14 @@ from .config import SMEM_BUDGET, GemmTile, KernelConfig, default_config, with_lo
 TUNE_REP_MS = 40  # do_bench repetitions per candidate: enough to rank them, a third of the benchmark's
 
 
-def _tiles(rows_per_expert: float) -> list[tuple[int, GemmTile]]:
+def _tiles(rows_per_expert: float, elt: int = 2) -> list[tuple[int, GemmTile]]:
     """(block_m, tile) pairs of a pruned space around the regime: thin row tiles while the weights stream,
     wide ones once it is compute-bound. group_m 64 sweeps every row tile of a column before the next
-    column, so an expert's row tiles share its weight tiles through L2."""
+    column, so an expert's row tiles share its weight tiles through L2. 1-byte operands (fp8, int8) try
+    deeper pipelines while streaming: the same bytes in flight take twice the stages of a bf16 tile."""
     if rows_per_expert <= 16:
-        space = itertools.product([16, 32], [32, 64, 128], [128, 256], [4], [3, 5], [1, 64])
+        stages = [4, 8] if elt == 1 else [3, 5]
+        space = itertools.product([16, 32], [32, 64, 128], [128, 256], [4], stages, [1, 64])
     elif rows_per_expert <= 256:
         space = [(bm, bn, bk, 8 if bm == 128 else 4, stages, group)  # 128-row tiles need 8 warps' registers
                  for bm, bn, bk, stages, group in itertools.product([32, 64, 128], [64, 128], [64, 128], [3, 4],
@@ -61,14 +63,14 @@ def _fits(cfg: KernelConfig, elt: int, gated: bool, k_block: int | None = None) 
 
 def candidates(rows_per_expert: float, elt: int, gated: bool = True, k_block: int | None = None) -> list[KernelConfig]:
     """The first stage of the search: one tile for both GEMMs."""
-    cfgs = (KernelConfig(block_m=bm, gemm1=t, gemm2=t) for bm, t in _tiles(rows_per_expert))
+    cfgs = (KernelConfig(block_m=bm, gemm1=t, gemm2=t) for bm, t in _tiles(rows_per_expert, elt))
     return [c for c in cfgs if _fits(c, elt, gated, k_block)]
 
 
 def refinements(best: KernelConfig, rows_per_expert: float, elt: int, gated: bool, gemm: str,
                 k_block: int | None = None) -> list[KernelConfig]:
     """Later stages: keep the winner's row tile and the other GEMM's tile, vary this GEMM's tile."""
-    cfgs = (best.model_copy(update={gemm: t}) for bm, t in _tiles(rows_per_expert) if bm == best.block_m)
+    cfgs = (best.model_copy(update={gemm: t}) for bm, t in _tiles(rows_per_expert, elt) if bm == best.block_m)
     return [c for c in cfgs if _fits(c, elt, gated, k_block) and c != best]
 
 
