@@ -43,4 +43,6 @@ if [[ $parts == *,bench,* ]]; then
   python3 benchmarks/quant_table.py "$OUT"/bench_*.json
 fi
 # one archive: the device tool brings back only a few files
-tar -C "$OUT" -czf /tmp/results.tgz --exclude results.tgz . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/"
+arc=results_$(date +%H%M%S).tgz
+tar -C "$OUT" -czf "/tmp/$arc" --exclude 'results_*.tgz' . && find "$OUT" -mindepth 1 ! -name 'results_*.tgz' -delete \
+  && mv "/tmp/$arc" "$OUT/"
