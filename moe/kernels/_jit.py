@@ -33,16 +33,21 @@ def cast(x, dtype, INTERP: tl.constexpr):
 
 
 @triton.jit
-def dot(a, b, acc, INTERP: tl.constexpr, IEEE: tl.constexpr, INT: tl.constexpr = False):
-    """``acc + a @ b``; IEEE: full fp32 (no tf32) for fp32 operands; INT: int8 operands, int32 ``acc``."""
+def dot(a, b, acc, INTERP: tl.constexpr, IEEE: tl.constexpr, INT: tl.constexpr):
+    """``acc + a @ b``; IEEE: full fp32 (no tf32) for fp32 operands; INT: int8 operands, int32 ``acc``.
+    One if-chain, no early return: Triton 3.6 still generates the statements after a ``return`` in a
+    taken constexpr branch (a float dot of int8 operands, which fails to compile)."""
     if INT:
-        return tl.dot(a, b, acc, out_dtype=tl.int32)
-    if INTERP:  # the interpreter mishandles low-precision float dots (its int8 dots are exact)
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        out = tl.dot(a, b, acc, out_dtype=tl.int32)
+    else:
+        if INTERP:  # the interpreter mishandles low-precision float dots (its int8 dots are exact)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:  # noqa: SIM108  (no conditional expressions on constexprs: see above)
+            out = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            out = tl.dot(a, b, acc)
+    return out
 
 
 @triton.jit

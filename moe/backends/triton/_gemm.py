@@ -143,11 +143,13 @@ def _step(acc, a, w, sa, sw, k0, W_SCALE: tl.constexpr, W_BK: tl.constexpr, INT:
           INTERP: tl.constexpr, IEEE: tl.constexpr):
     """One K step: ``acc += a @ w``, or with block scales ``acc += (a @ w) * sa[rows] * sw[cols]`` for the
     K block of ``k0`` (``sa``/``sw`` are base pointers of the row and column scales; + k0 // W_BK)."""
-    if W_SCALE == 3:
+    if W_SCALE == 3:  # an if-chain without early returns (see moe.kernels._jit.dot)
         kb = k0 // W_BK
-        part = dot(a, w, tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE)
-        return acc + part * tl.load(sa + kb)[:, None] * tl.load(sw + kb)[None, :]
-    return dot(a, w, acc, INTERP, IEEE, INT)
+        part = dot(a, w, tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE, False)
+        out = acc + part * tl.load(sa + kb)[:, None] * tl.load(sw + kb)[None, :]
+    else:
+        out = dot(a, w, acc, INTERP, IEEE, INT)
+    return out
 
 
 @triton.jit

@@ -1,0 +1,128 @@
+"""Compile the Triton backend's kernels to Triton IR for a CUDA target on a machine without a GPU: every
+launch of a CPU call is turned into a front-end compile (``ASTSource.make_ir``) for ``--arch`` (default
+sm_90) instead of an interpreter run. It catches what only the GPU compiler's front end rejects (type
+errors the interpreter never sees), with the triton installed here, e.g. the GPU machine's release:
+
+    pip install --no-deps --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=/tmp/t36 python3 benchmarks/ttir_check.py [--quant fp8_channel,int8_channel] [--tokens 1,64,512]
+
+Pointer loads only (no TMA descriptors on CPU tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+
+_SIG = {torch.float8_e4m3fn: "*fp8e4nv", torch.int8: "*i8", torch.bfloat16: "*bf16", torch.float16: "*fp16",
+        torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64", torch.uint8: "*u8"}
+_OPTIONS = ("num_warps", "num_stages", "launch_pdl")
+compiled: list[str] = []
+
+
+def _sig(a) -> str:
+    if isinstance(a, torch.Tensor):
+        return _SIG[a.dtype]
+    if isinstance(a, bool):
+        return "i1"
+    if isinstance(a, int):
+        return "i32" if -2**31 <= a < 2**31 else "i64"
+    if isinstance(a, float):
+        return "fp32"
+    raise TypeError(f"no signature for {type(a).__name__}")
+
+
+def make_ir(kernel, grid, device, *args, arch: int, **kwargs) -> None:
+    fn = kernel  # the JITFunction
+    names = fn.arg_names
+    consts = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+    sig = {n: _sig(a) for n, a in zip(names, args, strict=False)} | {k: "constexpr" for k in consts}
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    opts = backend.parse_options({k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")})
+    from triton._C.libtriton import ir
+
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    ASTSource(fn, signature=sig, constexprs=consts).make_ir(target, opts, backend.get_codegen_implementation(opts),
+                                                            backend.get_module_map(), ctx)
+    compiled.append(fn.fn.__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quant", default="none,fp8_tensor,fp8_tensor_static,fp8_channel,fp8_block,int8_channel")
+    ap.add_argument("--tokens", default="1,64,512")
+    ap.add_argument("--arch", type=int, default=90)
+    a = ap.parse_args(argv)
+    import moe
+    import moe.backends.triton as tb
+    import moe.kernels.align
+    import moe.kernels.combine
+    import moe.kernels.launch
+    import moe.kernels.quant
+    from moe.kernels import host
+
+    def fake(kernel, grid, device, *args, **kwargs):
+        make_ir(kernel, grid, device, *args, arch=a.arch, **kwargs)
+
+    for mod in (moe.kernels.launch, tb, moe.kernels.quant, moe.kernels.combine, moe.kernels.align):
+        if hasattr(mod, "launch"):
+            mod.launch = fake
+    host.interpreting.cache_clear() if hasattr(host.interpreting, "cache_clear") else None
+    from moe.backends.triton.config import GemmTile, KernelConfig
+    from moe.contract import ExpertsArgs
+    from moe.quant import named, quantize
+    from moe.quant.calibration import calibrate_static_scales
+
+    E, K, N, k = 8, 256, 256, 2
+    failures = 0
+    for name in a.quant.split(","):
+        for T in (int(t) for t in a.tokens.split(",")):
+            x = torch.randn(T, K, dtype=torch.bfloat16)
+            w13 = torch.randn(E, 2 * N, K, dtype=torch.bfloat16) / 16
+            w2 = torch.randn(E, K, N, dtype=torch.bfloat16) / 16
+            w, ids = moe.fused_topk(torch.randn(T, E), k)
+            prob_quant, kw = None, {}
+            if name != "none":
+                cfg = named(name)
+                if cfg.static_activations:
+                    kw = dict(zip(("a13_scale", "a2_scale"), calibrate_static_scales(x, w13, ids, cfg.activations,
+                                                                                      "silu"), strict=True))
+                w13, w2, prob_quant = quantize(w13, cfg.weights, parts=2), quantize(w2, cfg.weights), cfg
+            args = ExpertsArgs(x, w13, w2, w, ids, **kw)
+            import dataclasses
+
+            from moe.contract import ExpertsProblem
+            prob = ExpertsProblem("cpu", torch.bfloat16, T, E, E, K, N, k)
+            if prob_quant is not None:
+                prob = dataclasses.replace(prob, quant=prob_quant)
+            for gate_up in ("two_dots", "one_dot"):
+                tile = GemmTile(block_n=64, block_k=128, group_m=8, num_stages=3)
+                cfg_k = KernelConfig(block_m=16 if T < 64 else 64, gemm1=tile, gemm2=tile, gate_up=gate_up)
+                try:
+                    tb.triton_experts(args, prob, torch.empty_like(x), cfg_k)
+                    status = "ok"
+                except Exception as exc:  # the compile error, shortened
+                    failures += 1
+                    cause = exc
+                    while cause.__cause__ is not None:
+                        cause = cause.__cause__
+                    status = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} <- {cause!r}"[:300]
+                print(f"{name:<18} T={T:<5} {gate_up:<9} {status}")
+    print(f"triton {triton.__version__}, sm_{a.arch}: {len(compiled)} front-end compiles, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
