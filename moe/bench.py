@@ -12,8 +12,9 @@ Each row reports the median of its timed calls with their min and max; a row who
 on a large copy and a 1024-square matmul, while small presets run from cache: it is no bound (rows land
 above 100%), so CPU rows leave ``pct_floor`` None and the table prints "-".
 
-With ``--quant NAME`` (a quantization scheme of ``moe.quant.NAMES``) the same random weights are also
-quantized once (``moe.quant.quantize``, expert by expert, on the device); each backend that declares the
+With ``--quant NAME`` (a quantization scheme of ``moe.quant.NAMES``, or several separated by commas: one
+run, the unquantized rows measured once for all) the same random weights are also quantized once
+(``moe.quant.quantize``, expert by expert, on the device); each backend that declares the
 scheme gets quantized rows beside its unquantized rows of the same mode, tokens and routing, with the
 speed-up ``vs_bf16`` (unquantized median / quantized median). Quantized rows are checked against the
 torch reference on the quantized weights (W8A8: both GEMM inputs quantized as the kernels do); their
@@ -118,7 +119,7 @@ class BenchRequest:
     device: torch.device
     dtype: torch.dtype
     backends: tuple[str, ...]
-    quant: str | None = None  # a name of moe.quant.NAMES; None: unquantized only
+    quant: tuple[str, ...] = ()  # names of moe.quant.NAMES; empty: unquantized only
 
 
 # ---------------------------------------------------------------- checks (before any allocation)
@@ -130,9 +131,10 @@ def resolve_request(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     backends: tuple[str, ...] | None = None,
-    quant: str | None = None,
+    quant: str | tuple[str, ...] | None = None,
 ) -> BenchRequest:
-    """Check and complete a request; raises :class:`BenchError` naming the flag at fault."""
+    """Check and complete a request; raises :class:`BenchError` naming the flag at fault. ``quant``: a
+    name of ``moe.quant.NAMES``, several (a tuple or comma-separated), or None."""
     if preset not in PRESETS:
         raise BenchError(f"--preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -145,13 +147,16 @@ def resolve_request(
     return BenchRequest(p, ms, dev, dtype, names, _resolve_quant(quant))
 
 
-def _resolve_quant(quant: str | None) -> str | None:
-    if quant is None or quant == "none":
-        return None
-    if quant not in NAMES:
-        raise BenchError(f"--quant: unknown quantization scheme {quant!r}; allowed: {', '.join(NAMES)} "
-                         "(or none)")
-    return quant
+def _resolve_quant(quant: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    names = tuple(quant.split(",")) if isinstance(quant, str) else tuple(quant or ())
+    names = tuple(n for n in names if n != "none")
+    for n in names:
+        if n not in NAMES:
+            raise BenchError(f"--quant: unknown quantization scheme {n!r}; allowed: {', '.join(NAMES)} "
+                             "(or none), one or several separated by commas")
+    if len(set(names)) != len(names):
+        raise BenchError(f"--quant: {','.join(names)} names a scheme twice")
+    return names
 
 
 def _resolve_device(device: str | None) -> torch.device:
@@ -204,13 +209,13 @@ def check_plot_available() -> None:
 
 
 def estimate_bytes(p: Preset, ms: tuple[int, ...], dtype: torch.dtype, device_type: str,
-                   quant: str | None = None) -> tuple[int, int]:
+                   quant: str | tuple[str, ...] | None = None) -> tuple[int, int]:
     """(bytes of the experts' weights, an allowance for everything else) for a run: the ceiling
     measurement, the tokens, the fp32 reference (one expert upcast at a time, at worst every token on it)
     and a backend's workspace at the largest M, sized as fp32 intermediates of every (token, expert) pair.
-    With ``quant`` the weights include the quantized copy (data + scales) and the allowance the quantizing
-    and W8A8 reference temporaries (a few fp32 copies of one expert, the GEMM2 inputs of every pair) and
-    the second reference."""
+    With ``quant`` (one name or several) the weights include each quantized copy (data + scales) and the
+    allowance the quantizing and W8A8 reference temporaries (a few fp32 copies of one expert, the GEMM2
+    inputs of every pair) and the second reference."""
     elt = torch.empty((), dtype=dtype).element_size()
     k, n, e, top_k, rows = p.hidden_size, p.intermediate_size, p.num_experts, p.top_k, p.w13_rows
     weights = p.weight_bytes(elt) + (e * (rows + k) * elt if p.bias else 0)
@@ -221,9 +226,10 @@ def estimate_bytes(p: Preset, ms: tuple[int, ...], dtype: torch.dtype, device_ty
     tokens = m * (2 * k * elt + e * 4 + top_k * 12)
     reference = 2 * m * k * 4 + (rows + n) * k * 4 + m * (rows + n) * 4
     workspace = m * top_k * (rows + n + k) * 4
-    if quant is None:
+    names = _resolve_quant(quant)
+    if not names:
         return weights, ceilings + tokens + reference + workspace
-    copy_q = e * expert_weight_bytes(p, elt, quant)
+    copy_q = sum(e * expert_weight_bytes(p, elt, name) for name in names)
     temporaries = 4 * max(rows * k, k * n) * 4 + m * top_k * n * 4 + m * k * 4 + CALIBRATION_M * (k + rows) * 4
     return weights + copy_q, ceilings + tokens + reference + workspace + temporaries
 
@@ -253,7 +259,7 @@ def check_memory(req: BenchRequest) -> None:
     smaller = [n for n, q in PRESETS.items() if n != req.preset.name and
                sum(estimate_bytes(q, q.default_m, req.dtype, req.device.type, req.quant)) <= avail]
     hint = f"--preset {'default' if 'default' in smaller else smaller[0]}" if smaller else "a machine with more memory"
-    copy = f" and their {req.quant} copy" if req.quant else ""
+    copy = f" and their {','.join(req.quant)} {'copy' if len(req.quant) == 1 else 'copies'}" if req.quant else ""
     raise BenchError(
         f"--preset {req.preset.name}: needs about {(weights + other) / GB:.1f} GB on {req.device} "
         f"({weights / GB:.1f} GB of expert weights in {_dtype_name(req.dtype)}{copy} + {other / GB:.1f} GB for the "
@@ -285,18 +291,16 @@ def bench_info(req: BenchRequest) -> dict:
         "versions": {"torch": torch.__version__, "triton": triton_version, "moe": __version__},
         "time": datetime.now().astimezone().isoformat(timespec="seconds"),
         "floor_is_bound": req.device.type != "cpu",
-        "quant": _quant_info(req),
+        "quant": [_quant_info(req, name) for name in req.quant],
     }
 
 
-def _quant_info(req: BenchRequest) -> dict | None:
-    """The scheme of a ``--quant`` run and how its rows are measured (None without ``--quant``)."""
-    if req.quant is None:
-        return None
-    cfg, p = named(req.quant), req.preset
+def _quant_info(req: BenchRequest, name: str) -> dict:
+    """A scheme of a ``--quant`` run and how its rows are measured."""
+    cfg, p = named(name), req.preset
     elt = torch.empty((), dtype=req.dtype).element_size()
     info = {
-        "name": req.quant,
+        "name": name,
         "scheme": cfg.model_dump(mode="json", exclude_none=True),
         "weight_bytes_per_expert": expert_weight_bytes(p, elt, cfg),
         "unquantized_bytes_per_expert": expert_weight_bytes(p, elt),
@@ -384,7 +388,7 @@ def run_request(req: BenchRequest, progress: bool = True) -> tuple[Ceilings, lis
     rows: list[Row] = []
     w13, w2 = random_weights(p, dtype, dev, gen)
     b13, b2 = random_biases(p, dtype, dev, gen)
-    quantized = quantize_workload(req.quant, p, w13, w2, b13, gen) if req.quant else None
+    quantized = [quantize_workload(name, p, w13, w2, b13, gen) for name in req.quant]
     for m in req.ms:
         x, logits = random_tokens(p, m, dtype, dev, gen)
         weights, ids = fused_topk(logits, p.top_k)
@@ -393,15 +397,15 @@ def run_request(req: BenchRequest, progress: bool = True) -> tuple[Ceilings, lis
         problem = p.problem(dev, dtype, m)
         base = _Case(args, problem, torch_ref_experts(args, problem, compute_dtype=torch.float32),
                      floor_seconds(p, m, hit, x.element_size(), ceil))
-        qcase = _quantized_case(quantized, p, base, hit, ceil) if quantized is not None else None
+        qcases = [_quantized_case(q, p, base, hit, ceil) for q in quantized]
         for name in req.backends:
-            bar.step(f"{p.name} M={m} {name}{f' {req.quant}' if req.quant else ''}")
-            rows.extend(_bench_backend(name, p, m, base, dev) if qcase is None
-                        else _bench_quantized(name, p, m, base, qcase, dev))
-        if qcase is None:
+            bar.step(f"{p.name} M={m} {name} {','.join(req.quant)}".rstrip())
+            rows.extend(_bench_quantized(name, p, m, base, qcases, dev) if qcases
+                        else _bench_backend(name, p, m, base, dev))
+        if not qcases:
             bar.step(f"{p.name} M={m} FusedMoE.forward")
             rows.append(_bench_layer(p, m, args, logits, base.ref, base.floor, dev))
-        del x, base, qcase
+        del x, base, qcases
     bar.close()
     return ceil, rows
 
@@ -486,26 +490,34 @@ def _bench_backend(name: str, p: Preset, m: int, case: _Case, dev: torch.device,
     return rows
 
 
-def _bench_quantized(name: str, p: Preset, m: int, base: _Case, qcase: _Case, dev: torch.device) -> list[Row]:
-    """A backend that declares the scheme: its unquantized rows and its quantized rows of the same modes, each
-    quantized row after the unquantized row of its mode and carrying ``vs_bf16``; others: one skipped row."""
-    try:
-        select_backend(qcase.problem, name)
-    except BackendUnavailableError as err:
-        return [_with_extra(_skipped(p, m, name, "eager", qcase.floor, f"skipped: {err}", quant=qcase.quant),
-                            qcase.extra)]
-    plain = {r.mode: r for r in _bench_backend(name, p, m, base, dev, kernels=False)}
-    rows: list[Row] = []
-    for q in _bench_backend(name, p, m, qcase, dev, kernels=False):
-        _with_extra(q, qcase.extra)
-        if name == "torch":
-            q.note = _joined(f"quantization error vs unquantized {qcase.extra['quant_err']:.2e}", q.note)
-        b = plain.pop(q.mode, None)
-        if b is not None:
-            rows.append(b)
-            q.vs_bf16 = b.time_us / q.time_us if b.time_us and q.time_us else None
-        rows.append(q)
-    return rows + list(plain.values())
+def _bench_quantized(name: str, p: Preset, m: int, base: _Case, qcases: list[_Case],
+                     dev: torch.device) -> list[Row]:
+    """A backend's unquantized rows and, for each scheme it declares, its quantized rows of the same modes:
+    each quantized row after the unquantized row of its mode, carrying ``vs_bf16``; a scheme it does not
+    run: one skipped row."""
+    usable, skipped = [], []
+    for qcase in qcases:
+        try:
+            select_backend(qcase.problem, name)
+            usable.append(qcase)
+        except BackendUnavailableError as err:
+            skipped.append(_with_extra(_skipped(p, m, name, "eager", qcase.floor, f"skipped: {err}",
+                                                quant=qcase.quant), qcase.extra))
+    if not usable:
+        return skipped
+    plain = _bench_backend(name, p, m, base, dev, kernels=False)
+    by_mode: dict[str, list[Row]] = {r.mode: [] for r in plain}
+    for qcase in usable:
+        for q in _bench_backend(name, p, m, qcase, dev, kernels=False):
+            _with_extra(q, qcase.extra)
+            if name == "torch":
+                q.note = _joined(f"quantization error vs unquantized {qcase.extra['quant_err']:.2e}", q.note)
+            b = next((r for r in plain if r.mode == q.mode), None)
+            if b is not None and b.time_us and q.time_us:
+                q.vs_bf16 = b.time_us / q.time_us
+            by_mode.setdefault(q.mode, []).append(q)
+    rows = [r for b in plain for r in (b, *by_mode.pop(b.mode))]
+    return rows + [q for qs in by_mode.values() for q in qs] + skipped
 
 
 def _with_extra(row: Row, extra: dict) -> Row:
@@ -566,15 +578,14 @@ def _header(ceil: Ceilings, info: dict | None, rows: list[Row]) -> list[str]:
     if ceil.device == "cpu":
         lines.append("cpu: the roofline floor is not a bound here (its ceilings come from a large copy and a "
                      "1024-square matmul; small presets run from cache), so 'floor us' and '% floor' are left out")
-    if info is not None and info.get("quant"):
-        lines += _quant_header(ceil, info, rows)
+    for q in (info or {}).get("quant") or ():
+        lines += _quant_header(ceil, info, q, [r for r in rows if r.quant == q["name"]])
     lines.append(f"times: median of the timed calls, with min and max; a spread (max-min)/median over "
                  f"{WIDE_SPREAD:.0%} is noted")
     return lines
 
 
-def _quant_header(ceil: Ceilings, info: dict, rows: list[Row]) -> list[str]:
-    q = info["quant"]
+def _quant_header(ceil: Ceilings, info: dict, q: dict, rows: list[Row]) -> list[str]:
     w, a = q["scheme"]["weights"], q["scheme"]["activations"]
     block = "x".join(map(str, w.get("block") or ()))
     per = {"tensor": "tensor", "channel": "output channel", "block": f"block {block}", "token": "token",

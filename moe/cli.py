@@ -293,9 +293,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON (after the table is printed)")
     p.add_argument("--plot", metavar="PATH.png",
                    help="plot percent of floor (CPU: time) against M (needs matplotlib: pip install 'moe-layer[plot]')")
-    p.add_argument("--quant", metavar="NAME",
-                   help=f"also time this quantization scheme beside the unquantized rows: {', '.join(NAMES)} "
-                   "(default: none)")
+    p.add_argument("--quant", metavar="NAME[,NAME...]",
+                   help=f"also time these quantization schemes beside the unquantized rows (measured once): "
+                   f"{', '.join(NAMES)} (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.set_defaults(func=_cmd_bench)
 

@@ -60,8 +60,8 @@ def test_bench_quant_fp8_block_on_the_torch_backend(tmp_path, capsys):
     assert plain_line.split()[11] == "-"  # the unquantized row has no speed-up of its own
 
     data = json.loads(path.read_text())
-    assert data["info"]["quant"]["name"] == "fp8_block"
-    assert data["info"]["quant"]["scheme"] == named("fp8_block").model_dump(mode="json", exclude_none=True)
+    assert data["info"]["quant"][0]["name"] == "fp8_block"
+    assert data["info"]["quant"][0]["scheme"] == named("fp8_block").model_dump(mode="json", exclude_none=True)
     rows = data["rows"]
     assert {r["quant"] for r in rows} == {"none", "fp8_block"} and {r["mode"] for r in rows} == {"eager"}
     (q,) = [r for r in rows if r["quant"] == "fp8_block"]
@@ -71,6 +71,26 @@ def test_bench_quant_fp8_block_on_the_torch_backend(tmp_path, capsys):
     assert q["vs_bf16"] == pytest.approx(b["time_us"] / q["time_us"])
     assert q["pct_floor"] is None and q["floor_us"] < b["floor_us"]  # fewer weight bytes, same tokens
     assert b["rel_err"] <= 1e-5 and b["vs_bf16"] is None
+
+
+def test_bench_several_schemes_share_one_unquantized_measurement(tmp_path, capsys):
+    """``--quant a,b``: one run, the unquantized row measured once, each scheme's row after it with its own
+    header line and its speed-up against that one row; a name twice or an unknown one is refused."""
+    path = tmp_path / "r.json"
+    assert main(["bench", "--quant", "fp8_block,int8_channel", "--preset", "default", "--m", "1", "--backends",
+                 "torch", "--json", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "quantization scheme fp8_block:" in out and "quantization scheme int8_channel:" in out
+    data = json.loads(path.read_text())
+    assert [q["name"] for q in data["info"]["quant"]] == ["fp8_block", "int8_channel"]
+    assert [r["quant"] for r in data["rows"]] == ["none", "fp8_block", "int8_channel"]
+    plain = data["rows"][0]
+    for r in data["rows"][1:]:
+        assert r["vs_bf16"] == pytest.approx(plain["time_us"] / r["time_us"])
+    with pytest.raises(moe.bench.BenchError, match="--quant: fp8_block,fp8_block names a scheme twice"):
+        moe.bench.resolve_request("default", (1,), "cpu", None, ("torch",), "fp8_block,fp8_block")
+    with pytest.raises(moe.bench.BenchError, match="--quant: unknown quantization scheme 'fp4'"):
+        moe.bench.resolve_request("default", (1,), "cpu", None, ("torch",), ("fp8_block", "fp4"))
 
 
 @pytest.fixture
@@ -102,7 +122,7 @@ def test_bench_quant_static_scales_come_from_a_calibration(fixed_ceilings):
     req = moe.bench.resolve_request("default", (1,), "cpu", None, ("torch",), "fp8_tensor_static")
     ceil, rows = moe.bench.run_request(req, progress=False)
     info = moe.bench.bench_info(req)
-    assert info["quant"]["calibration"]["tokens"] == moe.bench.CALIBRATION_M
+    assert info["quant"][0]["calibration"]["tokens"] == moe.bench.CALIBRATION_M
     (q,) = [r for r in rows if r.quant == "fp8_tensor_static"]
     assert q.extra["a13_scale"] > 0 and q.extra["a2_scale"] > 0 and q.rel_err <= 1e-6
     table = moe.bench.format_table(ceil, rows, info)

@@ -39,10 +39,10 @@ def test_backends_problem_dtype_quant_print_the_decision(capsys):
     out = capsys.readouterr().out
     assert "problem: E=8 N=64 K=32 top_k=2 bfloat16 quant=none" in out
     assert "requested='auto' -> chosen=" in out
-    # nothing declares fp8 yet: the reason is printed, not a traceback
-    assert main(["backends", "--target", "h200", "--quant", "fp8_channel"]) == 0
+    # a scheme some backends do not run: their reason is printed, not a traceback
+    assert main(["backends", "--target", "h200", "--quant", "fp8_block"]) == 0
     out = capsys.readouterr().out
-    assert "quant=fp8_channel" in out and "not fp8_channel" in out
+    assert "quant=fp8_block" in out and "runs the quantization schemes fp8_channel, none, not fp8_block" in out
 
 
 def test_bench_default_runs_and_checks_every_backend(tmp_path, capsys):
