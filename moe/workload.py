@@ -269,10 +269,12 @@ def fp8_matmul_rate(device: torch.device, n: int = 8192) -> float | None:
 
 
 def int8_matmul_rate(device: torch.device, n: int = 8192) -> float | None:
-    """TOP/s of ``torch._int_mm`` on n^3 int8 (int32 output); None where the device has no INT8 matmul."""
+    """TOP/s of ``torch._int_mm`` on n^3 int8 (int32 output), the second operand column-major (the layout
+    of a weight [N, K] used as its transpose: cuBLASLt's int8 tensor-core path; row-major measured 128 TOP/s
+    on an H200, below what our int8 kernels reach); None where the device has no INT8 matmul."""
     try:
         a = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
-        b = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
+        b = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8).t()
         torch._int_mm(a, b)
     except (RuntimeError, TypeError, AttributeError):
         return None

@@ -22,17 +22,22 @@ BIG = KernelConfig(block_m=128, gemm1=GemmTile(block_n=128, num_warps=8), gemm2=
 
 def _file(**over):
     data = dict(num_experts=8, intermediate_size=64, hidden_size=32, top_k=2, device_name="Test GPU",
-                dtype="bfloat16", configs={"1": SMALL.model_dump(), "4096": BIG.model_dump()})
+                dtype="bfloat16", configs={"1": SMALL.model_dump(), "16": SMALL.model_dump(),
+                                           "1024": BIG.model_dump(), "4096": BIG.model_dump()})
     data.update(over)
     return data
 
 
-def test_lookup_nearest_on_log_scale(tmp_path):
+def test_lookup_nearest_on_log_scale_within_reach(tmp_path):
     path = tmp_path / tuned.file_name(8, 64, "Test GPU", torch.bfloat16)
-    path.write_text(json.dumps(_file()))
+    path.write_text(json.dumps(_file(configs={"1": SMALL.model_dump(), "16": SMALL.model_dump(),
+                                              "64": BIG.model_dump(), "4096": BIG.model_dump()})))
     f = tuned.load_tuned_file(path)
-    assert tuned.lookup(f, 1) == SMALL and tuned.lookup(f, 63) == SMALL  # log distance 4.1 < 4.2
-    assert tuned.lookup(f, 65) == BIG and tuned.lookup(f, 100_000) == BIG
+    assert tuned.lookup(f, 1) == SMALL and tuned.lookup(f, 2) == SMALL and tuned.lookup(f, 31) == SMALL
+    assert tuned.lookup(f, 33) == BIG and tuned.lookup(f, 128) == BIG and tuned.lookup(f, 8192) == BIG
+    # no tuned count within 2x: the heuristic decides (4, 256 and 2048 are 4x or more from the nearest)
+    assert tuned.lookup(f, 4) is None and tuned.lookup(f, 256) is None and tuned.lookup(f, 1500) is None
+    assert tuned.lookup(f, 100_000) is None
     assert path.name == "E=8,N=64,device_name=Test_GPU,dtype=bfloat16.json"
 
 
@@ -146,7 +151,7 @@ def test_missing_file_warns_once_with_the_tune_command(tmp_path, monkeypatch):
     name = tuned.file_name(7, 80, "Fake GPU", torch.bfloat16)
     (tmp_path / name).write_text(json.dumps(_file(num_experts=7, intermediate_size=80, device_name="Fake GPU")))
     tuned._find.cache_clear()
-    assert tuned.tuned_config(p, torch.device("cuda")) == SMALL  # 32 tokens: nearer to 1 than to 4096
+    assert tuned.tuned_config(p, torch.device("cuda")) == SMALL  # 32 tokens: within 2x of 16
     big = dataclasses.replace(p, num_tokens=2000)
     assert tuned.tuned_config(big, torch.device("cuda")) == BIG
 
@@ -190,10 +195,10 @@ def test_chosen_config_is_remembered_until_cleared(tmp_path, monkeypatch):
     dev = torch.device("cuda")
     assert choose_config(p, dev) == SMALL
     (tmp_path / name).write_text(json.dumps(_file(num_experts=7, intermediate_size=80, device_name="Fake GPU",
-                                                  configs={"1": BIG.model_dump()})))
+                                                  configs={"32": BIG.model_dump()})))
     tuned._find.cache_clear()  # the file is read again, but the chosen config per token count is remembered
     assert choose_config(p, dev) == SMALL  # remembered
-    assert choose_config(dataclasses.replace(p, num_tokens=64), dev) == BIG  # new token count
+    assert choose_config(dataclasses.replace(p, num_tokens=40), dev) == BIG  # new token count
     moe.reset_caches()
     assert choose_config(p, dev) == BIG
 
