@@ -208,3 +208,21 @@ def test_block_scaled_weights_refuse_k_tiles_wider_than_a_block():
     wide = KernelConfig(block_m=16, gemm1=small, gemm2=small.model_copy(update={"block_k": 256}))
     with pytest.raises(ValueError, match=r"gemm2\.block_k=256 must divide the 128 columns of a weight scale block"):
         triton_experts(args, prob, torch.empty_like(args.hidden_states), wide)
+
+
+def test_w8a8_heuristic_takes_128_wide_k_tiles_sized_at_one_byte():
+    """W8A8 tiles are 1 byte an element: the heuristic's compute-bound buckets take 128-wide K tiles (one
+    block scale a step for fp8_block) and fit shared memory at 1 byte, not at the activation dtype's 2."""
+    import dataclasses
+
+    from moe.backends.triton.config import SMEM_BUDGET, default_config, operand_bytes
+    from moe.workload import PRESETS
+
+    for preset, m in (("dsv3", 16384), ("qwen3", 4096), ("mixtral", 1024)):
+        plain = PRESETS[preset].problem("cpu", torch.bfloat16, m)
+        for name in ("fp8_block", "fp8_channel", "int8_channel"):
+            prob = dataclasses.replace(plain, quant=moe.quant.named(name))
+            cfg = default_config(prob)
+            assert operand_bytes(prob) == 1 and cfg.gemm1.block_k == cfg.gemm2.block_k == 128
+            assert max(cfg.smem_bytes(1, True)) <= SMEM_BUDGET < max(cfg.smem_bytes(2, True))
+        assert operand_bytes(plain) == 2 and default_config(plain).gemm1.block_k == 64

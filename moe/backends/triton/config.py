@@ -10,8 +10,8 @@ from pydantic import Field
 from ...contract import ExpertsProblem
 from ...frozen import Frozen
 
-__all__ = ["BATCH_INVARIANT_CONFIG", "GemmTile", "KernelConfig", "default_config", "fit_smem", "with_loads",
-           "workspace_bytes"]
+__all__ = ["BATCH_INVARIANT_CONFIG", "GemmTile", "KernelConfig", "default_config", "fit_smem", "operand_bytes",
+           "with_loads", "workspace_bytes"]
 
 Pow2 = Literal[16, 32, 64, 128, 256]
 
@@ -70,15 +70,21 @@ def fit_smem(cfg: KernelConfig, elt: int, gated: bool, budget: int = SMEM_BUDGET
     return cfg
 
 
+def operand_bytes(problem: ExpertsProblem) -> int:
+    """Bytes an element of the GEMMs' pipelined operand tiles: 1 when both inputs are quantized to 8 bits
+    (W8A8: fp8 or int8 tiles), else the activation dtype's (an upper bound for weight-only schemes)."""
+    return 1 if problem.quant.activations is not None else problem.dtype.itemsize
+
+
 def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool = True) -> KernelConfig:
     """A simple heuristic by rows per expert (tuned configs replace it where they exist). ``tma``: the
     device has a tensor copy engine (Hopper and later); without it, or when the rows of K or N are not
     whole multiples of 16 bytes, every tile uses pointer loads."""
     cfg = _by_rows_per_expert(problem, interpret)
-    elt = problem.dtype.itemsize  # descriptors need 16-byte row strides: K and N rows of whole 16 bytes
+    elt = operand_bytes(problem)  # descriptors need 16-byte row strides: K and N rows of whole 16 bytes
     if not tma or (problem.hidden_size * elt) % 16 or (problem.intermediate_size * elt) % 16:
         cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
-    return fit_smem(cfg, problem.dtype.itemsize, problem.activation.gated)
+    return fit_smem(cfg, elt, problem.activation.gated)
 
 
 def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfig:
@@ -99,14 +105,18 @@ def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfi
     # Above 16 rows per expert both GEMMs load through tensor descriptors (TMA): GEMM2 3-25% faster from
     # mixtral at 256 tokens to qwen3/dsv3 at 4096-16384, GEMM1 0-10% (2026-11-27, H200); at 16 rows and
     # below it made no difference
+    # 8-bit operands (W8A8) take 128-wide K tiles where bf16 takes 64: the same bytes a stage, and for
+    # block scales one scale block a step (each step's dot is scaled and added to the accumulator, which
+    # waits for the tensor cores: fp8_block prefill at 64-wide K tiles ran at 12-21% of its floor, H200)
+    bk = 128 if operand_bytes(problem) == 1 else 64
     if rows_per_expert < 128:
-        g1 = GemmTile(block_n=128, block_k=64, group_m=64, num_warps=4, num_stages=4, loads="tma")
+        g1 = GemmTile(block_n=128, block_k=bk, group_m=64, num_warps=4, num_stages=4, loads="tma")
         g2 = GemmTile(block_n=128, block_k=128, group_m=8, num_warps=4, num_stages=4, loads="tma")
         return KernelConfig(block_m=64, gemm1=g1, gemm2=g2)
     # From 128 rows: 128-row tiles with 8 warps (qwen3 at 4096 tokens: 1023 -> 986 us), and GEMM1 as one
     # dot over gate and up columns (2-6% faster at 1024-16384 tokens on the presets)
-    g1 = GemmTile(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4, loads="tma")
-    g2 = GemmTile(block_n=128 if rows_per_expert <= 256 else 256, block_k=64, group_m=8, num_warps=8, num_stages=4,
+    g1 = GemmTile(block_n=128, block_k=bk, group_m=8, num_warps=8, num_stages=4, loads="tma")
+    g2 = GemmTile(block_n=128 if rows_per_expert <= 256 else 256, block_k=bk, group_m=8, num_warps=8, num_stages=4,
                   loads="tma")
     return KernelConfig(block_m=128, gemm1=g1, gemm2=g2, gate_up="one_dot")
 
