@@ -226,3 +226,33 @@ def test_w8a8_heuristic_takes_128_wide_k_tiles_sized_at_one_byte():
             assert operand_bytes(prob) == 1 and cfg.gemm1.block_k == cfg.gemm2.block_k == 128
             assert max(cfg.smem_bytes(1, True)) <= SMEM_BUDGET < max(cfg.smem_bytes(2, True))
         assert operand_bytes(plain) == 2 and default_config(plain).gemm1.block_k == 64
+
+
+@pytest.mark.parametrize(("T", "N"), [(1, 256), (9, 200), (40, 136)])
+def test_fp8_block_gemm2_quantizes_its_input_as_it_loads_it(T, N, monkeypatch):
+    """fp8_block with GEMM2's K tile = the activation group (128): no quantization pass between the GEMMs
+    (one quantize_rows launch, GEMM1's input), and the result equals the reference's emulation, N ragged
+    against 128 included; with 64-wide K tiles the pass runs (two launches)."""
+    import dataclasses
+
+    import moe.backends.triton as tb
+    from moe.backends.torch_ref import torch_ref_experts
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+
+    inp, args, prob = _args(Case(T=T, E=4, K=256, N=N, k=2), torch.bfloat16)
+    cfg = moe.quant.named("fp8_block")
+    args = dataclasses.replace(args, w13=moe.quant.quantize(inp["w13"], cfg.weights, parts=2),
+                               w2=moe.quant.quantize(inp["w2"], cfg.weights))
+    prob = dataclasses.replace(prob, quant=cfg)
+    ref = torch_ref_experts(args, prob)
+    calls = []
+    real = tb.quantize_rows
+    monkeypatch.setattr(tb, "quantize_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for bk, launches in ((128, 1), (64, 2)):
+        tile = GemmTile(block_n=32, block_k=64, group_m=1, num_stages=1)
+        kcfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile.model_copy(update={"block_k": bk}))
+        calls.clear()
+        out = torch.full_like(args.hidden_states, float("nan"))
+        triton_experts(args, prob, out, kcfg)
+        assert len(calls) == launches
+        assert_close(out, ref, scheme="fp8_block", what=f"GEMM2 block_k={bk}")

@@ -48,7 +48,7 @@ def quantize(v, FMT: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _scale_of(amax, FMT: tl.constexpr):
+def scale_of(amax, FMT: tl.constexpr):
     if FMT == 1:  # noqa: SIM108  (an if: Triton 3.6 does not fold a conditional expression on constexprs)
         scale = tl.where(amax > 0, amax / INT8_MAX, 1.0)
     else:
@@ -89,10 +89,10 @@ def quant_rows(
         if MODE == 4:
             tl.atomic_max(src_ptr, m)
             return
-        scale = _scale_of(m, FMT)
+        scale = scale_of(m, FMT)
         tl.store(s_ptr + row * stride_s, scale)
     elif MODE == 2:
-        scale = _scale_of(tl.load(src_ptr), FMT)
+        scale = scale_of(tl.load(src_ptr), FMT)
     elif MODE == 3:
         if PER_EXPERT:
             if DIRECT:
@@ -108,7 +108,7 @@ def quant_rows(
         v = tl.load(x_row + offs, mask=kmask, other=0.0).to(tl.float32)
         if MODE == 1:  # per group of GROUP columns: [BLOCK // GROUP, GROUP]
             vg = tl.reshape(v, [BLOCK // GROUP, GROUP])
-            gs = _scale_of(tl.max(tl.abs(vg), axis=1), FMT)
+            gs = scale_of(tl.max(tl.abs(vg), axis=1), FMT)
             g = k0 // GROUP + tl.arange(0, BLOCK // GROUP)
             tl.store(s_ptr + row * stride_s + g, gs, mask=g * GROUP < K)
             q = tl.reshape(quantize(vg / gs[:, None], FMT, INTERP), [BLOCK])

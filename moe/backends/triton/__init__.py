@@ -192,8 +192,8 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         num_global, num_local, x_in.stride(0), w13.stride(0), w13.stride(1), b13.stride(0), *_strides(s13),
         sx.stride(0) if sx.dim() else 0, inter.stride(0), problem.activation.alpha, problem.activation.limit, **mode1,
     )
-    a2, sa2 = inter, topk_w  # GEMM2's input: the activated rows, or them quantized
-    if act is not None:
+    a2, sa2 = inter, topk_w  # GEMM2's input: the activated rows, or them quantized (here or as GEMM2 loads them)
+    if act is not None and mode2["A_SCALE"] != _gemm.A_GROUP_LOAD:
         layout = RowLayout(None if al is None else al.sorted_ids, None if al is None else al.block_expert,
                            cfg.block_m, ids, emap, num_pairs, num_global, num_local)
         qi = quantize_rows(inter, act, static=args.a2_scale, amax=amax, layout=layout, pdl=pdl)

@@ -11,7 +11,9 @@ Each kernel takes its choices as mode values, never one boolean per format (mode
   per output row; BLOCK_SCALE: one per W_BN x W_BK block, applied inside the K loop);
 - A_SCALE: the GEMM input's quantization (A_NONE: the activation dtype; A_TENSOR: one scale; A_TOKEN: one
   per row; A_GROUP: one per row and A_GK columns, inside the K loop; A_EXPERT: one per expert, static:
-  GEMM1 quantizes its gathered rows with it, GEMM2 reads rows quantized with it);
+  GEMM1 quantizes its gathered rows with it, GEMM2 reads rows quantized with it; A_GROUP_LOAD, GEMM2 of
+  fp8 block scales with BLOCK_K = the group: it reads GEMM1's unquantized rows and quantizes each
+  [BLOCK_M, BLOCK_K] tile, one group a row, as it loads it, so no quantization pass runs between the GEMMs);
 - INT: int8 operands with int32 accumulation (fp8 and the activation dtypes accumulate in fp32);
 - INTERP: the one interpreter switch (``moe.kernels._jit``).
 Each quantization scheme is a (W_SCALE, A_SCALE, INT) triple (modes.py), never a boolean per format.
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ...kernels._jit import cast, chain, dot, local_expert
-from ...kernels._quant import quantize
+from ...kernels._quant import quantize, scale_of
 
 # activation codes (ACT_CODES in modes.py); codes below RELU2 are gated
 SILU, GELU, GELU_TANH, SWIGLUOAI, RELU2, SILU_NO_MUL, GELU_NO_MUL = 0, 1, 2, 3, 4, 5, 6
@@ -29,7 +31,7 @@ SORTED, DIRECT = 0, 1
 POINTER, TMA = 0, 1
 TWO_DOTS, ONE_DOT = 0, 1
 NO_SCALE, TENSOR_SCALE, CHANNEL_SCALE, BLOCK_SCALE = 0, 1, 2, 3
-A_NONE, A_TENSOR, A_TOKEN, A_GROUP, A_EXPERT = 0, 1, 2, 3, 4
+A_NONE, A_TENSOR, A_TOKEN, A_GROUP, A_EXPERT, A_GROUP_LOAD = 0, 1, 2, 3, 4, 5
 
 
 @triton.jit
@@ -320,13 +322,26 @@ def moe_gemm1(
 
 
 @triton.jit
+def _group_quantized_step(acc, a, w, sw, k0, W_BK: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr):
+    """A_GROUP_LOAD: ``a`` is a [BLOCK_M, BLOCK_K] tile of unquantized rows, one activation group a row
+    (BLOCK_K = the group); quantized here to e4m3 by its row amax / 448, exactly as ``quant_rows`` would,
+    then one scaled step: ``acc += (q @ w) * s[rows] * sw[cols]``."""
+    af = a.to(tl.float32)
+    s = scale_of(tl.max(tl.abs(af), axis=1), 0)
+    q = quantize(af / s[:, None], 0, INTERP)
+    part = dot(q, w, tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE, False)
+    return acc + part * s[:, None] * tl.load(sw + k0 // W_BK)[None, :]
+
+
+@triton.jit
 def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, N, stride_am, stride_wk, sa, sw,
                 LOADS: tl.constexpr, EVEN_K: tl.constexpr, W_SCALE: tl.constexpr, INT: tl.constexpr,
-                W_BK: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                W_BK: tl.constexpr, QUANT_LOAD: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The reduction of GEMM2 over the intermediate dim N: [BLOCK_M, BLOCK_N] output columns o0... TMA:
     the input as [rows, N] with [BLOCK_M, BLOCK_K] boxes (padding rows read whatever GEMM1 left there:
-    they reach only their own, unstored, rows) and w2 as [E, K, N] with [1, BLOCK_N, BLOCK_K] boxes."""
+    they reach only their own, unstored, rows) and w2 as [E, K, N] with [1, BLOCK_N, BLOCK_K] boxes.
+    QUANT_LOAD: the input tiles are quantized as they are loaded (A_GROUP_LOAD)."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_o = o0 + tl.arange(0, BLOCK_N)
     # pointer loads: padding rows read the tile's first row (always a pair's), never stored
@@ -345,7 +360,10 @@ def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, 
             w = _load_w(w_ptrs, kmask, omask, EVEN_K)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        acc = _step(acc, a, w, sa, sw, k0, W_SCALE, W_BK, INT, INTERP, IEEE)
+        if QUANT_LOAD:
+            acc = _group_quantized_step(acc, a, w, sw, k0, W_BK, INTERP, IEEE)
+        else:
+            acc = _step(acc, a, w, sa, sw, k0, W_SCALE, W_BK, INT, INTERP, IEEE)
     return acc
 
 
@@ -379,8 +397,8 @@ def moe_gemm2(
     a_rows = _row_scales(as_ptr, (first + tl.arange(0, BLOCK_M)).to(tl.int64), valid, stride_as)
     sw = ws_base + (tl.where(omask, offs_o, 0) // W_BN) * stride_wsr  # block scales of the output columns
     acc = _gemm2_loop(a_ptr, a_desc, w_desc, w_ptr + expert.to(tl.int64) * stride_we, expert, first, valid, o0, omask,
-                      N, stride_am, stride_wk, a_rows, sw, LOADS, EVEN_K, W_SCALE, INT, W_BK, INTERP, IEEE, BLOCK_M,
-                      BLOCK_N, BLOCK_K)
+                      N, stride_am, stride_wk, a_rows, sw, LOADS, EVEN_K, W_SCALE, INT, W_BK, A_SCALE == 5, INTERP,
+                      IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = _epilogue_scale(acc, as_ptr, a_rows, expert, ws_base, offs_o, omask, stride_wsr, 0, W_SCALE, A_SCALE, INT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_o, mask=omask, other=0.0)

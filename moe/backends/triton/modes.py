@@ -2,7 +2,8 @@
 
 A scheme, layout or load path is a mode value (see _gemm.py), never a new boolean: a quantization scheme
 is a weight-scale mode (:data:`W_SCALE_MODES`), an input-scale mode (:func:`input_mode`) and the int8
-switch; adding one adds entries here and the kernel code for its modes.
+switch; adding one adds entries here and the kernel code for its modes. fp8_block's GEMM2 with a K tile
+of one activation group quantizes its input as it loads it (A_GROUP_LOAD): no pass between the GEMMs.
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2
                  LOADS=_gemm.TMA if tma1 else _gemm.POINTER,
                  GATE_UP=_gemm.ONE_DOT if act.gated and cfg.gate_up == "one_dot" else _gemm.TWO_DOTS,
                  num_warps=g1.num_warps, num_stages=g1.num_stages)
-    mode2 = dict(common, HAS_BIAS=p.has_w2_bias, A_SCALE=input_mode(p, static2), ATOMIC=cfg.combine == "atomic",
+    # fp8 block scales with one activation group a K tile: GEMM2 quantizes its input as it loads it
+    quant_load = w_scale == _gemm.BLOCK_SCALE and a is not None and not a.static and a.group_size == g2.block_k
+    mode2 = dict(common, HAS_BIAS=p.has_w2_bias, A_SCALE=_gemm.A_GROUP_LOAD if quant_load else input_mode(p, static2),
+                 ATOMIC=cfg.combine == "atomic",
                  BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, GROUP_M=g2.group_m,
                  EVEN_K=p.intermediate_size % g2.block_k == 0, LOADS=_gemm.TMA if tma2 else _gemm.POINTER,
                  num_warps=g2.num_warps, num_stages=g2.num_stages)
