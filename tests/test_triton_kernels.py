@@ -228,31 +228,41 @@ def test_w8a8_heuristic_takes_128_wide_k_tiles_sized_at_one_byte():
         assert operand_bytes(plain) == 2 and default_config(plain).gemm1.block_k == 64
 
 
+# (scheme, GEMM2 block_k, quantize_rows launches): dynamic schemes quantize GEMM2's input as GEMM2 loads it
+# (groups only when a K tile is one group), static ones in a pass between the GEMMs
+_PASSES = [("fp8_block", 128, 1), ("fp8_block", 64, 2), ("fp8_channel", 64, 1), ("int8_channel", 128, 1),
+           ("fp8_tensor", 64, 1), ("fp8_tensor_static", 64, 2)]
+
+
 @pytest.mark.parametrize(("T", "N"), [(1, 256), (9, 200), (40, 136)])
-def test_fp8_block_gemm2_quantizes_its_input_as_it_loads_it(T, N, monkeypatch):
-    """fp8_block with GEMM2's K tile = the activation group (128): no quantization pass between the GEMMs
-    (one quantize_rows launch, GEMM1's input), and the result equals the reference's emulation, N ragged
-    against 128 included; with 64-wide K tiles the pass runs (two launches)."""
+@pytest.mark.parametrize(("name", "bk", "launches"), _PASSES)
+def test_gemm2_quantizes_its_input_as_it_loads_it(T, N, name, bk, launches, monkeypatch):
+    """No quantization pass between the GEMMs for dynamic schemes (one quantize_rows launch: GEMM1's
+    input): GEMM2 quantizes each tile of GEMM1's rows as it loads it, by the row's (tensor's) amax that
+    GEMM1 gathered, or for fp8_block by the tile itself when it is one group; the result equals the
+    reference's emulation, N ragged against 128 included."""
     import dataclasses
 
     import moe.backends.triton as tb
     from moe.backends.torch_ref import torch_ref_experts
     from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+    from moe.quant.calibration import calibrate_static_scales
 
     inp, args, prob = _args(Case(T=T, E=4, K=256, N=N, k=2), torch.bfloat16)
-    cfg = moe.quant.named("fp8_block")
+    cfg = moe.quant.named(name)
+    static = {}
+    if cfg.static_activations:
+        a13, a2 = calibrate_static_scales(inp["hidden_states"], inp["w13"], inp["topk_ids"], cfg.activations, "silu")
+        static = dict(a13_scale=a13, a2_scale=a2)
     args = dataclasses.replace(args, w13=moe.quant.quantize(inp["w13"], cfg.weights, parts=2),
-                               w2=moe.quant.quantize(inp["w2"], cfg.weights))
+                               w2=moe.quant.quantize(inp["w2"], cfg.weights), **static)
     prob = dataclasses.replace(prob, quant=cfg)
-    ref = torch_ref_experts(args, prob)
     calls = []
     real = tb.quantize_rows
     monkeypatch.setattr(tb, "quantize_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    for bk, launches in ((128, 1), (64, 2)):
-        tile = GemmTile(block_n=32, block_k=64, group_m=1, num_stages=1)
-        kcfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile.model_copy(update={"block_k": bk}))
-        calls.clear()
-        out = torch.full_like(args.hidden_states, float("nan"))
-        triton_experts(args, prob, out, kcfg)
-        assert len(calls) == launches
-        assert_close(out, ref, scheme="fp8_block", what=f"GEMM2 block_k={bk}")
+    tile = GemmTile(block_n=32, block_k=64, group_m=1, num_stages=1)
+    kcfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile.model_copy(update={"block_k": bk}))
+    out = torch.full_like(args.hidden_states, float("nan"))
+    triton_experts(args, prob, out, kcfg)
+    assert len(calls) == launches
+    assert_close(out, torch_ref_experts(args, prob), scheme=name, what=f"{name} GEMM2 block_k={bk}")

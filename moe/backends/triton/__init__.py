@@ -173,8 +173,10 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     y = (torch.zeros(T, K, dtype=torch.float32, device=dev) if atomic
          else torch.empty(num_pairs, K, dtype=dtype, device=dev))
     g1, g2 = cfg.gemm1, cfg.gemm2
-    amax = torch.zeros(1, dtype=torch.float32, device=dev) if act is not None and act.granularity == "tensor" \
-        and not act.static else None  # GEMM2's per-tensor scale, gathered by GEMM1
+    # GEMM2's dynamic per-tensor or per-row input scales come from the absolute max GEMM1 gathers here
+    dynamic = act.granularity if act is not None and not act.static else None
+    amax = (torch.zeros(1 if dynamic == "tensor" else inter.shape[0], dtype=torch.float32, device=dev)
+            if dynamic in ("tensor", "token") else None)
     tma1 = _use_tma(g1, (w13,), dev, interp)
     # GEMM2's input through descriptors: the activated rows, or their 1-byte quantized copy (16-byte rows)
     tma2 = _use_tma(g2, (w2, inter), dev, interp) and (act is None or N % 16 == 0)
@@ -192,8 +194,9 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         num_global, num_local, x_in.stride(0), w13.stride(0), w13.stride(1), b13.stride(0), *_strides(s13),
         sx.stride(0) if sx.dim() else 0, inter.stride(0), problem.activation.alpha, problem.activation.limit, **mode1,
     )
-    a2, sa2 = inter, topk_w  # GEMM2's input: the activated rows, or them quantized (here or as GEMM2 loads them)
-    if act is not None and mode2["A_SCALE"] != _gemm.A_GROUP_LOAD:
+    # GEMM2's input: the activated rows (quantized as GEMM2 loads them, from their amax), or them quantized
+    a2, sa2 = inter, amax if amax is not None else topk_w
+    if act is not None and mode2["A_SCALE"] not in (_gemm.A_GROUP_LOAD, _gemm.A_TOKEN_LOAD, _gemm.A_TENSOR_LOAD):
         layout = RowLayout(None if al is None else al.sorted_ids, None if al is None else al.block_expert,
                            cfg.block_m, ids, emap, num_pairs, num_global, num_local)
         qi = quantize_rows(inter, act, static=args.a2_scale, amax=amax, layout=layout, pdl=pdl)

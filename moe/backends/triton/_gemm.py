@@ -13,7 +13,9 @@ Each kernel takes its choices as mode values, never one boolean per format (mode
   per row; A_GROUP: one per row and A_GK columns, inside the K loop; A_EXPERT: one per expert, static:
   GEMM1 quantizes its gathered rows with it, GEMM2 reads rows quantized with it; A_GROUP_LOAD, GEMM2 of
   fp8 block scales with BLOCK_K = the group: it reads GEMM1's unquantized rows and quantizes each
-  [BLOCK_M, BLOCK_K] tile, one group a row, as it loads it, so no quantization pass runs between the GEMMs);
+  [BLOCK_M, BLOCK_K] tile, one group a row, as it loads it, so no quantization pass runs between the GEMMs;
+  A_TOKEN_LOAD / A_TENSOR_LOAD, GEMM2 of dynamic per-token / per-tensor schemes: the same, the scale made
+  from the row's (the tensor's) absolute max that GEMM1 gathered (OUT_AMAX: ROW_AMAX / TENSOR_AMAX);
 - INT: int8 operands with int32 accumulation (fp8 and the activation dtypes accumulate in fp32);
 - INTERP: the one interpreter switch (``moe.kernels._jit``).
 Each quantization scheme is a (W_SCALE, A_SCALE, INT) triple (modes.py), never a boolean per format.
@@ -31,7 +33,8 @@ SORTED, DIRECT = 0, 1
 POINTER, TMA = 0, 1
 TWO_DOTS, ONE_DOT = 0, 1
 NO_SCALE, TENSOR_SCALE, CHANNEL_SCALE, BLOCK_SCALE = 0, 1, 2, 3
-A_NONE, A_TENSOR, A_TOKEN, A_GROUP, A_EXPERT, A_GROUP_LOAD = 0, 1, 2, 3, 4, 5
+A_NONE, A_TENSOR, A_TOKEN, A_GROUP, A_EXPERT, A_GROUP_LOAD, A_TOKEN_LOAD, A_TENSOR_LOAD = 0, 1, 2, 3, 4, 5, 6, 7
+NO_AMAX, TENSOR_AMAX, ROW_AMAX = 0, 1, 2
 
 
 @triton.jit
@@ -317,8 +320,10 @@ def moe_gemm1(
     o_ptrs = out_ptr + orow[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     smask = valid[:, None] & nmask[None, :]
     tl.store(o_ptrs, h, mask=smask)
-    if OUT_AMAX:
+    if OUT_AMAX == 1:
         tl.atomic_max(amax_ptr, tl.max(tl.max(tl.where(smask, tl.abs(h.to(tl.float32)), 0.0), axis=1), axis=0))
+    elif OUT_AMAX == 2:  # each row's absolute max over the tile's columns joins amax_ptr[row]
+        tl.atomic_max(amax_ptr + orow, tl.max(tl.where(smask, tl.abs(h.to(tl.float32)), 0.0), axis=1), mask=valid)
 
 
 @triton.jit
@@ -334,14 +339,29 @@ def _group_quantized_step(acc, a, w, sw, k0, W_BK: tl.constexpr, INTERP: tl.cons
 
 
 @triton.jit
-def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, N, stride_am, stride_wk, sa, sw,
+def _loaded_input_scales(as_ptr, a_rows, A_SCALE: tl.constexpr, INT: tl.constexpr):
+    """The scales GEMM2 quantizes its input rows with as it loads them, [BLOCK_M, 1] (or one): from each
+    row's absolute max (A_TOKEN_LOAD: ``a_rows`` point into the amax GEMM1 gathered) or the tensor's
+    (A_TENSOR_LOAD: ``as_ptr[0]``); 1.0 for every other mode."""
+    if A_SCALE == 6:
+        s = scale_of(tl.load(a_rows), INT)[:, None]
+    elif A_SCALE == 7:
+        s = scale_of(tl.load(as_ptr), INT)
+    else:
+        s = 1.0
+    return s
+
+
+@triton.jit
+def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, N, stride_am, stride_wk, sa, sw, s_in,
                 LOADS: tl.constexpr, EVEN_K: tl.constexpr, W_SCALE: tl.constexpr, INT: tl.constexpr,
-                W_BK: tl.constexpr, QUANT_LOAD: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr,
+                W_BK: tl.constexpr, A_SCALE: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The reduction of GEMM2 over the intermediate dim N: [BLOCK_M, BLOCK_N] output columns o0... TMA:
     the input as [rows, N] with [BLOCK_M, BLOCK_K] boxes (padding rows read whatever GEMM1 left there:
     they reach only their own, unstored, rows) and w2 as [E, K, N] with [1, BLOCK_N, BLOCK_K] boxes.
-    QUANT_LOAD: the input tiles are quantized as they are loaded (A_GROUP_LOAD)."""
+    The input tiles are quantized as they are loaded with A_GROUP_LOAD (each row of a tile by its own
+    amax) and A_TOKEN_LOAD / A_TENSOR_LOAD (by the row or tensor scales ``s_in``)."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_o = o0 + tl.arange(0, BLOCK_N)
     # pointer loads: padding rows read the tile's first row (always a pair's), never stored
@@ -360,8 +380,10 @@ def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, 
             w = _load_w(w_ptrs, kmask, omask, EVEN_K)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        if QUANT_LOAD:
+        if A_SCALE == 5:
             acc = _group_quantized_step(acc, a, w, sw, k0, W_BK, INTERP, IEEE)
+        elif A_SCALE >= 6:
+            acc = dot(quantize(a.to(tl.float32) / s_in, INT, INTERP), w, acc, INTERP, IEEE, INT)
         else:
             acc = _step(acc, a, w, sa, sw, k0, W_SCALE, W_BK, INT, INTERP, IEEE)
     return acc
@@ -396,9 +418,12 @@ def moe_gemm2(
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
     a_rows = _row_scales(as_ptr, (first + tl.arange(0, BLOCK_M)).to(tl.int64), valid, stride_as)
     sw = ws_base + (tl.where(omask, offs_o, 0) // W_BN) * stride_wsr  # block scales of the output columns
+    s_in = _loaded_input_scales(as_ptr, a_rows, A_SCALE, INT)  # A_TOKEN_LOAD / A_TENSOR_LOAD, else 1
     acc = _gemm2_loop(a_ptr, a_desc, w_desc, w_ptr + expert.to(tl.int64) * stride_we, expert, first, valid, o0, omask,
-                      N, stride_am, stride_wk, a_rows, sw, LOADS, EVEN_K, W_SCALE, INT, W_BK, A_SCALE == 5, INTERP,
-                      IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                      N, stride_am, stride_wk, a_rows, sw, s_in, LOADS, EVEN_K, W_SCALE, INT, W_BK,
+                      A_SCALE, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+    if A_SCALE >= 6:  # the input scales of a tile quantized as it was loaded
+        acc = acc.to(tl.float32) * s_in
     acc = _epilogue_scale(acc, as_ptr, a_rows, expert, ws_base, offs_o, omask, stride_wsr, 0, W_SCALE, A_SCALE, INT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_o, mask=omask, other=0.0)

@@ -13,7 +13,7 @@ from ...options import register_cache
 from . import _gemm
 from .config import KernelConfig
 
-__all__ = ["ACT_CODES", "W_SCALE_MODES", "gemm_modes", "input_mode", "weight_scale_mode"]
+__all__ = ["ACT_CODES", "W_SCALE_MODES", "gemm2_input_mode", "gemm_modes", "input_mode", "weight_scale_mode"]
 
 ACT_CODES = {"silu": _gemm.SILU, "gelu": _gemm.GELU, "gelu_tanh": _gemm.GELU_TANH, "swigluoai": _gemm.SWIGLUOAI,
              "relu2": _gemm.RELU2, "silu_no_mul": _gemm.SILU_NO_MUL, "gelu_no_mul": _gemm.GELU_NO_MUL}
@@ -39,6 +39,23 @@ def input_mode(problem: ExpertsProblem, per_expert_static: bool) -> int:
     if act.static:
         return _gemm.A_EXPERT if per_expert_static else _gemm.A_TENSOR
     return _A_DYNAMIC[act.granularity]
+
+
+# GEMM1's gathering of GEMM2's dynamic input scales: the tensor's amax, or each row's
+_OUT_AMAX = {"tensor": _gemm.TENSOR_AMAX, "token": _gemm.ROW_AMAX}
+_LOADED = {"tensor": _gemm.A_TENSOR_LOAD, "token": _gemm.A_TOKEN_LOAD}
+
+
+def gemm2_input_mode(problem: ExpertsProblem, block_k: int, per_expert_static: bool) -> int:
+    """GEMM2's A_SCALE mode. Dynamic schemes quantize GEMM2's input as GEMM2 loads it, so no pass runs
+    between the GEMMs: per tensor and per token from the amax GEMM1 gathered, per group when a K tile is
+    one group (otherwise the group pass runs: A_GROUP). Static scales: the pass (A_TENSOR / A_EXPERT)."""
+    act = problem.quant.activations
+    if act is None or act.static:
+        return input_mode(problem, per_expert_static)
+    if act.granularity == "group":
+        return _gemm.A_GROUP_LOAD if act.group_size == block_k else _gemm.A_GROUP
+    return _LOADED[act.granularity]
 
 
 _cache: dict[tuple, tuple[KernelConfig, ExpertsProblem, dict, dict]] = {}
@@ -80,14 +97,12 @@ def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2
                   INTERP=interp, IEEE=ieee, PDL=pdl)
     mode1 = dict(common, ACT=ACT_CODES[act.name], GATED=act.gated, HAS_BIAS=p.has_w13_bias,
                  A_SCALE=input_mode(p, static1),
-                 OUT_AMAX=a is not None and not a.static and a.granularity == "tensor",
+                 OUT_AMAX=_OUT_AMAX.get(None if a is None or a.static else a.granularity, _gemm.NO_AMAX),
                  BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, GROUP_M=g1.group_m, EVEN_K=p.hidden_size % g1.block_k == 0,
                  LOADS=_gemm.TMA if tma1 else _gemm.POINTER,
                  GATE_UP=_gemm.ONE_DOT if act.gated and cfg.gate_up == "one_dot" else _gemm.TWO_DOTS,
                  num_warps=g1.num_warps, num_stages=g1.num_stages)
-    # fp8 block scales with one activation group a K tile: GEMM2 quantizes its input as it loads it
-    quant_load = w_scale == _gemm.BLOCK_SCALE and a is not None and not a.static and a.group_size == g2.block_k
-    mode2 = dict(common, HAS_BIAS=p.has_w2_bias, A_SCALE=_gemm.A_GROUP_LOAD if quant_load else input_mode(p, static2),
+    mode2 = dict(common, HAS_BIAS=p.has_w2_bias, A_SCALE=gemm2_input_mode(p, g2.block_k, static2),
                  ATOMIC=cfg.combine == "atomic",
                  BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, GROUP_M=g2.group_m,
                  EVEN_K=p.intermediate_size % g2.block_k == 0, LOADS=_gemm.TMA if tma2 else _gemm.POINTER,
