@@ -303,6 +303,24 @@ def test_bad_tensors_name_file_and_tensor_and_leave_the_layer(files, tmp_path, c
     _assert_bit_equal(layer.state_dict(), before)
 
 
+def test_fused_block_scales_straddling_gate_and_up_are_refused():
+    """N = 144: the fused rows' 128-blocks (3 of them) mix gate and up rows; the per-half layout has 2 + 2."""
+    spec = SPECS["deepseek_fp8_fused"]
+    tensors = expert_tensors(PREFIX, spec, E, K, N)
+    tensors[f"{PREFIX}.gate_up_proj_scale_inv"] = torch.ones(E, 3, 2)
+    with pytest.raises(CheckpointError, match=rf"state dict: tensor {PREFIX}.gate_up_proj_scale_inv has 3 block rows "
+                                              r"over the fused gate and up rows, so with an intermediate size of 144 "
+                                              r"\(not a multiple of 128\) a block holds gate and up rows together"):
+        load_experts(_layer("fp8_block"), tensors, PREFIX, quantization_config=spec.config)
+
+
+def test_compressed_tensors_ignore_list(files):
+    _, tensors = files("ct_fp8_block")
+    config = {**ct_config("fp8_block"), "ignore": ["lm_head", r"re:.*layers\.1\.mlp\.experts\..*"]}
+    assert checkpoint_scheme(tensors, PREFIX, E, quantization_config=config) is None
+    assert checkpoint_scheme(tensors, PREFIX, E, quantization_config=ct_config("fp8_block")) == "fp8_block"
+
+
 def test_ue8m0_scales_must_be_powers_of_two(files):
     _, tensors = files("deepseek_fp8")
     with pytest.raises(CheckpointError, match=r"weight_scale_inv holds scales that are not powers of two .* but the "

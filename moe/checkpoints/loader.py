@@ -169,6 +169,8 @@ def _read_scale(src: TensorSource, naming: ExpertNaming, enc: Encoding, sl: _Sli
     per = enc.scale_shape(rows, cols) if what == "weight scale" else (1,)
     if naming.style == "fused":
         per = _fused_scale_shape(enc, sl, p) if what == "weight scale" else ((sl.parts,) if p < 2 else (1,))
+        if what == "weight scale" and p < 2:
+            _check_straddling(src, key, enc, sl)
         _check_full_shape(src, key, (sl.num_experts, *per), f"expert {e} {what}", squeeze=True)
         t = src.read(key, (e,))
     else:
@@ -178,6 +180,21 @@ def _read_scale(src: TensorSource, naming: ExpertNaming, enc: Encoding, sl: _Sli
     if naming.style == "fused" and p < 2:
         s = s.unflatten(0, (sl.parts, -1))[p] if what == "weight scale" else s[p:p + 1]
     return s, t.dtype
+
+
+def _check_straddling(src: TensorSource, key: str, enc: Encoding, sl: _Slice) -> None:
+    """A fused gate_up block scale cut into blocks of the fused rows (ceil(2N/128) of them) has blocks that hold
+    gate and up rows together when N is not a multiple of 128: no per-half scale exists for them."""
+    scheme = NAMES[enc.quant].weights  # type: ignore[index]
+    if scheme.granularity != "block" or key not in src or sl.n_global % BLOCK == 0:
+        return
+    straddling = _cdiv(sl.parts * sl.n_global, BLOCK)
+    if src.shape(key)[:2] == (sl.num_experts, straddling) and straddling != sl.parts * _cdiv(sl.n_global, BLOCK):
+        raise CheckpointError(
+            f"{src.where(key)}: tensor {key} has {straddling} block rows over the fused gate and up rows, so with an "
+            f"intermediate size of {sl.n_global} (not a multiple of {BLOCK}) a block holds gate and up rows together; "
+            f"moe keeps each half's blocks ({sl.parts} x {_cdiv(sl.n_global, BLOCK)} rows): store the scales per "
+            "half (as the per-expert form does)")
 
 
 def _fused_scale_shape(enc: Encoding, sl: _Slice, p: int) -> tuple[int, ...]:
