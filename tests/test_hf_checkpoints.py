@@ -21,7 +21,7 @@ import moe.hf  # noqa: E402
 from moe.checkpoints import CheckpointError, QuantizedMLP, export_experts  # noqa: E402
 from moe.hf import MoEBlock  # noqa: E402
 from moe.hf.tiny import tiny_model  # noqa: E402
-from moe.quant import dequantize  # noqa: E402
+from moe.quant import dequantize, named  # noqa: E402
 from moe.testing import QUANT_NOISE, rel_error  # noqa: E402
 from tests.checkpoint_files import FP8_BLOCK_CONFIG, SPECS, quantize_projection, write_checkpoint  # noqa: E402
 
@@ -40,13 +40,16 @@ def _mixtral_names(key: str) -> str:
     return key
 
 
-def _fp8(out: dict, key: str, w: torch.Tensor) -> None:
-    data, scale = quantize_projection(w, SPEC)
+def _fp8(out: dict, key: str, w: torch.Tensor, spec=SPEC) -> None:
+    data, scale = quantize_projection(w, spec)
     out[key] = data
-    out[key.removesuffix("weight") + "weight_scale_inv"] = scale
+    out[key.removesuffix("weight") + spec.scale] = scale
+    if named(spec.quant).static_activations:  # static input scales: room for activations up to ~20 (448 x 0.045)
+        out[key.removesuffix("weight") + "input_scale"] = torch.tensor([0.04 + 0.001 * (len(out) % 7)])
 
 
-def _quantized_state(model: torch.nn.Module, fused: bool, float_experts: str | None) -> dict[str, torch.Tensor]:
+def _quantized_state(model: torch.nn.Module, fused: bool, float_experts: str | None,
+                     spec=SPEC) -> dict[str, torch.Tensor]:
     """The model's tensors as an FP8 checkpoint: every projection weight in 128x128 blocks, experts per
     expert (or fused as transformers 5 holds them); ``float_experts`` (a layer prefix) stays float."""
     out: dict[str, torch.Tensor] = {}
@@ -59,11 +62,11 @@ def _quantized_state(model: torch.nn.Module, fused: bool, float_experts: str | N
             for e in range(v.shape[0]):
                 per[e] = {}
                 if proj == "down_proj":
-                    _fp8(per[e], f"{stem}.{e}.down_proj.weight", v[e])
+                    _fp8(per[e], f"{stem}.{e}.down_proj.weight", v[e], spec)
                 else:
                     n = v.shape[1] // 2
-                    _fp8(per[e], f"{stem}.{e}.gate_proj.weight", v[e, :n])
-                    _fp8(per[e], f"{stem}.{e}.up_proj.weight", v[e, n:])
+                    _fp8(per[e], f"{stem}.{e}.gate_proj.weight", v[e, :n], spec)
+                    _fp8(per[e], f"{stem}.{e}.up_proj.weight", v[e, n:], spec)
             if not fused:
                 for p in per:
                     out |= p
@@ -73,23 +76,27 @@ def _quantized_state(model: torch.nn.Module, fused: bool, float_experts: str | N
                     out[f"{key}{fused_suffix}"] = torch.stack(
                         [torch.cat([per[e][f"{stem}.{e}.{nm}.{suffix}"] for nm in names]) for e in range(v.shape[0])])
         elif key.endswith("_proj.weight") or key.endswith("proj_with_mqa.weight"):
-            _fp8(out, key, v)
+            _fp8(out, key, v, spec)
         else:
             out[key] = v.contiguous()
     return out
 
 
-def _write(tmp_path, family: str, *, fused: bool = False, float_experts: str | None = None) -> str:
+def _write(tmp_path, family: str, *, fused: bool = False, float_experts: str | None = None,
+           spec: str = "deepseek_fp8") -> str:
     model = tiny_model(family)
-    path = tmp_path / f"{family}{'_fused' if fused else ''}"
+    path = tmp_path / f"{family}{'_fused' if fused else ''}_{spec}"
     skip = SKIP[family] + ([float_experts + ".experts"] if float_experts else [])
     model.config.save_pretrained(path)
     config = json.loads((path / "config.json").read_text())
-    state = _quantized_state(model, fused, float_experts)
+    state = _quantized_state(model, fused, float_experts, SPECS[spec])
     if family == "mixtral":
         state = {_mixtral_names(k): v for k, v in state.items()}
-    write_checkpoint(path, state,
-                     {**FP8_BLOCK_CONFIG, "modules_to_not_convert": skip}, config=config, shards=2)
+    if spec == "deepseek_fp8":
+        qconfig = {**FP8_BLOCK_CONFIG, "modules_to_not_convert": skip}
+    else:  # compressed-tensors: routers by regex, as llm-compressor writes them
+        qconfig = {**SPECS[spec].config, "ignore": ["lm_head", "re:.*mlp.gate$"], "quantization_status": "compressed"}
+    write_checkpoint(path, state, qconfig, config=config, shards=2)
     return str(path)
 
 
@@ -139,6 +146,30 @@ def test_fp8_experts_load_quantized_and_match_transformers(family, tmp_path):
     assert moe.last_decision().chosen == "torch"
 
 
+@pytest.mark.parametrize("spec", ["ct_fp8_channel_bf16", "ct_fp8_tensor_static"])
+def test_compressed_tensors_experts_match_transformers(spec, tmp_path):
+    """A compressed-tensors Qwen3-MoE checkpoint: transformers (with compressed-tensors) decompresses it on the
+    CPU; moe loads the experts quantized. Its decompressor rounds to the scales' dtype (bf16 here), so the
+    experts agree within the bf16 row, and the logits within the scheme's noise row."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (pip install "
+                        "'moe-layer[test]')", exc_type=ModuleNotFoundError)
+    from moe.testing import tolerance
+
+    path = _write(tmp_path, "qwen3_moe", spec=spec)
+    ref = _load(path)
+    new = copy.deepcopy(ref)
+    moe.hf.replace_moe_blocks(new, backend="torch", checkpoint=path)
+    quant = SPECS[spec].quant
+    for layer in (0, 1):
+        block = new.model.layers[layer].mlp
+        assert block.moe._quant_key == quant
+        w13 = dequantize(block.moe._expert_weights()[0])
+        assert rel_error(w13, ref.model.layers[layer].mlp.experts.gate_up_proj) <= tolerance(torch.bfloat16)
+    with torch.no_grad():
+        err = rel_error(new(_ids()).logits, ref(_ids()).logits)
+    assert 0 < err <= QUANT_NOISE[quant], err
+
+
 def test_fused_checkpoint_maps_like_the_per_expert_one(tmp_path):
     """transformers 5's fused gate_up_proj/down_proj form (gate rows, then up rows) loads into the same
     parameters as the per-expert form of the same values, and exports as the file."""
@@ -154,7 +185,7 @@ def test_fused_checkpoint_maps_like_the_per_expert_one(tmp_path):
         assert torch.equal(sa[key].view(torch.uint8) if sa[key].dtype == torch.float8_e4m3fn else sa[key],
                            sb[key].view(torch.uint8) if sb[key].dtype == torch.float8_e4m3fn else sb[key]), key
     files = {}
-    for f in sorted((tmp_path / "qwen3_moe_fused").glob("*.safetensors")):
+    for f in sorted((tmp_path / "qwen3_moe_fused_deepseek_fp8").glob("*.safetensors")):
         files |= load_file(str(f))
     exported = export_experts(b.model.layers[1].mlp.moe)
     for key, t in exported.items():
@@ -176,10 +207,11 @@ def test_float_layer_beside_fp8_layers(tmp_path):
 
 def test_a_bad_checkpoint_leaves_the_model_unchanged(tmp_path):
     path = _write(tmp_path, "qwen3_moe")
-    index = json.loads((tmp_path / "qwen3_moe" / "model.safetensors.index.json").read_text())
+    index_file = tmp_path / "qwen3_moe_deepseek_fp8" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
     key = "model.layers.1.mlp.experts.5.down_proj.weight_scale_inv"
     del index["weight_map"][key]
-    (tmp_path / "qwen3_moe" / "model.safetensors.index.json").write_text(json.dumps(index))
+    index_file.write_text(json.dumps(index))
     model = tiny_model("qwen3_moe")
     before = [type(m) for m in model.modules()]
     with pytest.raises(CheckpointError, match=re.escape(f"model.safetensors.index.json: tensor {key} (expert 5 "
@@ -224,7 +256,7 @@ def test_experts_transformers_kept_in_fp8_stay_quantized(tmp_path):
 
     _write(tmp_path, "qwen3_moe", fused=True)  # the tensors FP8Experts holds
     files = {}
-    for f in sorted((tmp_path / "qwen3_moe_fused").glob("*.safetensors")):
+    for f in sorted((tmp_path / "qwen3_moe_fused_deepseek_fp8").glob("*.safetensors")):
         files |= load_file(str(f))
     ref = _load(_write(tmp_path, "qwen3_moe"))  # transformers dequantizes the per-expert form right (not the fused)
     model = copy.deepcopy(ref)
