@@ -79,10 +79,6 @@ class CheckpointFormat(ABC):
     @abstractmethod
     def encoding(self, module: str) -> Encoding: ...
 
-    @abstractmethod
-    def to_config(self) -> dict[str, Any]:
-        """The ``quantization_config`` this format was parsed from, as export writes it."""
-
 
 class Unquantized(CheckpointFormat):
     """A checkpoint without a quantization config: float weights."""
@@ -95,9 +91,6 @@ class Unquantized(CheckpointFormat):
 
     def encoding(self, module: str) -> Encoding:
         return Encoding(None)
-
-    def to_config(self) -> dict[str, Any]:
-        return {}
 
 
 UNQUANTIZED = Unquantized()

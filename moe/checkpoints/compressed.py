@@ -77,9 +77,6 @@ class CompressedTensors(CheckpointFormat):
                 return Encoding(group.quant, scale="weight_scale", input_scale="input_scale" if group.static else None)
         return Encoding(None)
 
-    def to_config(self) -> dict[str, Any]:
-        return dict(self.config)
-
 
 def _targets(module: str, target: str) -> bool:
     """compressed-tensors' matching: ``Linear`` (every projection is one), ``re:`` from the start, or the name."""

@@ -49,6 +49,3 @@ class DeepSeekFP8(CheckpointFormat):
         if any(matches_module(module, pattern) for pattern in self.skip):
             return Encoding(None)
         return Encoding("fp8_block", scale="weight_scale_inv", power_of_two=self.ue8m0)
-
-    def to_config(self) -> dict[str, Any]:
-        return dict(self.config)
