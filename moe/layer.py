@@ -503,6 +503,38 @@ class FusedMoE(nn.Module):
                 local = local[idx.to(src.device)]
             dst.view(local.shape).copy_(local)
 
+    @torch.no_grad()
+    def swap_expert_tensors_(self, tensors: dict[str, torch.Tensor],
+                             w13_input_parts: torch.Tensor | None = None) -> None:
+        """Replace routed-expert parameters all at once, for checkpoint loaders that fill temporaries first
+        (``moe.checkpoints``): each key names a parameter of this layer (``w13_weight``, ``w13_weight_scale``,
+        ...) and its tensor must have that parameter's shape and dtype. Everything is checked before anything
+        changes, so a refused call leaves the layer as it was. Parameters on a real device are copied into in
+        place; parameters on the meta device (a layer built to be loaded) become new parameters on the
+        tensors' device. ``w13_input_parts`` ([E_local, 2]) are the w1 and w3 input scales behind
+        ``w13_input_scale`` (their max), kept for export."""
+        for name, t in tensors.items():
+            dst = getattr(self, name, None) if name in self._parameters else None
+            if dst is None:
+                raise ValueError(f"swap_expert_tensors_: {name} is not a parameter of this FusedMoE; parameters: "
+                                 f"{', '.join(n for n, p in self._parameters.items() if p is not None)}")
+            if tuple(t.shape) != tuple(dst.shape) or t.dtype != dst.dtype:
+                raise ValueError(f"swap_expert_tensors_: {name} must be {tuple(dst.shape)} {dst.dtype}, got "
+                                 f"{tuple(t.shape)} {t.dtype}")
+        self._prepared.release()
+        for name, t in tensors.items():
+            dst = self._parameters[name]
+            if dst.is_meta:
+                self._parameters[name] = _frozen(t)
+            else:
+                dst.copy_(t)
+        if w13_input_parts is not None and self._w13_input_parts is not None:
+            if self._w13_input_parts.is_meta:
+                self._w13_input_parts = w13_input_parts.to(torch.float32)
+            else:
+                self._w13_input_parts.copy_(w13_input_parts)
+        self._expert_weights()  # remade here, outside any trace
+
     def _fused_shape(self, param: str, dst: torch.Tensor) -> tuple[int, ...]:
         """The checkpoint shape of the fused tensor of parameter ``param`` (all global experts)."""
         return (self.config.num_experts, *dst.shape[1:])

@@ -2,8 +2,9 @@
 logits difference and the forward time before and after.
 
 PATH is a local model directory (config + safetensors, as ``save_pretrained`` writes it); FAMILY builds
-a tiny random model of that family offline (see ``moe.hf.tiny``). The "before" model keeps the experts
-implementation it was built with unless ``--experts-implementation`` names one.
+a tiny random model of that family offline (see ``moe.hf.tiny``). ``--quant`` runs the experts quantized:
+loaded from PATH's files in the checkpoint's format, or quantized with a named scheme. The "before" model
+keeps the experts implementation it was built with unless ``--experts-implementation`` names one.
 
 Everything that can be checked without the model (flags, backend name, device, the folder) is checked
 before it is built; errors are one line (``SystemExit`` with a message).
@@ -20,13 +21,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..checkpoints import CheckpointError
+from ..layer import FusedMoE
+from ..quant import named, quantize_
 from ..registry import BackendUnavailableError, get_backend, last_decision, list_backends
-from ..testing import rel_error, tolerance
+from ..testing import QUANT_NOISE, rel_error, tolerance
 from ..validation import DTYPE_NAMES as DTYPES  # the spellings every moe command accepts
 from .replace import replace_moe_blocks
 from .tiny import TINY_FAMILIES, tiny_model
 
 __all__ = ["add_arguments", "run"]
+
+CHECKPOINT = "checkpoint"  # --quant without a name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "batched_mm (default: the model's own: what from_pretrained picks for a folder, "
                              "'eager' for a tiny family); a model that does not accept it is an error")
     parser.add_argument("--seed", type=int, default=0, help="seed of the input and of a tiny model (default: 0)")
+    parser.add_argument("--quant", nargs="?", const=CHECKPOINT, default=None, metavar="NAME",
+                        help="quantized experts: alone, load them from PATH's checkpoint files in their own format "
+                             "(moe.checkpoints); with a name of moe.quant.NAMES (dynamic schemes), quantize the "
+                             "replaced experts with it. The logits are compared within that scheme's "
+                             "quantization-noise row (moe.testing.QUANT_NOISE)")
 
 
 def _check_args(args: argparse.Namespace) -> str:
@@ -66,7 +77,36 @@ def _check_args(args: argparse.Namespace) -> str:
     elif args.model not in TINY_FAMILIES:
         raise SystemExit(f"hf-check: {args.model!r} is neither a directory nor a family; families: "
                          f"{', '.join(TINY_FAMILIES)}")
+    _check_quant(args)
     return _check_device(args.device)
+
+
+def _check_quant(args: argparse.Namespace) -> None:
+    if args.quant is None:
+        return
+    if args.quant == CHECKPOINT:
+        if not os.path.isdir(args.model):
+            raise SystemExit(f"hf-check: --quant without a name loads the experts from a checkpoint directory, but "
+                             f"{args.model!r} is a family; give a scheme ({', '.join(QUANT_NOISE)}) or a directory")
+        return
+    if args.quant not in QUANT_NOISE or named(args.quant).static_activations:
+        dynamic = [n for n in QUANT_NOISE if not named(n).static_activations]
+        raise SystemExit(f"hf-check: --quant {args.quant!r}: quantizing the experts takes a dynamic scheme, one of "
+                         f"{', '.join(dynamic)} (static input scales come from a checkpoint: --quant alone)")
+
+
+def _replace(model: nn.Module, args: argparse.Namespace) -> tuple[list[str], str | None]:
+    """Replace the blocks (loading or quantizing the experts under --quant); returns the names and the
+    experts' scheme (None: float)."""
+    checkpoint = args.model if args.quant == CHECKPOINT else None
+    names = replace_moe_blocks(model, backend=args.backend, checkpoint=checkpoint)
+    if args.quant not in (None, CHECKPOINT):
+        quantize_(model, args.quant)
+    schemes = {m._quant_key for m in model.modules() if isinstance(m, FusedMoE) and m.config.num_experts > 1}
+    if len(schemes) > 1:
+        found = ", ".join(sorted(str(s) for s in schemes))
+        raise SystemExit(f"hf-check: the layers use several schemes ({found}); compare them one at a time")
+    return names, next(iter(schemes), None)
 
 
 def _check_device(device: str | None) -> str:
@@ -137,18 +177,27 @@ def run(args: argparse.Namespace) -> int:
 
     before, t_before = _time_ms(forward, device, args.repeat)
     try:
-        names = replace_moe_blocks(model, backend=args.backend)
+        names, scheme = _replace(model, args)
         after, t_after = _time_ms(forward, device, args.repeat)
     except BackendUnavailableError as exc:  # the backend's own reason, e.g. Triton on CPU without its interpreter
         raise SystemExit(f"hf-check: --backend {args.backend}: {exc}") from None
+    except CheckpointError as exc:
+        raise SystemExit(f"hf-check: --quant: {exc}") from None
 
-    err, tol = rel_error(after, before), tolerance(dtype)
+    err = rel_error(after, before)
+    tol = QUANT_NOISE[scheme] if scheme is not None else tolerance(dtype)
     decision = last_decision()
     print(f"model: {args.model} ({type(model).__name__}, {dtype_name}, {device}), input {args.batch} x {args.seq}")
     print(f"replaced {len(names)} blocks: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
     print(f"backend: requested {args.backend!r}, ran {decision.chosen if decision else 'none'!r}")
     verdict = "ok" if err <= tol else "EXCEEDS"
-    print(f"logits: norm-relative difference {err:.2e} (tolerance for {dtype_name}: {tol:.0e}) {verdict}")
+    if scheme is not None:
+        how = "loaded from the checkpoint files" if args.quant == CHECKPOINT else "quantized after replacement"
+        print(f"experts: {scheme} ({how}); before: transformers' forward "
+              f"({'dequantized' if args.quant == CHECKPOINT else 'float'} experts)")
+        print(f"logits: norm-relative difference {err:.2e} (the {scheme} quantization-noise row: {tol:.0e}) {verdict}")
+    else:
+        print(f"logits: norm-relative difference {err:.2e} (tolerance for {dtype_name}: {tol:.0e}) {verdict}")
     print(f"forward: before {t_before:.2f} ms, after {t_after:.2f} ms ({t_before / t_after:.2f}x; "
           f"experts before: {impl!r})")
     if err > tol and dtype != torch.float32:

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ..checkpoints import (
+    QuantizedMLP,
+    StateDictSource,
+    TensorSource,
+    checkpoint_scheme,
+    find_naming,
+    load_experts,
+    open_source,
+)
+from ..checkpoints.names import ExpertNaming
 from ..config import ActivationSpec, RoutingConfig
 from ..functional import fused_experts
 from ..layer import FusedMoE
@@ -68,6 +82,21 @@ def _load_original(module: nn.Module, state_dict: dict, prefix: str, *args: obje
     _rename(state_dict, prefix, {new: old for old, new in renames.items()})
 
 
+@dataclass(frozen=True)
+class CheckpointExperts:
+    """Experts to load from checkpoint files instead of the module: where (``source``, ``naming``), in which
+    moe scheme (``quant``, None: float), and the layer's dims and activation dtype."""
+
+    source: TensorSource
+    naming: ExpertNaming
+    quant: str | None
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+
 class MoEBlock(nn.Module):
     """A transformers sparse-MoE block rebuilt on :class:`FusedMoE`.
 
@@ -76,6 +105,8 @@ class MoEBlock(nn.Module):
     moe with the family's exact rule, and the experts (plus shared experts) run on ``FusedMoE``.
     Returns what the original block returned (gpt-oss: ``(hidden_states, router_scores)``), and keeps
     the original block's state-dict names and layout (``save_pretrained`` writes an original checkpoint).
+    Given :class:`CheckpointExperts` instead of ``weights``, the experts are loaded from the checkpoint
+    files in its scheme (``moe.checkpoints``), and the state dict holds the canonical quantized form.
     """
 
     def __init__(
@@ -83,7 +114,7 @@ class MoEBlock(nn.Module):
         family: Family,
         router: nn.Module,
         routing: Routing,
-        weights: ExpertWeights,
+        weights: ExpertWeights | CheckpointExperts,
         activation: ActivationSpec,
         *,
         shared_experts: nn.Module | None = None,
@@ -96,17 +127,26 @@ class MoEBlock(nn.Module):
         self.returns_router_scores = family.returns_router_scores
         self.routing = routing
         setattr(self, family.router_attr, router)
-        num_experts, _, hidden = weights.w13.shape
+        if isinstance(weights, CheckpointExperts):
+            (num_experts, hidden, n), quant = (weights.num_experts, weights.hidden_size,
+                                               weights.intermediate_size), weights.quant
+            bias, dtype = False, weights.dtype
+        else:
+            (num_experts, _, hidden), n, quant = weights.w13.shape, weights.w2.shape[2], None
+            bias, dtype = weights.w13_bias is not None, weights.w13.dtype
         # moe's routing runs inside FusedMoE when a RoutingConfig says it all; otherwise through _route
         direct = not (routing.round_weights or routing.correction_bias or routing.custom)
         self.moe = FusedMoE(
-            num_experts, routing.top_k, hidden, weights.w2.shape[2],
+            num_experts, routing.top_k, hidden, n,
             routing=routing.config if direct else RoutingConfig(method="custom"),
             custom_routing_function=None if direct else self._route,
-            activation=activation, bias=weights.w13_bias is not None, params_dtype=weights.w13.dtype,
+            activation=activation, bias=bias, params_dtype=dtype, quant=quant,
             device="meta", backend=backend, gate=False, shared_experts=shared_experts,
             shared_expert_gate=shared_expert_gate if shared_expert_gate is not None else False,
         )
+        if isinstance(weights, CheckpointExperts):
+            load_experts(self.moe, weights.source, weights.naming.prefix, device=weights.device)
+            return
         self.moe.w13_weight, self.moe.w2_weight = _frozen(weights.w13), _frozen(weights.w2)
         self.moe.w13_bias, self.moe.w2_bias = _frozen(weights.w13_bias), _frozen(weights.w2_bias)
         renames = {}  # FusedMoE holds the original shared-expert modules under its own names
@@ -171,11 +211,84 @@ class MoEExperts(nn.Module):
         return f"experts={e}, hidden={k}, intermediate={n}, activation={self.activation.name}"
 
 
-def _build_block(family: Family, block: nn.Module, config: object, backend: str) -> MoEBlock:
+# checkpoint names of a block that differ from its module name in transformers 5
+_CHECKPOINT_ALIASES = {"mixtral": (".mlp", ".block_sparse_moe")}
+
+
+def checkpoint_prefixes(name: str, family: Family, attr: str = "experts") -> list[str]:
+    """Where the checkpoint keeps ``attr`` (the experts, or the shared experts) of the block at module
+    ``name``: the module name itself, then the family's older checkpoint names (Mixtral's
+    ``block_sparse_moe``)."""
+    found = [f"{name}.{attr}"]
+    if family.name in _CHECKPOINT_ALIASES:
+        new, old = _CHECKPOINT_ALIASES[family.name]
+        found.append(f"{name.replace(new, old)}.{attr}")
+    return found
+
+
+def _checkpoint_experts(family: Family, block: nn.Module, name: str, src: TensorSource,
+                        dtype: torch.dtype) -> CheckpointExperts:
+    if family.name in ("gpt_oss", "dbrx"):
+        raise ValueError(f"replace_moe_blocks: checkpoint=... reads experts stored per expert or in transformers' "
+                         f"fused layout; {family.name}'s experts ({name}) are not read from files yet")
+    num_experts, rows, hidden = block.experts.gate_up_proj.shape  # float, or transformers' FP8 data
+    naming = find_naming(src, checkpoint_prefixes(name, family), 0)
+    quant = checkpoint_scheme(src, naming.prefix, num_experts)
+    device = block.experts.gate_up_proj.device
+    return CheckpointExperts(src, naming, quant, num_experts, hidden, rows // 2, dtype, device)
+
+
+def _shared_from_checkpoint(family: Family, block: nn.Module, name: str, src: TensorSource, config: object,
+                            backend: str, dtype: torch.dtype) -> nn.Module | None:
+    """The block's shared experts: loaded quantized from the checkpoint when it stores them quantized, else
+    the original module (float, as transformers loaded it)."""
+    if not family.shared_attr:
+        return None
+    original = getattr(block, family.shared_attr)
+    prefix = checkpoint_prefixes(name, family, family.shared_attr)[0]
+    quant = checkpoint_scheme(src, prefix, 1)
+    if quant is None:
+        return original
+    rows, hidden = original.gate_proj.weight.shape
+    activation = activation_from_hf(getattr(config, "hidden_act", "silu"), type(original).__name__)
+    shared = QuantizedMLP(hidden, rows, activation=activation, quant=quant, params_dtype=dtype, device="meta",
+                          backend=backend)
+    load_experts(shared.mlp, src, prefix, device=original.gate_proj.weight.device)
+    return shared
+
+
+def _quantized_in_module(block: nn.Module) -> bool:
+    """Whether transformers kept the block's experts quantized (its FP8 experts, where it has FP8 kernels)."""
+    data = getattr(getattr(block, "experts", None), "gate_up_proj", None)
+    return isinstance(data, torch.Tensor) and data.dtype in (torch.float8_e4m3fn, torch.int8)
+
+
+def _module_source(block: nn.Module, name: str, config: object) -> TensorSource:
+    """The block's own tensors (transformers' quantized experts: ``gate_up_proj``, ``gate_up_proj_scale_inv``,
+    ...) as a checkpoint in the model's ``quantization_config``."""
+    qconfig = getattr(config, "quantization_config", None)
+    as_dict = qconfig.to_dict() if hasattr(qconfig, "to_dict") else qconfig
+    if not isinstance(as_dict, dict):
+        raise ValueError(f"replace_moe_blocks: {name} holds quantized experts but the model config has no "
+                         "quantization_config to say their format; pass checkpoint=PATH")
+    return StateDictSource(block.state_dict(prefix=f"{name}."), as_dict, name=f"{name} (transformers' tensors)")
+
+
+def _build_block(family: Family, block: nn.Module, name: str, config: object, backend: str,
+                 checkpoint: TensorSource | None, dtype: torch.dtype) -> MoEBlock:
+    """The MoEBlock of ``block`` (at module ``name``): its experts from the module, or loaded quantized from
+    ``checkpoint`` or from the module's own quantized tensors (transformers kept them quantized)."""
     shared = getattr(block, family.shared_attr) if family.shared_attr else None
     shared_gate = getattr(block, family.shared_gate_attr) if family.shared_gate_attr else None
+    weights: ExpertWeights | CheckpointExperts
+    src = _module_source(block, name, config) if checkpoint is None and _quantized_in_module(block) else checkpoint
+    if src is None:
+        weights = family.weights(block)
+    else:
+        weights = _checkpoint_experts(family, block, name, src, dtype)
+        shared = _shared_from_checkpoint(family, block, name, src, config, backend, dtype)
     return MoEBlock(
-        family, getattr(block, family.router_attr), family.routing(block), family.weights(block),
+        family, getattr(block, family.router_attr), family.routing(block), weights,
         family.activation(block, config), shared_experts=shared, shared_expert_gate=shared_gate, backend=backend,
     )
 
@@ -230,7 +343,19 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
-def replace_moe_blocks(model: nn.Module, backend: str = "auto", *, generic: bool = True) -> list[str]:
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The activation dtype: of the first float parameter wider than a byte (not FP8 data)."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point and p.element_size() > 1),
+                torch.float32)
+
+
+def replace_moe_blocks(
+    model: nn.Module,
+    backend: str = "auto",
+    *,
+    generic: bool = True,
+    checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSource | None = None,
+) -> list[str]:
     """Replace, in place, every sparse-MoE block of a loaded transformers model with a :class:`MoEBlock`
     built on :class:`FusedMoE`, and return the names of the replaced modules.
 
@@ -239,6 +364,14 @@ def replace_moe_blocks(model: nn.Module, backend: str = "auto", *, generic: bool
     experts of block classes outside the family table that use transformers' standard fused layout are
     replaced by :class:`MoEExperts` (the block keeps its own routing); with ``generic=False`` they are
     an error. Raises ``ValueError`` when the model has no MoE block we recognise.
+
+    ``checkpoint`` (the model's directory of safetensors files, or a state dict) loads the routed experts
+    of the family blocks from the files in the checkpoint's own quantization (``quantization_config`` of
+    its ``config.json``; ``moe.checkpoints``), kept quantized, instead of taking the module's tensors
+    (which transformers dequantized where it has no quantized kernel, as on CPU). A block at module
+    ``model.layers.3.mlp`` finds its experts under ``model.layers.3.mlp.experts`` (Mixtral also under
+    ``model.layers.3.block_sparse_moe.experts``), per expert or fused, through the safetensors index;
+    quantized shared experts become a :class:`~moe.checkpoints.QuantizedMLP` loaded the same way.
     """
     if backend != "auto":
         get_backend(backend)  # an unknown name fails now, not at the first forward
@@ -275,10 +408,12 @@ def replace_moe_blocks(model: nn.Module, backend: str = "auto", *, generic: bool
             f"moe.hf does not know; supported block classes: {', '.join(_supported())}. Pass generic=True to "
             "replace experts in transformers' standard fused layout while the block keeps its own routing"
         )
+    src = open_source(checkpoint) if checkpoint is not None else None
+    dtype = _model_dtype(model)
     done: list[tuple[str, nn.Module]] = []
     try:
         for name, module, family in blocks:
-            _set_child(model, name, _build_block(family, module, _config_for(name, configs), backend))
+            _set_child(model, name, _build_block(family, module, name, _config_for(name, configs), backend, src, dtype))
             done.append((name, module))
         for name, module in unknown:
             _set_child(model, name, _build_experts(module, backend))
