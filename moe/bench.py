@@ -299,13 +299,16 @@ def _quant_info(req: BenchRequest) -> dict | None:
         "scheme": cfg.model_dump(mode="json", exclude_none=True),
         "weight_bytes_per_expert": expert_weight_bytes(p, elt, cfg),
         "unquantized_bytes_per_expert": expert_weight_bytes(p, elt),
-        "matmul_rate": "fp8_tflops" if cfg.activations.format == "fp8" else "int8_tops",
-        "rel_err": "against the torch reference on the quantized weights (both GEMM inputs quantized)",
+        "matmul_rate": ("matmul_tflops" if cfg.activations is None  # weight-only: dots in the activation dtype
+                        else "fp8_tflops" if cfg.activations.format == "fp8" else "int8_tops"),
+        "rel_err": "against the torch reference on the quantized weights" + (
+            " (weights dequantized, activations unquantized)" if cfg.activations is None
+            else " (both GEMM inputs quantized)"),
         "quant_err": "rel err of that reference against the unquantized fp32 reference (row extra)",
         "vs_bf16": f"median of the {_dtype_name(req.dtype)} row of the same backend and mode, same tokens and "
                    "routing / median of the quantized row",
     }
-    if cfg.activations.static:
+    if cfg.static_activations:
         top = FORMAT_MAX[cfg.activations.format]
         info["calibration"] = {
             "tokens": CALIBRATION_M,
@@ -428,7 +431,7 @@ def _quantize(name: str, p: Preset, w13: torch.Tensor, w2: torch.Tensor, b13: to
     cfg = named(name)
     qw13 = quantize(w13, cfg.weights, parts=p.parts)
     qw2 = quantize(w2, cfg.weights)
-    if not cfg.activations.static:
+    if not cfg.static_activations:
         return _Quantized(name, cfg, qw13, qw2)
     x, logits = random_tokens(p, CALIBRATION_M, w13.dtype, w13.device, gen)
     a13, a2 = calibrate_static_scales(x, w13, fused_topk(logits, p.top_k)[1], cfg.activations, p.activation,

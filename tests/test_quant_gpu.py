@@ -31,7 +31,7 @@ def _setup(T: int, name: str, emap: bool = False, per_expert: bool = False, seed
         expert_map[::2] = torch.arange(local, dtype=torch.int32, device="cuda")
     cfg = named(name)
     kw = {}
-    if cfg.activations.static:
+    if cfg.static_activations:
         kw["a13_scale"], kw["a2_scale"] = calibrate_static_scales(x, w13, ids, cfg.activations, "silu",
                                                                   expert_map=expert_map, per_expert=per_expert)
     q13, q2 = quantize(w13, cfg.weights, parts=2), quantize(w2, cfg.weights)
