@@ -1,4 +1,5 @@
-"""Quantized experts on the GPU: every name on the Triton backend over the token-count list, NaN-poisoned,
+"""Quantized experts on the GPU: every name (W8A8 and weight-only) on the Triton backend over the token-count
+list, NaN-poisoned,
 against the torch reference's emulation of the scheme (tight) and the unquantized float64 result (the
 quantization noise); CUDA-graph replay with new routing; and no bf16 copy of the weights during a call."""
 
@@ -75,7 +76,7 @@ def test_gpu_per_expert_static_scales(name):
         assert_close(out, _call(s, name, "torch"), scheme=name, what=f"per-expert static scales T={T}")
 
 
-@pytest.mark.parametrize("name", ["fp8_channel", "fp8_block", "fp8_tensor"])
+@pytest.mark.parametrize("name", ["fp8_channel", "fp8_block", "fp8_tensor", "w8a16", "w4a16_zp", "mxfp4", "nvfp4"])
 def test_gpu_quantized_cuda_graph(name):
     T = 64
     s = _setup(T, name)
@@ -96,7 +97,7 @@ def test_gpu_quantized_cuda_graph(name):
         assert_close(out, _call(s, name, "torch", weights=nw, ids=nids), scheme=name, what=f"{name} graph replay")
 
 
-@pytest.mark.parametrize("name", ["fp8_block", "int8_channel"])
+@pytest.mark.parametrize("name", ["fp8_block", "int8_channel", "w8a16", "fp8_w8a16", "w4a16", "mxfp4", "nvfp4"])
 def test_gpu_no_bf16_copy_of_the_weights(name):
     """The call's peak extra memory stays far below a bf16 copy of the weights (the quantized weights are
     never dequantized to a full copy)."""

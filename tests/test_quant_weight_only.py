@@ -451,3 +451,102 @@ def test_layer_loader_errors():
     with pytest.raises(TypeError, match=r"w2_weight_zero_point of expert 0: dtype torch.int32, but w4a16_zp stores "
                                         r"w2_weight_zero_point as torch.uint8"):
         zp.weight_loader(torch.zeros(K, N // 128, dtype=torch.int32), 0, "w2_weight_zero_point")
+
+
+# ---------------------------------------------------------------- the Triton kernels (interpreter on CPU)
+needs_triton = pytest.mark.skipif(not moe.get_backend("triton").is_available()[0], reason="triton not installed")
+
+
+def _triton_vs_reference(name, x, q13, q2, weights, ids, **kw):
+    out = torch.full_like(x, float("nan"))
+    got = moe.fused_experts(x, q13, q2, weights, ids, backend="triton", out=out, **kw)
+    assert got is out and moe.last_decision().chosen == "triton"
+    ref = moe.fused_experts(x, q13, q2, weights, ids, backend="torch", **kw)
+    assert_close(out, ref, scheme=name, what=f"triton {name} vs the reference")
+    return out
+
+
+# the token counts of the list up to 16 for every name, and 64 for two (CPU time: the interpreter)
+TRITON_CASES = [(n, t) for n in WEIGHT_ONLY for t in moe.testing.TOKEN_COUNTS if t <= 16] + [("w4a16_zp", 64),
+                                                                                             ("mxfp4", 64)]
+
+
+@needs_triton
+@pytest.mark.parametrize(("name", "T"), TRITON_CASES)
+def test_triton_weight_only_against_the_reference(name, T):
+    """bf16, NaN-poisoned, against the reference; and within the quantization noise of the float64 oracle."""
+    x, w13, w2, q13, q2, weights, ids = _inputs(name, T, dtype=torch.bfloat16, seed=100 + T)
+    out = _triton_vs_reference(name, x, q13, q2, weights, ids)
+    assert rel_error(out, experts_float64(x, w13, w2, weights, ids)) <= QUANT_NOISE[name]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", WEIGHT_ONLY)
+def test_triton_weight_only_other_dtypes(name, dtype):
+    x, _, _, q13, q2, weights, ids = _inputs(name, 5, dtype=dtype, activation="gelu", seed=7)
+    _triton_vs_reference(name, x, q13, q2, weights, ids, activation="gelu")
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
+def test_triton_fp4_with_gptoss_k(name):
+    """K = 2880 (90 groups of 32, 180 of 16: no multiple of the kernels' K tile), swigluoai with biases, an
+    expert map."""
+    g = torch.Generator().manual_seed(5)
+    K, N, E = 2880, 64, 4
+    x = torch.randn(3, K, generator=g).to(torch.bfloat16)
+    w13 = (torch.randn(2, 2 * N, K, generator=g) * (4 / K**0.5)).to(torch.bfloat16)
+    w2 = (torch.randn(2, K, N, generator=g) / N**0.5).to(torch.bfloat16)
+    b13, b2 = (torch.randn(2, 2 * N, generator=g) * 0.1).to(torch.bfloat16), (torch.randn(2, K, generator=g) * 0.1
+                                                                                ).to(torch.bfloat16)
+    weights, ids = moe.fused_topk(torch.randn(3, E, generator=g), 2)
+    emap = torch.tensor([0, -1, 1, -1], dtype=torch.int32)
+    scheme = named(name).weights
+    q13, q2 = quantize_weight(w13, scheme, parts=2), quantize_weight(w2, scheme)
+    _triton_vs_reference(name, x, q13, q2, weights, ids, activation="swigluoai", w13_bias=b13, w2_bias=b2,
+                         expert_map=emap)
+
+
+@needs_triton
+def test_triton_refuses_packed_weights_with_a_shallow_k_tile():
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+    from moe.contract import ExpertsArgs
+    from moe.functional import _problem
+
+    x, _, _, q13, q2, weights, ids = _inputs("mxfp4", 3, dtype=torch.bfloat16)
+    args = ExpertsArgs(x, q13, q2, weights, ids)
+    problem = _problem(args, moe.ActivationSpec.parse("silu"), False, None)
+    tile = GemmTile(block_n=32, block_k=16, group_m=1, num_warps=4, num_stages=1)
+    cfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile)
+    with pytest.raises(ValueError, match=r"packed 4-bit weights need block_k >= 32 .* got gemm1 16, gemm2 16"):
+        triton_experts(args, problem, torch.empty_like(x), cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_kernels_bit_constants(dtype):
+    """The decode the kernels do, checked on the host for each dtype the kernels build values in (the CPU
+    kernels run the fp32 constants; the GPU's bf16/fp16 ones are checked here): int4 by OR-ing the code
+    into the mantissa of a power of two whose ulp is 1, e2m1 by bit placement plus the exponent bias,
+    e8m0 as a bf16 exponent field."""
+    bits, mant, bias = {torch.bfloat16: (torch.int16, 7, 127), torch.float16: (torch.int16, 10, 15),
+                        torch.float32: (torch.int32, 23, 127)}[dtype]
+    total = 8 * dtype.itemsize
+    magic = {torch.bfloat16: 0x4300, torch.float16: 0x6400, torch.float32: 0x4B000000}[dtype]
+    q = torch.arange(16, dtype=torch.int64)
+    def as_float(v):
+        return v.to(bits).view(dtype).double()
+
+    base = as_float(torch.tensor(magic))
+    assert torch.equal(as_float(q | magic) - base, q.double())  # 128 + q (bf16), 1024 + q (fp16), 2^23 + q (fp32)
+    mag = torch.where((q & 6) != 0, ((q & 7) << (mant - 1)) + ((bias - 1) << mant), (q & 1) * ((bias - 1) << mant))
+    sign = (q & 8) << (total - 4)
+    code_bits = (mag | sign)
+    if total == 16:
+        code_bits = torch.where(code_bits >= 2**15, code_bits - 2**16, code_bits)  # as int16
+    else:
+        code_bits = torch.where(code_bits >= 2**31, code_bits - 2**32, code_bits)
+    assert torch.equal(as_float(code_bits), torch.tensor(_e2m1(q.numpy())))
+    if dtype == torch.bfloat16:
+        s = torch.arange(1, 255)
+        assert torch.equal(as_float(s << 7), 2.0 ** (s.double() - 127))
