@@ -550,3 +550,23 @@ def test_the_kernels_bit_constants(dtype):
     if dtype == torch.bfloat16:
         s = torch.arange(1, 255)
         assert torch.equal(as_float(s << 7), 2.0 ** (s.double() - 127))
+
+
+def test_the_16bit_decode_path_compiles_for_sm90():
+    """The GPU's bf16/fp16 decode (W16) does not run under the interpreter: compile it for sm90 (a cubin,
+    through Triton's ptxas), in a process without TRITON_INTERPRET."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, str(root / "tests" / "sm90_compile.py")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+    assert run.stdout.count(": ok") == 4, run.stdout
