@@ -141,15 +141,19 @@ def resolve_request(
     if any(m < 1 for m in ms):
         raise BenchError(f"--m: token counts must be >= 1, got {','.join(map(str, ms))}")
     names = _resolve_backends(backends)
-    return BenchRequest(p, ms, dev, dtype, names, _resolve_quant(quant))
+    return BenchRequest(p, ms, dev, dtype, names, _resolve_quant(quant, p))
 
 
-def _resolve_quant(quant: str | None) -> str | None:
+def _resolve_quant(quant: str | None, p: Preset) -> str | None:
     if quant is None or quant == "none":
         return None
     if quant not in NAMES:
         raise BenchError(f"--quant: unknown quantization scheme {quant!r}; allowed: {', '.join(NAMES)} "
                          "(or none)")
+    try:
+        expert_weight_bytes(p, 2, quant)  # a group size must divide K and N
+    except ValueError as exc:
+        raise BenchError(f"--quant {quant} with --preset {p.name}: {exc}") from None
     return quant
 
 
@@ -608,14 +612,18 @@ def _header(ceil: Ceilings, info: dict | None, rows: list[Row]) -> list[str]:
 
 def _quant_header(ceil: Ceilings, info: dict, rows: list[Row]) -> list[str]:
     q = info["quant"]
-    w, a = q["scheme"]["weights"], q["scheme"]["activations"]
+    w, a = q["scheme"]["weights"], q["scheme"].get("activations")  # no activations: weight-only
     block = "x".join(map(str, w.get("block") or ()))
     per = {"tensor": "tensor", "channel": "output channel", "block": f"block {block}", "token": "token",
-           "group": f"group of {a.get('group_size')}"}
+           "group": f"group of {(a or w).get('group_size')}"}
     rate = q["matmul_rate"].split("_")[0]
-    lines = [f"quantization scheme {q['name']}: weights {w['format']} per {per[w['granularity']]}, activations "
-             f"{a['format']} per {per[a['granularity']]} ({'static' if a.get('static') else 'dynamic'}); "
-             f"{q['weight_bytes_per_expert'] / 1e6:.3g} MB an expert (data + scales) against "
+    zeros = " with zero points" if w.get("zero_point") else ""
+    acts = ("unquantized (weight-only)" if a is None else
+            f"{a['format']} per {per[a['granularity']]} ({'static' if a.get('static') else 'dynamic'})")
+    lines = [f"quantization scheme {q['name']}: weights {w['format']} per {per[w['granularity']]}{zeros}, "
+             f"activations {acts}; "
+             f"{q['weight_bytes_per_expert'] / 1e6:.3g} MB an expert (data + scales{' + zeros' if zeros else ''}) "
+             "against "
              f"{q['unquantized_bytes_per_expert'] / 1e6:.3g} MB in {info['dtype']}",
              f"rows quant={q['name']}: rel err against the torch reference on the quantized weights; floor from "
              f"their weight bytes and the {rate} rate; 'vs bf16' = median of the {info['dtype']} row above "

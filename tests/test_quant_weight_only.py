@@ -570,3 +570,25 @@ def test_the_16bit_decode_path_compiles_for_sm90():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
     assert run.stdout.count(": ok") == 4, run.stdout
+
+
+# ---------------------------------------------------------------- moe bench --quant
+def test_bench_quant_weight_only_row_and_header(capsys):
+    from moe.cli import main
+
+    assert main(["bench", "--quant", "w4a16_zp", "--preset", "default", "--m", "1", "--backends", "torch",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert ("quantization scheme w4a16_zp: weights int4 per group of 128 with zero points, activations unquantized "
+            "(weight-only); ") in out
+    p = moe.workload.PRESETS["default"]
+    assert f"{expert_weight_bytes(p, 4, 'w4a16_zp') / 1e6:.3g} MB an expert (data + scales + zeros)" in out
+    row = next(ln for ln in out.splitlines() if ln.split()[2:4] == ["torch", "w4a16_zp"])
+    assert "quantization error vs unquantized" in row and row.split()[11].endswith("x")
+
+
+def test_bench_quant_refuses_a_group_size_that_does_not_divide_the_preset():
+    with pytest.raises(moe.bench.BenchError, match=r"--quant w4a16 with --preset gptoss20b: group_size: int4 groups "
+                                                   r"of 128 input elements do not divide the 2880"):
+        moe.bench.resolve_request("gptoss20b", (1,), "cpu", None, ("torch",), "w4a16")
+    assert moe.bench.resolve_request("gptoss20b", (1,), "cpu", None, ("torch",), "mxfp4").quant == "mxfp4"
