@@ -35,7 +35,9 @@ Tolerances are norm-relative against the float64 oracle, ``||out - ref|| / ||ref
   1.4e-1 to 3.1e-1 (4.5e-1; its power-of-two scales lose up to a binade, most with swigluoai's wider
   weights): 4 bits on Gaussian data. A wrong decode (nibble order, sign, scale exponent) measures 1 or
   more. Their kernel-vs-emulation rows are the quantized rows above (the kernels dequantize to the
-  activation dtype before the dot, the reference to fp32).
+  activation dtype before the dot, the reference to fp32): measured under the interpreter (T = 5, K = 256,
+  N = 128) 2.3e-7 to 3.4e-7 in fp32, 3.3e-4 to 5.5e-4 in fp16, 2.7e-3 to 4.7e-3 in bf16 (the int4 names
+  highest).
 Changing a row needs a measurement that justifies it, written here.
 """
 
