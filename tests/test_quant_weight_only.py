@@ -592,3 +592,14 @@ def test_bench_quant_refuses_a_group_size_that_does_not_divide_the_preset():
                                                    r"of 128 input elements do not divide the 2880"):
         moe.bench.resolve_request("gptoss20b", (1,), "cpu", None, ("torch",), "w4a16")
     assert moe.bench.resolve_request("gptoss20b", (1,), "cpu", None, ("torch",), "mxfp4").quant == "mxfp4"
+
+
+@pytest.mark.parametrize("name", ["w4a16_zp", "nvfp4"])
+def test_torch_compile_fullgraph_traces_a_weight_only_layer(name):
+    """Zero points and global scales cross the custom op with the data and scales."""
+    layer = _layer(name, dtype=torch.float32)
+    x, logits = torch.randn(3, K), torch.randn(3, E)
+    eager = layer(x, logits)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x, logits), eager)
