@@ -144,16 +144,21 @@ def resolve_request(
     if any(m < 1 for m in ms):
         raise BenchError(f"--m: token counts must be >= 1, got {','.join(map(str, ms))}")
     names = _resolve_backends(backends)
-    return BenchRequest(p, ms, dev, dtype, names, _resolve_quant(quant))
+    return BenchRequest(p, ms, dev, dtype, names, _resolve_quant(quant, p))
 
 
-def _resolve_quant(quant: str | tuple[str, ...] | None) -> tuple[str, ...]:
+def _resolve_quant(quant: str | tuple[str, ...] | None, p: Preset | None = None) -> tuple[str, ...]:
     names = tuple(quant.split(",")) if isinstance(quant, str) else tuple(quant or ())
     names = tuple(n for n in names if n != "none")
     for n in names:
         if n not in NAMES:
             raise BenchError(f"--quant: unknown quantization scheme {n!r}; allowed: {', '.join(NAMES)} "
                              "(or none), one or several separated by commas")
+        if p is not None:
+            try:
+                expert_weight_bytes(p, 2, n)  # a group size must divide K and N
+            except ValueError as exc:
+                raise BenchError(f"--quant {n} with --preset {p.name}: {exc}") from None
     if len(set(names)) != len(names):
         raise BenchError(f"--quant: {','.join(names)} names a scheme twice")
     return names
@@ -304,13 +309,16 @@ def _quant_info(req: BenchRequest, name: str) -> dict:
         "scheme": cfg.model_dump(mode="json", exclude_none=True),
         "weight_bytes_per_expert": expert_weight_bytes(p, elt, cfg),
         "unquantized_bytes_per_expert": expert_weight_bytes(p, elt),
-        "matmul_rate": "fp8_tflops" if cfg.activations.format == "fp8" else "int8_tops",
-        "rel_err": "against the torch reference on the quantized weights (both GEMM inputs quantized)",
+        "matmul_rate": ("matmul_tflops" if cfg.activations is None  # weight-only: dots in the activation dtype
+                        else "fp8_tflops" if cfg.activations.format == "fp8" else "int8_tops"),
+        "rel_err": "against the torch reference on the quantized weights" + (
+            " (weights dequantized, activations unquantized)" if cfg.activations is None
+            else " (both GEMM inputs quantized)"),
         "quant_err": "rel err of that reference against the unquantized fp32 reference (row extra)",
         "vs_bf16": f"median of the {_dtype_name(req.dtype)} row of the same backend and mode, same tokens and "
                    "routing / median of the quantized row",
     }
-    if cfg.activations.static:
+    if cfg.static_activations:
         top = FORMAT_MAX[cfg.activations.format]
         info["calibration"] = {
             "tokens": CALIBRATION_M,
@@ -586,14 +594,18 @@ def _header(ceil: Ceilings, info: dict | None, rows: list[Row]) -> list[str]:
 
 
 def _quant_header(ceil: Ceilings, info: dict, q: dict, rows: list[Row]) -> list[str]:
-    w, a = q["scheme"]["weights"], q["scheme"]["activations"]
+    w, a = q["scheme"]["weights"], q["scheme"].get("activations")  # no activations: weight-only
     block = "x".join(map(str, w.get("block") or ()))
     per = {"tensor": "tensor", "channel": "output channel", "block": f"block {block}", "token": "token",
-           "group": f"group of {a.get('group_size')}"}
+           "group": f"group of {(a or w).get('group_size')}"}
     rate = q["matmul_rate"].split("_")[0]
-    lines = [f"quantization scheme {q['name']}: weights {w['format']} per {per[w['granularity']]}, activations "
-             f"{a['format']} per {per[a['granularity']]} ({'static' if a.get('static') else 'dynamic'}); "
-             f"{q['weight_bytes_per_expert'] / 1e6:.3g} MB an expert (data + scales) against "
+    zeros = " with zero points" if w.get("zero_point") else ""
+    acts = ("unquantized (weight-only)" if a is None else
+            f"{a['format']} per {per[a['granularity']]} ({'static' if a.get('static') else 'dynamic'})")
+    lines = [f"quantization scheme {q['name']}: weights {w['format']} per {per[w['granularity']]}{zeros}, "
+             f"activations {acts}; "
+             f"{q['weight_bytes_per_expert'] / 1e6:.3g} MB an expert (data + scales{' + zeros' if zeros else ''}) "
+             "against "
              f"{q['unquantized_bytes_per_expert'] / 1e6:.3g} MB in {info['dtype']}",
              f"rows quant={q['name']}: rel err against the torch reference on the quantized weights; floor from "
              f"their weight bytes and the {rate} rate; 'vs bf16' = median of the {info['dtype']} row above "

@@ -206,6 +206,8 @@ def _describe_scheme(cfg: QuantConfig) -> str:
     if w is None:
         return "unquantized"
     wg = f"{w.block[0]}x{w.block[1]} blocks" if w.granularity == "block" and w.block else f"per {w.granularity}"
+    if w.group_size is not None:
+        wg = f"groups of {w.group_size}" + (" with zero points" if w.zero_point else "")
     if a is None:
         return f"weights {w.format} {wg}; activations unquantized"
     ag = f"groups of {a.group_size}" if a.granularity == "group" else f"per {a.granularity}"

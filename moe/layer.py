@@ -12,8 +12,9 @@ from .activations import apply_activation
 from .config import ActivationSpec, MoEConfig, RoutingConfig
 from .contract import Weight
 from .functional import PreparedCache, fused_experts
-from .quant import NAMES, QuantConfig, QuantizedWeight, quantize, scale_shape
+from .quant import NAMES, QuantConfig, QuantizedWeight, quantize
 from .quant.schemes import STORAGE_DTYPES
+from .quant.weights import int4_scale_dtype, scale_dtypes, storage_shapes
 from .registry import get_backend
 from .routing import RoutingFunction, route
 from .validation import FLOAT_DTYPES, check_expert_map_values, value_checks_enabled
@@ -22,19 +23,25 @@ __all__ = ["FusedMoE", "GatedMLP"]
 
 ShardId = Literal[
     "w1", "w3", "w2", "w1_bias", "w3_bias", "w2_bias", "w1_weight_scale", "w3_weight_scale", "w2_weight_scale",
-    "w1_input_scale", "w3_input_scale", "w2_input_scale",
+    "w1_input_scale", "w3_input_scale", "w2_input_scale", "w1_weight_zero_point", "w3_weight_zero_point",
+    "w2_weight_zero_point", "w1_weight_global_scale", "w3_weight_global_scale", "w2_weight_global_scale",
 ]
 
 # shard id -> (parameter, part): w1 is the gate half (part 0) of a w13 parameter, w3 the up half (part 1),
 # w2 the whole expert slice (None); w1's and w3's input scales both feed w13_input_scale
 _SHARDS: dict[str, tuple[str, int | None]] = {
     f"{w}{suffix}": (f"{'w2' if w == 'w2' else 'w13'}{suffix or '_weight'}", {"w1": 0, "w3": 1}.get(w))
-    for suffix in ("", "_bias", "_weight_scale", "_input_scale") for w in ("w1", "w3", "w2")
+    for suffix in ("", "_bias", "_weight_scale", "_weight_zero_point", "_weight_global_scale", "_input_scale")
+    for w in ("w1", "w3", "w2")
 }
 # load_fused_weights keyword -> parameter
 _FUSED = {"w13": "w13_weight", "w2": "w2_weight", "w13_bias": "w13_bias", "w2_bias": "w2_bias",
           "w13_scale": "w13_weight_scale", "w2_scale": "w2_weight_scale", "w13_input_scale": "w13_input_scale",
-          "w2_input_scale": "w2_input_scale"}
+          "w2_input_scale": "w2_input_scale", "w13_zero_point": "w13_weight_zero_point",
+          "w2_zero_point": "w2_weight_zero_point", "w13_global_scale": "w13_weight_global_scale",
+          "w2_global_scale": "w2_weight_global_scale"}
+# the parameters beside the data that a QuantizedWeight holds, by its field
+_QFIELDS = {"scale": "_weight_scale", "zero": "_weight_zero_point", "global_scale": "_weight_global_scale"}
 _FLOAT_NAMES = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
 
 
@@ -76,9 +83,13 @@ class FusedMoE(nn.Module):
 
     ``quant`` (a :class:`~moe.quant.QuantConfig` or a name of ``moe.quant.NAMES``) stores the routed
     experts quantized, in the canonical layout of ``moe.quant.schemes``: ``w13_weight``/``w2_weight`` hold
-    the data (float8_e4m3fn or int8), ``w13_weight_scale``/``w2_weight_scale`` their fp32 scales
-    (``moe.quant.scale_shape``; w13's gate and up halves have their own), and static activation schemes
-    add ``w13_input_scale``/``w2_input_scale`` (fp32 [E_local], one per expert). ``params_dtype`` stays
+    the data (float8_e4m3fn, int8, or uint8 packed 4-bit codes), ``w13_weight_scale``/``w2_weight_scale``
+    their scales (``moe.quant.weights.storage_shapes``; w13's gate and up halves have their own), int4 with
+    zero points adds ``w13_weight_zero_point``/``w2_weight_zero_point`` (uint8, the scales' shape), nvfp4
+    ``w13_weight_global_scale``/``w2_weight_global_scale`` (fp32 [E_local, P], multipliers as ModelOpt's
+    ``weight_scale_2``), and static activation schemes add ``w13_input_scale``/``w2_input_scale`` (fp32
+    [E_local], one per expert). Weight-only schemes (``w8a16``, ``w4a16``, ``mxfp4``, ...) leave the
+    activations in ``params_dtype``. ``params_dtype`` stays
     the activation dtype (of the inputs, biases, gates and shared experts). ``moe.quant.quantize_``
     converts a float layer in place instead.
 
@@ -174,17 +185,24 @@ class FusedMoE(nn.Module):
         c, local, parts, scheme = self.config, self.num_local_experts, self._parts, self.config.quant.weights
         n, k, rows = c.intermediate_size, c.hidden_size, self._parts * c.intermediate_size
         store = STORAGE_DTYPES.get(scheme.format, self.params_dtype) if scheme else self.params_dtype
-        self.w13_weight = _frozen(torch.empty(local, rows, k, dtype=store, device=device))
-        self.w2_weight = _frozen(torch.empty(local, k, n, dtype=store, device=device))
+        shapes = {"w13": storage_shapes(scheme, local, rows, k, parts), "w2": storage_shapes(scheme, local, k, n, 1)} \
+            if scheme else {"w13": {"data": (local, rows, k)}, "w2": {"data": (local, k, n)}}
+        self.w13_weight = _frozen(torch.empty(shapes["w13"]["data"], dtype=store, device=device))
+        self.w2_weight = _frozen(torch.empty(shapes["w2"]["data"], dtype=store, device=device))
         factory = {"dtype": self.params_dtype, "device": device}
         self.w13_bias = _frozen(torch.zeros(local, rows, **factory)) if c.bias else None
         self.w2_bias = _frozen(torch.zeros(local, k, **factory)) if c.bias else None
         static = c.quant.static_activations
-        scales = {"w13_weight_scale": scale_shape(scheme, local, rows, k, parts) if scheme else None,
-                  "w2_weight_scale": scale_shape(scheme, local, k, n, 1) if scheme else None,
-                  "w13_input_scale": (local,) if static else None, "w2_input_scale": (local,) if static else None}
-        for name, shape in scales.items():
-            ones = None if shape is None else _frozen(torch.ones(shape, dtype=torch.float32, device=device))
+        scale_dt = (int4_scale_dtype(self.params_dtype) if scheme.format == "int4" else scale_dtypes(scheme)[0]) \
+            if scheme else torch.float32
+        dtypes = {"scale": scale_dt, "zero": torch.uint8, "global_scale": torch.float32}
+        for w in ("w13", "w2"):
+            for qfield, suffix in _QFIELDS.items():
+                shape = shapes[w].get(qfield)
+                ones = None if shape is None else _frozen(torch.ones(shape, dtype=dtypes[qfield], device=device))
+                self.register_parameter(f"{w}{suffix}", ones)
+        for name in ("w13_input_scale", "w2_input_scale"):
+            ones = _frozen(torch.ones(local, dtype=torch.float32, device=device)) if static else None
             self.register_parameter(name, ones)
         # w1's and w3's input scales as loaded (NaN: not yet), merged into w13_input_scale by weight_loader
         parts_seen = torch.full((local, 2), math.nan, device=device) if static else None
@@ -210,11 +228,14 @@ class FusedMoE(nn.Module):
             if self._quant_key is None:
                 weight.uniform_(-bound, bound)
                 continue
-            scale = getattr(self, f"{name}_weight_scale")
+            logical = (weight.shape[1], fan_in)  # [rows, cols]: packed 4-bit data holds cols / 2 bytes a row
             for e in range(weight.shape[0]):
-                w = torch.empty(1, *weight.shape[1:], dtype=self.params_dtype, device=weight.device)
+                w = torch.empty(1, *logical, dtype=self.params_dtype, device=weight.device)
                 q = quantize(w.uniform_(-bound, bound), c.quant.weights, parts=parts)
-                weight[e], scale[e] = q.data[0], q.scale[0]
+                weight[e] = q.data[0]
+                for qfield, suffix in _QFIELDS.items():
+                    if getattr(q, qfield) is not None:
+                        getattr(self, f"{name}{suffix}")[e] = getattr(q, qfield)[0]
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,16 +304,20 @@ class FusedMoE(nn.Module):
         if self._quant_key is None:
             return self.w13_weight, self.w2_weight
         q = self._qweights
-        if (q is None or q[0].data is not self.w13_weight or q[0].scale is not self.w13_weight_scale
-                or q[1].data is not self.w2_weight or q[1].scale is not self.w2_weight_scale):
+        if q is None or any(getattr(qw, f) is not getattr(self, f"{w}{suffix}")
+                            for w, qw in zip(("w13", "w2"), q, strict=True)
+                            for f, suffix in (("data", "_weight"), *_QFIELDS.items())):
             scheme = self.config.quant.weights
-            q = (QuantizedWeight(self.w13_weight, self.w13_weight_scale, scheme, parts=self._parts),
-                 QuantizedWeight(self.w2_weight, self.w2_weight_scale, scheme))
+            q = tuple(QuantizedWeight(getattr(self, f"{w}_weight"), getattr(self, f"{w}_weight_scale"), scheme,
+                                      getattr(self, f"{w}_weight_zero_point"),
+                                      getattr(self, f"{w}_weight_global_scale"), parts=self._parts if w == "w13" else 1)
+                      for w in ("w13", "w2"))  # type: ignore[assignment]
             self._qweights = q
         return q
 
-    _QUANTIZED_STORAGE = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_input_scale",
-                          "w2_input_scale")
+    _QUANTIZED_STORAGE = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_weight_zero_point",
+                          "w2_weight_zero_point", "w13_weight_global_scale", "w2_weight_global_scale",
+                          "w13_input_scale", "w2_input_scale")
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """``layer.to(...)``, ``.half()``, ``.cuda()``: a quantized layer's data and scales move to the new
@@ -351,7 +376,9 @@ class FusedMoE(nn.Module):
         for name, parts in (("w13", self._parts), ("w2", 1)):
             q = quantize(getattr(self, f"{name}_weight"), cfg.weights, parts=parts)
             setattr(self, f"{name}_weight", _frozen(q.data))  # the float weight goes here
-            setattr(self, f"{name}_weight_scale", _frozen(q.scale))
+            for qfield, suffix in _QFIELDS.items():
+                t = getattr(q, qfield)
+                self.register_parameter(f"{name}{suffix}", None if t is None else _frozen(t))
         self.config = self.config.model_copy(update={"quant": cfg})
         self._quant_key = cfg.key()
         self._expert_weights()
@@ -377,16 +404,24 @@ class FusedMoE(nn.Module):
 
         - ``w1`` (gate, [N, K]) and ``w3`` (up, [N, K]) fill the two halves of w13 (``w1`` all of it for
           non-gated activations), ``w2`` ([K, N]) w2; a quantized layer takes them in its storage dtype
-          (float8_e4m3fn or int8), an unquantized one casts float tensors to ``params_dtype``;
+          (float8_e4m3fn, int8, or uint8 packed 4-bit codes [N, K / 2]: element 2j in the low nibble), an
+          unquantized one casts float tensors to ``params_dtype``;
         - ``w1_bias``/``w3_bias`` ([N]) and ``w2_bias`` ([K]);
         - ``w1_weight_scale``/``w3_weight_scale``/``w2_weight_scale``: the shard's part of the canonical
           scale: per tensor a scalar (w13's column 0 or 1), per channel [N] (w13's first or next N rows) or
           [K], per block [ceil(N/128), ceil(K/128)] (the gate's or the up's block rows) or
-          [ceil(K/128), ceil(N/128)]; size-1 dims may be left out or added (a [N, 1] scale loads);
+          [ceil(K/128), ceil(N/128)], per group [N, K / G] or [K, N / G]; size-1 dims may be left out or
+          added (a [N, 1] scale loads);
+        - ``w1_weight_zero_point``/``w3_weight_zero_point``/``w2_weight_zero_point`` (int4 with zero
+          points): uint8, one per group, unpacked, the scale's shape;
+        - ``w1_weight_global_scale``/``w3_weight_global_scale``/``w2_weight_global_scale`` (nvfp4): a
+          scalar multiplier (ModelOpt's ``weight_scale_2``; compressed-tensors' global scale is its inverse);
         - ``w1_input_scale``/``w3_input_scale``/``w2_input_scale`` (static activation schemes): scalars.
           w13's GEMM quantizes one input for both halves, so ``w13_input_scale`` of the expert is the larger
           of its w1 and w3 input scales loaded so far (as vLLM does; they are often equal).
-        Scales of other float dtypes are cast to float32."""
+        Scales stored as floats (fp32; int4's bf16/fp16/fp32) are cast from other float dtypes; e8m0 and e4m3
+        scales and zero points load in their own dtype only. GPTQ act-order (``desc_act``, the checkpoint's
+        ``g_idx``) is refused: see docs/quantization.md."""
         local = self.local_expert_id(expert_id)
         if local < 0:
             return False
@@ -412,6 +447,11 @@ class FusedMoE(nn.Module):
 
     def _shard_param(self, shard_id: str) -> str:
         """The parameter shard ``shard_id`` fills; raises unless this layer has it."""
+        if shard_id.endswith("g_idx"):
+            raise ValueError(f"weight_loader: {shard_id}: GPTQ act-order (desc_act=true, the checkpoint's g_idx "
+                             "field) is not supported: its groups are not contiguous along K, which the group "
+                             "scales here assume; use a checkpoint quantized with desc_act=false, or reorder the "
+                             "input features and requantize")
         if shard_id not in _SHARDS:
             raise ValueError(f"weight_loader: shard_id must be {', '.join(_SHARDS)}, got {shard_id!r}")
         param, part = _SHARDS[shard_id]
@@ -437,6 +477,9 @@ class FusedMoE(nn.Module):
             return f"{what} given but this FusedMoE was built with bias=False"
         if self._quant_key is None:
             return f"{what} given but this FusedMoE is unquantized; build it with quant=... (one of {', '.join(NAMES)})"
+        if param.endswith(("_zero_point", "_global_scale")):
+            needs = "int4 with zero points (w4a16_zp)" if param.endswith("_zero_point") else "nvfp4"
+            return f"{what} given but {self._quant_key} has no {param.split('_weight_')[1]}; only {needs} has one"
         return (f"{what} given but {self._quant_key} quantizes activations with scales computed per call (no "
                 "input scales); leave it out, or build the layer with a static scheme (fp8_tensor_static)")
 
@@ -444,12 +487,17 @@ class FusedMoE(nn.Module):
         """A quantized layer's data must be stored as its scheme stores it; everything else is float (cast)."""
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+        want = getattr(self, param).dtype
         if param.endswith("_weight") and self._quant_key is not None:
-            want = getattr(self, param).dtype
             if t.dtype != want:
+                signed = ("; packed 4-bit codes are unsigned: view signed bytes as uint8"
+                          if want == torch.uint8 and t.dtype == torch.int8 else "")
                 raise TypeError(f"{what}: dtype {t.dtype}, but {self._quant_key} stores weights as {want}; load the "
                                 "checkpoint's quantized data, or load float weights into an unquantized FusedMoE "
-                                "and convert it with moe.quant.quantize_")
+                                f"and convert it with moe.quant.quantize_{signed}")
+        elif want not in FLOAT_DTYPES:  # e8m0 / e4m3 scales, zero points: their bits are the value
+            if t.dtype != want:
+                raise TypeError(f"{what}: dtype {t.dtype}, but {self._quant_key} stores {param} as {want}")
         elif t.dtype not in FLOAT_DTYPES:
             hint = ("; quantized checkpoints need FusedMoE(quant=...)"
                     if param.endswith("_weight") and self._quant_key is None else "")
@@ -476,15 +524,22 @@ class FusedMoE(nn.Module):
         w2_scale: torch.Tensor | None = None,
         w13_input_scale: torch.Tensor | None = None,
         w2_input_scale: torch.Tensor | None = None,
+        w13_zero_point: torch.Tensor | None = None,
+        w2_zero_point: torch.Tensor | None = None,
+        w13_global_scale: torch.Tensor | None = None,
+        w2_global_scale: torch.Tensor | None = None,
     ) -> None:
         """Load fused 3-D checkpoint tensors covering all ``num_experts`` global experts (transformers'
         ``gate_up_proj`` transposed to [E, 2N, K], ``down_proj`` to [E, K, N]); only the local
         experts are copied. A quantized layer also takes its scales in the canonical layout
         (``w13_scale``/``w2_scale``: ``moe.quant.scale_shape`` for all E experts) and, for static
         activation schemes, ``w13_input_scale``/``w2_input_scale`` [E] (w13's: the larger of a checkpoint's
-        w1 and w3 input scales)."""
+        w1 and w3 input scales); int4 zero points ``w13_zero_point``/``w2_zero_point`` and nvfp4 global
+        scales ``w13_global_scale`` [E, P]/``w2_global_scale`` [E, 1], canonical too."""
         given = {"w13": w13, "w2": w2, "w13_bias": w13_bias, "w2_bias": w2_bias, "w13_scale": w13_scale,
-                 "w2_scale": w2_scale, "w13_input_scale": w13_input_scale, "w2_input_scale": w2_input_scale}
+                 "w2_scale": w2_scale, "w13_input_scale": w13_input_scale, "w2_input_scale": w2_input_scale,
+                 "w13_zero_point": w13_zero_point, "w2_zero_point": w2_zero_point,
+                 "w13_global_scale": w13_global_scale, "w2_global_scale": w2_global_scale}
         idx = None if self.expert_map is None else self.global_expert_ids()
         for name, src in given.items():
             if src is None:

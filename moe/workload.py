@@ -21,8 +21,10 @@ import torch
 
 from .config import ActivationSpec
 from .contract import ExpertsProblem
-from .quant import QuantConfig, QuantizedWeight, named, quantize, scale_shape
+from .quant import QuantConfig, QuantizedWeight, named, quantize
 from .quant.calibration import calibrate_static_scales
+from .quant.schemes import STORAGE_DTYPES
+from .quant.weights import int4_scale_dtype, scale_dtypes, storage_shapes
 from .target import current_target
 
 __all__ = [
@@ -281,17 +283,28 @@ def int8_matmul_rate(device: torch.device, n: int = 8192) -> float | None:
     return 2 * n**3 / time_fn(lambda: torch._int_mm(a, b), device) / 1e12
 
 
+_FLOAT_OF_SIZE = {2: torch.bfloat16, 4: torch.float32}  # an activation dtype of each size (int4 scales)
+
+
 def expert_weight_bytes(p: Preset, elt: int, quant: QuantConfig | str | None = None) -> int:
     """Bytes of one expert's w13 and w2 as stored: ``elt`` bytes an element unquantized; with a quantized
     scheme (a ``QuantConfig`` or a name of ``moe.quant.NAMES``), its data (1 byte an element for fp8 and
-    int8) plus its fp32 scales: what ``(qw13.nbytes() + qw2.nbytes()) / num_experts`` counts."""
+    int8, half a byte for the 4-bit formats) plus its scales (fp32; int4's in the activation dtype, 2-byte
+    ``elt`` -> 2 bytes; one byte each for e8m0 and e4m3), zero points (1 byte) and global scales (fp32):
+    what ``(qw13.nbytes() + qw2.nbytes()) / num_experts`` counts. A group size that does not divide K or N
+    is an error naming both."""
     k, n, rows = p.hidden_size, p.intermediate_size, p.w13_rows
     scheme = QuantConfig.parse(quant).weights
     if scheme is None:
         return (rows * k + k * n) * elt
-    data = elt if scheme.format == "scaled" else 1
-    scales = math.prod(scale_shape(scheme, 1, rows, k, p.parts)) + math.prod(scale_shape(scheme, 1, k, n, 1))
-    return (rows * k + k * n) * data + 4 * scales
+    scale_elt = (int4_scale_dtype(_FLOAT_OF_SIZE.get(elt, torch.float32)) if scheme.format == "int4"
+                 else scale_dtypes(scheme)[0]).itemsize
+    total = 0
+    for shapes in (storage_shapes(scheme, 1, rows, k, p.parts), storage_shapes(scheme, 1, k, n, 1)):
+        data = elt if scheme.format == "scaled" else STORAGE_DTYPES[scheme.format].itemsize
+        elts = {"data": data, "scale": scale_elt, "zero": 1, "global_scale": 4}
+        total += sum(math.prod(shape) * elts[name] for name, shape in shapes.items() if shape is not None)
+    return total
 
 
 def matmul_rate(ceil: Ceilings, quant: QuantConfig | str | None = None) -> float | None:

@@ -16,7 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ttir_check.py"
 
 
 def test_every_scheme_compiles_for_sm90():
-    run = subprocess.run([sys.executable, str(SCRIPT), "--quant", "none,fp8_tensor_static,fp8_block,int8_channel",
+    run = subprocess.run([sys.executable, str(SCRIPT), "--quant", "none,fp8_tensor_static,fp8_block,int8_channel,w4a16_zp,mxfp4,nvfp4",
                           "--tokens", "1,64"], capture_output=True, text=True, timeout=600)
     lines = [line for line in run.stdout.splitlines() if "FAILED" in line or "front-end compiles" in line]
     assert run.returncode == 0, "\n".join(lines) or run.stderr[-2000:]

@@ -1,4 +1,5 @@
-"""Quantized experts on the GPU: every name on the Triton backend over the token-count list, NaN-poisoned,
+"""Quantized experts on the GPU: every name (W8A8 and weight-only) on the Triton backend over the token-count
+list, NaN-poisoned,
 against the torch reference's emulation of the scheme (tight) and the unquantized float64 result (the
 quantization noise); CUDA-graph replay with new routing; and no bf16 copy of the weights during a call."""
 
@@ -31,7 +32,7 @@ def _setup(T: int, name: str, emap: bool = False, per_expert: bool = False, seed
         expert_map[::2] = torch.arange(local, dtype=torch.int32, device="cuda")
     cfg = named(name)
     kw = {}
-    if cfg.activations.static:
+    if cfg.static_activations:
         kw["a13_scale"], kw["a2_scale"] = calibrate_static_scales(x, w13, ids, cfg.activations, "silu",
                                                                   expert_map=expert_map, per_expert=per_expert)
     q13, q2 = quantize(w13, cfg.weights, parts=2), quantize(w2, cfg.weights)
@@ -53,6 +54,8 @@ def _plain_reference(s) -> torch.Tensor:
 
 # every backend that declares a scheme, at every token count (and two with an expert map)
 BACKEND_SCHEMES = [("triton", name) for name in NAMES] + [("torch_grouped", "fp8_channel")]
+
+
 def _grouped_emulation(s, name) -> torch.Tensor:
     """torch_grouped's arithmetic: its scaled grouped GEMM writes GEMM1's output in bf16 before the
     activation (the kernels keep it in fp32; that rounding moves GEMM2's fp8 inputs across steps)."""
@@ -89,7 +92,7 @@ def test_gpu_per_expert_static_scales(name):
         assert_close(out, _call(s, name, "torch"), scheme=name, what=f"per-expert static scales T={T}")
 
 
-@pytest.mark.parametrize("name", ["fp8_channel", "fp8_block", "fp8_tensor"])
+@pytest.mark.parametrize("name", ["fp8_channel", "fp8_block", "fp8_tensor", "w8a16", "w4a16_zp", "mxfp4", "nvfp4"])
 def test_gpu_quantized_cuda_graph(name):
     T = 64
     s = _setup(T, name)
@@ -110,8 +113,9 @@ def test_gpu_quantized_cuda_graph(name):
         assert_close(out, _call(s, name, "torch", weights=nw, ids=nids), scheme=name, what=f"{name} graph replay")
 
 
-@pytest.mark.parametrize(("backend", "name"), [("triton", "fp8_block"), ("triton", "int8_channel"),
-                                               ("torch_grouped", "fp8_channel")])
+@pytest.mark.parametrize(("backend", "name"), [("triton", n) for n in ("fp8_block", "int8_channel", "w8a16",
+                                                                          "fp8_w8a16", "w4a16", "mxfp4", "nvfp4")]
+                         + [("torch_grouped", "fp8_channel")])
 def test_gpu_no_bf16_copy_of_the_weights(backend, name):
     """The call's peak extra memory stays far below a bf16 copy of the weights (the quantized weights are
     never dequantized to a full copy)."""
@@ -145,7 +149,7 @@ def test_gpu_quantized_layer_forward(name):
     x = torch.randn(33, K, device="cuda", dtype=torch.bfloat16)
     w13, w2 = layer.w13_weight.detach().clone(), layer.w2_weight.detach().clone()
     moe.quant.quantize_(layer, name)
-    assert layer.w13_weight.dtype in (torch.float8_e4m3fn, torch.int8)
+    assert layer.w13_weight.dtype != torch.bfloat16  # fp8, int8 or packed uint8
     out = layer(x)
     assert moe.last_decision().chosen == "triton"
     weights, ids = layer.select_experts(x, layer.gate(x))

@@ -110,9 +110,11 @@ class ParallelFusedMoE(FusedMoE):
         rows, since w2's are K; per block: both); per-tensor and input scales are the same on every rank."""
         scheme = self.config.quant.weights
         granularity = scheme.granularity if scheme is not None else None
-        if param in ("w13_weight", "w13_bias") or (param == "w13_weight_scale" and granularity != "tensor"):
+        if param in ("w13_weight", "w13_bias") or (param in ("w13_weight_scale", "w13_weight_zero_point")
+                                                   and granularity != "tensor"):
             return 1
-        if param == "w2_weight" or (param == "w2_weight_scale" and granularity == "block"):
+        if param == "w2_weight" or (param in ("w2_weight_scale", "w2_weight_zero_point")
+                                    and granularity in ("block", "group")):
             return 2
         return None
 

@@ -122,9 +122,14 @@ def choose_config(problem: ExpertsProblem, device: torch.device) -> KernelConfig
     return cfg
 
 
-def _split(w: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(data, scale) of a weight operand; scales contiguous (the kernels index them by strides)."""
-    return (w.data, w.scale.contiguous()) if isinstance(w, QuantizedWeight) else (w, None)
+def _split(w: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                                                      torch.Tensor | None]:
+    """(data, scale, zero, global scale) of a weight operand; scales and zero points contiguous (the kernels
+    index them by strides, zero points by the scales' strides: the same shape)."""
+    if not isinstance(w, QuantizedWeight):
+        return w, None, None, None
+    contiguous = (t.contiguous() if t is not None else None for t in (w.scale, w.zero, w.global_scale))
+    return (w.data, *contiguous)
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, int]:
@@ -141,7 +146,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     x = _row_major(args.hidden_states)
     dev, dtype = x.device, x.dtype
     _check_smem(cfg, problem, dev)
-    (w13, s13), (w2, s2) = _split(args.w13), _split(args.w2)
+    (w13, s13, z13, g13), (w2, s2, z2, g2s) = _split(args.w13), _split(args.w2)
     w13, w2 = _row_major(w13), _row_major(w2)
     T, K, N, k = problem.num_tokens, problem.hidden_size, problem.intermediate_size, problem.top_k
     num_pairs = T * k
@@ -177,22 +182,26 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     dynamic = act.granularity if act is not None and not act.static else None
     amax = (torch.zeros(1 if dynamic == "tensor" else inter.shape[0], dtype=torch.float32, device=dev)
             if dynamic in ("tensor", "token") else None)
-    tma1 = _use_tma(g1, (w13,), dev, interp)
+    native = modes.weight_code(problem) == _gemm.W_NATIVE  # weight-only codes load their tiles by pointers
+    tma1 = native and _use_tma(g1, (w13,), dev, interp)
     # GEMM2's input through descriptors: the activated rows, or their 1-byte quantized copy (16-byte rows)
-    tma2 = _use_tma(g2, (w2, inter), dev, interp) and (act is None or N % 16 == 0)
+    tma2 = native and _use_tma(g2, (w2, inter), dev, interp) and (act is None or N % 16 == 0)
     ieee = dtype == torch.float32 and not allow_tf32 and act is None  # fp32 dots (quantized inputs: 8-bit dots)
     mode1, mode2 = modes.gemm_modes(cfg, problem, direct=direct, tma1=tma1, tma2=tma2, pdl=pdl, interp=interp,
                                     ieee=ieee, static1=static1, static2=static2)
     one_dot = mode1["GATE_UP"] == _gemm.ONE_DOT
     b13 = _row_major(args.w13_bias) if args.w13_bias is not None else x
     s13 = s13 if s13 is not None else topk_w  # unread without a scale mode
+    z13 = z13 if z13 is not None else s13  # unread without zero points
+    g13 = g13 if g13 is not None else topk_w  # unread without global scales
     sx = sx if sx is not None else topk_w
     launch(
         _gemm.moe_gemm1, (grid_m * cdiv(N, g1.block_n),), dev,
-        x_in, w13, _w13_descriptor(w13, g1, N, one_dot) if tma1 else w13, b13, s13, sx,
+        x_in, w13, _w13_descriptor(w13, g1, N, one_dot) if tma1 else w13, b13, s13, z13, g13, sx,
         amax if amax is not None else topk_w, inter, *route, ids, emap_arg, topk_w, N, K, num_pairs, grid_m,
         num_global, num_local, x_in.stride(0), w13.stride(0), w13.stride(1), b13.stride(0), *_strides(s13),
-        sx.stride(0) if sx.dim() else 0, inter.stride(0), problem.activation.alpha, problem.activation.limit, **mode1,
+        _strides(g13)[0], sx.stride(0) if sx.dim() else 0, inter.stride(0), problem.activation.alpha,
+        problem.activation.limit, **mode1,
     )
     # GEMM2's input: the activated rows (quantized as GEMM2 loads them, from their amax), or them quantized
     a2, sa2 = inter, amax if amax is not None else topk_w
@@ -203,6 +212,8 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         a2, sa2 = qi.data, qi.scale
     b2 = _row_major(args.w2_bias) if args.w2_bias is not None else x
     s2 = s2 if s2 is not None else topk_w
+    z2 = z2 if z2 is not None else s2
+    g2s = g2s if g2s is not None else topk_w
     if tma2:
         desc = _descriptor_type()
         a_desc = desc(a2, list(a2.shape), list(a2.stride()), [cfg.block_m, g2.block_k])
@@ -211,9 +222,9 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         a_desc, w2_desc = a2, w2
     launch(
         _gemm.moe_gemm2, (grid_m * cdiv(K, g2.block_n),), dev,
-        a2, w2, a_desc, w2_desc, b2, s2, sa2, y, *route, ids, emap_arg, topk_w,
+        a2, w2, a_desc, w2_desc, b2, s2, z2, g2s, sa2, y, *route, ids, emap_arg, topk_w,
         N, K, num_pairs, grid_m, num_global, num_local, a2.stride(0), w2.stride(0), w2.stride(1), b2.stride(0),
-        *_strides(s2), sa2.stride(0) if sa2.dim() else 0, y.stride(0), **mode2,
+        *_strides(s2), _strides(g2s)[0], sa2.stride(0) if sa2.dim() else 0, y.stride(0), **mode2,
     )
     if atomic:
         out.copy_(y)
@@ -269,8 +280,8 @@ def _supports_quant(problem: ExpertsProblem) -> tuple[bool, str]:
     w, a, target = problem.quant.weights, problem.quant.activations, problem.target
     if w is None or w.format == "scaled":
         return True, "ok"
-    if a is None:
-        return False, f"weight-only {w.format} weights are not implemented yet (activations in {problem.dtype})"
+    if a is None:  # weight-only: every format, dequantized in the K loop to the activation dtype
+        return True, "ok"
     if target.is_gpu and a.format == "fp8" and not target.fp8_mma:
         return False, (f"{target.describe()} has no e4m3 FP8 tensor cores (fp8_mma); run FP8 checkpoints there "
                        "with FP8 weights and bf16 activations (weight-only), or on the torch backend")
@@ -284,7 +295,8 @@ def _supports_quant(problem: ExpertsProblem) -> tuple[bool, str]:
 
 class TritonBackend:
     name = "triton"
-    schemes = ("none", "scaled", "fp8_tensor", "fp8_tensor_static", "fp8_channel", "fp8_block", "int8_channel")
+    schemes = ("none", "scaled", "fp8_tensor", "fp8_tensor_static", "fp8_channel", "fp8_block", "int8_channel",
+               "w8a16", "w4a16", "w4a16_zp", "fp8_w8a16", "mxfp4", "nvfp4")
 
     @property
     def priority(self) -> int:

@@ -8,7 +8,21 @@ Each kernel takes its choices as mode values, never one boolean per format (mode
 - GATE_UP (gated GEMM1): TWO_DOTS, a gate and an up tile with a dot each, or ONE_DOT, one tile of
   [gate | up] columns (2 x BLOCK_N wide) with one dot, split after the loop;
 - W_SCALE: the weights' scales (NO_SCALE; TENSOR_SCALE: one fp32 per expert and part; CHANNEL_SCALE: one
-  per output row; BLOCK_SCALE: one per W_BN x W_BK block, applied inside the K loop);
+  per output row; BLOCK_SCALE: one per W_BN x W_BK block, applied inside the K loop to the W8A8 dot;
+  WEIGHT_BLOCK: one per W_BN x W_BK block (groups: 1 x G), applied inside the K loop to the dequantized
+  weight tile before the dot (weight-only); WEIGHT_BLOCK_GLOBAL: the same and one fp32 per expert and
+  part in the epilogue (nvfp4's global scale));
+- W_CODE: how a weight element is stored (W_NATIVE: a dot operand as it is; W_CONVERT: int8 or e4m3
+  converted to the activation dtype in the loop; W_INT4 / W_INT4_ZP: two nibbles a byte, ``q - 8`` or
+  ``q - zero``; W_E2M1: two e2m1 codes a byte). The 4-bit codes become floats by bit placement, never a
+  conversion instruction: int4 by OR-ing the code into the mantissa of a power of two (``0x4300`` is
+  bf16 128.0, ``0x6400`` fp16 1024.0, ``0x4B000000`` fp32 2^23) and subtracting it (plus the zero point);
+  e2m1 by moving its exponent and mantissa bits into place and adding the exponent bias (the one
+  subnormal, 0.5, by a select). Under the interpreter (whose bf16 arithmetic is not IEEE) and for fp32
+  activations the fp32 constants are used; on the GPU bf16/fp16 activations use the 16-bit ones, so
+  two elements share each 32-bit instruction. Packed weights are loaded [BLOCK_K / 2, BLOCK_N] and
+  their low (even k) and high (odd k) nibbles meet the even and odd columns of the input tile in two
+  dots, so no shuffle interleaves them;
 - A_SCALE: the GEMM input's quantization (A_NONE: the activation dtype; A_TENSOR: one scale; A_TOKEN: one
   per row; A_GROUP: one per row and A_GK columns, inside the K loop; A_EXPERT: one per expert, static:
   GEMM1 quantizes its gathered rows with it, GEMM2 reads rows quantized with it; A_GROUP_LOAD, GEMM2 of
@@ -32,7 +46,8 @@ SILU, GELU, GELU_TANH, SWIGLUOAI, RELU2, SILU_NO_MUL, GELU_NO_MUL = 0, 1, 2, 3, 
 SORTED, DIRECT = 0, 1
 POINTER, TMA = 0, 1
 TWO_DOTS, ONE_DOT = 0, 1
-NO_SCALE, TENSOR_SCALE, CHANNEL_SCALE, BLOCK_SCALE = 0, 1, 2, 3
+NO_SCALE, TENSOR_SCALE, CHANNEL_SCALE, BLOCK_SCALE, WEIGHT_BLOCK, WEIGHT_BLOCK_GLOBAL = 0, 1, 2, 3, 4, 5
+W_NATIVE, W_CONVERT, W_INT4, W_INT4_ZP, W_E2M1 = 0, 1, 2, 3, 4
 A_NONE, A_TENSOR, A_TOKEN, A_GROUP, A_EXPERT, A_GROUP_LOAD, A_TOKEN_LOAD, A_TENSOR_LOAD = 0, 1, 2, 3, 4, 5, 6, 7
 NO_AMAX, TENSOR_AMAX, ROW_AMAX = 0, 1, 2
 
@@ -144,22 +159,130 @@ def _zeros(BLOCK_M: tl.constexpr, COLS: tl.constexpr, INT: tl.constexpr):
 
 
 @triton.jit
-def _step(acc, a, w, sa, sw, k0, W_SCALE: tl.constexpr, W_BK: tl.constexpr, INT: tl.constexpr,
-          INTERP: tl.constexpr, IEEE: tl.constexpr):
-    """One K step: ``acc += a @ w``, or with block scales ``acc += (a @ w) * sa[rows] * sw[cols]`` for the
-    K block of ``k0`` (``sa``/``sw`` are base pointers of the row and column scales; + k0 // W_BK)."""
-    if W_SCALE == 3:  # an if-chain without early returns (see moe.kernels._jit.dot)
-        kb = k0 // W_BK
-        part = dot(a, w, tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE, False)
-        out = acc + part * tl.load(sa + kb)[:, None] * tl.load(sw + kb)[None, :]
+def _nibble_values(q, z, W_CODE: tl.constexpr, W16: tl.constexpr, dt):
+    """Codes 0..15 (``q``, uint8) as values, built from bits: int4 ``q - 8`` or ``q - z`` (``z`` the zero
+    points, uint8), or the e2m1 value of the code. In dt (bfloat16 or float16) with W16, else float32."""
+    if W16:
+        u = q.to(tl.uint16)
+        if W_CODE == 4:
+            if dt == tl.bfloat16:
+                mag = tl.where((u & 6) != 0, ((u & 7) << 6) + (126 << 7), (u & 1) * (126 << 7))
+            else:
+                mag = tl.where((u & 6) != 0, ((u & 7) << 9) + (14 << 10), (u & 1) * (14 << 10))
+            v = (mag | ((u & 8) << 12)).to(tl.uint16).to(dt, bitcast=True)
+        else:
+            if dt == tl.bfloat16:  # noqa: SIM108  (Triton 3.6 does not fold a conditional expression on constexprs)
+                magic = 0x4300  # bf16 128.0: its ulp is 1, so OR-ing a code adds it
+            else:
+                magic = 0x6400  # fp16 1024.0
+            if W_CODE == 3:
+                zero = (z.to(tl.uint16) | magic).to(tl.uint16).to(dt, bitcast=True)
+            else:
+                zero = (tl.full(u.shape, 8, tl.uint16) | magic).to(tl.uint16).to(dt, bitcast=True)
+            v = (u | magic).to(tl.uint16).to(dt, bitcast=True) - zero
     else:
-        out = dot(a, w, acc, INTERP, IEEE, INT)
-    return out
+        u = q.to(tl.uint32)
+        if W_CODE == 4:
+            mag = tl.where((u & 6) != 0, ((u & 7) << 22) + (126 << 23), (u & 1) * (126 << 23))
+            v = (mag | ((u & 8) << 28)).to(tl.uint32).to(tl.float32, bitcast=True)
+        elif W_CODE == 3:
+            zero = (z.to(tl.uint32) | 0x4B000000).to(tl.uint32).to(tl.float32, bitcast=True)  # fp32 2^23 + z
+            v = (u | 0x4B000000).to(tl.uint32).to(tl.float32, bitcast=True) - zero
+        else:
+            v = (u | 0x4B000000).to(tl.uint32).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+    return v
 
 
 @triton.jit
-def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_gather, sa, ws_base, stride_wsr,
-                   LOADS: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr, W_SCALE: tl.constexpr,
+def _scale_values(s, W16: tl.constexpr, dt):
+    """Weight scales in dt (W16) or float32: e8m0 bytes (uint8: 2^(s - 127)) placed in the exponent field
+    (byte 0, 2^-127, reads 0); float scales (fp32, bf16, fp16, e4m3) converted."""
+    if s.dtype == tl.uint8:
+        if W16 and dt == tl.bfloat16:
+            v = (s.to(tl.uint16) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            v = (s.to(tl.uint32) << 23).to(tl.uint32).to(tl.float32, bitcast=True)
+    else:
+        v = s.to(tl.float32)
+    if W16:
+        v = v.to(dt)
+    return v
+
+
+@triton.jit
+def _per_group(ptrs, k, K, k0, W_BK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A per-(row, K block) tensor over a [len(k), columns] tile: one load per column when a block spans
+    the whole K step (W_BK a multiple of BLOCK_K), else gathered per element (k // W_BK; k past the end
+    reads the last block: its weights are masked to codes of finite value and meet zero inputs).
+    ``ptrs``: each column's row of it."""
+    if W_BK % BLOCK_K == 0:
+        t = tl.load(ptrs + k0 // W_BK)[None, :]
+    else:
+        t = tl.load(ptrs[None, :] + (tl.minimum(k, K - 1) // W_BK)[:, None])
+    return t
+
+
+@triton.jit
+def _to_operand(v, dt, INTERP: tl.constexpr):
+    if INTERP:
+        v = cast(v.to(tl.float32), dt, INTERP)
+    return v.to(dt)
+
+
+@triton.jit
+def _dequant_step(acc, a, w, sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_BK: tl.constexpr,
+                  W16: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A weight-only K step: the stored weight tile dequantized to the activation dtype, then the dot.
+    8-bit (W_CONVERT): ``w`` [BLOCK_K, columns], converted and, with WEIGHT_BLOCK, scaled. 4-bit: ``w`` is
+    [BLOCK_K / 2, columns] bytes; the low nibbles (even k) dot the input's even columns, the high (odd k)
+    its odd ones. ``sz``: each column's zero-point row (W_INT4_ZP; the scales' layout). W16: dequantize in
+    the 16-bit activation dtype, else in float32."""
+    dt = a.dtype
+    if W_CODE == 1:
+        k = k0 + tl.arange(0, BLOCK_K)
+        v = w.to(tl.float32)
+        if W16:
+            v = v.to(dt)
+        if W_SCALE >= 4:
+            v = v * _scale_values(_per_group(sw, k, K, k0, W_BK, BLOCK_K), W16, dt)
+        acc = dot(a, _to_operand(v, dt, INTERP), acc, INTERP, IEEE, False)
+    else:
+        HALF: tl.constexpr = BLOCK_K // 2
+        k = k0 + 2 * tl.arange(0, HALF)  # the k of each low nibble; its high nibble is k + 1, in the same group
+        if W_CODE == 3:  # noqa: SIM108  (as above)
+            z = _per_group(sz, k, K, k0, W_BK, BLOCK_K)
+        else:
+            z = 0
+        s = _scale_values(_per_group(sw, k, K, k0, W_BK, BLOCK_K), W16, dt)
+        lo = _nibble_values(w & 0xF, z, W_CODE, W16, dt) * s
+        hi = _nibble_values(w >> 4, z, W_CODE, W16, dt) * s
+        a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], HALF, 2]))
+        acc = dot(a_even, _to_operand(lo, dt, INTERP), acc, INTERP, IEEE, False)
+        acc = dot(a_odd, _to_operand(hi, dt, INTERP), acc, INTERP, IEEE, False)
+    return acc
+
+
+@triton.jit
+def _step(acc, a, w, sa, sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_BK: tl.constexpr,
+          W16: tl.constexpr, INT: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step: ``acc += a @ w``, or with block scales ``acc += (a @ w) * sa[rows] * sw[cols]`` for the
+    K block of ``k0`` (``sa``/``sw`` are base pointers of the row and column scales; + k0 // W_BK), or a
+    weight-only step (W_CODE > 0) that dequantizes ``w`` first."""
+    if W_CODE > 0:  # if / else, not early returns: a return does not stop the other branches compiling
+        acc = _dequant_step(acc, a, w, sw, sz, k0, K, W_SCALE, W_CODE, W_BK, W16, INTERP, IEEE, BLOCK_K)
+    elif W_SCALE == 3:
+        kb = k0 // W_BK
+        part = dot(a, w, tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE, False)
+        acc = acc + part * tl.load(sa + kb)[:, None] * tl.load(sw + kb)[None, :]
+    else:
+        acc = dot(a, w, acc, INTERP, IEEE, INT)
+    return acc
+
+
+@triton.jit
+def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_gather, sa, ws_base, wz_base,
+                   stride_wsr, LOADS: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
+                   W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_PACK: tl.constexpr, W16: tl.constexpr,
                    GATHER_QUANT: tl.constexpr, INT: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr,
                    INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
@@ -167,13 +290,15 @@ def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_ga
     TMA: one [1, 2, BLOCK_N, BLOCK_K] box of the [E, 2, N, K] view; gate rows past N read up rows, finite
     and never stored."""
     offs_k = tl.arange(0, BLOCK_K)
+    offs_kw = tl.arange(0, BLOCK_K // W_PACK)  # the weight tile's columns: bytes, two codes each when packed
     c = tl.arange(0, 2 * BLOCK_N)
     n = n0 + c % BLOCK_N
     cmask = n < N
     wrow = n + (c // BLOCK_N) * N  # columns 0..BLOCK_N: gate rows, then the up rows
-    gu_ptrs = w_base + wrow[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    gu_ptrs = w_base + wrow[None, :].to(tl.int64) * stride_wn + offs_kw[:, None]
     # block scales: the gate's block rows, then the up's (a block never straddles the two)
-    sw = ws_base + ((c // BLOCK_N) * tl.cdiv(N, W_BN) + tl.where(cmask, n, 0) // W_BN) * stride_wsr
+    srow = ((c // BLOCK_N) * tl.cdiv(N, W_BN) + tl.where(cmask, n, 0) // W_BN) * stride_wsr
+    sw, sz = ws_base + srow, wz_base + srow
     acc = _zeros(BLOCK_M, 2 * BLOCK_N, INT)
     for k0 in range(0, K, BLOCK_K):
         kmask = offs_k < K - k0
@@ -181,46 +306,49 @@ def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_ga
         if LOADS == 1:
             gu = w_desc.load([expert, 0, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
         else:
-            gu = _load_w(gu_ptrs, kmask, cmask, EVEN_K)
-            gu_ptrs += BLOCK_K
-        acc = _step(acc, a, gu, sa, sw, k0, W_SCALE, W_BK, INT, INTERP, IEEE)
+            gu = _load_w(gu_ptrs, offs_kw < (K - k0) // W_PACK, cmask, EVEN_K)
+            gu_ptrs += BLOCK_K // W_PACK
+        acc = _step(acc, a, gu, sa, sw, sz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
         a_ptrs += BLOCK_K
     return acc
 
 
 @triton.jit
 def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nmask, s_gather, sa, ws_base,
-                    stride_wsr, GATED: tl.constexpr, LOADS: tl.constexpr, EVEN_K: tl.constexpr,
-                    WEIGHT_ON_INPUT: tl.constexpr, W_SCALE: tl.constexpr, GATHER_QUANT: tl.constexpr,
+                    wz_base, stride_wsr, GATED: tl.constexpr, LOADS: tl.constexpr, EVEN_K: tl.constexpr,
+                    WEIGHT_ON_INPUT: tl.constexpr, W_SCALE: tl.constexpr, W_CODE: tl.constexpr,
+                    W_PACK: tl.constexpr, W16: tl.constexpr, GATHER_QUANT: tl.constexpr,
                     INT: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr, INTERP: tl.constexpr,
                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The K loop of GEMM1 as a gate dot and (gated) an up dot per step: two [BLOCK_M, BLOCK_N]
     accumulators. TMA: [1, BLOCK_N, BLOCK_K] boxes; gate rows past N read up rows, never stored."""
     offs_k = tl.arange(0, BLOCK_K)
+    offs_kw = tl.arange(0, BLOCK_K // W_PACK)  # the weight tile's columns: bytes, two codes each when packed
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    g_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+    g_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_kw[:, None]  # [BLOCK_K / W_PACK, BLOCK_N]
     u_ptrs = g_ptrs + N * stride_wn
     brow = tl.where(nmask, offs_n, 0) // W_BN
-    sw_g = ws_base + brow * stride_wsr
-    sw_u = ws_base + (tl.cdiv(N, W_BN) + brow) * stride_wsr
+    srow_g, srow_u = brow * stride_wsr, (tl.cdiv(N, W_BN) + brow) * stride_wsr
+    sw_g, sw_u, sz_g, sz_u = ws_base + srow_g, ws_base + srow_u, wz_base + srow_g, wz_base + srow_u
     acc_g = _zeros(BLOCK_M, BLOCK_N, INT)
     acc_u = _zeros(BLOCK_M, BLOCK_N, INT)
     for k0 in range(0, K, BLOCK_K):
         kmask = offs_k < K - k0
+        kwmask = offs_kw < (K - k0) // W_PACK
         a = _load_a(a_ptrs, kmask, rw, s_gather, EVEN_K, WEIGHT_ON_INPUT, GATHER_QUANT, INT, INTERP)
         if LOADS == 1:
             g = w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
         else:
-            g = _load_w(g_ptrs, kmask, nmask, EVEN_K)
-            g_ptrs += BLOCK_K
-        acc_g = _step(acc_g, a, g, sa, sw_g, k0, W_SCALE, W_BK, INT, INTERP, IEEE)
+            g = _load_w(g_ptrs, kwmask, nmask, EVEN_K)
+            g_ptrs += BLOCK_K // W_PACK
+        acc_g = _step(acc_g, a, g, sa, sw_g, sz_g, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
         if GATED:
             if LOADS == 1:
                 u = w_desc.load([expert, N + n0, k0]).reshape(BLOCK_N, BLOCK_K).T
             else:
-                u = _load_w(u_ptrs, kmask, nmask, EVEN_K)
-                u_ptrs += BLOCK_K
-            acc_u = _step(acc_u, a, u, sa, sw_u, k0, W_SCALE, W_BK, INT, INTERP, IEEE)
+                u = _load_w(u_ptrs, kwmask, nmask, EVEN_K)
+                u_ptrs += BLOCK_K // W_PACK
+            acc_u = _step(acc_u, a, u, sa, sw_u, sz_u, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
         a_ptrs += BLOCK_K
     return acc_g, acc_u
 
@@ -233,10 +361,11 @@ def _row_scales(as_ptr, arow, valid, stride_as):
 
 
 @triton.jit
-def _epilogue_scale(acc, as_ptr, a_rows, expert, ws_ptr, cols, cmask, stride_wsr, part, W_SCALE: tl.constexpr,
-                    A_SCALE: tl.constexpr, INT: tl.constexpr):
+def _epilogue_scale(acc, as_ptr, a_rows, expert, ws_ptr, wg_ptr, cols, cmask, stride_wsr, part,
+                    W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, INT: tl.constexpr):
     """The scales not applied inside the K loop: the input's (per tensor, per expert, per row) and the
-    weights' (per tensor part, per output row), on a [BLOCK_M, cols] accumulator."""
+    weights' (per tensor part, per output row; nvfp4's global scale per part, ``wg_ptr`` the expert's),
+    on a [BLOCK_M, cols] accumulator."""
     if INT:
         acc = acc.to(tl.float32)
     if A_SCALE == 1:
@@ -249,18 +378,21 @@ def _epilogue_scale(acc, as_ptr, a_rows, expert, ws_ptr, cols, cmask, stride_wsr
         acc = acc * tl.load(ws_ptr + part * stride_wsr)
     elif W_SCALE == 2:
         acc = acc * tl.load(ws_ptr + cols * stride_wsr, mask=cmask, other=1.0)[None, :]
+    elif W_SCALE == 5:
+        acc = acc * tl.load(wg_ptr + part)
     return acc
 
 
 @triton.jit
 def moe_gemm1(
-    x_ptr, w_ptr, w_desc, bias_ptr, ws_ptr, as_ptr, amax_ptr, out_ptr,
+    x_ptr, w_ptr, w_desc, bias_ptr, ws_ptr, wz_ptr, wg_ptr, as_ptr, amax_ptr, out_ptr,
     sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, topk_w_ptr,
     N, K, num_pairs, num_pid_m, num_global, num_local,
-    stride_xm, stride_we, stride_wn, stride_be, stride_wse, stride_wsr, stride_as, stride_om,
+    stride_xm, stride_we, stride_wn, stride_be, stride_wse, stride_wsr, stride_wge, stride_as, stride_om,
     alpha, limit,
     TOP_K: tl.constexpr, ROUTE: tl.constexpr, HAS_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, INT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_PACK: tl.constexpr, W16: tl.constexpr,
+    A_SCALE: tl.constexpr, INT: tl.constexpr,
     OUT_AMAX: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, LOADS: tl.constexpr, GATE_UP: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr,
@@ -289,6 +421,8 @@ def moe_gemm1(
     a_ptrs = x_ptr + token[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     w_base = w_ptr + expert.to(tl.int64) * stride_we
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
+    wz_base = wz_ptr + expert.to(tl.int64) * stride_wse  # zero points: the scales' layout
+    wg_base = wg_ptr + expert.to(tl.int64) * stride_wge
     if WEIGHT_ON_INPUT:
         rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
     else:
@@ -297,18 +431,19 @@ def moe_gemm1(
     a_rows = _row_scales(as_ptr, token, valid, stride_as)
     if GATED and GATE_UP == 1:
         acc = _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_gather, a_rows, ws_base,
-                             stride_wsr, LOADS, EVEN_K, WEIGHT_ON_INPUT, W_SCALE, A_SCALE == 4, INT, W_BN, W_BK,
-                             INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                             wz_base, stride_wsr, LOADS, EVEN_K, WEIGHT_ON_INPUT, W_SCALE, W_CODE, W_PACK, W16,
+                             A_SCALE == 4, INT, W_BN, W_BK, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
     else:
         acc_g, acc_u = _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nmask, s_gather,
-                                       a_rows, ws_base, stride_wsr, GATED, LOADS, EVEN_K, WEIGHT_ON_INPUT, W_SCALE,
-                                       A_SCALE == 4, INT, W_BN, W_BK, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-    acc_g = _epilogue_scale(acc_g, as_ptr, a_rows, expert, ws_base, offs_n, nmask, stride_wsr, 0, W_SCALE, A_SCALE,
-                            INT)
+                                       a_rows, ws_base, wz_base, stride_wsr, GATED, LOADS, EVEN_K, WEIGHT_ON_INPUT,
+                                       W_SCALE, W_CODE, W_PACK, W16, A_SCALE == 4, INT, W_BN, W_BK, INTERP, IEEE,
+                                       BLOCK_M, BLOCK_N, BLOCK_K)
+    acc_g = _epilogue_scale(acc_g, as_ptr, a_rows, expert, ws_base, wg_base, offs_n, nmask, stride_wsr, 0, W_SCALE,
+                            A_SCALE, INT)
     if GATED:
-        acc_u = _epilogue_scale(acc_u, as_ptr, a_rows, expert, ws_base, N + offs_n, nmask, stride_wsr, 1, W_SCALE,
-                                A_SCALE, INT)
+        acc_u = _epilogue_scale(acc_u, as_ptr, a_rows, expert, ws_base, wg_base, N + offs_n, nmask, stride_wsr, 1,
+                                W_SCALE, A_SCALE, INT)
     if HAS_BIAS:
         b_base = bias_ptr + expert.to(tl.int64) * stride_be
         acc_g += tl.load(b_base + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -353,21 +488,23 @@ def _loaded_input_scales(as_ptr, a_rows, A_SCALE: tl.constexpr, INT: tl.constexp
 
 
 @triton.jit
-def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, N, stride_am, stride_wk, sa, sw, s_in,
-                LOADS: tl.constexpr, EVEN_K: tl.constexpr, W_SCALE: tl.constexpr, INT: tl.constexpr,
-                W_BK: tl.constexpr, A_SCALE: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, N, stride_am, stride_wk, sa, sw,
+                sz, s_in, LOADS: tl.constexpr, EVEN_K: tl.constexpr, W_SCALE: tl.constexpr, W_CODE: tl.constexpr,
+                W_PACK: tl.constexpr, W16: tl.constexpr, INT: tl.constexpr, W_BK: tl.constexpr,
+                A_SCALE: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The reduction of GEMM2 over the intermediate dim N: [BLOCK_M, BLOCK_N] output columns o0... TMA:
     the input as [rows, N] with [BLOCK_M, BLOCK_K] boxes (padding rows read whatever GEMM1 left there:
     they reach only their own, unstored, rows) and w2 as [E, K, N] with [1, BLOCK_N, BLOCK_K] boxes.
     The input tiles are quantized as they are loaded with A_GROUP_LOAD (each row of a tile by its own
     amax) and A_TOKEN_LOAD / A_TENSOR_LOAD (by the row or tensor scales ``s_in``)."""
     offs_k = tl.arange(0, BLOCK_K)
+    offs_kw = tl.arange(0, BLOCK_K // W_PACK)
     offs_o = o0 + tl.arange(0, BLOCK_N)
     # pointer loads: padding rows read the tile's first row (always a pair's), never stored
     row = tl.where(valid, first + tl.arange(0, BLOCK_M), first).to(tl.int64)
     a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = w_base + offs_o[None, :].to(tl.int64) * stride_wk + offs_k[:, None]
+    w_ptrs = w_base + offs_o[None, :].to(tl.int64) * stride_wk + offs_kw[:, None]
     no_rw = tl.full([BLOCK_M], 1.0, tl.float32)  # GEMM2 never scales its input
     acc = _zeros(BLOCK_M, BLOCK_N, INT)
     for k0 in range(0, N, BLOCK_K):
@@ -377,26 +514,27 @@ def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, 
         else:
             kmask = offs_k < N - k0
             a = _load_a(a_ptrs, kmask, no_rw, 1.0, EVEN_K, False, False, INT, INTERP)
-            w = _load_w(w_ptrs, kmask, omask, EVEN_K)
+            w = _load_w(w_ptrs, offs_kw < (N - k0) // W_PACK, omask, EVEN_K)
             a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K // W_PACK
         if A_SCALE == 5:
             acc = _group_quantized_step(acc, a, w, sw, k0, W_BK, INTERP, IEEE)
         elif A_SCALE >= 6:
             acc = dot(quantize(a.to(tl.float32) / s_in, INT, INTERP), w, acc, INTERP, IEEE, INT)
         else:
-            acc = _step(acc, a, w, sa, sw, k0, W_SCALE, W_BK, INT, INTERP, IEEE)
+            acc = _step(acc, a, w, sa, sw, sz, k0, N, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
     return acc
 
 
 @triton.jit
 def moe_gemm2(
-    a_ptr, w_ptr, a_desc, w_desc, bias_ptr, ws_ptr, as_ptr, y_ptr,
+    a_ptr, w_ptr, a_desc, w_desc, bias_ptr, ws_ptr, wz_ptr, wg_ptr, as_ptr, y_ptr,
     sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, topk_w_ptr,
     N, K, num_pairs, num_pid_m, num_global, num_local,
-    stride_am, stride_we, stride_wk, stride_be, stride_wse, stride_wsr, stride_as, stride_ym,
+    stride_am, stride_we, stride_wk, stride_be, stride_wse, stride_wsr, stride_wge, stride_as, stride_ym,
     TOP_K: tl.constexpr, ROUTE: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    W_SCALE: tl.constexpr, A_SCALE: tl.constexpr, INT: tl.constexpr, ATOMIC: tl.constexpr,
+    W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_PACK: tl.constexpr, W16: tl.constexpr,
+    A_SCALE: tl.constexpr, INT: tl.constexpr, ATOMIC: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, LOADS: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr,
     INTERP: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
@@ -417,14 +555,16 @@ def moe_gemm2(
     first = _first_row(pid_m, ROUTE, BLOCK_M)
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
     a_rows = _row_scales(as_ptr, (first + tl.arange(0, BLOCK_M)).to(tl.int64), valid, stride_as)
-    sw = ws_base + (tl.where(omask, offs_o, 0) // W_BN) * stride_wsr  # block scales of the output columns
+    srow = (tl.where(omask, offs_o, 0) // W_BN) * stride_wsr  # block (group) scale rows of the output columns
+    sw, sz = ws_base + srow, wz_ptr + expert.to(tl.int64) * stride_wse + srow
     s_in = _loaded_input_scales(as_ptr, a_rows, A_SCALE, INT)  # A_TOKEN_LOAD / A_TENSOR_LOAD, else 1
     acc = _gemm2_loop(a_ptr, a_desc, w_desc, w_ptr + expert.to(tl.int64) * stride_we, expert, first, valid, o0, omask,
-                      N, stride_am, stride_wk, a_rows, sw, s_in, LOADS, EVEN_K, W_SCALE, INT, W_BK,
-                      A_SCALE, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                      N, stride_am, stride_wk, a_rows, sw, sz, s_in, LOADS, EVEN_K, W_SCALE, W_CODE, W_PACK, W16, INT,
+                      W_BK, A_SCALE, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     if A_SCALE >= 6:  # the input scales of a tile quantized as it was loaded
         acc = acc.to(tl.float32) * s_in
-    acc = _epilogue_scale(acc, as_ptr, a_rows, expert, ws_base, offs_o, omask, stride_wsr, 0, W_SCALE, A_SCALE, INT)
+    acc = _epilogue_scale(acc, as_ptr, a_rows, expert, ws_base, wg_ptr + expert.to(tl.int64) * stride_wge, offs_o,
+                          omask, stride_wsr, 0, W_SCALE, A_SCALE, INT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_o, mask=omask, other=0.0)
         acc += bias.to(tl.float32)[None, :]

@@ -1,19 +1,23 @@
 """The one place that turns (kernel config, problem, launch facts) into the GEMM kernels' constexprs.
 
 A scheme, layout or load path is a mode value (see _gemm.py), never a new boolean: a quantization scheme
-is a weight-scale mode (:data:`W_SCALE_MODES`), an input-scale mode (:func:`input_mode`) and the int8
-switch; adding one adds entries here and the kernel code for its modes. fp8_block's GEMM2 with a K tile
-of one activation group quantizes its input as it loads it (A_GROUP_LOAD): no pass between the GEMMs.
+is a weight-scale mode (:data:`W_SCALE_MODES`, :data:`WEIGHT_ONLY_SCALE_MODES`), a weight-code mode
+(:data:`W_CODES`: how an element is stored), an input-scale mode (:func:`input_mode`) and the int8 switch;
+adding one adds entries here and the kernel code for its modes. Dynamic schemes' GEMM2 quantizes its input
+as it loads it (:func:`gemm2_input_mode`): no pass between the GEMMs.
 """
 
 from __future__ import annotations
+
+import torch
 
 from ...contract import ExpertsProblem
 from ...options import register_cache
 from . import _gemm
 from .config import KernelConfig
 
-__all__ = ["ACT_CODES", "W_SCALE_MODES", "gemm2_input_mode", "gemm_modes", "input_mode", "weight_scale_mode"]
+__all__ = ["ACT_CODES", "WEIGHT_ONLY_SCALE_MODES", "W_CODES", "W_SCALE_MODES", "gemm2_input_mode", "gemm_modes",
+           "input_mode", "weight_code", "weight_scale_mode"]
 
 ACT_CODES = {"silu": _gemm.SILU, "gelu": _gemm.GELU, "gelu_tanh": _gemm.GELU_TANH, "swigluoai": _gemm.SWIGLUOAI,
              "relu2": _gemm.RELU2, "silu_no_mul": _gemm.SILU_NO_MUL, "gelu_no_mul": _gemm.GELU_NO_MUL}
@@ -21,13 +25,34 @@ ACT_CODES = {"silu": _gemm.SILU, "gelu": _gemm.GELU, "gelu_tanh": _gemm.GELU_TAN
 W_SCALE_MODES = {None: _gemm.NO_SCALE, ("scaled", "tensor"): _gemm.TENSOR_SCALE, ("fp8", "tensor"): _gemm.TENSOR_SCALE,
                  ("fp8", "channel"): _gemm.CHANNEL_SCALE, ("fp8", "block"): _gemm.BLOCK_SCALE,
                  ("int8", "channel"): _gemm.CHANNEL_SCALE}
+# weight-only (activations unquantized): block and group scales multiply the weight tile in the K loop
+WEIGHT_ONLY_SCALE_MODES = {("scaled", "tensor"): _gemm.TENSOR_SCALE, ("fp8", "tensor"): _gemm.TENSOR_SCALE,
+                           ("fp8", "channel"): _gemm.CHANNEL_SCALE, ("fp8", "block"): _gemm.WEIGHT_BLOCK,
+                           ("int8", "channel"): _gemm.CHANNEL_SCALE, ("int4", "group"): _gemm.WEIGHT_BLOCK,
+                           ("mxfp4", "group"): _gemm.WEIGHT_BLOCK, ("nvfp4", "group"): _gemm.WEIGHT_BLOCK_GLOBAL}
+# weight-only: how an element is stored (W8A8 dots the stored 8-bit values themselves: W_NATIVE)
+W_CODES = {"scaled": _gemm.W_NATIVE, "fp8": _gemm.W_CONVERT, "int8": _gemm.W_CONVERT, "int4": _gemm.W_INT4,
+           "mxfp4": _gemm.W_E2M1, "nvfp4": _gemm.W_E2M1}
 _A_DYNAMIC = {"tensor": _gemm.A_TENSOR, "token": _gemm.A_TOKEN, "group": _gemm.A_GROUP}
 
 
 def weight_scale_mode(problem: ExpertsProblem) -> int | None:
     """The W_SCALE mode of the problem's weight scheme, None when the kernels have none for it."""
+    w, a = problem.quant.weights, problem.quant.activations
+    if w is None:
+        return W_SCALE_MODES[None]
+    table = W_SCALE_MODES if a is not None else WEIGHT_ONLY_SCALE_MODES
+    return table.get((w.format, w.granularity))
+
+
+def weight_code(problem: ExpertsProblem) -> int:
+    """The W_CODE mode: how the kernels read a weight element (as stored for unquantized and W8A8)."""
     w = problem.quant.weights
-    return W_SCALE_MODES.get(None if w is None else (w.format, w.granularity))
+    if w is None or problem.quant.activations is not None:
+        return _gemm.W_NATIVE
+    if w.zero_point:
+        return _gemm.W_INT4_ZP
+    return W_CODES[w.format]
 
 
 def input_mode(problem: ExpertsProblem, per_expert_static: bool) -> int:
@@ -91,8 +116,19 @@ def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2
             if w_bk % tile.block_k:
                 raise ValueError(f"kernel config: {name}.block_k={tile.block_k} must divide the {w_bk} columns of "
                                  f"a weight scale block {w.block}; use block_k <= {w_bk}")
+    if w is not None and w.granularity == "group":
+        w_bn, w_bk = 1, w.group_size
+    code = weight_code(p)
+    packed = code in (_gemm.W_INT4, _gemm.W_INT4_ZP, _gemm.W_E2M1)
+    if packed and min(g1.block_k, g2.block_k) < 32:
+        raise ValueError(f"triton: packed 4-bit weights need block_k >= 32 (each of the two nibble dots is "
+                         f"block_k / 2 deep), got gemm1 {g1.block_k}, gemm2 {g2.block_k}")
+    # bf16/fp16 activations build the weights in their own 16-bit dtype on the GPU (two per 32-bit
+    # instruction); fp32 activations, and the interpreter (whose bf16 arithmetic is not IEEE), in fp32
+    w16 = code != _gemm.W_NATIVE and not interp and p.dtype != torch.float32
     common = dict(TOP_K=p.top_k, ROUTE=_gemm.DIRECT if direct else _gemm.SORTED, HAS_MAP=p.has_expert_map,
-                  WEIGHT_ON_INPUT=p.apply_router_weight_on_input, W_SCALE=w_scale,
+                  WEIGHT_ON_INPUT=p.apply_router_weight_on_input, W_SCALE=w_scale, W_CODE=code,
+                  W_PACK=2 if packed else 1, W16=w16,
                   INT=a is not None and a.format == "int8", BLOCK_M=cfg.block_m, W_BN=w_bn, W_BK=w_bk,
                   INTERP=interp, IEEE=ieee, PDL=pdl)
     mode1 = dict(common, ACT=ACT_CODES[act.name], GATED=act.gated, HAS_BIAS=p.has_w13_bias,
