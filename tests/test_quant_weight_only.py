@@ -588,10 +588,12 @@ def test_bench_quant_weight_only_row_and_header(capsys):
 
 
 def test_bench_quant_refuses_a_group_size_that_does_not_divide_the_preset():
+    import moe.bench
+
     with pytest.raises(moe.bench.BenchError, match=r"--quant w4a16 with --preset gptoss20b: group_size: int4 groups "
                                                    r"of 128 input elements do not divide the 2880"):
         moe.bench.resolve_request("gptoss20b", (1,), "cpu", None, ("torch",), "w4a16")
-    assert moe.bench.resolve_request("gptoss20b", (1,), "cpu", None, ("torch",), "mxfp4").quant == "mxfp4"
+    assert moe.bench.resolve_request("gptoss20b", (1,), "cpu", None, ("torch",), "mxfp4").quant == ("mxfp4",)
 
 
 @pytest.mark.parametrize("name", ["w4a16_zp", "nvfp4"])
