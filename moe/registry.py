@@ -45,7 +45,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "moe.backends"
 # Built-in backends: module path under moe.backends. Adding a backend is one file plus one line here.
-_BUILTIN = ("torch_ref", "triton", "torch_grouped", "deep_gemm", "cutlass_fp4", "aiter")
+_BUILTIN = ("torch_ref", "triton", "torch_grouped", "deep_gemm", "cutlass", "cutlass_fp4", "sonic", "aiter")
 
 _registry: dict[str, Backend] = {}
 _broken: dict[str, BrokenPlugin] = {}
