@@ -12,6 +12,7 @@ import moe
 from moe.backends import cutlass_fp4 as fp4
 from moe.config import ActivationSpec
 from moe.contract import ExpertsProblem
+from moe.kernels import grouped
 from moe.target import TARGETS
 
 
@@ -111,19 +112,23 @@ def test_scale_layout_keeps_the_e4m3_dtype():
 
 def test_problem_sizes_pointer_arrays_and_scale_offsets():
     ends = torch.tensor([3, 3, 140, 141], dtype=torch.int32)  # counts 3, 0, 137, 1
-    sizes = fp4.problem_sizes(ends, 256, 512)
+    sizes = grouped.problem_sizes(ends, 256, 512)
     assert sizes.dtype == torch.int32 and sizes.tolist() == [[3, 256, 512], [0, 256, 512], [137, 256, 512],
                                                              [1, 256, 512]]
     assert fp4.expert_scale_offsets(ends).tolist() == [0, 128, 128, 384, 512]
     a = torch.zeros(141, 256, dtype=torch.uint8)  # FP4 rows of K=512: 256 bytes
     starts = torch.tensor([0, 3, 3, 140])
-    ptrs = fp4.pointer_array(a, starts, a.stride(0) * a.element_size())
+    ptrs = grouped.pointer_array(a, starts, a.stride(0) * a.element_size())
     assert ptrs.dtype == torch.int64
     assert ptrs.tolist() == [a[int(s)].data_ptr() for s in starts]
     with pytest.raises(ValueError, match="row_bytes"):
-        fp4.pointer_array(a, starts, 0)
+        grouped.pointer_array(a, starts, 0)
     with pytest.raises(ValueError, match="n, k"):
-        fp4.problem_sizes(ends, 0, 512)
+        grouped.problem_sizes(ends, 0, 512)
+    assert grouped.expert_starts(ends).tolist() == [0, 3, 3, 140]
+    assert grouped.leading_dims(4, 512, torch.device("cpu")).tolist() == [512] * 4
+    with pytest.raises(ValueError, match="ld"):
+        grouped.leading_dims(4, 0, torch.device("cpu"))
 
 
 def _problem(target) -> ExpertsProblem:

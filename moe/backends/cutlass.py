@@ -1,29 +1,47 @@
 """The CUTLASS backend: our own SM90 grouped-GEMM extension (CUTLASS 3.x pointer-array grouped GEMM, TMA,
-warp-specialized), compiled at first use with nvcc through ``torch.utils.cpp_extension``.
+warp-specialized cooperative kernel; ``_cutlass/``), compiled at first use with nvcc through
+``torch.utils.cpp_extension`` (ninja) into a folder keyed by everything that changes the binary
+(:func:`cache_key`), with the compiler's progress shown.
 
-State of this release: registered, not runnable. What is here is what decides whether and where it could be
-built: the CUTLASS headers (from the ``nvidia-cutlass`` package, ``cutlass_library/source/include``, or
-``$CUTLASS_HOME/include``), nvcc, and the build cache folder, keyed by everything that changes the binary
-(:func:`cache_key`). The extension's CUDA source is not written yet, so ``is_available()`` says so even
-where headers and nvcc are present; ``supports()`` gives the hardware and shape reasons.
+One call: our alignment groups the pairs by expert (no padding), the grouped GEMM computes GEMM1 with one
+group per expert (problem sizes, addresses and leading dimensions built on the device by
+``moe.kernels.grouped``: no host synchronization), our activation, the grouped GEMM again for GEMM2, our
+combine. bf16 only in this release (the FP8 schemes are not written).
+
+State: the CUTLASS translation unit compiled for sm_90a with nvcc 13.0 and CUTLASS 4.2.0.0 on a CPU
+machine (2026-12-01); the extension has not been built against a CUDA torch or run on a GPU yet.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ..activations import apply_activation
 from ..contract import ExpertsArgs, ExpertsProblem
+from ..kernels.align import MAX_EXPERTS, align
+from ..kernels.combine import combine
+from ..kernels.grouped import expert_starts, leading_dims, pointer_array, problem_sizes
 from ..target import nvcc_version
 
-__all__ = ["BACKEND", "build_folder", "cache_key", "cutlass_include", "cutlass_version"]
+__all__ = ["BACKEND", "FLAGS", "SOURCES", "build_folder", "cache_key", "cutlass_experts", "cutlass_include",
+           "cutlass_version", "extension"]
+
+_DIR = Path(__file__).resolve().parent / "_cutlass"
+SOURCES = (_DIR / "grouped_gemm_sm90.cu", _DIR / "binding.cpp", _DIR / "grouped_gemm.h")
+ARCH = "9.0a"  # wgmma and TMA need the architecture-specific target
+# torch's extension flags switch off CUDA's half and bf16 operators, which CUTLASS uses: switched back on
+FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
+         "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__")
 
 INSTALL = "pip install 'nvidia-cutlass==4.2.0.0' (used only for its C++ headers), or set CUTLASS_HOME"
 ALIGN_NK = 128
@@ -82,9 +100,78 @@ def _toolchain_problem() -> str | None:
     return None
 
 
+def _key() -> str:
+    return cache_key(f"sm{ARCH.replace('.', '')}", cutlass_version(), torch.__version__,
+                     bool(torch._C._GLIBCXX_USE_CXX11_ABI), nvcc_version() or "none", FLAGS, SOURCES)
+
+
+@functools.cache
+def extension():
+    """The compiled extension (built at the first call for this cache key, minutes; later calls load it)."""
+    problem = _toolchain_problem()
+    if problem is not None:
+        raise RuntimeError(f"cutlass: {problem}")
+    from torch.utils.cpp_extension import load
+
+    key = _key()
+    folder = build_folder(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not any(folder.glob("*.so")):
+        print(f"moe: compiling the CUTLASS grouped GEMM for sm_{ARCH.replace('.', '')} into {folder} "
+              "(minutes, once per cache key)", file=sys.stderr, flush=True)
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ARCH  # torch emits this one -gencode
+    try:
+        return load(name=f"moe_cutlass_{key[-16:]}", sources=[str(SOURCES[0]), str(SOURCES[1])],
+                    extra_include_paths=[str(cutlass_include()), str(_DIR)], extra_cflags=["-O3", "-std=c++17"],
+                    extra_cuda_cflags=list(FLAGS), build_directory=str(folder), verbose=True)
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+
+
+def _grouped_gemm(ext, a: torch.Tensor, w: torch.Tensor, d: torch.Tensor, ends: torch.Tensor) -> None:
+    """``d[rows of g] = a[rows of g] @ w[g]^T`` for every expert g (rows grouped by ``ends``)."""
+    groups, n, k = w.shape
+    elt = a.element_size()
+    starts = expert_starts(ends)
+    ptr_w = pointer_array(w, torch.arange(groups, device=w.device) * n, w.stride(1) * elt)
+    ext.grouped_gemm_bf16(problem_sizes(ends, n, k), pointer_array(a, starts, a.stride(0) * elt), ptr_w,
+                          pointer_array(d, starts, d.stride(0) * elt), leading_dims(groups, a.stride(0), a.device),
+                          leading_dims(groups, w.stride(1), a.device), leading_dims(groups, d.stride(0), a.device))
+
+
+def cutlass_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, ext=None) -> torch.Tensor:
+    """The experts through the grouped GEMM extension (``ext``: the compiled module, or a stand-in)."""
+    ext = ext if ext is not None else extension()
+    x, k = args.hidden_states, problem.top_k
+    num_pairs = problem.num_tokens * k
+    ids, topk_w = args.topk_ids.reshape(-1).contiguous(), args.topk_weights.reshape(-1).contiguous()
+    al = align(ids, problem.num_experts, 1, args.expert_map)  # row tile 1: groups without padding
+    pair = al.sorted_ids[:num_pairs].long()
+    live = pair < num_pairs
+    safe = torch.where(live, pair, 0)
+    xs = x.index_select(0, safe // k).contiguous()  # [P, K] grouped by expert
+    if problem.apply_router_weight_on_input:
+        xs = (xs.float() * topk_w.index_select(0, safe).unsqueeze(1)).to(x.dtype)
+    w13, w2 = args.w13.contiguous(), args.w2.contiguous()
+    h = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
+    ys = torch.empty(num_pairs, problem.hidden_size, dtype=x.dtype, device=x.device)
+    if num_pairs:
+        _grouped_gemm(ext, xs, w13, h, al.expert_ends)
+        a = apply_activation(h.float(), problem.activation).to(x.dtype).contiguous()
+        _grouped_gemm(ext, a, w2, ys, al.expert_ends)
+    y = torch.empty(num_pairs + 1, problem.hidden_size, dtype=x.dtype, device=x.device)  # last row: dropped
+    y.index_copy_(0, torch.where(live, pair, num_pairs), ys)
+    combine(y, ids, topk_w, out, top_k=k, num_global=problem.num_global_experts, num_local=problem.num_experts,
+            expert_map=args.expert_map, weight_on_input=problem.apply_router_weight_on_input)
+    return out
+
+
 class CutlassBackend:
     name = "cutlass"
-    schemes = ("none", "fp8_tensor", "fp8_channel", "fp8_block")
 
     @property
     def priority(self) -> int:
@@ -97,8 +184,7 @@ class CutlassBackend:
         problem = _toolchain_problem()
         if problem is not None:
             return False, problem
-        return False, ("headers, nvcc and ninja are here, but the SM90 grouped-GEMM extension's source is not "
-                       "in this release (registered only)")
+        return True, "ok (compiles at first use; not yet run on a GPU)"
 
     def supports(self, problem: ExpertsProblem) -> tuple[bool, str]:
         target = problem.target
@@ -112,10 +198,12 @@ class CutlassBackend:
             return False, f"N and K must be multiples of {ALIGN_NK} (the tile and FP8 block), got N={n}, K={k}"
         if problem.has_w13_bias or problem.has_w2_bias:
             return False, "expert biases are not implemented"
+        if problem.num_experts > MAX_EXPERTS:
+            return False, f"num_experts={problem.num_experts} exceeds the alignment's {MAX_EXPERTS}"
         return True, "ok"
 
     def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:
-        raise NotImplementedError(f"cutlass: {self.is_available()[1]}")
+        cutlass_experts(args, problem, out)
 
 
 BACKEND = CutlassBackend()

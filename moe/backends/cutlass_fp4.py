@@ -10,8 +10,8 @@ What is here, in pure torch (so it is tested on CPU against element-by-element r
   row-tile-major; inside a tile, row r and scale column c at byte ``(r % 32) * 16 + (r // 32) * 4 + c``;
   rows padded to 128 and scale columns to 4 with zeros. Per expert, each group starts on its own tile;
 - **problem sizes** ([E, 3] int32: rows of each expert, N, K) and **pointer arrays** ([E] int64 start
-  addresses of each expert's operands), built on the device from the alignment's expert ends (no host
-  synchronization).
+  addresses of each expert's operands) come from ``moe.kernels.grouped`` (shared with ``cutlass``);
+  here, each expert's first scale row (:func:`expert_scale_offsets`).
 
 What is not: the kernel. These GEMMs need compute capability 10.x (tcgen05 with block-scaled FP4); no SM100
 GPU has been available to this project, so the extension is not written, compiled or run, and
@@ -26,10 +26,10 @@ from typing import Literal
 import torch
 
 from ..contract import ExpertsArgs, ExpertsProblem
+from ..kernels.grouped import expert_counts
 
 __all__ = ["BACKEND", "E2M1_MAX", "E2M1_VALUES", "Fp4Format", "dequantize_fp4", "expert_scale_offsets",
-           "pointer_array", "problem_sizes", "quantize_fp4", "round_to_e2m1", "swizzle_scales",
-           "swizzled_scale_shape"]
+           "quantize_fp4", "round_to_e2m1", "swizzle_scales", "swizzled_scale_shape"]
 
 Fp4Format = Literal["nvfp4", "mxfp4"]
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the magnitudes of codes 0..7
@@ -133,27 +133,9 @@ def expert_scale_offsets(expert_ends: torch.Tensor) -> torch.Tensor:
     """[E + 1] int64 first scale row of each expert when each expert's rows are padded to 128 (its
     scales start on their own tile), and the total rows last; on the device, from the alignment's
     [E] cumulative row ends."""
-    ends = expert_ends.long()
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    counts = expert_counts(expert_ends)
     padded = -(-counts // SF_ROWS) * SF_ROWS
     return torch.cat((padded.new_zeros(1), padded.cumsum(0)))
-
-
-def problem_sizes(expert_ends: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """[E, 3] int32 (rows of each expert, N, K): the grouped GEMM's problem shapes, on the device."""
-    if n < 1 or k < 1:
-        raise ValueError(f"n, k: expected positive sizes, got n={n}, k={k}")
-    ends = expert_ends.long()
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    return torch.stack((counts, torch.full_like(counts, n), torch.full_like(counts, k)), dim=1).to(torch.int32)
-
-
-def pointer_array(base: torch.Tensor, first_row: torch.Tensor, row_bytes: int) -> torch.Tensor:
-    """[E] int64 address of each expert's first row: ``base``'s address plus ``first_row * row_bytes``.
-    ``first_row``: [E] rows (activations: the alignment's starts; weights: ``arange(E) * rows_per_expert``)."""
-    if row_bytes < 1:
-        raise ValueError(f"row_bytes: expected a positive byte count, got {row_bytes}")
-    return base.data_ptr() + first_row.long() * row_bytes
 
 
 class CutlassFp4Backend:
