@@ -138,13 +138,16 @@ def _problem(target) -> ExpertsProblem:
 
 def test_on_hopper_it_needs_compute_capability_10():
     ok, why = fp4.BACKEND.supports(_problem(TARGETS["h200"]))
-    assert not ok and "needs compute capability 10.x" in why
+    assert not ok and "needs compute capability 10.x" in why and "not built" in why
     ok, why = fp4.BACKEND.supports(_problem(TARGETS["b200"]))
-    assert not ok and "not built" in why  # honest: a B200 could run it once the kernel exists
+    assert not ok and why == fp4.NOT_BUILT  # a B200 gets past the hardware check, not past the missing kernel
 
 
 def test_it_is_registered_as_unavailable_with_the_reason():
     ok, why = moe.get_backend("cutlass_fp4").is_available()
-    assert not ok and "host side only" in why
-    with pytest.raises(NotImplementedError, match="host side only"):
+    assert not ok and "needs compute capability 10.x" in why and "not built" in why
+    decision = moe.explain(_problem(TARGETS["h200"]))
+    reason = {c.name: c.reason for c in decision.candidates}["cutlass_fp4"]
+    assert "needs compute capability 10.x" in reason  # what `moe backends --target h200` prints
+    with pytest.raises(NotImplementedError, match="not built"):
         fp4.BACKEND.apply(None, None, None)

@@ -9,10 +9,12 @@ at the end (``pytest -m gpu``, with sgl-deep-gemm installed).
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
 import torch
+from cases import run
 
 import moe
 from moe.backends import deep_gemm as dgb
@@ -189,8 +191,6 @@ def test_supports_says_why_on_each_card():
 def test_supports_refuses_shapes_with_the_rule(kw, needle):
     if kw.pop("bias", False):
         problem = _problem(ParityCase(T=4, E=8, K=256, N=256, k=2, dtype=torch.bfloat16), H200)
-        import dataclasses
-
         ok, why = dgb.BACKEND.supports(dataclasses.replace(problem, has_w13_bias=True))
     else:
         ok, why = _verdict(H200, **kw)
@@ -256,8 +256,7 @@ def test_gpu_deep_gemm_parity(T, quant):
     case = ParityCase(T=T, E=16, K=512, N=256, k=4, dtype=torch.bfloat16, quant=quant)
     inputs = make_inputs(case, "cuda")  # fp8 block weights for fp8_block
     out = torch.full_like(inputs["hidden_states"], float("nan"))
-    moe.fused_experts(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
-                      inputs["topk_ids"], backend="deep_gemm", out=out)
+    run(inputs, "deep_gemm", out=out)  # every fused_experts keyword of the case, the scheme included
     assert moe.last_decision().chosen == "deep_gemm"
     ref = experts_float64(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
                           inputs["topk_ids"])

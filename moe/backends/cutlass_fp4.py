@@ -13,10 +13,11 @@ What is here, in pure torch (so it is tested on CPU against element-by-element r
   addresses of each expert's operands) come from ``moe.kernels.grouped`` (shared with ``cutlass``);
   here, each expert's first scale row (:func:`expert_scale_offsets`).
 
-What is not: the kernel. These GEMMs need compute capability 10.x (tcgen05 with block-scaled FP4); no SM100
-GPU has been available to this project, so the extension is not written, compiled or run, and
-``is_available()`` says so. ``moe.quant`` has no FP4 weight format yet (another change adds it), so no
-call carries these schemes today.
+What is not: a runnable kernel. These GEMMs need compute capability 10.x (tcgen05 with block-scaled FP4);
+no SM100 GPU has been available to this project. The two CUTLASS instantiations it would launch are in
+``_cutlass/grouped_gemm_fp4_sm100.cu`` (compile-checked for sm_100a only: no binding, never run), and
+``supports()`` always refuses with the reason. ``moe.quant`` has no FP4 weight format yet (another change
+adds it), so no call carries these schemes today.
 """
 
 from __future__ import annotations
@@ -138,31 +139,36 @@ def expert_scale_offsets(expert_ends: torch.Tensor) -> torch.Tensor:
     return torch.cat((padded.new_zeros(1), padded.cumsum(0)))
 
 
+FP4_SCHEMES = ("nvfp4_w4a4", "mxfp4_w4a4")
+NOT_BUILT = "the SM100 kernel is not built in this release (host side only; no compute capability 10.x GPU here)"
+
+
 class CutlassFp4Backend:
     name = "cutlass_fp4"
-    schemes = ("nvfp4_w4a4", "mxfp4_w4a4")
+    schemes = FP4_SCHEMES
     priority = 12
 
     def priority_for(self, target) -> int:
         return 12 if target.vendor == "cuda" else -30
 
     def is_available(self) -> tuple[bool, str]:
-        return False, ("host side only: the SM100 block-scaled grouped-GEMM extension is not built in this release "
-                       "(no compute capability 10.x GPU to compile and run it on); moe.quant has no FP4 weight "
-                       "format yet")
+        # unavailable everywhere: nothing here can run it. The reason leads with the hardware it needs.
+        return False, ("needs compute capability 10.x (SM100 block-scaled FP4 MMA) and its kernel: "
+                       f"{NOT_BUILT}; moe.quant has no FP4 weight format yet")
 
     def supports(self, problem: ExpertsProblem) -> tuple[bool, str]:
         target = problem.target
         if target is None or not (target.tcgen05 and target.fp4_mma):
             where = target.describe() if target is not None else "no device target"
-            return False, f"needs compute capability 10.x (SM100 block-scaled FP4 MMA: tcgen05, fp4_mma); {where}"
+            return False, (f"needs compute capability 10.x (SM100 block-scaled FP4 MMA: tcgen05, fp4_mma); {where}; "
+                           f"{NOT_BUILT}")
         k, n = problem.hidden_size, problem.intermediate_size
         if k % 128 or n % 128:
             return False, f"FP4 grouped GEMMs here need N and K multiples of 128, got N={n}, K={k}"
-        return False, "the SM100 kernel is not built in this release (host side only)"
+        return False, NOT_BUILT
 
     def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:
-        raise NotImplementedError("cutlass_fp4: " + self.is_available()[1])
+        raise NotImplementedError(f"cutlass_fp4: {NOT_BUILT}")
 
 
 BACKEND = CutlassFp4Backend()
