@@ -23,8 +23,9 @@ test_part() {
     routing) echo "gpu and routing" ;;
     fuzz) echo "gpu and fuzz" ;;
     quant) echo "gpu and quant" ;;
-    rest) echo "gpu and not kernels and not routing and not fuzz and not quant" ;;
-    *) echo "unknown test part '$1' (all, triton, torch_grouped, routing, fuzz, quant, rest)" >&2; return 2 ;;
+    native) echo "gpu and native" ;;
+    rest) echo "gpu and not kernels and not routing and not fuzz and not quant and not native" ;;
+    *) echo "unknown test part '$1' (all, triton, torch_grouped, routing, fuzz, quant, native, rest)" >&2; return 2 ;;
   esac
 }
 if [[ $parts == *,tests,* ]]; then

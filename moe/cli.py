@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -140,11 +141,13 @@ def _cmd_backends(args: argparse.Namespace) -> int:
           f"top_k={problem.top_k} {str(dtype).removeprefix('torch.')} quant={problem.quant.key()}"
           f"{'' if given else ' (representative; change with --problem E,N,K,TOPK --dtype --quant)'}")
     _print_backend_table(problem)
-    try:
-        decision = explain(problem)
-        print(str(decision) if given else f"auto chooses: {decision.chosen}")
-    except BackendUnavailableError as exc:
-        print(f"auto: {exc}")
+    for m in _parse_ms(args.m) or (1,):
+        try:
+            decision = explain(dataclasses.replace(problem, num_tokens=m))
+            head = f"M={m}: " if args.m else ""
+            print(head + (str(decision) if given or args.m else f"auto chooses: {decision.chosen} ({decision.why})"))
+        except BackendUnavailableError as exc:
+            print(f"auto: {exc}")
     _ok, reason = direct_launch_status()
     print(f"direct launcher: {reason}")
     _print_broken_plugins()
@@ -254,11 +257,31 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             raise CliError(f"moe tune: give --preset or all of --E --N --K --top-k (missing: {', '.join(missing)})")
         p = Preset("custom", args.E, args.top_k, args.K, args.N, ())
     ms = _parse_ms(args.m) or (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+    if args.backends is not None:
+        return _tune_selection(args, p, ms)
     from .backends.triton.tuning import tune
 
     quant = None if args.quant in (None, "none") else args.quant
     path = tune(p, list(ms), DTYPES[args.dtype], tune_out_dir(args.out), limit=args.limit, force=args.force,
                 quant=quant)
+    print(f"wrote {Path(path).resolve()}")
+    return 0
+
+
+def _tune_selection(args: argparse.Namespace, p: object, ms: tuple[int, ...]) -> int:
+    """``moe tune --backends``: the selection table for ``auto`` (moe.tune_backends)."""
+    from . import quant
+    from .selection import user_dir
+    from .tune_backends import tune_selection
+
+    names = None if args.backends == "all" else _split_backends(args.backends)
+    scheme = quant.named(args.quant) if args.quant and args.quant != "none" else quant.QuantConfig()
+    env = os.environ.get("MOE_TUNED_CONFIGS_DIR")
+    out = Path(args.out) if args.out else (Path(env) / "selection" if env else user_dir())
+    try:
+        path = tune_selection(p, ms, DTYPES[args.dtype], out.expanduser(), backends=names, quant=scheme)
+    except ValueError as exc:
+        raise CliError(f"moe tune --backends: {exc}") from None
     print(f"wrote {Path(path).resolve()}")
     return 0
 
@@ -277,6 +300,8 @@ def _add_backends(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", type=_dtype_arg, metavar=_DTYPE_METAVAR,
                    help="default: bf16 on a GPU target, fp32 on cpu")
     p.add_argument("--quant", choices=["none", *NAMES], help="quantization scheme of the problem (default: none)")
+    p.add_argument("--m", help="token counts to decide for (comma-separated; a measured selection table decides "
+                   "per token-count bucket; default: 1)")
     p.set_defaults(func=_cmd_backends)
 
 
@@ -321,6 +346,11 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="at most this many candidates per token count")
     p.add_argument("--force", action="store_true",
                    help="retune the given token counts even where the file has them; keep the rest")
+    p.add_argument("--backends", metavar="NAMES|all",
+                   help="instead of Triton configs: time these backends (comma-separated, or all) per token count "
+                   "after a parity check and write the selection table auto reads (folder: --out, else "
+                   "$MOE_TUNED_CONFIGS_DIR/selection, else ~/.cache/moe/configs/selection)")
+    p.add_argument("--quant", choices=["none", *NAMES], help="with --backends: the quantization scheme")
     p.set_defaults(func=_cmd_tune)
 
 

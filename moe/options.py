@@ -40,6 +40,8 @@ class Options(Frozen):
                                            "user cache and the shipped files")
     chunk_tokens: int = Field(32768, ge=1, description="batches above this many tokens run in chunks")
     batch_invariant: bool = Field(False, description="one kernel config for every batch size")
+    deep_gemm_ue8m0: bool = Field(False, description="let the deep_gemm backend run fp8_block on SM100, where "
+                                  "DeepGEMM rounds fp32 scales to powers of two (UE8M0), which costs accuracy")
 
     @field_validator("tuned_configs_dir")
     @classmethod
@@ -59,6 +61,7 @@ ENV_VARS = {
     "tuned_configs_dir": "MOE_TUNED_CONFIGS_DIR",
     "chunk_tokens": "MOE_CHUNK_TOKENS",
     "batch_invariant": "MOE_BATCH_INVARIANT",
+    "deep_gemm_ue8m0": "MOE_DEEP_GEMM_UE8M0",
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from .contract import Backend, ExpertsProblem, backend_schemes
 from .options import register_cache
+from .selection import bucket_of, table_for
 from .target import DeviceTarget
 
 __all__ = [
@@ -44,14 +45,15 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "moe.backends"
 # Built-in backends: module path under moe.backends. Adding a backend is one file plus one line here.
-_BUILTIN = ("torch_ref", "triton", "torch_grouped")
+_BUILTIN = ("torch_ref", "triton", "torch_grouped", "deep_gemm", "cutlass", "cutlass_fp4", "sonic", "aiter")
 
 _registry: dict[str, Backend] = {}
 _broken: dict[str, BrokenPlugin] = {}
 _local = threading.local()
 _lock = threading.RLock()
-# Decisions by (problem shape, requested backend); cleared when the registry changes.
-_decisions: dict[tuple[ExpertsProblem, str], Decision] = {}
+# Decisions by (problem shape, requested backend, token-count bucket of a selection table or None);
+# cleared when the registry changes.
+_decisions: dict[tuple[ExpertsProblem, str, int | None], Decision] = {}
 register_cache(_decisions.clear)
 
 
@@ -83,9 +85,10 @@ class Decision:
     requested: str
     chosen: str
     candidates: tuple[Candidate, ...]
+    why: str = ""  # how auto chose: a measured selection table, or priorities
 
     def __str__(self) -> str:
-        lines = [f"requested={self.requested!r} -> chosen={self.chosen!r}"]
+        lines = [f"requested={self.requested!r} -> chosen={self.chosen!r}" + (f" ({self.why})" if self.why else "")]
         for c in self.candidates:
             mark = "*" if c.name == self.chosen else ("+" if c.ok else "-")
             lines.append(f"  {mark} {c.name:<14} {c.reason}")
@@ -216,7 +219,7 @@ def select_backend(problem: ExpertsProblem, backend: str = "auto") -> Decision:
     Decisions are cached per problem shape and device target (the token count aside: ``supports()`` must
     not depend on it), so the hot path pays for one dictionary lookup; the cache is cleared when backends
     change and by ``moe.reset_caches()``."""
-    key = (problem, backend)  # ExpertsProblem equality ignores num_tokens
+    key = (problem, backend, bucket_of(problem) if backend == "auto" else None)  # equality ignores num_tokens
     decision = _decisions.get(key)
     if decision is None:
         decision = _decide(problem, backend)
@@ -239,11 +242,34 @@ def _decide(problem: ExpertsProblem, backend: str) -> Decision:
     _ensure_loaded()
     ranked = sorted(_registry.values(), key=lambda b: (-_priority(b, problem.target), b.name))
     candidates = tuple(judge(b, problem) for b in ranked)
-    chosen = next((c.name for c in candidates if c.ok), None)
+    candidates, chosen, why = _measured(problem, candidates)
+    if chosen is None:
+        chosen = next((c.name for c in candidates if c.ok), None)
+        why = why or "by priority"
     if chosen is None:
         reasons = "; ".join(f"{c.name}: {c.reason}" for c in candidates)
         raise BackendUnavailableError(f"no backend can run this problem ({reasons})")
-    return Decision("auto", chosen, candidates)
+    return Decision("auto", chosen, candidates, why)
+
+
+def _measured(problem: ExpertsProblem, candidates: tuple[Candidate, ...],
+              ) -> tuple[tuple[Candidate, ...], str | None, str]:
+    """A selection table's choice for the call's bucket, when there is a table and that backend can run
+    the call; backends that failed parity there are marked unable. (candidates, chosen or None, why)."""
+    found = table_for(problem)
+    if found is None:
+        return candidates, None, ""
+    table, path, bucket = found
+    entry = table.buckets[bucket]
+    card = table.device_name
+    failed = set(entry.failed_parity)
+    candidates = tuple(Candidate(c.name, False, f"failed its parity check on {card} near M={bucket} (file {path})")
+                       if c.name in failed else c for c in candidates)
+    if not any(c.name == entry.backend and c.ok for c in candidates):
+        return candidates, None, f"by priority: {entry.backend}, measured fastest near M={bucket}, cannot run here"
+    second = entry.runner_up()
+    versus = f" {second[1]:.2f}x faster than {second[0]}" if second else " the only backend timed"
+    return candidates, entry.backend, f"measured on {card}: {entry.backend}{versus} near M={bucket} (file {path})"
 
 
 def last_decision() -> Decision | None:

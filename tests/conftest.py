@@ -35,7 +35,8 @@ def _fresh_options():
 # GPU tests by area (the file they live in) and by backend (their `backend` parameter), so the GPU suite
 # runs in parts that each fit one 10-minute command: benchmarks/gpu_suite.sh TESTS=triton,routing,...
 _AREAS = {"test_gpu.py": "kernels", "test_routing_kernels.py": "routing", "test_properties.py": "fuzz",
-          "test_hf.py": "hf", "test_parallel_gpu.py": "parallel", "test_quant_gpu.py": "quant"}
+          "test_hf.py": "hf", "test_parallel_gpu.py": "parallel", "test_quant_gpu.py": "quant",
+          "test_deep_gemm.py": "native", "test_native_backends.py": "native"}
 
 
 def _mark_parts(items) -> None:

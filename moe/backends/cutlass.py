@@ -1,0 +1,209 @@
+"""The CUTLASS backend: our own SM90 grouped-GEMM extension (CUTLASS 3.x pointer-array grouped GEMM, TMA,
+warp-specialized cooperative kernel; ``_cutlass/``), compiled at first use with nvcc through
+``torch.utils.cpp_extension`` (ninja) into a folder keyed by everything that changes the binary
+(:func:`cache_key`), with the compiler's progress shown.
+
+One call: our alignment groups the pairs by expert (no padding), the grouped GEMM computes GEMM1 with one
+group per expert (problem sizes, addresses and leading dimensions built on the device by
+``moe.kernels.grouped``: no host synchronization), our activation, the grouped GEMM again for GEMM2, our
+combine. bf16 only in this release (the FP8 schemes are not written).
+
+State: the CUTLASS translation unit compiled for sm_90a with nvcc 13.0 and CUTLASS 4.2.0.0 on a CPU
+machine (2026-12-01); the extension has not been built against a CUDA torch or run on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..activations import apply_activation
+from ..contract import ExpertsArgs, ExpertsProblem
+from ..kernels.align import MAX_EXPERTS, align
+from ..kernels.combine import combine
+from ..kernels.grouped import expert_starts, leading_dims, pointer_array, problem_sizes
+from ..target import nvcc_version
+
+__all__ = ["BACKEND", "FLAGS", "SOURCES", "build_folder", "cache_key", "cutlass_experts", "cutlass_include",
+           "cutlass_version", "extension"]
+
+_DIR = Path(__file__).resolve().parent / "_cutlass"
+SOURCES = (_DIR / "grouped_gemm_sm90.cu", _DIR / "binding.cpp", _DIR / "grouped_gemm.h")
+ARCH = "9.0a"  # wgmma and TMA need the architecture-specific target
+# torch's extension flags switch off CUDA's half and bf16 operators, which CUTLASS uses: switched back on
+FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
+         "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__")
+
+INSTALL = "pip install 'nvidia-cutlass==4.2.0.0' (used only for its C++ headers), or set CUTLASS_HOME"
+ALIGN_NK = 128
+
+
+def cutlass_include() -> Path | None:
+    """The folder holding ``cutlass/cutlass.h``: ``$CUTLASS_HOME/include``, else the ``nvidia-cutlass``
+    package's ``cutlass_library/source/include`` (found without importing it); None when neither has it."""
+    candidates = []
+    home = os.environ.get("CUTLASS_HOME")
+    if home:
+        candidates.append(Path(home) / "include")
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "source" / "include")
+    return next((c for c in candidates if (c / "cutlass" / "cutlass.h").is_file()), None)
+
+
+def cutlass_version() -> str:
+    """The ``nvidia-cutlass`` distribution's version, or ``CUTLASS_HOME``'s folder name when it is not installed."""
+    try:
+        return importlib.metadata.version("nvidia-cutlass")
+    except importlib.metadata.PackageNotFoundError:
+        return Path(os.environ.get("CUTLASS_HOME", "unknown")).name
+
+
+def cache_key(arch: str, cutlass: str, torch_version: str, cxx11_abi: bool, nvcc: str, flags: Sequence[str],
+              sources: Sequence[Path]) -> str:
+    """A folder name for one build: readable fields, then a hash of every input that changes the binary
+    (the architecture, CUTLASS, torch and its C++ ABI, nvcc, the flags in order, each source's bytes)."""
+    for name, value in (("arch", arch), ("cutlass", cutlass), ("torch_version", torch_version), ("nvcc", nvcc)):
+        if not value:
+            raise ValueError(f"{name}: expected a non-empty version string, got {value!r}")
+    h = hashlib.sha256()
+    for part in (arch, cutlass, torch_version, str(int(cxx11_abi)), nvcc, *flags):
+        h.update(part.encode() + b"\0")
+    for src in sources:
+        h.update(Path(src).read_bytes() + b"\0")
+    safe_torch = torch_version.replace("+", "_")
+    return f"{arch}-cutlass{cutlass}-torch{safe_torch}-abi{int(cxx11_abi)}-nvcc{nvcc}-{h.hexdigest()[:16]}"
+
+
+def build_folder(key: str) -> Path:
+    """``$XDG_CACHE_HOME/moe/cutlass/<key>`` (``~/.cache/moe/cutlass/<key>``)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "moe" / "cutlass" / key
+
+
+def _toolchain_problem() -> str | None:
+    if cutlass_include() is None:
+        return f"the CUTLASS C++ headers are not found; {INSTALL}"
+    if nvcc_version() is None:
+        return "nvcc is not on PATH (nor under CUDA_HOME): the extension compiles with nvcc at first use"
+    if shutil.which("ninja") is None:
+        return "ninja is not on PATH: torch.utils.cpp_extension builds with it; pip install ninja"
+    return None
+
+
+def _key() -> str:
+    return cache_key(f"sm{ARCH.replace('.', '')}", cutlass_version(), torch.__version__,
+                     bool(torch._C._GLIBCXX_USE_CXX11_ABI), nvcc_version() or "none", FLAGS, SOURCES)
+
+
+@functools.cache
+def extension():
+    """The compiled extension (built at the first call for this cache key, minutes; later calls load it)."""
+    problem = _toolchain_problem()
+    if problem is not None:
+        raise RuntimeError(f"cutlass: {problem}")
+    from torch.utils.cpp_extension import load
+
+    key = _key()
+    folder = build_folder(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not any(folder.glob("*.so")):
+        print(f"moe: compiling the CUTLASS grouped GEMM for sm_{ARCH.replace('.', '')} into {folder} "
+              "(minutes, once per cache key)", file=sys.stderr, flush=True)
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ARCH  # torch emits this one -gencode
+    try:
+        return load(name=f"moe_cutlass_{key[-16:]}", sources=[str(SOURCES[0]), str(SOURCES[1])],
+                    extra_include_paths=[str(cutlass_include()), str(_DIR)], extra_cflags=["-O3", "-std=c++17"],
+                    extra_cuda_cflags=list(FLAGS), build_directory=str(folder), verbose=True)
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+
+
+def _grouped_gemm(ext, a: torch.Tensor, w: torch.Tensor, d: torch.Tensor, ends: torch.Tensor) -> None:
+    """``d[rows of g] = a[rows of g] @ w[g]^T`` for every expert g (rows grouped by ``ends``)."""
+    groups, n, k = w.shape
+    elt = a.element_size()
+    starts = expert_starts(ends)
+    ptr_w = pointer_array(w, torch.arange(groups, device=w.device) * n, w.stride(1) * elt)
+    ext.grouped_gemm_bf16(problem_sizes(ends, n, k), pointer_array(a, starts, a.stride(0) * elt), ptr_w,
+                          pointer_array(d, starts, d.stride(0) * elt), leading_dims(groups, a.stride(0), a.device),
+                          leading_dims(groups, w.stride(1), a.device), leading_dims(groups, d.stride(0), a.device))
+
+
+def cutlass_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, ext=None) -> torch.Tensor:
+    """The experts through the grouped GEMM extension (``ext``: the compiled module, or a stand-in)."""
+    ext = ext if ext is not None else extension()
+    x, k = args.hidden_states, problem.top_k
+    num_pairs = problem.num_tokens * k
+    ids, topk_w = args.topk_ids.reshape(-1).contiguous(), args.topk_weights.reshape(-1).contiguous()
+    al = align(ids, problem.num_experts, 1, args.expert_map)  # row tile 1: groups without padding
+    pair = al.sorted_ids[:num_pairs].long()
+    live = pair < num_pairs
+    safe = torch.where(live, pair, 0)
+    xs = x.index_select(0, safe // k).contiguous()  # [P, K] grouped by expert
+    if problem.apply_router_weight_on_input:
+        xs = (xs.float() * topk_w.index_select(0, safe).unsqueeze(1)).to(x.dtype)
+    w13, w2 = args.w13.contiguous(), args.w2.contiguous()
+    h = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
+    ys = torch.empty(num_pairs, problem.hidden_size, dtype=x.dtype, device=x.device)
+    if num_pairs:
+        _grouped_gemm(ext, xs, w13, h, al.expert_ends)
+        a = apply_activation(h.float(), problem.activation).to(x.dtype).contiguous()
+        _grouped_gemm(ext, a, w2, ys, al.expert_ends)
+    y = torch.empty(num_pairs + 1, problem.hidden_size, dtype=x.dtype, device=x.device)  # last row: dropped
+    y.index_copy_(0, torch.where(live, pair, num_pairs), ys)
+    combine(y, ids, topk_w, out, top_k=k, num_global=problem.num_global_experts, num_local=problem.num_experts,
+            expert_map=args.expert_map, weight_on_input=problem.apply_router_weight_on_input)
+    return out
+
+
+class CutlassBackend:
+    name = "cutlass"
+
+    @property
+    def priority(self) -> int:
+        return 11 if torch.cuda.is_available() else -30
+
+    def priority_for(self, target) -> int:
+        return 11 if target.vendor == "cuda" else -30  # below triton until measured
+
+    def is_available(self) -> tuple[bool, str]:
+        problem = _toolchain_problem()
+        if problem is not None:
+            return False, problem
+        return True, "ok (compiles at first use; not yet run on a GPU)"
+
+    def supports(self, problem: ExpertsProblem) -> tuple[bool, str]:
+        target = problem.target
+        if target is None or target.vendor != "cuda" or not target.wgmma:
+            where = target.describe() if target is not None else "no device target"
+            return False, f"the extension is built for Hopper warpgroup MMA (wgmma, SM90); {where}"
+        if problem.dtype != torch.bfloat16:
+            return False, f"bfloat16 activations only, got {problem.dtype}"
+        n, k = problem.intermediate_size, problem.hidden_size
+        if n % ALIGN_NK or k % ALIGN_NK:
+            return False, f"N and K must be multiples of {ALIGN_NK} (the tile and FP8 block), got N={n}, K={k}"
+        if problem.has_w13_bias or problem.has_w2_bias:
+            return False, "expert biases are not implemented"
+        if problem.num_experts > MAX_EXPERTS:
+            return False, f"num_experts={problem.num_experts} exceeds the alignment's {MAX_EXPERTS}"
+        return True, "ok"
+
+    def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:
+        cutlass_experts(args, problem, out)
+
+
+BACKEND = CutlassBackend()

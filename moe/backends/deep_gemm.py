@@ -1,0 +1,292 @@
+"""The DeepGEMM backend: DeepGEMM's grouped GEMMs for the two projections, our alignment, activation,
+FP8 quantization of GEMM2's input and combine around them.
+
+Two layouts, both without a host synchronization (so a CUDA graph captured once replays with any
+routing):
+- **contiguous** (prefill): the pairs grouped by expert by our alignment, padded to DeepGEMM's M
+  alignment; each row's expert in ``grouped_layout``, -1 on padding rows (DeepGEMM skips them);
+- **masked** (decode, up to ``MASKED_MAX_TOKENS`` tokens): one [max_rows] slab per local expert, the
+  pair count of each expert in ``masked_m`` (device-side), ``expected_m`` the mean rows per expert.
+
+DeepGEMM is imported only when this backend is judged or run. The package is ``sgl-deep-gemm`` (imports as
+``deep_gemm``); PyPI's ``deep-gemm`` 1.0.0 is a placeholder. API (sgl-deep-gemm 0.1.4, read from its wheel's
+``deep_gemm/__init__.py`` and sgl-project/DeepGEMM ``csrc/apis/gemm.hpp`` at release/v0.1.2, cc4a4ea):
+- ``m_grouped_bf16_gemm_nt_contiguous(a [M, K], b [G, N, K], d [M, N], grouped_layout [M] int32,
+  compiled_dims='nk', use_psum_layout=False, ensure_zero_padding=True, expected_m_for_psum_layout=None)``
+- ``m_grouped_bf16_gemm_nt_masked(a [G, M, K], b [G, N, K], d [G, M, N], masked_m [G] int32, expected_m,
+  compiled_dims='nk')``
+- ``m_grouped_fp8_gemm_nt_contiguous`` / ``fp8_m_grouped_gemm_nt_masked``: the same with ``a`` and ``b`` as
+  ``(data, scale)`` pairs (scales fp32 [M, K/128] and [G, N/128, K/128]; ``recipe=None`` infers 1x128 and
+  128x128), aliases of ``m_grouped_fp8_fp4_gemm_nt_contiguous`` / ``m_grouped_fp8_fp4_gemm_nt_masked``,
+  which take ``disable_ue8m0_cast``;
+- ``get_mk_alignment_for_contiguous_layout() -> int`` (128).
+Kernels compile at first use with nvcc >= 12.3 into ``$DG_JIT_CACHE_DIR`` (default ``~/.deep_gemm``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..activations import apply_activation
+from ..contract import ExpertsArgs, ExpertsProblem
+from ..kernels.align import Alignment, align
+from ..kernels.combine import combine
+from ..kernels.quant import quantize_rows
+from ..options import options
+from ..quant import QuantizedWeight
+
+__all__ = ["BACKEND", "MASKED_MAX_TOKENS", "MaskedLayout", "contiguous_layout", "deep_gemm_experts", "jit_cache_dir",
+           "masked_layout"]
+
+INSTALL = "pip install 'sgl-deep-gemm==0.1.4' (built for torch 2.11; PyPI's deep-gemm is a placeholder)"
+MIN_NVCC = (12, 3)
+ALIGN_NK = 128  # N and K multiples of this: the GEMMs' N tile and the FP8 block
+MASKED_MAX_TOKENS = 64  # up to this many tokens the masked (decode) layout runs
+MASKED_ROW_TILE = 16  # the masked slabs' rows, a multiple of this
+_FUNCTIONS = ("m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked",
+              "m_grouped_fp8_gemm_nt_contiguous", "fp8_m_grouped_gemm_nt_masked",
+              "get_mk_alignment_for_contiguous_layout")
+
+
+@functools.cache
+def _import() -> tuple[ModuleType | None, str]:
+    try:
+        import deep_gemm
+    except Exception as exc:  # ImportError, or the compiled part failing against this torch
+        return None, f"deep_gemm does not import ({type(exc).__name__}: {exc}); {INSTALL}"
+    missing = [f for f in _FUNCTIONS if not hasattr(deep_gemm, f)]
+    if missing:
+        return None, f"deep_gemm lacks {', '.join(missing)} (a different release?); {INSTALL}"
+    return deep_gemm, "ok"
+
+
+def _dg() -> ModuleType:
+    module, reason = _import()
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
+def jit_cache_dir() -> Path:
+    """Where DeepGEMM keeps its compiled kernels: ``$DG_JIT_CACHE_DIR``, else ``~/.deep_gemm``."""
+    return Path(os.environ.get("DG_JIT_CACHE_DIR") or Path.home() / ".deep_gemm")
+
+
+def _cache_problem() -> str | None:
+    d = jit_cache_dir()
+    probe = d if d.exists() else next((p for p in d.parents if p.exists()), None)
+    if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        return f"DeepGEMM's JIT cache folder {d} is not writable; set DG_JIT_CACHE_DIR to a writable folder"
+    return None
+
+
+def _nvcc_problem(nvcc: str | None) -> str | None:
+    if nvcc is None:
+        return ("DeepGEMM compiles its kernels at first use with nvcc >= 12.3; the target has no nvcc (put it on "
+                "PATH or set CUDA_HOME)")
+    try:
+        version = tuple(int(v) for v in nvcc.split(".")[:2])
+    except ValueError:
+        return f"cannot read the nvcc version {nvcc!r}; DeepGEMM needs nvcc >= 12.3"
+    if version < MIN_NVCC:
+        return f"DeepGEMM needs nvcc >= 12.3 to compile its kernels, found {nvcc}"
+    return None
+
+
+# ---------------------------------------------------------------- layouts (pure torch on the device)
+
+
+def contiguous_layout(al: Alignment, num_pairs: int) -> torch.Tensor:
+    """DeepGEMM's ``grouped_layout`` [rows] int32 for sorted rows: each row's local expert, -1 on padding
+    rows and on row tiles past the end (the alignment's padding marker is ``num_pairs``)."""
+    experts = al.block_expert.repeat_interleave(al.block_m)  # [rows]
+    return torch.where(al.sorted_ids < num_pairs, experts, -1).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class MaskedLayout:
+    """Where each sorted row sits in the masked layout's [E, max_rows] slabs, and each expert's row count."""
+
+    slot: torch.Tensor  # [P] int64: expert * max_rows + row within the expert; E * max_rows: not local
+    masked_m: torch.Tensor  # [E] int32: rows in use in each slab
+    max_rows: int
+    expected_m: int  # DeepGEMM's hint for its tile choice: the mean rows per expert
+
+
+def masked_layout(al: Alignment, num_pairs: int, num_tokens: int) -> MaskedLayout:
+    """Masked layout from an alignment with a row tile of 1 (no padding): sorted row r of expert e goes
+    to slab row ``r - start[e]``. A token sends at most one pair to each expert, so ``num_tokens`` rows
+    (rounded up to ``MASKED_ROW_TILE``) a slab hold any routing. Rows of pairs that are not local (an
+    expert map) go to one spare row past the slabs."""
+    if al.block_m != 1:
+        raise ValueError(f"alignment: the masked layout needs a row tile of 1, got block_m={al.block_m}")
+    ends = al.expert_ends.long()  # [E]
+    num_experts = ends.numel()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))  # [E]
+    max_rows = -(-max(1, num_tokens) // MASKED_ROW_TILE) * MASKED_ROW_TILE
+    live = al.sorted_ids[:num_pairs] < num_pairs
+    expert = al.block_expert[:num_pairs].clamp(min=0).long()  # row tile 1: each row's expert
+    row = torch.arange(num_pairs, device=ends.device)
+    slot = expert * max_rows + (row - (ends - counts).index_select(0, expert))
+    slot = torch.where(live, slot, num_experts * max_rows)
+    expected = max(1, -(-num_pairs // max(1, num_experts)))
+    return MaskedLayout(slot, counts.to(torch.int32), max_rows, expected)
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def _operand(w: torch.Tensor | QuantizedWeight) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(w, QuantizedWeight):
+        return w.data.contiguous(), w.scale.float().contiguous()
+    return w.contiguous()
+
+
+def _quantized(problem: ExpertsProblem) -> bool:
+    return problem.quant.activations is not None
+
+
+def _gemm_input(x: torch.Tensor, problem: ExpertsProblem):
+    """A GEMM's input as DeepGEMM takes it: bf16 rows, or (fp8 rows, fp32 [rows, K/128] scales)."""
+    if not _quantized(problem):
+        return x
+    q = quantize_rows(x.contiguous(), problem.quant.activations)
+    return q.data, q.scale
+
+
+def _activate(h: torch.Tensor, problem: ExpertsProblem, dtype: torch.dtype) -> torch.Tensor:
+    return apply_activation(h.float(), problem.activation).to(dtype)
+
+
+def _fp8_kwargs(problem: ExpertsProblem) -> dict[str, bool]:
+    # supports() admits fp32 scales on SM100 only with the option; DeepGEMM then casts them to UE8M0
+    return {"disable_ue8m0_cast": not options().deep_gemm_ue8m0} if problem.target.tcgen05 else {}
+
+
+def _contiguous(args: ExpertsArgs, problem: ExpertsProblem, xs_rows: torch.Tensor, al: Alignment,
+                num_pairs: int) -> torch.Tensor:
+    """[rows, K] expert outputs of the sorted rows (contiguous layout)."""
+    dg, quant = _dg(), _quantized(problem)
+    layout = contiguous_layout(al, num_pairs)
+    rows, dtype, dev = xs_rows.shape[0], xs_rows.dtype, xs_rows.device
+    gemm = dg.m_grouped_fp8_gemm_nt_contiguous if quant else dg.m_grouped_bf16_gemm_nt_contiguous
+    extra = _fp8_kwargs(problem) if quant else {}
+    h = torch.empty(rows, args.w13.shape[1], dtype=dtype, device=dev)
+    gemm(_gemm_input(xs_rows, problem), _operand(args.w13), h, layout, **extra)
+    y = torch.empty(rows, problem.hidden_size, dtype=dtype, device=dev)
+    gemm(_gemm_input(_activate(h, problem, dtype), problem), _operand(args.w2), y, layout, **extra)
+    return y
+
+
+def _masked(args: ExpertsArgs, problem: ExpertsProblem, xs: torch.Tensor, ml: MaskedLayout) -> torch.Tensor:
+    """[P, K] expert outputs of the sorted rows (masked layout)."""
+    dg, quant = _dg(), _quantized(problem)
+    E, K, dtype, dev = problem.num_experts, problem.hidden_size, xs.dtype, xs.device
+    used = E * ml.max_rows
+    gemm = dg.fp8_m_grouped_gemm_nt_masked if quant else dg.m_grouped_bf16_gemm_nt_masked
+    extra = _fp8_kwargs(problem) if quant else {}
+    slabs = torch.zeros(used + 1, K, dtype=dtype, device=dev)  # zeros: rows past masked_m stay finite
+    slabs.index_copy_(0, ml.slot, xs)
+    h = torch.empty(E, ml.max_rows, args.w13.shape[1], dtype=dtype, device=dev)
+    gemm(_slab_input(slabs[:used], E, problem), _operand(args.w13), h, ml.masked_m, ml.expected_m, **extra)
+    a = _activate(h, problem, dtype).reshape(used, -1)
+    y = torch.empty(E, ml.max_rows, K, dtype=dtype, device=dev)
+    gemm(_slab_input(a, E, problem), _operand(args.w2), y, ml.masked_m, ml.expected_m, **extra)
+    return y.reshape(used, K).index_select(0, ml.slot.clamp(max=used - 1))  # non-local rows: dropped later
+
+
+def _slab_input(flat: torch.Tensor, num_experts: int, problem: ExpertsProblem):
+    q = _gemm_input(flat, problem)
+    if isinstance(q, tuple):
+        return q[0].reshape(num_experts, -1, q[0].shape[-1]), q[1].reshape(num_experts, -1, q[1].shape[-1])
+    return q.reshape(num_experts, -1, q.shape[-1])
+
+
+def deep_gemm_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> torch.Tensor:
+    x, ids = args.hidden_states, args.topk_ids.reshape(-1).contiguous()
+    T, k = problem.num_tokens, problem.top_k
+    num_pairs = T * k
+    topk_w = args.topk_weights.reshape(-1).contiguous()
+    masked = T <= MASKED_MAX_TOKENS
+    block_m = 1 if masked else _dg().get_mk_alignment_for_contiguous_layout()
+    al = align(ids, problem.num_experts, block_m, args.expert_map)
+    pair_rows = al.sorted_ids.long() if not masked else al.sorted_ids[:num_pairs].long()
+    live = pair_rows < num_pairs
+    xs = x.index_select(0, torch.where(live, pair_rows, 0) // k)  # [rows, K] grouped by expert
+    if problem.apply_router_weight_on_input:
+        xs = (xs.float() * topk_w.index_select(0, torch.where(live, pair_rows, 0)).unsqueeze(1)).to(x.dtype)
+    if masked:
+        ys = _masked(args, problem, xs, masked_layout(al, num_pairs, T))
+    else:
+        ys = _contiguous(args, problem, xs, al, num_pairs)
+    y = torch.empty(num_pairs + 1, problem.hidden_size, dtype=x.dtype, device=x.device)  # last row: dropped
+    y.index_copy_(0, torch.where(live, pair_rows, num_pairs), ys)
+    combine(y, ids, topk_w, out, top_k=k, num_global=problem.num_global_experts, num_local=problem.num_experts,
+            expert_map=args.expert_map, weight_on_input=problem.apply_router_weight_on_input)
+    return out
+
+
+# ---------------------------------------------------------------- the backend object
+
+
+def _shape_problem(problem: ExpertsProblem) -> str | None:
+    n, k = problem.intermediate_size, problem.hidden_size
+    if n % ALIGN_NK or k % ALIGN_NK:
+        return (f"DeepGEMM's grouped GEMMs need N and K multiples of {ALIGN_NK}: got N={n}, K={k} "
+                "(use triton for this shape)")
+    if problem.has_w13_bias or problem.has_w2_bias:
+        return "expert biases are not implemented (DeepGEMM's grouped GEMMs have no bias epilogue)"
+    return None
+
+
+def _scheme_problem(problem: ExpertsProblem) -> str | None:
+    if problem.dtype != torch.bfloat16:
+        return f"DeepGEMM's grouped GEMMs take and write bfloat16, got {problem.dtype}"
+    if problem.quant.weights is not None and problem.quant.activations is None:
+        return "weight-only schemes are not implemented"
+    if _quantized(problem) and problem.target.tcgen05 and not options().deep_gemm_ue8m0:
+        return ("on SM100 DeepGEMM rounds fp32 block scales to powers of two (UE8M0), which costs accuracy on "
+                "some models; allow it explicitly with MOE_DEEP_GEMM_UE8M0=1 (moe.set_options(deep_gemm_ue8m0=True))")
+    return None
+
+
+class DeepGemmBackend:
+    name = "deep_gemm"
+    schemes = ("none", "fp8_block")
+
+    @property
+    def priority(self) -> int:
+        return 12 if torch.cuda.is_available() else -30
+
+    def priority_for(self, target) -> int:
+        # below triton until a selection table measured on the card says otherwise
+        return 12 if target.vendor == "cuda" else -30
+
+    def is_available(self) -> tuple[bool, str]:
+        module, reason = _import()
+        return (module is not None), reason
+
+    def supports(self, problem: ExpertsProblem) -> tuple[bool, str]:
+        target = problem.target
+        if target is None or target.vendor != "cuda":
+            where = target.describe() if target is not None else "no device target"
+            return False, f"DeepGEMM runs on NVIDIA SM90 (wgmma) or SM100 (tcgen05) GPUs; {where}"
+        if not (target.wgmma or target.tcgen05):
+            return False, f"DeepGEMM needs Hopper (wgmma) or Blackwell datacenter (tcgen05) MMA; {target.describe()}"
+        for check in (_shape_problem(problem), _scheme_problem(problem), _nvcc_problem(target.nvcc),
+                      _cache_problem()):
+            if check is not None:
+                return False, check
+        return True, "ok"
+
+    def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:
+        deep_gemm_experts(args, problem, out)
+
+
+BACKEND = DeepGemmBackend()

@@ -1,0 +1,112 @@
+"""``moe tune --backends``: time every usable backend at each token count on this card, check each against
+the reference first, and write the selection table ``auto`` reads (``moe.selection``).
+
+Timing is ``moe bench``'s: ``moe.workload.time_fn`` (do_bench's median on CUDA), and CUDA-graph replays
+(``graph_time``) up to ``GRAPH_MAX_M`` tokens. Parity: each backend's output, into an output poisoned with
+NaN, against the torch reference of the same inputs (fp32 compute), within the tolerance row of
+(dtype, scheme) of ``moe.testing.TOLERANCES``. A backend that fails is recorded in the table and never
+chosen by ``auto`` at that bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .backends.torch_ref import torch_ref_experts
+from .contract import ExpertsArgs, ExpertsProblem
+from .functional import fused_experts
+from .quant import QuantConfig, quantize
+from .registry import get_backend, judge, list_backends
+from .routing import fused_topk
+from .selection import BucketChoice, SelectionTable, write_table
+from .testing import rel_error, tolerance
+from .workload import Preset, graph_time, random_tokens, random_weights, time_fn
+
+__all__ = ["GRAPH_MAX_M", "Timer", "measure_bucket", "tune_selection"]
+
+GRAPH_MAX_M = 256  # as moe bench: small batches are timed as CUDA-graph replays
+Timer = Callable[[str, int, Callable[[], object], torch.device], float]  # (backend, M, call, device) -> seconds
+
+
+def default_timer(name: str, m: int, call: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda" and m <= GRAPH_MAX_M:
+        return graph_time(call, device)
+    return time_fn(call, device)
+
+
+def _weights(p: Preset, dtype: torch.dtype, device: torch.device, quant: QuantConfig, gen: torch.Generator):
+    w13, w2 = random_weights(p, dtype, device, gen)
+    if quant.weights is None:
+        return w13, w2
+    return quantize(w13, quant.weights, parts=p.parts), quantize(w2, quant.weights)
+
+
+def _problem(p: Preset, device: torch.device, dtype: torch.dtype, m: int, quant: QuantConfig) -> ExpertsProblem:
+    return dataclasses.replace(p.problem(device, dtype, m), quant=quant)
+
+
+def _candidates(problem: ExpertsProblem, backends: Sequence[str] | None) -> list[str]:
+    """The backends to time: those named (each must exist), else every registered one but the reference;
+    only those that can run the problem here."""
+    names = list(backends) if backends else [b.name for b in list_backends() if b.name != "torch"]
+    return [n for n in names if judge(get_backend(n), problem).ok]
+
+
+def measure_bucket(p: Preset, m: int, dtype: torch.dtype, device: torch.device, weights, quant: QuantConfig,
+                   names: Sequence[str], timer: Timer, gen: torch.Generator) -> BucketChoice | None:
+    """Parity first, then time, for one token count; None when no backend passed."""
+    x, logits = random_tokens(p, m, dtype, device, gen)
+    topk_w, ids = fused_topk(logits, p.top_k)
+    w13, w2 = weights
+    scheme = None if quant.weights is None else quant
+    problem = _problem(p, device, dtype, m, quant)
+    ref = torch_ref_experts(ExpertsArgs(x, w13, w2, topk_w, ids), problem, compute_dtype=torch.float32)
+    limit = tolerance(dtype, quant.key())
+    timings, failed = {}, []
+    for name in names:
+        def call(name: str = name) -> torch.Tensor:
+            return fused_experts(x, w13, w2, topk_w, ids, activation=p.activation, quant=scheme, backend=name)
+
+        out = torch.full_like(x, float("nan"))
+        fused_experts(x, w13, w2, topk_w, ids, activation=p.activation, quant=scheme, backend=name, out=out)
+        if rel_error(out, ref) > limit:
+            failed.append(name)
+            continue
+        timings[name] = timer(name, m, call, device) * 1e6
+    if not timings:
+        return None
+    best = min(timings, key=timings.get)
+    return BucketChoice(backend=best, timings_us=timings, failed_parity=tuple(failed))
+
+
+def tune_selection(p: Preset, ms: Sequence[int], dtype: torch.dtype, out_dir: Path, *,
+                   device: torch.device | str = "cuda", backends: Sequence[str] | None = None,
+                   quant: QuantConfig | None = None, timer: Timer = default_timer, seed: int = 0) -> Path:
+    """Measure ``p`` at each token count of ``ms`` and write its selection table under ``out_dir``."""
+    device, quant = torch.device(device), quant or QuantConfig()
+    if quant.static_activations:
+        raise ValueError(f"quant: static activation scales are not tuned here, got {quant.key()}")
+    if p.bias:
+        raise ValueError(f"preset {p.name}: biases are not tuned here (the selection key has no bias)")
+    gen = torch.Generator(device).manual_seed(seed)
+    weights = _weights(p, dtype, device, quant, gen)
+    problem = _problem(p, device, dtype, 1, quant)
+    names = _candidates(problem, backends)
+    if not names:
+        raise ValueError(f"no backend can run {p.describe()} here; see `moe backends`")
+    buckets = {}
+    for m in ms:
+        choice = measure_bucket(p, m, dtype, device, weights, quant, names, timer, gen)
+        if choice is not None:
+            buckets[m] = choice
+    if not buckets:
+        raise ValueError(f"every backend failed its parity check on {p.describe()}: {', '.join(names)}")
+    table = SelectionTable(num_experts=p.num_experts, intermediate_size=p.intermediate_size,
+                           hidden_size=p.hidden_size, top_k=p.top_k, activation=p.activation,
+                           dtype=str(dtype).removeprefix("torch."), quant=quant.key(),
+                           device_name=problem.target.name, buckets=buckets)
+    return write_table(table, Path(out_dir))

@@ -1,0 +1,224 @@
+"""The native backends on a machine without their libraries or hardware: each is registered, says why it
+cannot run (with the fix), is never imported by ``import moe``, and ``auto`` ranks it below triton until a
+selection table says otherwise. Plus the cutlass backend's build cache key and the sonic verdicts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe
+from moe.backends import cutlass, sonic
+from moe.config import ActivationSpec
+from moe.contract import ExpertsProblem
+from moe.target import TARGETS
+
+NATIVE = ("deep_gemm", "cutlass", "cutlass_fp4", "sonic", "aiter")
+OPTIONAL_LIBRARIES = ("deep_gemm", "tvm_ffi", "aiter", "quack", "cutlass", "cutlass_library")
+
+
+def _problem(target, dtype=torch.bfloat16, activation="silu", n=256, k=512) -> ExpertsProblem:
+    return ExpertsProblem("cuda", dtype, 4, 8, 8, k, n, 2, activation=ActivationSpec.parse(activation),
+                          target=target)
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_registered_with_a_reason(name):
+    backend = moe.get_backend(name)
+    ok, why = backend.is_available()
+    assert isinstance(ok, bool) and why
+    if not ok:
+        assert any(hint in why for hint in ("pip install", "build ROCm AITer", "not in this release",
+                                            "host side only", "does not call")), why
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_ranked_below_triton_on_every_card(name):
+    backend = moe.get_backend(name)
+    for target in TARGETS.values():
+        if target.vendor in ("cuda", "rocm"):
+            assert backend.priority_for(target) < moe.get_backend("triton").priority_for(target), (name, target.name)
+
+
+def test_import_moe_imports_no_optional_library():
+    code = ("import sys, moe; from moe.explain import problem_from_config; moe.list_backends(); "
+            "[b.supports(problem_from_config(moe.MoEConfig(num_experts=8, top_k=2, hidden_size=512, "
+            "intermediate_size=256), target='h200')) for b in moe.list_backends()]; "
+            f"print(sorted(m for m in {OPTIONAL_LIBRARIES!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_moe_backends_lists_every_native_backend_with_its_reason(capsys):
+    from moe.cli import main
+
+    main(["backends", "--target", "h200", "--problem", "8,256,512,2"])
+    out = capsys.readouterr().out
+    for name in NATIVE:
+        line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
+        assert " no " in line or " yes " in line
+    aiter_line = next(ln for ln in out.splitlines() if ln.startswith("aiter "))
+    assert "AMD" in aiter_line or "ROCm" in aiter_line
+    fp4_line = next(ln for ln in out.splitlines() if ln.startswith("cutlass_fp4 "))
+    assert "host side only" in fp4_line or "compute capability 10.x" in fp4_line
+
+
+# ---------------------------------------------------------------- cutlass
+
+
+def test_cutlass_cache_key_changes_with_every_input(tmp_path):
+    src = tmp_path / "k.cu"
+    src.write_text("// v1")
+    base = dict(arch="sm90a", cutlass="4.2.0.0", torch_version="2.11.0+cu130", cxx11_abi=True, nvcc="13.0",
+                flags=("-O3",), sources=(src,))
+    key = cutlass.cache_key(**base)
+    assert key.startswith("sm90a-cutlass4.2.0.0-torch2.11.0_cu130-abi1-nvcc13.0-")
+    for change in ({"arch": "sm100a"}, {"cutlass": "4.3"}, {"torch_version": "2.12.0"}, {"cxx11_abi": False},
+                   {"nvcc": "12.9"}, {"flags": ("-O2",)}):
+        assert cutlass.cache_key(**{**base, **change}) != key, change
+    src.write_text("// v2")
+    assert cutlass.cache_key(**base) != key
+    assert cutlass.build_folder(key).name == key
+    with pytest.raises(ValueError, match="nvcc"):
+        cutlass.cache_key(**{**base, "nvcc": ""})
+
+
+def test_cutlass_finds_headers_under_cutlass_home(tmp_path, monkeypatch):
+    (tmp_path / "include" / "cutlass").mkdir(parents=True)
+    (tmp_path / "include" / "cutlass" / "cutlass.h").write_text("")
+    monkeypatch.setenv("CUTLASS_HOME", str(tmp_path))
+    assert cutlass.cutlass_include() == tmp_path / "include"
+
+
+def test_cutlass_is_available_with_headers_nvcc_and_ninja(monkeypatch, tmp_path):
+    (tmp_path / "include" / "cutlass").mkdir(parents=True)
+    (tmp_path / "include" / "cutlass" / "cutlass.h").write_text("")
+    monkeypatch.setenv("CUTLASS_HOME", str(tmp_path))
+    monkeypatch.setattr(cutlass, "nvcc_version", lambda: "13.0")
+    monkeypatch.setattr(cutlass.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert cutlass.BACKEND.is_available() == (True, "ok (compiles at first use; not yet run on a GPU)")
+    monkeypatch.setattr(cutlass, "nvcc_version", lambda: None)
+    ok, why = cutlass.BACKEND.is_available()
+    assert not ok and "nvcc" in why
+
+
+def test_cutlass_without_headers_names_the_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUTLASS_HOME", str(tmp_path))  # no headers there
+    if cutlass.cutlass_include() is not None:
+        pytest.skip("nvidia-cutlass is installed here: its headers are found")
+    ok, why = cutlass.BACKEND.is_available()
+    assert not ok and "nvidia-cutlass==4.2.0.0" in why
+
+
+@pytest.mark.parametrize(("target", "kw", "needle"), [
+    (TARGETS["h200"], {}, None),
+    (TARGETS["b200"], {}, "wgmma"),
+    (TARGETS["a100"], {}, "wgmma"),
+    (TARGETS["h200"], {"dtype": torch.float16}, "bfloat16"),
+    (TARGETS["h200"], {"n": 200}, "multiples of 128"),
+])
+def test_cutlass_supports(target, kw, needle):
+    ok, why = cutlass.BACKEND.supports(_problem(target, **kw))
+    assert (ok, why) == (True, "ok") if needle is None else (not ok and needle in why)
+
+
+class _GroupedGemmStandIn:
+    """The extension's ``grouped_gemm_bf16`` in torch, for float32 CPU tensors: reads each group's problem
+    size, addresses and leading dimensions as the CUDA code does, and computes D_g = A_g @ B_g^T in place."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @staticmethod
+    def _view(addr: int, rows: int, cols: int, ld: int) -> torch.Tensor:
+        import ctypes
+
+        n = max(0, (rows - 1) * ld + cols) if rows else 0
+        buf = (ctypes.c_float * max(n, 1)).from_address(addr)
+        flat = torch.frombuffer(buf, dtype=torch.float32, count=n) if n else torch.empty(0)
+        return flat.as_strided((rows, cols), (ld, 1)) if n else torch.empty(rows, cols)
+
+    def grouped_gemm_bf16(self, sizes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d):
+        self.calls += 1
+        for g in range(sizes.shape[0]):
+            m, n, k = sizes[g].tolist()
+            if m == 0:
+                continue
+            a = self._view(int(ptr_a[g]), m, k, int(ld_a[g]))
+            b = self._view(int(ptr_b[g]), n, k, int(ld_b[g]))
+            self._view(int(ptr_d[g]), m, n, int(ld_d[g])).copy_(a @ b.T)
+
+
+@pytest.mark.parametrize(("T", "emap", "activation"), [(1, False, "silu"), (9, True, "gelu_tanh"),
+                                                      (40, False, "relu2")])
+def test_cutlass_pipeline_against_a_stand_in_extension(T, emap, activation):
+    from moe.testing import ParityCase, assert_close, experts_float64, make_inputs
+
+    case = ParityCase(T=T, E=6, K=32, N=16, k=2, activation=activation, expert_map=emap)
+    inputs = make_inputs(case)
+    local = inputs["w13"].shape[0]
+    problem = ExpertsProblem("cpu", torch.float32, T, local, case.E, case.K, case.N, case.k,
+                             activation=ActivationSpec.parse(activation), has_expert_map=emap)
+    args = moe.ExpertsArgs(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
+                           inputs["topk_ids"], expert_map=inputs["expert_map"])
+    out = torch.full_like(inputs["hidden_states"], float("nan"))
+    ext = _GroupedGemmStandIn()
+    cutlass.cutlass_experts(args, problem, out, ext=ext)
+    assert ext.calls == 2
+    ref = experts_float64(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
+                          inputs["topk_ids"], activation, expert_map=inputs["expert_map"])
+    assert_close(out, ref, torch.float32)
+
+
+def test_cutlass_extension_sources_are_in_the_cache_key():
+    assert all(p.is_file() for p in cutlass.SOURCES)
+    assert "-U__CUDA_NO_HALF_OPERATORS__" in cutlass.FLAGS
+
+
+@pytest.mark.gpu
+def test_gpu_cutlass_parity_over_token_counts():
+    """Builds the extension (minutes at the first run of a cache key), then NaN-poisoned parity against the
+    float64 oracle over TOKEN_COUNTS, bf16; the decision trace must show cutlass ran."""
+    ok, why = cutlass.BACKEND.is_available()
+    if not ok:
+        pytest.skip(why)
+    from moe.testing import TOKEN_COUNTS, ParityCase, experts_float64, make_inputs, rel_error, tolerance
+
+    for T in TOKEN_COUNTS:
+        inputs = make_inputs(ParityCase(T=T, E=16, K=512, N=256, k=4, dtype=torch.bfloat16), "cuda")
+        out = torch.full_like(inputs["hidden_states"], float("nan"))
+        moe.fused_experts(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
+                          inputs["topk_ids"], backend="cutlass", out=out)
+        assert moe.last_decision().chosen == "cutlass"
+        ref = experts_float64(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
+                              inputs["topk_ids"])
+        assert rel_error(out, ref) < tolerance(torch.bfloat16), T
+
+
+# ---------------------------------------------------------------- sonic
+
+
+@pytest.mark.parametrize(("target", "kw", "needle"), [
+    (TARGETS["h200"], {}, None),
+    (TARGETS["mi300x"], {}, "wgmma"),
+    (TARGETS["h200"], {"activation": "gelu"}, "gated SiLU"),
+    (TARGETS["h200"], {"dtype": torch.float32}, "bfloat16"),
+])
+def test_sonic_supports(target, kw, needle):
+    ok, why = sonic.BACKEND.supports(_problem(target, **kw))
+    assert (ok, why) == (True, "ok") if needle is None else (not ok and needle in why)
+
+
+def test_sonic_without_quack_names_the_package():
+    import importlib.util
+
+    ok, why = sonic.BACKEND.is_available()
+    assert not ok
+    if importlib.util.find_spec("quack") is None:
+        assert "pip install quack-kernels" in why
