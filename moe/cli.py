@@ -342,7 +342,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="folder for the file (default: $MOE_TUNED_CONFIGS_DIR, else the per-user cache "
                    "folder ~/.cache/moe/configs/triton, which later runs search)")
     p.add_argument("--quant", choices=["none", *NAMES],
-                   help="tune the call quantized with this scheme (its own file, keyed by the name; default: none)")
+                   help="tune the call quantized with this scheme (Triton: its own file, keyed by the name; with "
+                   "--backends: the scheme of the selection table; default: none)")
     p.add_argument("--limit", type=int, help="at most this many candidates per token count")
     p.add_argument("--force", action="store_true",
                    help="retune the given token counts even where the file has them; keep the rest")
@@ -350,7 +351,6 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                    help="instead of Triton configs: time these backends (comma-separated, or all) per token count "
                    "after a parity check and write the selection table auto reads (folder: --out, else "
                    "$MOE_TUNED_CONFIGS_DIR/selection, else ~/.cache/moe/configs/selection)")
-    p.add_argument("--quant", choices=["none", *NAMES], help="with --backends: the quantization scheme")
     p.set_defaults(func=_cmd_tune)
 
 

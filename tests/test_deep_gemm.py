@@ -29,6 +29,17 @@ H200 = TARGETS["h200"].model_copy(update={"nvcc": "13.0"})
 ALIGNMENT = 128
 
 
+@pytest.fixture(autouse=True)
+def _past_the_hardware_verdict(monkeypatch):
+    """Everything behind the off switch (moe.backends.deep_gemm.HARDWARE_VERDICT) is checked as if on."""
+    monkeypatch.setattr(dgb, "HARDWARE_VERDICT", None)
+
+
+def test_off_until_its_gpu_parity_test_passes(monkeypatch):
+    monkeypatch.setattr(dgb, "HARDWARE_VERDICT", "off: failed")
+    assert _verdict(H200) == (False, "off: failed")
+
+
 def _dequant_rows(a):
     if not isinstance(a, tuple):
         return a.float()

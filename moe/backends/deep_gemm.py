@@ -54,6 +54,13 @@ _FUNCTIONS = ("m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_maske
               "get_mk_alignment_for_contiguous_layout")
 
 
+# Not runnable until its GPU parity test passes: the first H200 run of tests/test_deep_gemm.py failed (10 of
+# the 17 cases that ran before that call's time limit; the failures' messages were lost with it). None
+# once it passes; the CPU tests of the pipeline set it to None to check everything behind it.
+HARDWARE_VERDICT: str | None = ("off: its first H200 parity run failed (2026-12-02, 10 of 17 cases); it stays off "
+                                "until tests/test_deep_gemm.py passes on a GPU (docs/backends.md)")
+
+
 @functools.cache
 def _import() -> tuple[ModuleType | None, str]:
     try:
@@ -273,6 +280,8 @@ class DeepGemmBackend:
         return (module is not None), reason
 
     def supports(self, problem: ExpertsProblem) -> tuple[bool, str]:
+        if HARDWARE_VERDICT is not None:
+            return False, HARDWARE_VERDICT
         target = problem.target
         if target is None or target.vendor != "cuda":
             where = target.describe() if target is not None else "no device target"

@@ -22,7 +22,7 @@ from ...kernels.launch import _smem_limit, launch
 from ...kernels.quant import RowLayout, quantize_rows
 from ...options import options, options_version, register_cache
 from ...quant import QuantizedWeight
-from .config import BATCH_INVARIANT_CONFIG, GemmTile, KernelConfig, default_config, operand_bytes
+from .config import BATCH_INVARIANT_CONFIG, GemmTile, KernelConfig, default_config, input_bytes, operand_bytes
 
 __all__ = ["BACKEND", "GemmTile", "KernelConfig", "choose_config", "default_config", "triton_experts"]
 
@@ -52,11 +52,12 @@ def _check_smem(cfg: KernelConfig, problem: ExpertsProblem, device: torch.device
     """Reject a config whose operand tiles cannot fit the device's shared memory, before compiling it."""
     if device.type != "cuda":
         return
-    key = (cfg, operand_bytes(problem), problem.activation.gated, device)
+    key = (cfg, operand_bytes(problem), input_bytes(problem), problem.activation.gated, device)
     if key in _fits:
         return
     limit = _smem_limit(device_index(device))
-    for name, need in zip(("gemm1", "gemm2"), cfg.smem_bytes(operand_bytes(problem), problem.activation.gated),
+    sizes = cfg.smem_bytes(operand_bytes(problem), problem.activation.gated, input_bytes(problem))
+    for name, need in zip(("gemm1", "gemm2"), sizes,
                           strict=True):
         if need > limit:
             raise ValueError(

@@ -10,8 +10,8 @@ from pydantic import Field
 from ...contract import ExpertsProblem
 from ...frozen import Frozen
 
-__all__ = ["BATCH_INVARIANT_CONFIG", "GemmTile", "KernelConfig", "default_config", "fit_smem", "operand_bytes",
-           "with_loads", "workspace_bytes"]
+__all__ = ["BATCH_INVARIANT_CONFIG", "GemmTile", "KernelConfig", "default_config", "fit_smem", "input_bytes",
+           "operand_bytes", "with_loads", "workspace_bytes"]
 
 Pow2 = Literal[16, 32, 64, 128, 256]
 
@@ -38,12 +38,14 @@ class KernelConfig(Frozen):
     # (2 x block_n wide) with one dot, split after the loop
     gate_up: Literal["two_dots", "one_dot"] = "two_dots"
 
-    def smem_bytes(self, elt: int, gated: bool) -> tuple[int, int]:
-        """Estimated shared memory of the two GEMMs' pipelined operand tiles."""
+    def smem_bytes(self, elt: int, gated: bool, input_elt: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Estimated shared memory of the two GEMMs' pipelined operand tiles: ``elt`` bytes a weight
+        element, ``input_elt`` bytes an input element of GEMM1 and GEMM2 (default: ``elt``)."""
         g1, g2 = self.gemm1, self.gemm2
+        a1, a2 = input_elt or (elt, elt)
         b_tiles = 2 if gated else 1
-        s1 = g1.num_stages * (self.block_m * g1.block_k + b_tiles * g1.block_n * g1.block_k) * elt
-        s2 = g2.num_stages * (self.block_m * g2.block_k + g2.block_n * g2.block_k) * elt
+        s1 = g1.num_stages * (self.block_m * g1.block_k * a1 + b_tiles * g1.block_n * g1.block_k * elt)
+        s2 = g2.num_stages * (self.block_m * g2.block_k * a2 + g2.block_n * g2.block_k * elt)
         return s1, s2
 
 
@@ -55,10 +57,11 @@ def with_loads(cfg: KernelConfig, **loads: str) -> KernelConfig:
 SMEM_BUDGET = 200 * 1024  # below the 227 KB per block of H100/H200, with room for the compiler's scratch
 
 
-def fit_smem(cfg: KernelConfig, elt: int, gated: bool, budget: int = SMEM_BUDGET) -> KernelConfig:
+def fit_smem(cfg: KernelConfig, elt: int, gated: bool, budget: int = SMEM_BUDGET,
+             input_elt: tuple[int, int] | None = None) -> KernelConfig:
     """Drop pipeline stages (then halve block_k) until both GEMMs fit ``budget`` bytes of shared memory."""
     for name in ("gemm1", "gemm2"):
-        while cfg.smem_bytes(elt, gated)[0 if name == "gemm1" else 1] > budget:
+        while cfg.smem_bytes(elt, gated, input_elt)[0 if name == "gemm1" else 1] > budget:
             tile = getattr(cfg, name)
             if tile.num_stages > 2:
                 tile = tile.model_copy(update={"num_stages": tile.num_stages - 1})
@@ -71,9 +74,19 @@ def fit_smem(cfg: KernelConfig, elt: int, gated: bool, budget: int = SMEM_BUDGET
 
 
 def operand_bytes(problem: ExpertsProblem) -> int:
-    """Bytes an element of the GEMMs' pipelined operand tiles: 1 when both inputs are quantized to 8 bits
-    (W8A8: fp8 or int8 tiles), else the activation dtype's (an upper bound for weight-only schemes)."""
+    """Bytes an element of the GEMMs' pipelined weight tiles: 1 for W8A8 (fp8 or int8), else the activation
+    dtype's (an upper bound for weight-only schemes)."""
     return 1 if problem.quant.activations is not None else problem.dtype.itemsize
+
+
+def input_bytes(problem: ExpertsProblem) -> tuple[int, int]:
+    """Bytes an element of GEMM1's and GEMM2's pipelined input tiles. W8A8 inputs are 1-byte tiles, except
+    where a GEMM quantizes them itself from the activation dtype: GEMM1 gathering rows with per-expert
+    static scales (any static scheme may), GEMM2 of a dynamic scheme (its input quantized as it is loaded)."""
+    dt, act = problem.dtype.itemsize, problem.quant.activations
+    if act is None:
+        return dt, dt
+    return (dt, 1) if act.static else (1, dt)
 
 
 def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool = True) -> KernelConfig:
@@ -84,7 +97,7 @@ def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool =
     elt = operand_bytes(problem)  # descriptors need 16-byte row strides: K and N rows of whole 16 bytes
     if not tma or (problem.hidden_size * elt) % 16 or (problem.intermediate_size * elt) % 16:
         cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
-    return fit_smem(cfg, elt, problem.activation.gated)
+    return fit_smem(cfg, elt, problem.activation.gated, input_elt=input_bytes(problem))
 
 
 def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfig:
@@ -105,10 +118,12 @@ def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfi
     # Above 16 rows per expert both GEMMs load through tensor descriptors (TMA): GEMM2 3-25% faster from
     # mixtral at 256 tokens to qwen3/dsv3 at 4096-16384, GEMM1 0-10% (2026-11-27, H200); at 16 rows and
     # below it made no difference
-    # 8-bit operands (W8A8) take 128-wide K tiles where bf16 takes 64: the same bytes a stage, and for
-    # block scales one scale block a step (each step's dot is scaled and added to the accumulator, which
-    # waits for the tensor cores: fp8_block prefill at 64-wide K tiles ran at 12-21% of its floor, H200)
-    bk = 128 if operand_bytes(problem) == 1 else 64
+    # block-scaled W8A8 weights take 128-wide K tiles where bf16 takes 64: one scale block a step (each
+    # step's dot is scaled and added to the accumulator, which waits for the tensor cores: fp8_block
+    # prefill with 64-wide K tiles ran at 12-21% of its floor on an H200; the other W8A8 schemes, at 48-86%
+    # with 64-wide tiles, keep them until measured otherwise)
+    w = problem.quant.weights
+    bk = 128 if operand_bytes(problem) == 1 and w is not None and w.granularity == "block" else 64
     if rows_per_expert < 128:
         g1 = GemmTile(block_n=128, block_k=bk, group_m=64, num_warps=4, num_stages=4, loads="tma")
         g2 = GemmTile(block_n=128, block_k=128, group_m=8, num_warps=4, num_stages=4, loads="tma")
