@@ -212,9 +212,8 @@ def test_block_scaled_weights_refuse_k_tiles_wider_than_a_block():
 
 def test_w8a8_heuristic_sizes_tiles_by_their_bytes():
     """W8A8 weight tiles are 1 byte an element; an input tile is 1 byte unless its GEMM quantizes it itself
-    (GEMM2 of dynamic schemes, GEMM1 of static ones: 2 bytes). Block-scaled weights take 128-wide K tiles
-    in the compute-bound buckets (one scale block a step), the other schemes bf16's 64; every pipeline
-    fits shared memory at those sizes."""
+    (GEMM2 of dynamic schemes, GEMM1 of static ones: 2 bytes); every pipeline of the heuristic fits
+    shared memory at those sizes, and a 128-wide K tile of 2-byte inputs costs a pipeline stage."""
     import dataclasses
 
     from moe.backends.triton.config import SMEM_BUDGET, default_config, input_bytes, operand_bytes
@@ -222,7 +221,7 @@ def test_w8a8_heuristic_sizes_tiles_by_their_bytes():
 
     for preset, m in (("dsv3", 16384), ("qwen3", 4096), ("mixtral", 1024)):
         plain = PRESETS[preset].problem("cpu", torch.bfloat16, m)
-        for name, bk, inputs in (("fp8_block", 128, (1, 2)), ("fp8_channel", 64, (1, 2)), ("int8_channel", 64, (1, 2)),
+        for name, bk, inputs in (("fp8_block", 64, (1, 2)), ("fp8_channel", 64, (1, 2)), ("int8_channel", 64, (1, 2)),
                                  ("fp8_tensor_static", 64, (2, 1))):
             prob = dataclasses.replace(plain, quant=moe.quant.named(name))
             cfg = default_config(prob)
@@ -230,10 +229,13 @@ def test_w8a8_heuristic_sizes_tiles_by_their_bytes():
             assert cfg.gemm1.block_k == cfg.gemm2.block_k == bk
             assert max(cfg.smem_bytes(1, True, inputs)) <= SMEM_BUDGET
         assert operand_bytes(plain) == 2 and input_bytes(plain) == (2, 2) and default_config(plain).gemm1.block_k == 64
-    # fp8_block's GEMM2 at 128-wide K tiles of 2-byte inputs: a stage less than bf16's 4 to fit
-    big = default_config(dataclasses.replace(PRESETS["dsv3"].problem("cpu", torch.bfloat16, 16384),
-                                             quant=moe.quant.named("fp8_block")))
-    assert big.gemm2.num_stages == 3 and big.gemm1.num_stages == 4
+    # a GEMM2 at 128-wide K tiles of 2-byte inputs and 256-wide N tiles: a stage less than bf16's 4 to fit
+    from moe.backends.triton.config import GemmTile, KernelConfig, fit_smem
+
+    wide = GemmTile(block_n=256, block_k=128, num_warps=8, num_stages=4)
+    fitted = fit_smem(KernelConfig(block_m=128, gemm1=wide.model_copy(update={"block_n": 128}), gemm2=wide), 1, True,
+                      input_elt=(1, 2))
+    assert fitted.gemm2.num_stages == 3 and fitted.gemm1.num_stages == 4
 
 
 # (scheme, GEMM2 block_k, quantize_rows launches): dynamic schemes quantize GEMM2's input as GEMM2 loads it

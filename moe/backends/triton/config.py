@@ -118,12 +118,11 @@ def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfi
     # Above 16 rows per expert both GEMMs load through tensor descriptors (TMA): GEMM2 3-25% faster from
     # mixtral at 256 tokens to qwen3/dsv3 at 4096-16384, GEMM1 0-10% (2026-11-27, H200); at 16 rows and
     # below it made no difference
-    # block-scaled W8A8 weights take 128-wide K tiles where bf16 takes 64: one scale block a step (each
-    # step's dot is scaled and added to the accumulator, which waits for the tensor cores: fp8_block
-    # prefill with 64-wide K tiles ran at 12-21% of its floor on an H200; the other W8A8 schemes, at 48-86%
-    # with 64-wide tiles, keep them until measured otherwise)
-    w = problem.quant.weights
-    bk = 128 if operand_bytes(problem) == 1 and w is not None and w.granularity == "block" else 64
+    # 64-wide K tiles, W8A8 included: the configs verified on an H200 at every token count. Block-scaled
+    # weights would want 128 (each step's partial product waits for the tensor cores before it is scaled:
+    # fp8_block prefill runs at 12-21% of its floor), but that change failed its GPU run before the tile
+    # sizes counted 2-byte input tiles and has not run since (docs/performance.md)
+    bk = 64
     if rows_per_expert < 128:
         g1 = GemmTile(block_n=128, block_k=bk, group_m=64, num_warps=4, num_stages=4, loads="tma")
         g2 = GemmTile(block_n=128, block_k=128, group_m=8, num_warps=4, num_stages=4, loads="tma")
