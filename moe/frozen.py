@@ -6,11 +6,13 @@ line, ``Class.field: what is wrong (got value)``, raised as :class:`ConfigError`
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["ConfigError", "Frozen", "config_error"]
+__all__ = ["ConfigError", "Frozen", "config_error", "load_json_file"]
 
 
 class ConfigError(ValueError):
@@ -44,3 +46,21 @@ class Frozen(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise config_error(type(self).__name__, exc) from None
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def load_json_file(path: Path | str, model: type[_M], what: str) -> _M:
+    """Read and validate one JSON file as ``model``; errors name ``what``, the file and the field."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return model(**data)
+    except ConfigError as exc:
+        raise ValueError(f"{what} {path}: {exc}") from None

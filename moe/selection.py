@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from .contract import ExpertsProblem
-from .frozen import ConfigError, Frozen
+from .frozen import Frozen, load_json_file
 from .options import options, register_cache
 
 __all__ = ["SCHEMA_VERSION", "BucketChoice", "SelectionTable", "bucket_of", "file_name", "find_table",
@@ -102,17 +102,7 @@ def file_name(problem: ExpertsProblem, device_name: str) -> str:
 
 def load_table(path: Path | str) -> SelectionTable:
     """Read and validate one file; errors name the file and the field."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"selection table {path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"selection table {path}: expected a JSON object, got {type(data).__name__}")
-    try:
-        return SelectionTable(**data)
-    except ConfigError as exc:
-        raise ValueError(f"selection table {path}: {exc}") from None
+    return load_json_file(path, SelectionTable, "selection table")
 
 
 def write_table(table: SelectionTable, folder: Path) -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
-import json
 import math
 import os
 import warnings
@@ -23,7 +22,7 @@ import torch
 from pydantic import Field, field_validator
 
 from ...contract import ExpertsProblem
-from ...frozen import ConfigError, Frozen
+from ...frozen import Frozen, load_json_file
 from ...options import options, register_cache
 from .config import KernelConfig
 
@@ -74,17 +73,7 @@ def file_name(num_experts: int, inter: int, device_name: str, dtype: torch.dtype
 
 def load_tuned_file(path: Path | str) -> TunedFile:
     """Read and validate one file; errors name the file and the field."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"tuned config {path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"tuned config {path}: expected a JSON object, got {type(data).__name__}")
-    try:
-        return TunedFile(**data)
-    except ConfigError as exc:
-        raise ValueError(f"tuned config {path}: {exc}") from None
+    return load_json_file(path, TunedFile, "tuned config")
 
 
 def user_dir() -> Path:
