@@ -179,10 +179,6 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     y = (torch.zeros(T, K, dtype=torch.float32, device=dev) if atomic
          else torch.empty(num_pairs, K, dtype=dtype, device=dev))
     g1, g2 = cfg.gemm1, cfg.gemm2
-    # GEMM2's dynamic per-tensor or per-row input scales come from the absolute max GEMM1 gathers here
-    dynamic = act.granularity if act is not None and not act.static else None
-    amax = (torch.zeros(1 if dynamic == "tensor" else inter.shape[0], dtype=torch.float32, device=dev)
-            if dynamic in ("tensor", "token") else None)
     native = modes.weight_code(problem) == _gemm.W_NATIVE  # weight-only codes load their tiles by pointers
     tma1 = native and _use_tma(g1, (w13,), dev, interp)
     # GEMM2's input through descriptors: the activated rows, or their 1-byte quantized copy (16-byte rows)
@@ -191,6 +187,9 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     mode1, mode2 = modes.gemm_modes(cfg, problem, direct=direct, tma1=tma1, tma2=tma2, pdl=pdl, interp=interp,
                                     ieee=ieee, static1=static1, static2=static2)
     one_dot = mode1["GATE_UP"] == _gemm.ONE_DOT
+    # GEMM2's dynamic per-tensor or per-row input scales come from the absolute max GEMM1 gathers here
+    gathered = {_gemm.TENSOR_AMAX: 1, _gemm.ROW_AMAX: inter.shape[0]}.get(mode1["OUT_AMAX"])
+    amax = torch.zeros(gathered, dtype=torch.float32, device=dev) if gathered else None
     b13 = _row_major(args.w13_bias) if args.w13_bias is not None else x
     s13 = s13 if s13 is not None else topk_w  # unread without a scale mode
     z13 = z13 if z13 is not None else s13  # unread without zero points
@@ -206,7 +205,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     )
     # GEMM2's input: the activated rows (quantized as GEMM2 loads them, from their amax), or them quantized
     a2, sa2 = inter, amax if amax is not None else topk_w
-    if act is not None and mode2["A_SCALE"] not in (_gemm.A_GROUP_LOAD, _gemm.A_TOKEN_LOAD, _gemm.A_TENSOR_LOAD):
+    if act is not None and mode2["A_SCALE"] not in _gemm.A_LOADED:
         layout = RowLayout(None if al is None else al.sorted_ids, None if al is None else al.block_expert,
                            cfg.block_m, ids, emap, num_pairs, num_global, num_local)
         qi = quantize_rows(inter, act, static=args.a2_scale, amax=amax, layout=layout, pdl=pdl)
