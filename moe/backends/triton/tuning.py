@@ -30,7 +30,7 @@ from ...workload import (
     time_fn,
 )
 from . import triton_experts
-from .config import SMEM_BUDGET, GemmTile, KernelConfig, default_config, with_loads
+from .config import SMEM_BUDGET, GemmTile, KernelConfig, default_config, input_bytes, operand_bytes, with_loads
 
 TUNE_REP_MS = 40  # do_bench repetitions per candidate: enough to rank them, a third of the benchmark's
 
@@ -48,30 +48,34 @@ def _tiles(rows_per_expert: float, elt: int = 2) -> list[tuple[int, GemmTile]]:
                  for bm, bn, bk, stages, group in itertools.product([32, 64, 128], [64, 128], [64, 128], [3, 4],
                                                                     [8, 64])]
     else:
-        space = itertools.product([64, 128], [64, 128, 256], [64], [4, 8], [3, 4], [8])
+        # 1-byte operands also try 128-wide K tiles: a block-scaled GEMM scales each step's partial product
+        space = itertools.product([64, 128], [64, 128, 256], [64, 128] if elt == 1 else [64], [4, 8], [3, 4], [8])
     return [(bm, GemmTile(block_n=bn, block_k=bk, group_m=group, num_warps=warps, num_stages=stages))
             for bm, bn, bk, warps, stages, group in space]
 
 
-def _fits(cfg: KernelConfig, elt: int, gated: bool, k_block: int | None = None) -> bool:
-    """Within the shared-memory budget and, for block-scaled weights (``k_block`` columns a scale),
-    with K tiles that never straddle a scale block."""
+def _fits(cfg: KernelConfig, elt: int, gated: bool, k_block: int | None = None,
+          input_elt: tuple[int, int] | None = None) -> bool:
+    """Within the shared-memory budget (``input_elt``: the input tiles' bytes an element, as
+    ``config.input_bytes``) and, for block-scaled weights (``k_block`` columns a scale), with K tiles
+    that never straddle a scale block."""
     if k_block is not None and (k_block % cfg.gemm1.block_k or k_block % cfg.gemm2.block_k):
         return False
-    return max(cfg.smem_bytes(elt, gated)) <= SMEM_BUDGET
+    return max(cfg.smem_bytes(elt, gated, input_elt)) <= SMEM_BUDGET
 
 
-def candidates(rows_per_expert: float, elt: int, gated: bool = True, k_block: int | None = None) -> list[KernelConfig]:
+def candidates(rows_per_expert: float, elt: int, gated: bool = True, k_block: int | None = None,
+               input_elt: tuple[int, int] | None = None) -> list[KernelConfig]:
     """The first stage of the search: one tile for both GEMMs."""
     cfgs = (KernelConfig(block_m=bm, gemm1=t, gemm2=t) for bm, t in _tiles(rows_per_expert, elt))
-    return [c for c in cfgs if _fits(c, elt, gated, k_block)]
+    return [c for c in cfgs if _fits(c, elt, gated, k_block, input_elt)]
 
 
 def refinements(best: KernelConfig, rows_per_expert: float, elt: int, gated: bool, gemm: str,
-                k_block: int | None = None) -> list[KernelConfig]:
+                k_block: int | None = None, input_elt: tuple[int, int] | None = None) -> list[KernelConfig]:
     """Later stages: keep the winner's row tile and the other GEMM's tile, vary this GEMM's tile."""
     cfgs = (best.model_copy(update={gemm: t}) for bm, t in _tiles(rows_per_expert, elt) if bm == best.block_m)
-    return [c for c in cfgs if _fits(c, elt, gated, k_block) and c != best]
+    return [c for c in cfgs if _fits(c, elt, gated, k_block, input_elt) and c != best]
 
 
 def load_variants(best: KernelConfig) -> list[KernelConfig]:
@@ -126,7 +130,7 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         pairs = m * p.top_k
         rpe = pairs / max(1, min(p.num_experts, pairs))
         gated = prob.activation.gated
-        elt = 1 if q is not None else x.element_size()  # the operand tiles' bytes an element
+        elt, in_elt = operand_bytes(prob), input_bytes(prob)  # bytes an element: weight tiles, input tiles
 
         def timed(cfg: KernelConfig, args=args, prob=prob, out=out, m=m) -> float:
             fn = lambda: triton_experts(args, prob, out, cfg)
@@ -139,9 +143,9 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         best = [row["heuristic_us"], base_cfg]
 
         label = f"{p.name} M={m}"
-        _search(timed, candidates(rpe, elt, gated, k_block), best, f"{label} joint", limit)
+        _search(timed, candidates(rpe, elt, gated, k_block, in_elt), best, f"{label} joint", limit)
         for gemm in ("gemm2", "gemm1"):
-            _search(timed, refinements(best[1], rpe, elt, gated, gemm, k_block), best, f"{label} {gemm}", limit)
+            _search(timed, refinements(best[1], rpe, elt, gated, gemm, k_block, in_elt), best, f"{label} {gemm}", limit)
         _search(timed, load_variants(best[1]), best, f"{label} loads", None)
         row.update(best_us=best[0], best=best[1].model_dump())
         if atomic:

@@ -1,0 +1,92 @@
+"""Time Triton kernel-config variants of one quantized (or bf16) problem on the GPU, beside the heuristic.
+
+    python3 benchmarks/config_ab.py --cases dsv3:4096,qwen3:16384 --quant fp8_block,fp8_channel \
+        --variants bk128,bk128_s3
+
+A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile, ``sN`` their pipeline stages,
+``bmN`` the row tile, ``g2nN`` GEMM2's N tile (joined with ``_``), then ``fit_smem`` trims it to the
+shared-memory budget as the heuristic does. Prints microseconds per call (eager, do_bench median) and
+the ratio to bf16 from the same run, table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+
+import torch
+
+from moe.backends.triton import triton_experts
+from moe.backends.triton.config import KernelConfig, default_config, fit_smem, input_bytes, operand_bytes
+from moe.contract import ExpertsArgs
+from moe.routing import fused_topk
+from moe.workload import PRESETS, quantize_workload, random_biases, random_tokens, random_weights, time_fn
+
+
+def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
+    cfg = base
+    for part in spec.split("_"):
+        key, val = re.fullmatch(r"([a-z0-9]*?[a-z])(\d+)", part).groups()
+        val = int(val)
+        if key in ("bk", "s"):
+            field = {"bk": "block_k", "s": "num_stages"}[key]
+            cfg = cfg.model_copy(
+                update={g: getattr(cfg, g).model_copy(update={field: val}) for g in ("gemm1", "gemm2")}
+            )
+        elif key == "bm":
+            cfg = cfg.model_copy(update={"block_m": val})
+        elif key == "g2n":
+            cfg = cfg.model_copy(update={"gemm2": cfg.gemm2.model_copy(update={"block_n": val})})
+        else:
+            raise SystemExit(f"--variants: unknown part {part!r} (bkN, sN, bmN, g2nN)")
+    return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob))
+
+
+def _us(args: ExpertsArgs, prob, out: torch.Tensor, cfg: KernelConfig | None, dev: torch.device) -> float:
+    return time_fn(lambda: triton_experts(args, prob, out, cfg), dev) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cases", default="dsv3:4096")
+    ap.add_argument("--quant", default="fp8_block")
+    ap.add_argument("--variants", default="bk128")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    rows = []
+    for case in a.cases.split(","):
+        name, m = case.split(":")
+        p, m = PRESETS[name], int(m)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        w13, w2 = random_weights(p, torch.bfloat16, dev, gen)
+        b13, b2 = random_biases(p, torch.bfloat16, dev, gen)
+        x, logits = random_tokens(p, m, torch.bfloat16, dev, gen)
+        w, ids = fused_topk(logits, p.top_k)
+        out = torch.empty_like(x)
+        prob0 = p.problem(dev, torch.bfloat16, m)
+        args0 = ExpertsArgs(x, w13, w2, w, ids, b13, b2)
+        bf16 = _us(args0, prob0, out, None, dev)
+        rows.append((case, "bf16", "heuristic", bf16, 1.0))
+        for qn in a.quant.split(","):
+            q = quantize_workload(qn, p, w13, w2, b13, gen)
+            prob = dataclasses.replace(prob0, quant=q.config)
+            args = ExpertsArgs(x, q.w13, q.w2, w, ids, b13, b2, a13_scale=q.a13_scale, a2_scale=q.a2_scale)
+            base = default_config(prob)
+            for spec in ["heuristic", *a.variants.split(",")]:
+                cfg = base if spec == "heuristic" else variant(base, spec, prob)
+                try:
+                    t = _us(args, prob, out, cfg, dev)
+                except Exception as exc:  # a variant the compiler rejects is reported, not fatal
+                    print(f"{case} {qn} {spec}: {type(exc).__name__}: {str(exc)[:160]}")
+                    continue
+                print(f"{case} {qn} {spec} {t:.1f} us {cfg.model_dump_json()}", flush=True)
+                rows.append((case, qn, spec, t, bf16 / t))
+            del q
+    print(f"\n{'case':<12} {'quant':<12} {'variant':<14} {'us':>9} {'vs bf16':>8}")
+    for case, qn, spec, t, r in rows:
+        print(f"{case:<12} {qn:<12} {spec:<14} {t:9.1f} {r:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
