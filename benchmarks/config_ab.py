@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
+import sys
 
 import torch
 
@@ -43,6 +45,15 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
     return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob))
 
 
+def _profile(args: ExpertsArgs, prob, out: torch.Tensor, cfg: KernelConfig | None, label: str) -> None:
+    """Each kernel's CUDA time (us per call), from benchmarks/profile_kernels.py."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from profile_kernels import kernel_times
+
+    times = kernel_times(lambda: triton_experts(args, prob, out, cfg))
+    print(f"  {label}: " + ", ".join(f"{k[:24]} {v:.0f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])))
+
+
 def _us(args: ExpertsArgs, prob, out: torch.Tensor, cfg: KernelConfig | None, dev: torch.device) -> float:
     return time_fn(lambda: triton_experts(args, prob, out, cfg), dev) * 1e6
 
@@ -52,6 +63,7 @@ def main() -> None:
     ap.add_argument("--cases", default="dsv3:4096")
     ap.add_argument("--quant", default="fp8_block")
     ap.add_argument("--variants", default="bk128")
+    ap.add_argument("--profile", action="store_true", help="also each kernel's time (torch.profiler)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     rows = []
@@ -68,6 +80,8 @@ def main() -> None:
         args0 = ExpertsArgs(x, w13, w2, w, ids, b13, b2)
         bf16 = _us(args0, prob0, out, None, dev)
         rows.append((case, "bf16", "heuristic", bf16, 1.0))
+        if a.profile:
+            _profile(args0, prob0, out, None, f"{case} bf16")
         for qn in a.quant.split(","):
             q = quantize_workload(qn, p, w13, w2, b13, gen)
             prob = dataclasses.replace(prob0, quant=q.config)
@@ -81,6 +95,8 @@ def main() -> None:
                     print(f"{case} {qn} {spec}: {type(exc).__name__}: {str(exc)[:160]}")
                     continue
                 print(f"{case} {qn} {spec} {t:.1f} us {cfg.model_dump_json()}", flush=True)
+                if a.profile:
+                    _profile(args, prob, out, cfg, f"{case} {qn} {spec}")
                 rows.append((case, qn, spec, t, bf16 / t))
             del q
     print(f"\n{'case':<12} {'quant':<12} {'variant':<14} {'us':>9} {'vs bf16':>8}")

@@ -118,11 +118,10 @@ def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfi
     # Above 16 rows per expert both GEMMs load through tensor descriptors (TMA): GEMM2 3-25% faster from
     # mixtral at 256 tokens to qwen3/dsv3 at 4096-16384, GEMM1 0-10% (2026-11-27, H200); at 16 rows and
     # below it made no difference
-    # 64-wide K tiles, W8A8 included: the configs verified on an H200 at every token count. Block-scaled
-    # weights would want 128 (each step's partial product waits for the tensor cores before it is scaled:
-    # fp8_block prefill runs at 12-21% of its floor), but that change failed its GPU run before the tile
-    # sizes counted 2-byte input tiles and has not run since (docs/performance.md)
-    bk = 64
+    # 64-wide K tiles, except for block-scaled W8A8 weights: each K step's partial product waits for the
+    # tensor cores before it is scaled, so a step per scale block (128) halves the waits (H200, 2026-12-02:
+    # fp8_block 11-25% faster at dsv3/mixtral 4096 and qwen3 16384 tokens; fp8_channel within 2-4%)
+    bk = _block_k_of_scales(problem) or 64
     if rows_per_expert < 128:
         g1 = GemmTile(block_n=128, block_k=bk, group_m=64, num_warps=4, num_stages=4, loads="tma")
         g2 = GemmTile(block_n=128, block_k=128, group_m=8, num_warps=4, num_stages=4, loads="tma")
@@ -133,6 +132,14 @@ def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfi
     g2 = GemmTile(block_n=128 if rows_per_expert <= 256 else 256, block_k=bk, group_m=8, num_warps=8, num_stages=4,
                   loads="tma")
     return KernelConfig(block_m=128, gemm1=g1, gemm2=g2, gate_up="one_dot")
+
+
+def _block_k_of_scales(problem: ExpertsProblem) -> int | None:
+    """The K width of a W8A8 scheme's weight-scale blocks (None for other schemes)."""
+    w, act = problem.quant.weights, problem.quant.activations
+    if w is None or act is None or w.granularity != "block":
+        return None
+    return w.block[1]
 
 
 # One config for every batch size: with it a token's output does not depend on the rest of the batch.
