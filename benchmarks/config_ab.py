@@ -3,8 +3,9 @@
     python3 benchmarks/config_ab.py --cases dsv3:4096,qwen3:16384 --quant fp8_block,fp8_channel \
         --variants bk128,bk128_s3
 
-A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile, ``sN`` their pipeline stages,
-``bmN`` the row tile, ``g2nN`` GEMM2's N tile (joined with ``_``), then ``fit_smem`` trims it to the
+A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile (``g1bkN``, ``g2bkN`` one's),
+``sN`` their pipeline stages, ``bmN`` the row tile, ``g2nN`` GEMM2's N tile, ``load`` / ``pass`` how
+GEMM2's input is quantized (joined with ``_``), then ``fit_smem`` trims it to the
 shared-memory budget as the heuristic does. Prints microseconds per call (eager, do_bench median) and
 the ratio to bf16 from the same run, table last.
 """
@@ -29,6 +30,9 @@ from moe.workload import PRESETS, quantize_workload, random_biases, random_token
 def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
     cfg = base
     for part in spec.split("_"):
+        if part in ("load", "pass"):
+            cfg = cfg.model_copy(update={"gemm2_input": part})
+            continue
         key, val = re.fullmatch(r"([a-z0-9]*?[a-z])(\d+)", part).groups()
         val = int(val)
         if key in ("bk", "s"):
@@ -38,11 +42,12 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
             )
         elif key == "bm":
             cfg = cfg.model_copy(update={"block_m": val})
-        elif key == "g2n":
-            cfg = cfg.model_copy(update={"gemm2": cfg.gemm2.model_copy(update={"block_n": val})})
+        elif key in ("g1bk", "g2bk", "g2n"):
+            gemm, field = ("gemm1" if key == "g1bk" else "gemm2"), ("block_n" if key == "g2n" else "block_k")
+            cfg = cfg.model_copy(update={gemm: getattr(cfg, gemm).model_copy(update={field: val})})
         else:
-            raise SystemExit(f"--variants: unknown part {part!r} (bkN, sN, bmN, g2nN)")
-    return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob))
+            raise SystemExit(f"--variants: unknown part {part!r} (bkN, g1bkN, g2bkN, sN, bmN, g2nN, load, pass)")
+    return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob, cfg.gemm2_input))
 
 
 def _profile(args: ExpertsArgs, prob, out: torch.Tensor, cfg: KernelConfig | None, label: str) -> None:

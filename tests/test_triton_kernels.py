@@ -238,19 +238,23 @@ def test_w8a8_heuristic_sizes_tiles_by_their_bytes():
     assert fitted.gemm2.num_stages == 3 and fitted.gemm1.num_stages == 4
 
 
-# (scheme, GEMM2 block_k, quantize_rows launches): dynamic schemes quantize GEMM2's input as GEMM2 loads it
-# (groups only when a K tile is one group), static ones in a pass between the GEMMs
-_PASSES = [("fp8_block", 128, 1), ("fp8_block", 64, 2), ("fp8_channel", 64, 1), ("int8_channel", 128, 1),
-           ("fp8_tensor", 64, 1), ("fp8_tensor_static", 64, 2)]
+# (scheme, GEMM2 block_k, gemm2_input, quantize_rows launches): with "load" dynamic schemes quantize GEMM2's
+# input as GEMM2 loads it (groups only when a K tile is one group); with "pass", and for static scales, a
+# pass between the GEMMs quantizes it (per tensor: from the amax GEMM1 gathered, no amax pass)
+_PASSES = [("fp8_block", 128, "load", 1), ("fp8_block", 64, "load", 2), ("fp8_channel", 64, "load", 1),
+           ("int8_channel", 128, "load", 1), ("fp8_tensor", 64, "load", 1), ("fp8_tensor_static", 64, "load", 2),
+           ("fp8_block", 128, "pass", 2), ("fp8_channel", 64, "pass", 2), ("int8_channel", 128, "pass", 2),
+           ("fp8_tensor", 64, "pass", 2), ("fp8_tensor_static", 64, "pass", 2)]
 
 
 @pytest.mark.parametrize(("T", "N"), [(1, 256), (9, 200), (40, 136)])
-@pytest.mark.parametrize(("name", "bk", "launches"), _PASSES)
-def test_gemm2_quantizes_its_input_as_it_loads_it(T, N, name, bk, launches, monkeypatch):
-    """No quantization pass between the GEMMs for dynamic schemes (one quantize_rows launch: GEMM1's
-    input): GEMM2 quantizes each tile of GEMM1's rows as it loads it, by the row's (tensor's) amax that
-    GEMM1 gathered, or for fp8_block by the tile itself when it is one group; the result equals the
-    reference's emulation, N ragged against 128 included."""
+@pytest.mark.parametrize(("name", "bk", "gemm2_input", "launches"), _PASSES)
+def test_gemm2_input_quantized_by_a_pass_or_as_it_is_loaded(T, N, name, bk, gemm2_input, launches, monkeypatch):
+    """GEMM2's input of a dynamic scheme: with gemm2_input="load" no quantization pass between the GEMMs
+    (one quantize_rows launch: GEMM1's input), GEMM2 quantizes each tile of GEMM1's rows as it loads it,
+    by the row's (tensor's) amax that GEMM1 gathered, or for fp8_block by the tile itself when it is one
+    group; with "pass" one pass between the GEMMs. Either way the result equals the reference's
+    emulation, N ragged against 128 included."""
     import dataclasses
 
     import moe.backends.triton as tb
@@ -271,7 +275,7 @@ def test_gemm2_quantizes_its_input_as_it_loads_it(T, N, name, bk, launches, monk
     real = tb.quantize_rows
     monkeypatch.setattr(tb, "quantize_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     tile = GemmTile(block_n=32, block_k=64, group_m=1, num_stages=1)
-    kcfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile.model_copy(update={"block_k": bk}))
+    kcfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile.model_copy(update={"block_k": bk}), gemm2_input=gemm2_input)
     out = torch.full_like(args.hidden_states, float("nan"))
     triton_experts(args, prob, out, kcfg)
     assert len(calls) == launches

@@ -48,7 +48,10 @@ INSTALL = "pip install 'sgl-deep-gemm==0.1.4' (built for torch 2.11; PyPI's deep
 MIN_NVCC = (12, 3)
 ALIGN_NK = 128  # N and K multiples of this: the GEMMs' N tile and the FP8 block
 MASKED_MAX_TOKENS = 64  # up to this many tokens the masked (decode) layout runs
-MASKED_ROW_TILE = 16  # the masked slabs' rows, a multiple of this
+# The masked slabs' rows, a multiple of this: DeepGEMM's masked kernel stores whole BLOCK_M-row tiles (64 or
+# 128 on SM90), so a slab shorter than its tile is overwritten by its neighbour's padding rows. With 16-row
+# slabs the first H200 run failed every token count up to 16 (norm-relative errors 0.9-1.2); 64 rows passed
+MASKED_ROW_TILE = 128
 _FUNCTIONS = ("m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked",
               "m_grouped_fp8_gemm_nt_contiguous", "fp8_m_grouped_gemm_nt_masked",
               "get_mk_alignment_for_contiguous_layout")

@@ -56,7 +56,7 @@ def _check_smem(cfg: KernelConfig, problem: ExpertsProblem, device: torch.device
     if key in _fits:
         return
     limit = _smem_limit(device_index(device))
-    sizes = cfg.smem_bytes(operand_bytes(problem), problem.activation.gated, input_bytes(problem))
+    sizes = cfg.smem_bytes(operand_bytes(problem), problem.activation.gated, input_bytes(problem, cfg.gemm2_input))
     for name, need in zip(("gemm1", "gemm2"), sizes,
                           strict=True):
         if need > limit:

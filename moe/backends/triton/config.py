@@ -37,6 +37,12 @@ class KernelConfig(Frozen):
     # gated GEMM1: a gate and an up tile with a dot each, or one tile of interleaved gate/up columns
     # (2 x block_n wide) with one dot, split after the loop
     gate_up: Literal["two_dots", "one_dot"] = "two_dots"
+    # dynamic W8A8 schemes: GEMM2's input quantized once by a pass between the GEMMs ("pass"), or by
+    # GEMM2 as it loads each tile ("load": no launch between the GEMMs, but every output-column tile
+    # re-reads the 2-byte rows and quantizes them again. H200, dsv3 at 4096 tokens: fp8_block's GEMM2
+    # 5431 us loading vs 3760 us after the pass; fp8_channel's loading GEMM2 2809 us, bf16's 2822).
+    # Static schemes always take the pass
+    gemm2_input: Literal["pass", "load"] = "pass"
 
     def smem_bytes(self, elt: int, gated: bool, input_elt: tuple[int, int] | None = None) -> tuple[int, int]:
         """Estimated shared memory of the two GEMMs' pipelined operand tiles: ``elt`` bytes a weight
@@ -79,14 +85,16 @@ def operand_bytes(problem: ExpertsProblem) -> int:
     return 1 if problem.quant.activations is not None else problem.dtype.itemsize
 
 
-def input_bytes(problem: ExpertsProblem) -> tuple[int, int]:
+def input_bytes(problem: ExpertsProblem, gemm2_input: str = "pass") -> tuple[int, int]:
     """Bytes an element of GEMM1's and GEMM2's pipelined input tiles. W8A8 inputs are 1-byte tiles, except
     where a GEMM quantizes them itself from the activation dtype: GEMM1 gathering rows with per-expert
-    static scales (any static scheme may), GEMM2 of a dynamic scheme (its input quantized as it is loaded)."""
+    static scales (any static scheme may), GEMM2 of a dynamic scheme with ``gemm2_input="load"``."""
     dt, act = problem.dtype.itemsize, problem.quant.activations
     if act is None:
         return dt, dt
-    return (dt, 1) if act.static else (1, dt)
+    if act.static:
+        return dt, 1
+    return 1, dt if gemm2_input == "load" else 1
 
 
 def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool = True) -> KernelConfig:
@@ -97,7 +105,7 @@ def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool =
     elt = operand_bytes(problem)  # descriptors need 16-byte row strides: K and N rows of whole 16 bytes
     if not tma or (problem.hidden_size * elt) % 16 or (problem.intermediate_size * elt) % 16:
         cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
-    return fit_smem(cfg, elt, problem.activation.gated, input_elt=input_bytes(problem))
+    return fit_smem(cfg, elt, problem.activation.gated, input_elt=input_bytes(problem, cfg.gemm2_input))
 
 
 def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfig:

@@ -3,8 +3,8 @@
 A scheme, layout or load path is a mode value (see _gemm.py), never a new boolean: a quantization scheme
 is a weight-scale mode (:data:`W_SCALE_MODES`, :data:`WEIGHT_ONLY_SCALE_MODES`), a weight-code mode
 (:data:`W_CODES`: how an element is stored), an input-scale mode (:func:`input_mode`) and the int8 switch;
-adding one adds entries here and the kernel code for its modes. Dynamic schemes' GEMM2 quantizes its input
-as it loads it (:func:`gemm2_input_mode`): no pass between the GEMMs.
+adding one adds entries here and the kernel code for its modes. Dynamic schemes' GEMM2 input is quantized
+by a pass between the GEMMs or by GEMM2 as it loads it (the config's ``gemm2_input``, :func:`gemm2_input_mode`).
 """
 
 from __future__ import annotations
@@ -71,16 +71,27 @@ _OUT_AMAX = {"tensor": _gemm.TENSOR_AMAX, "token": _gemm.ROW_AMAX}
 _LOADED = {"tensor": _gemm.A_TENSOR_LOAD, "token": _gemm.A_TOKEN_LOAD}
 
 
-def gemm2_input_mode(problem: ExpertsProblem, block_k: int, per_expert_static: bool) -> int:
-    """GEMM2's A_SCALE mode. Dynamic schemes quantize GEMM2's input as GEMM2 loads it, so no pass runs
-    between the GEMMs: per tensor and per token from the amax GEMM1 gathered, per group when a K tile is
-    one group (otherwise the group pass runs: A_GROUP). Static scales: the pass (A_TENSOR / A_EXPERT)."""
+def gemm2_input_mode(problem: ExpertsProblem, cfg: KernelConfig, per_expert_static: bool) -> int:
+    """GEMM2's A_SCALE mode. With ``cfg.gemm2_input == "load"`` a dynamic scheme's GEMM2 quantizes its
+    input as it loads it, so no pass runs between the GEMMs: per tensor and per token from the amax GEMM1
+    gathered, per group when a K tile is one group (otherwise the group pass runs: A_GROUP). Otherwise,
+    and for static scales, the pass's quantized rows (A_TENSOR / A_TOKEN / A_GROUP / A_EXPERT)."""
     act = problem.quant.activations
-    if act is None or act.static:
+    if act is None or act.static or cfg.gemm2_input == "pass":
         return input_mode(problem, per_expert_static)
     if act.granularity == "group":
-        return _gemm.A_GROUP_LOAD if act.group_size == block_k else _gemm.A_GROUP
+        return _gemm.A_GROUP_LOAD if act.group_size == cfg.gemm2.block_k else _gemm.A_GROUP
     return _LOADED[act.granularity]
+
+
+def gemm1_amax_mode(problem: ExpertsProblem, cfg: KernelConfig) -> int:
+    """What GEMM1 gathers of its output for GEMM2's dynamic input scales: the tensor's amax (per tensor:
+    the pass after it, or GEMM2's loads, need no amax pass), each row's (per token, GEMM2 loading), or
+    nothing (per group; per token with the pass, which finds each row's amax itself)."""
+    act = problem.quant.activations
+    if act is None or act.static or (act.granularity == "token" and cfg.gemm2_input == "pass"):
+        return _gemm.NO_AMAX
+    return _OUT_AMAX.get(act.granularity, _gemm.NO_AMAX)
 
 
 _cache: dict[tuple, tuple[KernelConfig, ExpertsProblem, dict, dict]] = {}
@@ -133,12 +144,12 @@ def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2
                   INTERP=interp, IEEE=ieee, PDL=pdl)
     mode1 = dict(common, ACT=ACT_CODES[act.name], GATED=act.gated, HAS_BIAS=p.has_w13_bias,
                  A_SCALE=input_mode(p, static1),
-                 OUT_AMAX=_OUT_AMAX.get(None if a is None or a.static else a.granularity, _gemm.NO_AMAX),
+                 OUT_AMAX=gemm1_amax_mode(p, cfg),
                  BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, GROUP_M=g1.group_m, EVEN_K=p.hidden_size % g1.block_k == 0,
                  LOADS=_gemm.TMA if tma1 else _gemm.POINTER,
                  GATE_UP=_gemm.ONE_DOT if act.gated and cfg.gate_up == "one_dot" else _gemm.TWO_DOTS,
                  num_warps=g1.num_warps, num_stages=g1.num_stages)
-    mode2 = dict(common, HAS_BIAS=p.has_w2_bias, A_SCALE=gemm2_input_mode(p, g2.block_k, static2),
+    mode2 = dict(common, HAS_BIAS=p.has_w2_bias, A_SCALE=gemm2_input_mode(p, cfg, static2),
                  ATOMIC=cfg.combine == "atomic",
                  BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, GROUP_M=g2.group_m,
                  EVEN_K=p.intermediate_size % g2.block_k == 0, LOADS=_gemm.TMA if tma2 else _gemm.POINTER,

@@ -147,6 +147,9 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         for gemm in ("gemm2", "gemm1"):
             _search(timed, refinements(best[1], rpe, elt, gated, gemm, k_block, in_elt), best, f"{label} {gemm}", limit)
         _search(timed, load_variants(best[1]), best, f"{label} loads", None)
+        if q is not None and not q.config.static_activations:  # GEMM2's input: quantized by a pass, or loading
+            flip = {"pass": "load", "load": "pass"}[best[1].gemm2_input]
+            _search(timed, [best[1].model_copy(update={"gemm2_input": flip})], best, f"{label} gemm2 input", None)
         row.update(best_us=best[0], best=best[1].model_dump())
         if atomic:
             row["atomic_us"] = timed(best[1].model_copy(update={"combine": "atomic"}))
