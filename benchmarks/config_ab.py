@@ -4,8 +4,9 @@
         --variants bk128,bk128_s3
 
 A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile (``g1bkN``, ``g2bkN`` one's),
-``sN`` their pipeline stages, ``bmN`` the row tile, ``g2nN`` GEMM2's N tile, ``load`` / ``pass`` how
-GEMM2's input is quantized (joined with ``_``), then ``fit_smem`` trims it to the
+``sN`` their pipeline stages, ``wN`` their warps, ``bmN`` the row tile, ``g1nN`` / ``g2nN`` a GEMM's N
+tile, ``one`` / ``two`` GEMM1's gate/up dots, ``load`` / ``pass`` how GEMM2's input is quantized (joined
+with ``_``), then ``fit_smem`` trims it to the
 shared-memory budget as the heuristic does. Prints microseconds per call (eager, do_bench median) and
 the ratio to bf16 from the same run, table last.
 """
@@ -33,20 +34,24 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
         if part in ("load", "pass"):
             cfg = cfg.model_copy(update={"gemm2_input": part})
             continue
+        if part in ("one", "two"):
+            cfg = cfg.model_copy(update={"gate_up": f"{part}_dot" if part == "one" else "two_dots"})
+            continue
         key, val = re.fullmatch(r"([a-z0-9]*?[a-z])(\d+)", part).groups()
         val = int(val)
-        if key in ("bk", "s"):
-            field = {"bk": "block_k", "s": "num_stages"}[key]
+        if key in ("bk", "s", "w"):
+            field = {"bk": "block_k", "s": "num_stages", "w": "num_warps"}[key]
             cfg = cfg.model_copy(
                 update={g: getattr(cfg, g).model_copy(update={field: val}) for g in ("gemm1", "gemm2")}
             )
         elif key == "bm":
             cfg = cfg.model_copy(update={"block_m": val})
-        elif key in ("g1bk", "g2bk", "g2n"):
-            gemm, field = ("gemm1" if key == "g1bk" else "gemm2"), ("block_n" if key == "g2n" else "block_k")
+        elif key in ("g1bk", "g2bk", "g1n", "g2n"):
+            gemm, field = f"gemm{key[1]}", ("block_n" if key.endswith("n") else "block_k")
             cfg = cfg.model_copy(update={gemm: getattr(cfg, gemm).model_copy(update={field: val})})
         else:
-            raise SystemExit(f"--variants: unknown part {part!r} (bkN, g1bkN, g2bkN, sN, bmN, g2nN, load, pass)")
+            raise SystemExit(f"--variants: unknown part {part!r} "
+                             "(bkN, g1bkN, g2bkN, sN, wN, bmN, g1nN, g2nN, one, two, load, pass)")
     return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob, cfg.gemm2_input))
 
 
