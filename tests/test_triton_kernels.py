@@ -212,23 +212,29 @@ def test_block_scaled_weights_refuse_k_tiles_wider_than_a_block():
 
 def test_w8a8_heuristic_sizes_tiles_by_their_bytes():
     """W8A8 weight tiles are 1 byte an element; an input tile is 1 byte unless its GEMM quantizes it itself
-    (GEMM2 of dynamic schemes, GEMM1 of static ones: 2 bytes); every pipeline of the heuristic fits
-    shared memory at those sizes, and a 128-wide K tile of 2-byte inputs costs a pipeline stage."""
+    (GEMM2 of dynamic schemes loading its input, GEMM1 of static ones: 2 bytes); every pipeline of the
+    heuristic fits shared memory at those sizes, and a 128-wide K tile of 2-byte inputs costs a pipeline
+    stage. Block-scaled weights take 128-wide K tiles (a scale block a step), the rest 64."""
     import dataclasses
 
     from moe.backends.triton.config import SMEM_BUDGET, default_config, input_bytes, operand_bytes
     from moe.workload import PRESETS
 
-    for preset, m in (("dsv3", 16384), ("qwen3", 4096), ("mixtral", 1024)):
+    for preset, m in (("dsv3", 16384), ("qwen3", 4096), ("mixtral", 1024), ("mixtral", 16), ("dsv3", 4)):
         plain = PRESETS[preset].problem("cpu", torch.bfloat16, m)
-        for name, bk, inputs in (("fp8_block", 64, (1, 2)), ("fp8_channel", 64, (1, 2)), ("int8_channel", 64, (1, 2)),
-                                 ("fp8_tensor_static", 64, (2, 1))):
+        loading = m * PRESETS[preset].top_k <= 64  # few pairs: GEMM2 quantizes its input as it loads it
+        dynamic = (1, 2) if loading else (1, 1)
+        for name, bk, inputs in (("fp8_block", 128, dynamic), ("fp8_channel", 64, dynamic),
+                                 ("int8_channel", 64, dynamic), ("fp8_tensor_static", 64, (2, 1))):
             prob = dataclasses.replace(plain, quant=moe.quant.named(name))
             cfg = default_config(prob)
-            assert operand_bytes(prob) == 1 and input_bytes(prob) == inputs
-            assert cfg.gemm1.block_k == cfg.gemm2.block_k == bk
+            assert cfg.gemm2_input == ("load" if loading and name != "fp8_tensor_static" else "pass")
+            assert operand_bytes(prob) == 1 and input_bytes(prob, cfg.gemm2_input) == inputs
+            if m >= 1024:  # the compute-bound buckets (decode tiles are 128 deep for every scheme)
+                assert cfg.gemm1.block_k == cfg.gemm2.block_k == bk
             assert max(cfg.smem_bytes(1, True, inputs)) <= SMEM_BUDGET
-        assert operand_bytes(plain) == 2 and input_bytes(plain) == (2, 2) and default_config(plain).gemm1.block_k == 64
+        assert operand_bytes(plain) == 2 and input_bytes(plain) == (2, 2)
+        assert default_config(plain).gemm1.block_k == (64 if m >= 1024 else 128)
     # a GEMM2 at 128-wide K tiles of 2-byte inputs and 256-wide N tiles: a stage less than bf16's 4 to fit
     from moe.backends.triton.config import GemmTile, KernelConfig, fit_smem
 

@@ -57,11 +57,10 @@ _FUNCTIONS = ("m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_maske
               "get_mk_alignment_for_contiguous_layout")
 
 
-# Not runnable until its GPU parity test passes: the first H200 run of tests/test_deep_gemm.py failed (10 of
-# the 17 cases that ran before that call's time limit; the failures' messages were lost with it). None
-# once it passes; the CPU tests of the pipeline set it to None to check everything behind it.
-HARDWARE_VERDICT: str | None = ("off: its first H200 parity run failed (2026-12-02, 10 of 17 cases); it stays off "
-                                "until tests/test_deep_gemm.py passes on a GPU (docs/backends.md)")
+# An off switch for a card on which the GPU parity tests fail (a reason string), None while they pass. The
+# first H200 run failed every token count up to 16 (16-row masked slabs, see MASKED_ROW_TILE); with 128-row
+# slabs all 19 GPU tests of tests/test_deep_gemm.py passed on an H200 (2026-12-02).
+HARDWARE_VERDICT: str | None = None
 
 
 @functools.cache

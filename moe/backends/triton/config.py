@@ -102,10 +102,20 @@ def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool =
     device has a tensor copy engine (Hopper and later); without it, or when the rows of K or N are not
     whole multiples of 16 bytes, every tile uses pointer loads."""
     cfg = _by_rows_per_expert(problem, interpret)
+    act = problem.quant.activations
+    if act is not None and not act.static and problem.num_tokens * problem.top_k <= LOADING_GEMM2_MAX_PAIRS:
+        cfg = cfg.model_copy(update={"gemm2_input": "load"})
     elt = operand_bytes(problem)  # descriptors need 16-byte row strides: K and N rows of whole 16 bytes
     if not tma or (problem.hidden_size * elt) % 16 or (problem.intermediate_size * elt) % 16:
         cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
     return fit_smem(cfg, elt, problem.activation.gated, input_elt=input_bytes(problem, cfg.gemm2_input))
+
+
+# Up to this many (token, slot) pairs a dynamic W8A8 scheme's GEMM2 quantizes its input as it loads it
+# (gemm2_input="load"), above it a pass does (H200, 2026-12-02, heuristic tiles: mixtral at 16 tokens, 32
+# pairs, fp8_channel 591 -> 380 us and fp8_block 566 -> 439 us loading; at 512 pairs the pass was faster,
+# dsv3 at 64 tokens by 10%, mixtral at 256 by 10-36%)
+LOADING_GEMM2_MAX_PAIRS = 64
 
 
 def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfig:
@@ -135,10 +145,17 @@ def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfi
         g2 = GemmTile(block_n=128, block_k=128, group_m=8, num_warps=4, num_stages=4, loads="tma")
         return KernelConfig(block_m=64, gemm1=g1, gemm2=g2)
     # From 128 rows: 128-row tiles with 8 warps (qwen3 at 4096 tokens: 1023 -> 986 us), and GEMM1 as one
-    # dot over gate and up columns (2-6% faster at 1024-16384 tokens on the presets)
+    # dot over gate and up columns (2-6% faster at 1024-16384 tokens on the presets). Block-scaled W8A8:
+    # 64-row tiles, 64 (x2) GEMM1 columns and 4 warps, whose smaller tiles let two programs share an SM,
+    # one's tensor-core work overlapping the other's scaling (H200, 2026-12-02: fp8_block at dsv3 4096
+    # tokens 8641 -> 6085 us, qwen3 16384 3390 -> 3041 us; the same tiles made fp8_channel 13-25% slower)
+    n2 = 128 if rows_per_expert <= 256 else 256
+    if bk == 128:
+        g1 = GemmTile(block_n=64, block_k=bk, group_m=8, num_warps=4, num_stages=4, loads="tma")
+        g2 = GemmTile(block_n=n2, block_k=bk, group_m=8, num_warps=4, num_stages=4, loads="tma")
+        return KernelConfig(block_m=64, gemm1=g1, gemm2=g2, gate_up="one_dot")
     g1 = GemmTile(block_n=128, block_k=bk, group_m=8, num_warps=8, num_stages=4, loads="tma")
-    g2 = GemmTile(block_n=128 if rows_per_expert <= 256 else 256, block_k=bk, group_m=8, num_warps=8, num_stages=4,
-                  loads="tma")
+    g2 = GemmTile(block_n=n2, block_k=bk, group_m=8, num_warps=8, num_stages=4, loads="tma")
     return KernelConfig(block_m=128, gemm1=g1, gemm2=g2, gate_up="one_dot")
 
 
