@@ -134,18 +134,19 @@ def cases_gpu2(backend: str) -> list[PCase]:
 
 @dataclass(frozen=True)
 class Suite:
-    """Cases to run on every rank, and checks (run first) that return failure messages. Pass module-level
-    functions: a Suite given to spawn_suite is pickled into the ranks."""
+    """Cases to run on every rank (from the backend's name), and checks (run first, with the device and the
+    backend) that return failure messages. Pass module-level functions: a Suite given to spawn_suite is
+    pickled into the ranks."""
 
     cases: Callable[[str], list[PCase]]
-    checks: Callable[[torch.device], list[str]] | None = None
+    checks: Callable[[torch.device, str], list[str]] | None = None
 
 
 def _world4_cases(backend: str) -> list[PCase]:
     return cases_world4()
 
 
-def _world4_checks(device: torch.device) -> list[str]:
+def _world4_checks(device: torch.device, backend: str) -> list[str]:
     return _bad_distributed_configs(device)
 
 
@@ -306,7 +307,7 @@ def _worker(rank: int, world: int, suite: str | Suite, backend: str, dist_backen
                 return
         spec = SUITES[suite] if isinstance(suite, str) else suite
         if spec.checks is not None:
-            report["failures"] += spec.checks(device)
+            report["failures"] += spec.checks(device, backend)
         configs: dict = {}
         for case in spec.cases(backend):
             try:
@@ -407,7 +408,7 @@ def test_expert_maps():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(dispatch="alltoall"), r"ParallelConfig.dispatch: Input should be 'allgather' or 'all_to_all' \(got 'alltoall'\)"),
+    (dict(dispatch="alltoall"), r"ParallelConfig.dispatch: Input should be 'allgather', 'all_to_all' or 'fixed' \(got 'alltoall'\)"),
     (dict(placement="striped"), r"ParallelConfig.placement: Input should be 'contiguous' or 'round_robin' \(got 'striped'\)"),
     (dict(ep_size=0), r"ParallelConfig.ep_size: Input should be greater than or equal to 1 \(got 0\)"),
     (dict(tp_size=-2), r"ParallelConfig.tp_size: Input should be greater than or equal to 1 \(got -2\)"),

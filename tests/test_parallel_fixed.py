@@ -289,12 +289,12 @@ def _other_backends(device: torch.device) -> list[str]:
     return errors
 
 
-def checks_fixed2(device: torch.device) -> list[str]:
+def checks_fixed2(device: torch.device, backend: str) -> list[str]:
     return _refusal(device) + _padding_rows(device) + _no_host_sync(device) + _compiled(device) + \
         _expert_load(device) + _other_backends(device)
 
 
-def checks_fixed4(device: torch.device) -> list[str]:
+def checks_fixed4(device: torch.device, backend: str) -> list[str]:
     return _refusal(device) + _padding_rows(device) + _no_host_sync(device) + _expert_load(device)
 
 
