@@ -283,7 +283,9 @@ def _other_backends(device: torch.device) -> list[str]:
         if not moe.get_backend(b).is_available()[0]:
             continue
         try:
-            run_case(case, b, device, {})
+            skipped = run_case(case, b, device, {})
+            if skipped:
+                errors.append(f"{b}: the fixed case was skipped ({skipped})")
         except Exception:
             errors.append(f"{b}: {traceback.format_exc(limit=-3)}")
     return errors

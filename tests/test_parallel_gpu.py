@@ -102,7 +102,8 @@ def _graph_replay(device: torch.device, backend: str, quant: str) -> list[str]:
             layer(x_in, logits_in)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
+    # thread_local: NCCL's watchdog thread may query events of earlier work while this thread captures
+    with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = layer(x_in, logits_in)
     errors = []
     for round_, routing in enumerate(("random", "first_rank", "random"), start=1):
@@ -115,7 +116,7 @@ def _graph_replay(device: torch.device, backend: str, quant: str) -> list[str]:
         replayed_load = layer.expert_load - before
         with torch.no_grad():
             eager = layer(x, logits)
-            _, ids = single.select_experts(x, logits)
+            ids = single.select_experts(x, logits)[1] if t else torch.empty(0, _SHAPE["k"], device=device)
             ref = single(fp8_round_trip(x) if quant == "fp8" else x, logits) if t else eager
         torch.cuda.synchronize()
         what = f"rank {dist.get_rank()}, {backend}, dispatch_quant={quant}, replay {round_} ({routing}, T={t})"
