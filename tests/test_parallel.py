@@ -15,6 +15,7 @@ import json
 import re
 import traceback
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 import moe
 from moe.contract import ExpertsProblem
@@ -46,7 +48,9 @@ class PCase:
     N: int = 16
     k: int = 2
     activation: str = "silu"
-    routing: str = "random"  # random | skewed (every token's first choice is the last expert) | grouped
+    # random | skewed (every token's first choice is the last expert) | grouped
+    # | first_rank (every choice among the first E // ep experts: all pairs to one EP rank, contiguous placement)
+    routing: str = "random"
     bias: bool = False
     shared: bool = False
     gate: bool = False
@@ -54,6 +58,8 @@ class PCase:
     loader: str = "fused"  # fused | per_expert
     batched: bool = False  # pass [1, T, K] instead of [T, K]
     dtype: str = "float32"
+    capacity: int | None = None  # dispatch="fixed"
+    dispatch_quant: str = "none"
 
     def __str__(self) -> str:
         default = PCase(ep=1)
@@ -126,7 +132,25 @@ def cases_gpu2(backend: str) -> list[PCase]:
     return out
 
 
-SUITES = {"cpu2": cases_world2, "cpu4": lambda backend: cases_world4(), "gpu2": cases_gpu2}
+@dataclass(frozen=True)
+class Suite:
+    """Cases to run on every rank (from the backend's name), and checks (run first, with the device and the
+    backend) that return failure messages. Pass module-level functions: a Suite given to spawn_suite is
+    pickled into the ranks."""
+
+    cases: Callable[[str], list[PCase]]
+    checks: Callable[[torch.device, str], list[str]] | None = None
+
+
+def _world4_cases(backend: str) -> list[PCase]:
+    return cases_world4()
+
+
+def _world4_checks(device: torch.device, backend: str) -> list[str]:
+    return _bad_distributed_configs(device)
+
+
+SUITES = {"cpu2": Suite(cases_world2), "cpu4": Suite(_world4_cases, _world4_checks), "gpu2": Suite(cases_gpu2)}
 
 
 # ------------------------------------------------------------------------------------- one case
@@ -193,6 +217,8 @@ def _tokens(case: PCase, ep_rank: int, device: torch.device) -> tuple[torch.Tens
     logits = torch.randn(t, case.E, generator=g)
     if case.routing == "skewed":
         logits[:, -1] += 20.0  # every token's first choice: the last expert
+    elif case.routing == "first_rank":
+        logits[:, : case.E // case.ep] += 20.0  # every choice among EP rank 0's experts
     return x.to(device, _DTYPES[case.dtype]), logits.to(device)
 
 
@@ -219,7 +245,8 @@ def run_case(case: PCase, backend: str, device: torch.device, configs: dict) -> 
         configs[case.ep, case.tp] = ParallelConfig.from_world(case.ep, case.tp)
     base = configs[case.ep, case.tp]
     parallel = ParallelConfig(ep_size=case.ep, tp_size=case.tp, placement=case.placement, dispatch=case.dispatch,
-                              ep_group=base.ep_group, tp_group=base.tp_group)
+                              capacity=case.capacity, dispatch_quant=case.dispatch_quant, ep_group=base.ep_group,
+                              tp_group=base.tp_group)
     ep_rank = rank // case.tp
     single = _single_rank_layer(case, device)
     shared = copy.deepcopy(single.shared_experts)
@@ -243,7 +270,8 @@ def run_case(case: PCase, backend: str, device: torch.device, configs: dict) -> 
         out = layer(xin, None if case.gate else logits)  # every collective happens here
         decision = moe.last_decision()
         # (the single-rank layer's grouped_topk cannot route 0 tokens: its output is empty anyway)
-        ref = copy.deepcopy(single).double()(x.double(), logits.double()) if len(x) else x.double()
+        xref = fp8_round_trip(x) if case.dispatch_quant == "fp8" else x  # what the experts receive
+        ref = copy.deepcopy(single).double()(xref.double(), logits.double()) if len(x) else x.double()
     if out.shape != xin.shape:
         raise AssertionError(f"rank {rank}: output shape {tuple(out.shape)} != input shape {tuple(xin.shape)}")
     assert_close(out.reshape(x.shape), ref, dtype=_DTYPES[case.dtype], what=f"rank {rank}")
@@ -252,8 +280,17 @@ def run_case(case: PCase, backend: str, device: torch.device, configs: dict) -> 
     return ""
 
 
+def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as FP8 dispatch delivers it: per-token float8_e4m3fn, dequantized to x's dtype."""
+    from moe.quant import ActivationScheme
+    from moe.quant.activations import dequantize_activations, quantize_activations
+
+    scheme = ActivationScheme(format="fp8", granularity="token")
+    return dequantize_activations(*quantize_activations(x, scheme), scheme, x.dtype)
+
+
 # ----------------------------------------------------------------------------------- processes
-def _worker(rank: int, world: int, suite: str, backend: str, dist_backend: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, suite: str | Suite, backend: str, dist_backend: str, out_dir: str) -> None:
     device = torch.device("cpu")
     if dist_backend == "nccl":
         torch.cuda.set_device(rank)
@@ -268,10 +305,11 @@ def _worker(rank: int, world: int, suite: str, backend: str, dist_backend: str, 
             if not ok:
                 report["unavailable"] = reason
                 return
-        if suite == "cpu4":
-            report["failures"] += _bad_distributed_configs(device)
+        spec = SUITES[suite] if isinstance(suite, str) else suite
+        if spec.checks is not None:
+            report["failures"] += spec.checks(device, backend)
         configs: dict = {}
-        for case in SUITES[suite](backend):
+        for case in spec.cases(backend):
             try:
                 skip = run_case(case, backend, device, configs)
                 report["skipped" if skip else "ran_cases"].append(f"{case}: {skip}" if skip else str(case))
@@ -314,13 +352,13 @@ def _bad_distributed_configs(device: torch.device) -> list[str]:
     return errors
 
 
-def spawn_suite(world: int, suite: str, backend: str, dist_backend: str, tmp_path: Path) -> None:
+def spawn_suite(world: int, suite: str | Suite, backend: str, dist_backend: str, tmp_path: Path) -> None:
     """Run ``suite`` on ``world`` spawned ranks; fail with every failing case, skip if ``backend`` is
     unavailable there."""
     crash = ""
     try:
         mp.spawn(_worker, args=(world, suite, backend, dist_backend, str(tmp_path)), nprocs=world, join=True)
-    except mp.ProcessException as e:  # a failed case can leave the ranks' collectives out of step
+    except ProcessException as e:  # a failed case can leave the ranks' collectives out of step
         crash = f"\nthe process group crashed: {e}"
     paths = [Path(tmp_path, f"rank{r}.json") for r in range(world)]
     reports = [json.loads(p.read_text()) if p.exists() else {"failures": [], "ran_cases": [], "skipped": [], "unavailable": ""} for p in paths]
@@ -370,7 +408,7 @@ def test_expert_maps():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(dispatch="alltoall"), r"ParallelConfig.dispatch: Input should be 'allgather' or 'all_to_all' \(got 'alltoall'\)"),
+    (dict(dispatch="alltoall"), r"ParallelConfig.dispatch: Input should be 'allgather', 'all_to_all' or 'fixed' \(got 'alltoall'\)"),
     (dict(placement="striped"), r"ParallelConfig.placement: Input should be 'contiguous' or 'round_robin' \(got 'striped'\)"),
     (dict(ep_size=0), r"ParallelConfig.ep_size: Input should be greater than or equal to 1 \(got 0\)"),
     (dict(tp_size=-2), r"ParallelConfig.tp_size: Input should be greater than or equal to 1 \(got -2\)"),

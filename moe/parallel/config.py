@@ -18,10 +18,11 @@ from torch.distributed import ProcessGroup
 
 from ..frozen import Frozen
 
-__all__ = ["DispatchName", "ParallelConfig", "ParallelRanks", "Placement"]
+__all__ = ["DispatchName", "DispatchQuant", "ParallelConfig", "ParallelRanks", "Placement"]
 
 Placement = Literal["contiguous", "round_robin"]
-DispatchName = Literal["allgather", "all_to_all"]
+DispatchName = Literal["allgather", "all_to_all", "fixed"]
+DispatchQuant = Literal["none", "fp8"]
 
 
 class ParallelConfig(Frozen):
@@ -32,8 +33,15 @@ class ParallelConfig(Frozen):
       expert ``e`` lives on EP rank ``e % ep_size``. Every rank must hold at least one expert.
     - ``tp_size``: ranks each expert's intermediate dim is split over; it must divide ``intermediate_size``.
     - ``placement``: ``contiguous`` (blocks of consecutive experts) or ``round_robin``.
-    - ``dispatch``: ``allgather`` (gather every token, reduce-scatter the partial outputs) or
-      ``all_to_all`` (send each token only to the ranks that own one of its experts).
+    - ``dispatch``: ``allgather`` (gather every token, reduce-scatter the partial outputs),
+      ``all_to_all`` (send each token only to the ranks that own one of its experts), or ``fixed``
+      (``allgather`` of fixed blocks of ``capacity`` rows: no host synchronization, so the forward can be
+      captured in a CUDA graph and compiled with ``fullgraph=True``).
+    - ``capacity``: ``fixed`` only, and required there: the most tokens one rank passes to a forward (the
+      largest batch the engine captures). A forward with more is refused before anything launches; the
+      receive buffers hold ``ep_size * capacity`` rows.
+    - ``dispatch_quant``: ``fixed`` only: ``fp8`` sends the tokens as float8_e4m3fn with one fp32 scale
+      per token (dequantized on receipt), ``none`` (the default) in the activation dtype.
     - ``ep_group`` / ``tp_group``: the process groups; ``None`` means the default (world) group when
       that size equals the world size, or no group when the size is 1. For ``ep_size > 1`` and
       ``tp_size > 1`` together, pass both or use :meth:`from_world`.
@@ -45,8 +53,24 @@ class ParallelConfig(Frozen):
     tp_size: int = Field(1, ge=1)
     placement: Placement = "contiguous"
     dispatch: DispatchName = "allgather"
+    capacity: int | None = Field(None, ge=1)
+    dispatch_quant: DispatchQuant = "none"
     ep_group: ProcessGroup | None = None
     tp_group: ProcessGroup | None = None
+
+    @model_validator(mode="after")
+    def _check_capacity(self) -> ParallelConfig:
+        fixed = self.dispatch == "fixed"
+        if fixed and self.capacity is None:
+            raise ValueError("dispatch='fixed' needs capacity, the most tokens one rank passes to a forward "
+                             "(e.g. the largest batch the engine captures); got capacity=None")
+        if not fixed and self.capacity is not None:
+            raise ValueError(f"capacity={self.capacity} sizes the buffers of dispatch='fixed' only, but "
+                             f"dispatch={self.dispatch!r}; drop capacity or use dispatch='fixed'")
+        if not fixed and self.dispatch_quant != "none":
+            raise ValueError(f"dispatch_quant={self.dispatch_quant!r} is implemented for dispatch='fixed' only, "
+                             f"but dispatch={self.dispatch!r}; use dispatch_quant='none' or dispatch='fixed'")
+        return self
 
     @model_validator(mode="after")
     def _check_groups(self) -> ParallelConfig:
@@ -70,10 +94,12 @@ class ParallelConfig(Frozen):
         *,
         placement: Placement = "contiguous",
         dispatch: DispatchName = "allgather",
+        capacity: int | None = None,
+        dispatch_quant: DispatchQuant = "none",
     ) -> ParallelConfig:
         """Split the default group: TP groups of ``tp_size`` consecutive ranks, EP groups across them.
-        ``ep_size`` defaults to ``world // tp_size``. Collective: every rank must call it, in the same
-        order, once per layout (not once per layer)."""
+        ``ep_size`` defaults to ``world // tp_size``; the other arguments are the fields of the same names.
+        Collective: every rank must call it, in the same order, once per layout (not once per layer)."""
         world = _world_size("ParallelConfig.from_world")
         if tp_size < 1 or world % tp_size:
             raise ValueError(f"tp_size={tp_size} must be >= 1 and divide the world size {world}")
@@ -86,8 +112,8 @@ class ParallelConfig(Frozen):
         tp_ranks = [[e * tp_size + t for t in range(tp_size)] for e in range(ep_size)]
         ep_ranks = [[e * tp_size + t for e in range(ep_size)] for t in range(tp_size)]
         return cls(
-            ep_size=ep_size, tp_size=tp_size, placement=placement, dispatch=dispatch,
-            ep_group=_subgroup(ep_ranks, world), tp_group=_subgroup(tp_ranks, world),
+            ep_size=ep_size, tp_size=tp_size, placement=placement, dispatch=dispatch, capacity=capacity,
+            dispatch_quant=dispatch_quant, ep_group=_subgroup(ep_ranks, world), tp_group=_subgroup(tp_ranks, world),
         )
 
     def check_layer(self, num_experts: int, intermediate_size: int) -> None:

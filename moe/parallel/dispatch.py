@@ -13,6 +13,7 @@ strategies accept any number of tokens per rank (0 included) and any routing.
   reverse all-to-all and the home rank sums the partials in fp32.
 
 Both read the sizes on the host (one device synchronization per call): the collectives need them.
+``FixedCapacityDispatch`` (fixed.py) reads none, at the cost of buffers sized for the worst case.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from ..layer import FusedMoE, ShardId
 from ..quant import QuantConfig
 from .config import ParallelConfig
 from .dispatch import AllGatherDispatch, AllToAllDispatch, Dispatch
+from .fixed import FixedCapacityDispatch, check_capacity
 from .placement import expert_map, expert_owners
 
 __all__ = ["ParallelFusedMoE"]
@@ -44,6 +45,12 @@ class ParallelFusedMoE(FusedMoE):
     Every rank of an EP group passes its own tokens (T may differ, or be 0); the ranks of a TP group
     pass identical tokens. Each rank gets the single-rank layer's output for its tokens. Load weights
     with the checkpoint's full shapes: the loaders keep this rank's experts and slice.
+
+    ``expert_load=True`` keeps ``self.expert_load``, [E] int64 on the layer's device: the (token, slot)
+    pairs this rank's tokens routed to each global expert, added up over every forward until the caller
+    zeroes it (``layer.expert_load.zero_()``). It is updated on the device (no synchronization, CUDA-graph
+    safe); sum it over the EP group (``dist.all_reduce(load, group=layer.ranks.ep_group)``) for the
+    layer's load when rebalancing.
     """
 
     def __init__(
@@ -54,6 +61,7 @@ class ParallelFusedMoE(FusedMoE):
         intermediate_size: int,
         *,
         parallel: ParallelConfig,
+        expert_load: bool = False,
         **kwargs: Any,
     ) -> None:
         if not isinstance(parallel, ParallelConfig):
@@ -72,15 +80,29 @@ class ParallelFusedMoE(FusedMoE):
         self.parallel = parallel
         self.ranks = ranks
         self.global_intermediate_size = intermediate_size
-        self.dispatcher: Dispatch | None = None
-        if ranks.ep_group is not None:
-            if parallel.dispatch == "allgather":
-                self.dispatcher = AllGatherDispatch(ranks.ep_group)
-            else:
-                owners = expert_owners(num_experts, ranks.ep_size, parallel.placement)
-                self.dispatcher = AllToAllDispatch(ranks.ep_group, owners)
+        self.dispatcher: Dispatch | None = self._make_dispatcher()
+        load = torch.zeros(num_experts, dtype=torch.int64, device=self.w13_weight.device) if expert_load else None
+        self.register_buffer("expert_load", load, persistent=False)
+
+    def _make_dispatcher(self) -> Dispatch | None:
+        parallel, group = self.parallel, self.ranks.ep_group
+        if group is None:
+            return None
+        if parallel.dispatch == "allgather":
+            return AllGatherDispatch(group)
+        if parallel.dispatch == "fixed":
+            return FixedCapacityDispatch(group, parallel.capacity, self.expert_map, parallel.dispatch_quant)  # type: ignore[arg-type]
+        owners = expert_owners(self.config.num_experts, self.ranks.ep_size, parallel.placement)
+        return AllToAllDispatch(group, owners)
 
     # ---------------------------------------------------------------------------------- forward
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """As ``FusedMoE.forward``; collective. With ``dispatch='fixed'`` more than ``capacity`` tokens are
+        refused here, before anything launches."""
+        if self.parallel.capacity is not None and hidden_states.dim() > 1:
+            check_capacity(hidden_states.shape[:-1].numel(), self.parallel.capacity)
+        return super().forward(hidden_states, router_logits)
+
     def select_experts(
         self, x: torch.Tensor, router_logits: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +115,11 @@ class ParallelFusedMoE(FusedMoE):
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The routed experts for this rank's tokens [T, K]: dispatch, local experts, combine, and the
         TP all-reduce. Collective: every rank of the EP and TP groups must call it."""
+        if self.parallel.capacity is not None:
+            check_capacity(x.shape[0], self.parallel.capacity)
+        if self.expert_load is not None:
+            flat = ids.reshape(-1).long()
+            self.expert_load.scatter_add_(0, flat, torch.ones_like(flat))
         if self.dispatcher is None:
             y = super().experts(x, weights, ids)
         else:
@@ -173,8 +200,15 @@ class ParallelFusedMoE(FusedMoE):
     def extra_repr(self) -> str:
         r = self.ranks
         return (f"{super().extra_repr()}, ep={r.ep_rank}/{r.ep_size} ({self.parallel.placement}, "
-                f"{self.parallel.dispatch}), tp={r.tp_rank}/{r.tp_size} (intermediate {self.config.intermediate_size} "
+                f"{self._dispatch_repr()}), tp={r.tp_rank}/{r.tp_size} (intermediate {self.config.intermediate_size} "
                 f"of {self.global_intermediate_size})")
+
+
+    def _dispatch_repr(self) -> str:
+        p = self.parallel
+        if p.dispatch != "fixed":
+            return p.dispatch
+        return f"fixed, capacity {p.capacity}" + (", fp8" if p.dispatch_quant == "fp8" else "")
 
 
 def _check_tp_blocks(quant: QuantConfig, tp_size: int, intermediate_size: int) -> None:
