@@ -137,7 +137,7 @@ def check_g_idx(g_idx: torch.Tensor | None, group: int, at: str, field: str) -> 
     moe's int4 kernels read the scale of feature i at group i // group."""
     if g_idx is None:
         return
-    want = torch.arange(g_idx.numel(), dtype=torch.int64) // group
+    want = torch.arange(g_idx.numel(), dtype=torch.int64, device=g_idx.device) // group
     got = g_idx.reshape(-1).to(torch.int64)
     if not torch.equal(got, want):
         i = int((got != want).nonzero()[0])

@@ -334,18 +334,17 @@ def load_experts(layer: FusedMoE, source: Source, prefix: str, *,
         fix = "bias=True" if biased else "bias=False"
         raise CheckpointError(f"load_experts: {prefix}: the layer {have} but the checkpoint's experts "
                               f"{'have' if biased else 'have none'} ({enc.describe()}); build it with {fix}")
-    if enc.codec is not None:
-        tensors, coded = load_coded(layer, src, naming, enc.codec, sl)
-        if device is not None:
-            tensors = {k: v.to(device) for k, v in tensors.items()}
-        layer.swap_expert_tensors_(tensors)
-        info = CheckpointInfo(fmt, naming, enc, None, None, coded)
-        layer.checkpoint_info = info
-        return info
-    t = _empty(layer, enc, sl)
-    dtypes: dict[str, torch.dtype] = {}
-    for local, e in enumerate(sl.experts):
-        dtypes |= _fill_expert(t, src, naming, enc, sl, local, e)
+    with torch.device(device if device is not None else "cpu"):  # temporaries where the layer's tensors go
+        if enc.codec is not None:
+            tensors, coded = load_coded(layer, src, naming, enc.codec, sl)
+            layer.swap_expert_tensors_(tensors)
+            info = CheckpointInfo(fmt, naming, enc, None, None, coded)
+            layer.checkpoint_info = info
+            return info
+        t = _empty(layer, enc, sl)
+        dtypes: dict[str, torch.dtype] = {}
+        for local, e in enumerate(sl.experts):
+            dtypes |= _fill_expert(t, src, naming, enc, sl, local, e)
     moved = {k: v.to(device) for k, v in t.tensors().items()} if device is not None else t.tensors()
     parts = t.i13.to(device) if device is not None and t.i13 is not None else t.i13
     layer.swap_expert_tensors_(moved, w13_input_parts=parts)
