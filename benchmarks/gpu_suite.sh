@@ -45,9 +45,9 @@ if [[ $parts == *,hf,* ]]; then
   timeout 240 python3 benchmarks/hf_gpu.py --out "$OUT/hf.json" > "$OUT/hf.txt" 2>&1; echo "hf rc=$?"
   tail -10 "$OUT/hf.txt"
 fi
-if [[ $parts == *,hfquant,* ]]; then  # one model a command: each generates tens of GB of experts on the card
-  for m in dsv3_fp8 gptoss_mxfp4; do
-    timeout 540 python3 benchmarks/hf_quant_models.py --models "$m" --out "$OUT/hfquant_$m.json" \
+if [[ $parts == *,hfquant,* ]]; then  # each model generates tens of GB of experts on the card
+  for m in ${HFQUANT_MODELS:-dsv3_fp8 gptoss_mxfp4}; do  # HFQUANT_MODELS=dsv3_fp8: one a command
+    timeout "${HFQUANT_TIMEOUT:-280}" python3 benchmarks/hf_quant_models.py --models "$m" --out "$OUT/hfquant_$m.json" \
       > "$OUT/hfquant_$m.txt" 2>&1; echo "hfquant $m rc=$?"; tail -8 "$OUT/hfquant_$m.txt"
   done
 fi
