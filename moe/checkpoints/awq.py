@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .base import CheckpointFormat, Encoding, matches_module, register_format
-from .codec import FLOATS, Codec, Decoded, Dim, Part, check_finite, int4_quant
+from .codec import FLOATS, At, Codec, Decoded, Dim, Part, check_finite, int4_quant
 from .packing import pack_int32, pack_nibbles, unpack_int32, unpack_nibbles
 from .source import CheckpointError
 
@@ -52,7 +52,7 @@ class AWQCodec(Codec):
                     f"[{rows}, {cols}] projection; moe's int4 groups must tile the input features")
         return None
 
-    def decode(self, t: dict[str, torch.Tensor], rows: int, cols: int, at) -> Decoded:
+    def decode(self, t: dict[str, torch.Tensor], rows: int, cols: int, at: At) -> Decoded:
         check_finite(t["scales"], at("scales"))
         codes = unpack_int32(t["qweight"], 4, dim=1, order=AWQ_ORDER).T  # [out, in]
         zeros = unpack_int32(t["qzeros"], 4, dim=1, order=AWQ_ORDER).T  # [out, groups]

@@ -20,7 +20,7 @@ import torch
 from ..quant import QuantConfig, WeightScheme
 from .source import CheckpointError
 
-__all__ = ["FLOATS", "Codec", "Decoded", "Dim", "Part", "check_constant", "check_finite", "check_g_idx",
+__all__ = ["FLOATS", "At", "Codec", "Decoded", "Dim", "Part", "check_constant", "check_finite", "check_g_idx",
            "dtype_names", "int4_quant"]
 
 Axis = Literal["out", "in"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .codec import FLOATS, Codec, Decoded, Dim, Part, check_finite, check_g_idx, int4_quant
+from .codec import FLOATS, At, Codec, Decoded, Dim, Part, check_finite, check_g_idx, int4_quant
 from .packing import pack_int32, pack_nibbles, unpack_int32, unpack_nibbles
 from .source import CheckpointError
 
@@ -70,7 +70,7 @@ class PackedCodec(Codec):
                                   "compressed-tensors pads the last int32 with zeros")
         return codes.narrow(dim, 0, size)
 
-    def decode(self, t: dict[str, torch.Tensor], rows: int, cols: int, at) -> Decoded:
+    def decode(self, t: dict[str, torch.Tensor], rows: int, cols: int, at: At) -> Decoded:
         check_g_idx(t.get("weight_g_idx"), self.group or cols, at("weight_g_idx"), f"{self.config}.weights.actorder")
         check_finite(t["weight_scale"], at("weight_scale"))
         codes = self._codes(t["weight_packed"], 1, cols, at("weight_packed"))  # [out, in], offset

@@ -26,6 +26,7 @@ import torch
 from .base import CheckpointFormat, Encoding, matches_module, register_format
 from .codec import (
     FLOATS,
+    At,
     Codec,
     Decoded,
     Dim,
@@ -80,7 +81,7 @@ class GPTQCodec(Codec):
     def _zero(self) -> int:
         return 1 << (self.bits - 1)  # the symmetric zero point: 8 or 128
 
-    def decode(self, t: dict[str, torch.Tensor], rows: int, cols: int, at) -> Decoded:
+    def decode(self, t: dict[str, torch.Tensor], rows: int, cols: int, at: At) -> Decoded:
         check_g_idx(t.get("g_idx"), self.group if self.group > 0 else cols, at("g_idx"), f"{self.config}.desc_act")
         codes = unpack_int32(t["qweight"], self.bits, dim=0).T  # [out, in]
         zeros = unpack_int32(t["qzeros"], self.bits, dim=1).T + int(self.v1)  # [out, groups]

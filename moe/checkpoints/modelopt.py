@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .base import CheckpointFormat, Encoding, matches_module, register_format
-from .codec import Codec, Decoded, Dim, Part, check_finite
+from .codec import At, Codec, Decoded, Dim, Part, check_finite
 from .source import CheckpointError
 
 __all__ = ["ModelOptNVFP4", "NVFP4Codec"]
@@ -46,7 +46,7 @@ class NVFP4Codec(Codec):
                     f"{GROUP}")
         return None
 
-    def decode(self, t: dict[str, torch.Tensor], rows: int, cols: int, at) -> Decoded:
+    def decode(self, t: dict[str, torch.Tensor], rows: int, cols: int, at: At) -> Decoded:
         check_finite(t["weight_scale"], at("weight_scale"), positive=False)
         check_finite(t["weight_scale_2"], at("weight_scale_2"))
         return Decoded(t["weight"].contiguous(), t["weight_scale"].contiguous(), global_scale=t["weight_scale_2"])

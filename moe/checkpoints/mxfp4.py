@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import CheckpointFormat, Encoding, matches_module, register_format
-from .codec import FLOATS, Codec, Decoded, Dim, Part
+from .codec import FLOATS, At, Codec, Decoded, Dim, Part
 from .source import CheckpointError
 
 __all__ = ["GptOssMXFP4", "MXFP4Codec"]
@@ -47,7 +47,7 @@ class MXFP4Codec(Codec):
                     f"{BLOCK}")
         return None
 
-    def decode(self, t: dict[str, torch.Tensor], rows: int, cols: int, at) -> Decoded:
+    def decode(self, t: dict[str, torch.Tensor], rows: int, cols: int, at: At) -> Decoded:
         return Decoded(t["blocks"].reshape(rows, cols // 2).contiguous(), t["scales"].contiguous(), bias=t["bias"])
 
     def encode(self, d: Decoded, rows: int, cols: int, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
