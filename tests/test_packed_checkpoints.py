@@ -460,3 +460,19 @@ def test_compressed_tensors_padding_must_be_zero():
     bad[key][0, -1] |= 0x7 << 28
     with pytest.raises(CheckpointError, match=rf"state dict: tensor {key} has non-zero padding codes past element 36"):
         load_experts(layer, bad, PREFIX, quantization_config=packed.config)
+
+
+def test_shared_experts_load_through_the_same_codecs():
+    """A dense MLP (DeepSeek's shared experts) in GPTQ v1: a QuantizedMLP with the format's values, exported
+    as it was stored."""
+    from moe.checkpoints import load_mlp
+
+    stored = pf.gptq("x", 1, K, N, seed=7)
+    prefix = "model.layers.1.mlp.shared_experts"
+    tensors = {k.replace("x.0.", f"{prefix}."): v for k, v in stored.tensors.items()}
+    mlp, info = load_mlp(tensors, prefix, K, N, quantization_config=stored.config)
+    assert info.naming.style == "dense" and mlp.mlp._quant_key == stored.quant
+    w13, w2 = _values(mlp.mlp)
+    assert torch.equal(w13[0], torch.cat([stored.values[0, 0], stored.values[0, 1]]))
+    assert torch.equal(w2[0], stored.values[0, 2])
+    _assert_bit_equal(export_experts(mlp.mlp), tensors)
