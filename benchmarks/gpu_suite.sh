@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call: GPU tests (in parts), the benchmark, the HF and expert-parallel benchmarks; full results
 # under $OUT, short tables last.  On the GPU machine (repo root, wheels carried in .whl/):
-#   PARTS=tests,host,bench,untuned,hf,parallel TESTS=triton,torch_grouped,routing,rest bash benchmarks/gpu_suite.sh [presets] [ms]
+#   PARTS=tests,host,bench,untuned,hf,hfquant,parallel TESTS=triton,torch_grouped,routing,rest bash benchmarks/gpu_suite.sh [presets] [ms]
 # TESTS picks the GPU test parts (each fits one 10-minute command); TEST_TIMEOUT bounds each part.
 set -uo pipefail
 S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -44,6 +44,12 @@ fi
 if [[ $parts == *,hf,* ]]; then
   timeout 240 python3 benchmarks/hf_gpu.py --out "$OUT/hf.json" > "$OUT/hf.txt" 2>&1; echo "hf rc=$?"
   tail -10 "$OUT/hf.txt"
+fi
+if [[ $parts == *,hfquant,* ]]; then  # each model generates tens of GB of experts on the card
+  for m in ${HFQUANT_MODELS:-dsv3_fp8 gptoss_mxfp4}; do  # HFQUANT_MODELS=dsv3_fp8: one a command
+    timeout "${HFQUANT_TIMEOUT:-280}" python3 benchmarks/hf_quant_models.py --models "$m" --out "$OUT/hfquant_$m.json" \
+      > "$OUT/hfquant_$m.txt" 2>&1; echo "hfquant $m rc=$?"; tail -8 "$OUT/hfquant_$m.txt"
+  done
 fi
 if [[ $parts == *,host,* ]]; then
   timeout 240 python3 benchmarks/host_overhead.py > "$OUT/host.txt" 2>&1; echo "host rc=$?"; tail -8 "$OUT/host.txt"

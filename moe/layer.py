@@ -566,21 +566,30 @@ class FusedMoE(nn.Module):
         ...) and its tensor must have that parameter's shape and dtype. Everything is checked before anything
         changes, so a refused call leaves the layer as it was. Parameters on a real device are copied into in
         place; parameters on the meta device (a layer built to be loaded) become new parameters on the
-        tensors' device. ``w13_input_parts`` ([E_local, 2]) are the w1 and w3 input scales behind
-        ``w13_input_scale`` (their max), kept for export."""
+        tensors' device. int4 scales may come in another dtype int4 stores (bf16, fp16, fp32: a GPTQ
+        checkpoint's fp16 scales in a bf16 layer), which then replaces the parameter's. ``w13_input_parts``
+        ([E_local, 2]) are the w1 and w3 input scales behind ``w13_input_scale`` (their max), kept for export."""
+        retyped = set()  # int4 scales in another dtype the scheme stores (a checkpoint's fp16 in a bf16 layer)
         for name, t in tensors.items():
             dst = getattr(self, name, None) if name in self._parameters else None
             if dst is None:
                 raise ValueError(f"swap_expert_tensors_: {name} is not a parameter of this FusedMoE; parameters: "
                                  f"{', '.join(n for n, p in self._parameters.items() if p is not None)}")
-            if tuple(t.shape) != tuple(dst.shape) or t.dtype != dst.dtype:
+            scheme = self.config.quant.weights
+            if (name.endswith("_weight_scale") and t.dtype != dst.dtype and scheme is not None
+                    and scheme.format == "int4" and t.dtype in scale_dtypes(scheme)):
+                retyped.add(name)
+            elif tuple(t.shape) != tuple(dst.shape) or t.dtype != dst.dtype:
                 raise ValueError(f"swap_expert_tensors_: {name} must be {tuple(dst.shape)} {dst.dtype}, got "
                                  f"{tuple(t.shape)} {t.dtype}")
+            if tuple(t.shape) != tuple(dst.shape):
+                raise ValueError(f"swap_expert_tensors_: {name} must have shape {tuple(dst.shape)}, got "
+                                 f"{tuple(t.shape)}")
         self._prepared.release()
         for name, t in tensors.items():
             dst = self._parameters[name]
-            if dst.is_meta:
-                self._parameters[name] = _frozen(t)
+            if dst.is_meta or name in retyped:
+                self._parameters[name] = _frozen(t if dst.is_meta else t.to(dst.device))
             else:
                 dst.copy_(t)
         if w13_input_parts is not None and self._w13_input_parts is not None:

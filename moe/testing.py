@@ -68,8 +68,8 @@ from .registry import get_backend, judge, last_decision
 from .routing import fused_topk
 
 __all__ = ["ACTIVATIONS", "QUANT_NOISE", "TOKEN_COUNTS", "TOLERANCES", "ParityCase", "ParityReport", "assert_close",
-           "check_backend", "experts_float64", "make_inputs", "parity_cases", "quant_shapes",
-           "quantized_inputs", "rel_error", "run_case", "tolerance"]
+           "check_backend", "experts_float64", "make_inputs", "parity_cases", "quant_noise",
+           "quant_shapes", "quantized_inputs", "rel_error", "run_case", "tolerance"]
 
 # Token counts every parity sweep covers: users of other MoE libraries most often report wrong results
 # that appear for one backend at one batch-size bucket only.
@@ -86,6 +86,17 @@ TOLERANCES: dict[tuple[torch.dtype, str], float] = {
 # quantized results against the unquantized float64 oracle: the quantization noise (see above)
 _NOISE = {"int8": 4e-2, "fp8": 1e-1, "int4": 3.5e-1, "mxfp4": 4.5e-1, "nvfp4": 3.5e-1}
 QUANT_NOISE: dict[str, float] = {name: _NOISE[cfg.weights.format] for name, cfg in NAMES.items()}
+
+
+def quant_noise(scheme: str) -> float:
+    """The quantization-noise row of a scheme: a name of ``NAMES``, or a ``QuantConfig`` key (e.g. int4 in
+    groups of 64, read from a GPTQ checkpoint), whose row is its weight format's."""
+    if scheme in QUANT_NOISE:
+        return QUANT_NOISE[scheme]
+    weights = QuantConfig.parse(scheme).weights
+    if weights is None or weights.format not in _NOISE:
+        raise KeyError(f"no quantization-noise row for scheme {scheme!r}; rows: {', '.join(QUANT_NOISE)}")
+    return _NOISE[weights.format]
 
 
 def tolerance(dtype: torch.dtype, scheme: str = "none") -> float:

@@ -329,12 +329,13 @@ def test_ue8m0_scales_must_be_powers_of_two(files):
 
 
 @pytest.mark.parametrize(("config", "match"), [
-    ({"quant_method": "gptq", "bits": 4}, r"quant_method='gptq' is not supported; moe reads compressed-tensors, fp8"),
+    ({"quant_method": "bitsandbytes", "bits": 4},
+     r"quant_method='bitsandbytes' is not supported; moe reads awq, compressed-tensors, fp8, gptq, modelopt, mxfp4"),
     ({**FP8_BLOCK_CONFIG, "weight_block_size": [64, 64]},
      r"weight_block_size=\[64, 64\] is not supported for quant_method 'fp8'; allowed: \[128, 128\]"),
     ({**FP8_BLOCK_CONFIG, "activation_scheme": "static"}, r"activation_scheme='static' is not supported"),
     ({**ct_config("fp8_channel"), "format": "pack-quantized"},
-     r"config_groups.group_0: format 'pack-quantized' is not supported by the W8A8 reader"),
+     r"config_groups.group_0.input_activations=\{.*\}: pack-quantized weights are read as weight-only"),
     ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {
         "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
         "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}}}},

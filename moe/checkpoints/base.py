@@ -6,11 +6,12 @@ projection module (``model.layers.3.mlp.experts.7.gate_proj``), how its weight i
 scale is shaped in the file). The loader does the reading, slicing, checking and conversion for every
 format alike; a format is one small module that subclasses :class:`CheckpointFormat` and is listed by
 :func:`register_format`. Formats whose data is not the canonical storage as it is (packed int4, FP4)
-will add a data codec beside the scale codec below.
+have a data :class:`~moe.checkpoints.codec.Codec` in their encoding instead.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from abc import ABC, abstractmethod
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..quant import NAMES
+from .codec import Codec
 from .source import CheckpointError
 
 __all__ = ["FORMATS", "UNQUANTIZED", "CheckpointFormat", "Encoding", "Unquantized", "matches_module",
@@ -41,7 +43,9 @@ class Encoding:
     (``weight_scale_inv``, ``weight_scale``, ``input_scale``), None when it has none;
     ``power_of_two``: every weight scale must be a power of two (DeepSeek's ``scale_fmt: ue8m0``);
     ``channel_dims``/``tensor_dims``: the stored shape of a per-channel ([out, 1] or [out]) and a
-    per-tensor ([1] or []) scale, which export writes again."""
+    per-tensor ([1] or []) scale, which export writes again; ``codec``: for formats whose data is not the
+    canonical storage as it is (packed int4, GPTQ/AWQ layouts, gpt-oss blocks), how each projection's
+    tensors are stored and converted (``quant`` is then a scheme key, e.g. of int4 in groups of 64)."""
 
     quant: str | None
     scale: str | None = None
@@ -49,6 +53,7 @@ class Encoding:
     power_of_two: bool = False
     channel_dims: int = 2
     tensor_dims: int = 1
+    codec: Codec | None = None
 
     def describe(self) -> str:
         return self.quant or "unquantized"
@@ -68,9 +73,12 @@ class Encoding:
 
 class CheckpointFormat(ABC):
     """A checkpoint format: ``method`` is the ``quant_method`` it reads; ``parse`` builds it from the
-    config (or raises a :class:`CheckpointError` naming the field); ``encoding`` answers per module."""
+    config (or raises a :class:`CheckpointError` naming the field); ``encoding`` answers per module.
+    ``data_suffixes``: the suffixes of a projection's data tensor besides ``weight`` (``qweight``,
+    ``weight_packed``, ``blocks``), by which a layer's experts are found."""
 
     method: ClassVar[str]
+    data_suffixes: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod
@@ -119,10 +127,14 @@ def parse_format(config: Mapping[str, Any] | None, where: str) -> CheckpointForm
 
 def matches_module(name: str, pattern: str) -> bool:
     """Whether a skip-list entry names module ``name``: ``re:REGEX`` matched from the start (compressed-tensors),
-    else the name itself, a prefix of it or a suffix of it, each at a module boundary (``mlp.gate`` names
-    ``model.layers.0.mlp.gate`` but not ``...mlp.gate_proj``)."""
+    a glob with ``*`` (gpt-oss's ``model.layers.*.self_attn``, ModelOpt's exclude lists) matching the name or
+    a prefix of it at a module boundary, else the name itself, a prefix of it or a suffix of it, each at a
+    module boundary (``mlp.gate`` names ``model.layers.0.mlp.gate`` but not ``...mlp.gate_proj``)."""
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
+    if "*" in pattern:
+        parts = name.split(".")
+        return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
     return (name == pattern or name.startswith(pattern + ".") or name.endswith("." + pattern)
             or f".{pattern}." in f".{name}.")
 

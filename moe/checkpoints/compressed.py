@@ -1,12 +1,13 @@
-"""compressed-tensors checkpoints (``quant_method: compressed-tensors``), the W8A8 part:
-``float-quantized`` FP8 and ``int-quantized`` INT8.
+"""compressed-tensors checkpoints (``quant_method: compressed-tensors``): ``float-quantized`` FP8 and
+``int-quantized`` INT8 (W8A8, here), and ``pack-quantized`` weight-only INT4/INT8
+(:mod:`moe.checkpoints.compressed_packed`).
 
 Each projection stores ``weight`` (float8_e4m3fn or int8 [out, in]) and ``weight_scale`` (a multiplier:
 per tensor [1], per channel [out, 1], per block [ceil(out/bn), ceil(in/bk)]); static activation schemes
 add ``input_scale`` [1]. ``config_groups`` say which modules (``targets``: ``Linear``, exact names or
 ``re:`` regexes) use which scheme; ``ignore`` lists modules stored unquantized. The supported
-combinations are the moe schemes of :data:`SCHEMES`; the weight-only ``pack-quantized`` formats belong
-to another module.
+combinations are the moe schemes of :data:`SCHEMES`; a ``pack-quantized`` group is read through its
+codec.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import CheckpointFormat, Encoding, matches_module, register_format
+from .codec import Codec
+from .compressed_packed import parse_packed_group
 from .source import CheckpointError
 
 __all__ = ["SCHEMES", "CompressedTensors"]
 
-FORMATS = ("float-quantized", "int-quantized", "naive-quantized")
+FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")
 
 # (type, weight strategy, weight block, activation strategy, activation group, dynamic) -> moe scheme
 SCHEMES: dict[tuple[str, str, tuple[int, ...] | None, str, int | None, bool], str] = {
@@ -45,11 +48,13 @@ class _Group:
     targets: tuple[str, ...]
     quant: str
     static: bool
+    codec: Codec | None = None
 
 
 @register_format
 class CompressedTensors(CheckpointFormat):
     method = "compressed-tensors"
+    data_suffixes = ("weight_packed",)
 
     def __init__(self, config: Mapping[str, Any], groups: tuple[_Group, ...], ignore: tuple[str, ...]) -> None:
         self.config = dict(config)
@@ -74,6 +79,8 @@ class CompressedTensors(CheckpointFormat):
             return Encoding(None)
         for group in self.groups:
             if any(_targets(module, t) for t in group.targets):
+                if group.codec is not None:
+                    return Encoding(group.quant, codec=group.codec)
                 return Encoding(group.quant, scale="weight_scale", input_scale="input_scale" if group.static else None)
         return Encoding(None)
 
@@ -93,11 +100,13 @@ def _parse_group(name: str, group: Any, fmt: Any, where: str) -> _Group:
         raise CheckpointError(f"{where}: {field} must be a JSON object, got {group!r}")
     fmt = group.get("format") or fmt
     if fmt not in FORMATS:
-        raise CheckpointError(f"{where}: {field}: format {fmt!r} is not supported by the W8A8 reader; supported: "
-                              f"{', '.join(FORMATS)} (packed weight-only formats are another reader's)")
+        raise CheckpointError(f"{where}: {field}: format {fmt!r} is not supported; supported: {', '.join(FORMATS)}")
     w, a = group.get("weights"), group.get("input_activations")
     if not isinstance(w, Mapping):
         raise CheckpointError(f"{where}: {field}.weights must describe the weight scheme, got {w!r}")
+    if fmt == "pack-quantized":
+        codec = parse_packed_group(field, w, a, where)
+        return _Group(name, _parse_targets(group, field, where), codec.quant, False, codec)
     if not isinstance(a, Mapping):
         raise CheckpointError(f"{where}: {field}.input_activations is {a!r}: weight-only schemes are not supported "
                               f"by the W8A8 reader; supported: {'; '.join(_describe(k) for k in SCHEMES)}")
@@ -117,7 +126,11 @@ def _parse_group(name: str, group: Any, fmt: Any, where: str) -> _Group:
     if key not in SCHEMES or a.get("dynamic") == "local":
         raise CheckpointError(f"{where}: {field}: {_describe(key)} is not supported; supported: "
                               f"{'; '.join(_describe(k) for k in SCHEMES)}")
+    return _Group(name, _parse_targets(group, field, where), SCHEMES[key], not key[-1])
+
+
+def _parse_targets(group: Mapping[str, Any], field: str, where: str) -> tuple[str, ...]:
     targets = group.get("targets") or []
     if not isinstance(targets, list) or not targets:
         raise CheckpointError(f"{where}: {field}.targets must list the modules it covers, got {targets!r}")
-    return _Group(name, tuple(targets), SCHEMES[key], not key[-1])
+    return tuple(targets)

@@ -20,10 +20,11 @@ from ..quant import NAMES, scale_shape
 from ..quant.schemes import STORAGE_DTYPES
 from ..validation import FLOAT_DTYPES
 from .base import CheckpointFormat, Encoding, decode_scale, encode_scale, parse_format
+from .coded import Coded, check_sizes, export_coded, load_coded
 from .names import ExpertNaming, find_naming
 from .source import CheckpointError, TensorSource, open_source
 
-__all__ = ["CheckpointInfo", "checkpoint_scheme", "export_experts", "load_experts"]
+__all__ = ["CheckpointInfo", "checkpoint_scheme", "export_experts", "find_experts", "load_experts"]
 
 Source = str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSource
 BLOCK = 128
@@ -36,13 +37,14 @@ def _cdiv(a: int, b: int) -> int:
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What a loaded layer came from, for :func:`export_experts`: the format, the naming, the encoding and
-    the dtypes its scales were stored in."""
+    the dtypes its scales were stored in (``coded``: a codec format's stored dtypes, shapes and kept parts)."""
 
     format: CheckpointFormat
     naming: ExpertNaming
     encoding: Encoding
     scale_dtype: torch.dtype | None
     input_scale_dtype: torch.dtype | None
+    coded: Coded | None = None
 
 
 @dataclass(frozen=True)
@@ -102,15 +104,30 @@ def _open(source: Source, quantization_config: dict[str, Any] | None) -> tuple[T
     return src, parse_format(src.quantization_config, src.config_where)
 
 
-def checkpoint_scheme(source: Source, prefix: str, num_experts: int, *, gated: bool = True,
-                      quantization_config: dict[str, Any] | None = None) -> str | None:
-    """The moe quantization scheme (a name of ``moe.quant.NAMES``, None: float) of the experts under
-    ``prefix`` in a checkpoint: what to build ``FusedMoE(quant=...)`` with before :func:`load_experts`.
-    ``num_experts=1`` looks for a dense MLP (shared experts)."""
+def find_experts(source: Source, prefixes: list[str], expert: int = 0, *, dense: bool = False,
+                 quantization_config: dict[str, Any] | None = None) -> ExpertNaming:
+    """Where the experts are (the first of ``prefixes`` holding ``expert``'s gate data, per expert, fused
+    or dense), looking for the data tensor names of the checkpoint's format."""
     src, fmt = _open(source, quantization_config)
-    naming = find_naming(src, [prefix], 0, dense=num_experts == 1)
+    return find_naming(src, prefixes, expert, dense=dense, suffixes=("weight", *fmt.data_suffixes))
+
+
+def checkpoint_scheme(source: Source, prefix: str, num_experts: int, *, gated: bool = True,
+                      quantization_config: dict[str, Any] | None = None, hidden_size: int | None = None,
+                      intermediate_size: int | None = None) -> str | None:
+    """The moe quantization scheme (a name of ``moe.quant.NAMES`` or, e.g. for int4 in groups of 64, a
+    ``QuantConfig`` key; None: float) of the experts under ``prefix`` in a checkpoint: what to build
+    ``FusedMoE(quant=...)`` with before :func:`load_experts`. ``num_experts=1`` looks for a dense MLP
+    (shared experts). Given the layer's sizes it also checks the format can hold them (a group size that
+    does not divide the input features is an error naming the tensor and the config field)."""
+    src, fmt = _open(source, quantization_config)
+    naming = find_naming(src, [prefix], 0, dense=num_experts == 1, suffixes=("weight", *fmt.data_suffixes))
     sl = _Slice(tuple(range(num_experts)), num_experts, 0, 1, 1, 1, 2 if gated else 1)
-    return _layer_encoding(fmt, naming, sl, src.config_where).quant
+    enc = _layer_encoding(fmt, naming, sl, src.config_where)
+    if enc.codec is not None and hidden_size is not None and intermediate_size is not None:
+        n = intermediate_size
+        check_sizes(enc.codec, src, naming, _Slice((0,), num_experts, 0, n, n, hidden_size, sl.parts), 0)
+    return enc.quant
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -303,20 +320,31 @@ def load_experts(layer: FusedMoE, source: Source, prefix: str, *,
         raise TypeError(f"load_experts: expected a FusedMoE, got {type(layer).__name__}")
     src, fmt = _open(source, quantization_config)
     sl = _slice_of(layer)
-    if layer.w13_bias is not None:
-        raise CheckpointError(f"load_experts: {prefix}: the layer has expert biases, which the quantized-checkpoint "
-                              "loader does not read; build it with bias=False")
-    naming = find_naming(src, [prefix], sl.experts[0], dense=sl.num_experts == 1)
+    naming = find_naming(src, [prefix], sl.experts[0], dense=sl.num_experts == 1,
+                         suffixes=("weight", *fmt.data_suffixes))
     enc = _layer_encoding(fmt, naming, sl, src.config_where)
     if enc.quant != layer._quant_key:
         raise CheckpointError(
             f"{src.config_where}: the experts under {prefix} are {enc.describe()} but the layer is built with "
             f"quant={layer._quant_key!r}; build FusedMoE(..., quant={enc.quant!r}) (moe.checkpoints.checkpoint_scheme "
             "reads it)")
-    t = _empty(layer, enc, sl)
-    dtypes: dict[str, torch.dtype] = {}
-    for local, e in enumerate(sl.experts):
-        dtypes |= _fill_expert(t, src, naming, enc, sl, local, e)
+    biased = enc.codec is not None and enc.codec.has("bias")
+    if (layer.w13_bias is not None) != biased:
+        have = "has expert biases" if layer.w13_bias is not None else "has no expert biases"
+        fix = "bias=True" if biased else "bias=False"
+        raise CheckpointError(f"load_experts: {prefix}: the layer {have} but the checkpoint's experts "
+                              f"{'have' if biased else 'have none'} ({enc.describe()}); build it with {fix}")
+    with torch.device(device if device is not None else "cpu"):  # temporaries where the layer's tensors go
+        if enc.codec is not None:
+            tensors, coded = load_coded(layer, src, naming, enc.codec, sl)
+            layer.swap_expert_tensors_(tensors)
+            info = CheckpointInfo(fmt, naming, enc, None, None, coded)
+            layer.checkpoint_info = info
+            return info
+        t = _empty(layer, enc, sl)
+        dtypes: dict[str, torch.dtype] = {}
+        for local, e in enumerate(sl.experts):
+            dtypes |= _fill_expert(t, src, naming, enc, sl, local, e)
     moved = {k: v.to(device) for k, v in t.tensors().items()} if device is not None else t.tensors()
     parts = t.i13.to(device) if device is not None and t.i13 is not None else t.i13
     layer.swap_expert_tensors_(moved, w13_input_parts=parts)
@@ -384,6 +412,8 @@ def export_experts(layer: FusedMoE) -> dict[str, torch.Tensor]:
     if info.naming.style == "fused" and len(sl.experts) != sl.num_experts:
         raise ValueError(f"export_experts: the fused form holds all {sl.num_experts} experts but this layer holds "
                          f"{len(sl.experts)} (expert parallelism); export from a layer holding every expert")
+    if info.coded is not None:
+        return export_coded(layer, info.naming, info.encoding.codec, info.coded, sl)  # type: ignore[arg-type]
     per_expert = [_expert_tensors(layer, info, sl, local) for local in range(len(sl.experts))]
     if info.naming.style == "fused":
         return _fused(per_expert, info.naming, sl)

@@ -60,14 +60,17 @@ def _candidates(prefix: str, expert: int, dense: bool) -> list[ExpertNaming]:
             ExpertNaming(prefix, "fused", _FUSED)]
 
 
-def find_naming(src: TensorSource, prefixes: Sequence[str], expert: int, *, dense: bool = False) -> ExpertNaming:
-    """The first naming under ``prefixes`` whose gate weight of ``expert`` is in ``src``."""
+def find_naming(src: TensorSource, prefixes: Sequence[str], expert: int, *, dense: bool = False,
+                suffixes: Sequence[str] = ("weight",)) -> ExpertNaming:
+    """The first naming under ``prefixes`` whose gate data of ``expert`` (a tensor of one of ``suffixes``:
+    ``weight``, or a format's own such as GPTQ's ``qweight``) is in ``src``."""
     tried = []
     for prefix in prefixes:
         for naming in _candidates(prefix, expert, dense):
-            key = naming.key(expert, 0, "weight")
-            if key in src:
-                return naming
-            tried.append(key)
+            for suffix in suffixes:
+                key = naming.key(expert, 0, suffix)
+                if key in src:
+                    return naming
+                tried.append(key)
     where = src.where(tried[0]) if tried else "checkpoint"
     raise CheckpointError(f"{where}: no expert tensors found; looked for {', '.join(tried)}")

@@ -99,6 +99,7 @@ class SafetensorsSource:
                                   "(with config.json) or one .safetensors file")
         self.root = self.path if self.path.is_dir() else self.path.parent
         self._handles: dict[str, Any] = {}  # file name -> open safetensors handle
+        self._config_file = self.root / "config.json"
         self._files = self._weight_map()
         self._config = self._read_config()
 
@@ -133,13 +134,25 @@ class SafetensorsSource:
         return self._handles[name]
 
     def _read_config(self) -> dict[str, Any] | None:
-        config = self.root / "config.json"
-        if not config.is_file():
-            return None
+        """``config.json``'s ``quantization_config``; without one, a ModelOpt ``hf_quant_config.json``'s
+        ``quantization`` section (as ``quant_method: modelopt``)."""
+        config, modelopt = self.root / "config.json", self.root / "hf_quant_config.json"
+        found = self._json(config).get("quantization_config") if config.is_file() else None
+        if found is None and modelopt.is_file():
+            section = self._json(modelopt).get("quantization")
+            self._config_file = modelopt
+            return {"quant_method": "modelopt", **section} if isinstance(section, dict) else None
+        return found
+
+    @staticmethod
+    def _json(path: Path) -> dict[str, Any]:
         try:
-            return json.loads(config.read_text()).get("quantization_config")
+            data = json.loads(path.read_text())
         except ValueError as exc:
-            raise CheckpointError(f"checkpoint: {config} is not JSON: {exc}") from None
+            raise CheckpointError(f"checkpoint: {path} is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"checkpoint: {path} must hold a JSON object, got {type(data).__name__}")
+        return data
 
     def __contains__(self, key: str) -> bool:
         return key in self._files
@@ -178,7 +191,7 @@ class SafetensorsSource:
 
     @property
     def config_where(self) -> str:
-        return str(self.root / "config.json")
+        return str(self._config_file)
 
 
 def open_source(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSource,

@@ -25,7 +25,7 @@ from ..checkpoints import CheckpointError
 from ..layer import FusedMoE
 from ..quant import named, quantize_
 from ..registry import BackendUnavailableError, get_backend, last_decision, list_backends
-from ..testing import QUANT_NOISE, rel_error, tolerance
+from ..testing import QUANT_NOISE, quant_noise, rel_error, tolerance
 from ..validation import DTYPE_NAMES as DTYPES  # the spellings every moe command accepts
 from .replace import replace_moe_blocks
 from .tiny import TINY_FAMILIES, tiny_model
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"hf-check: --quant: {exc}") from None
 
     err = rel_error(after, before)
-    tol = QUANT_NOISE[scheme] if scheme is not None else tolerance(dtype)
+    tol = quant_noise(scheme) if scheme is not None else tolerance(dtype)
     decision = last_decision()
     print(f"model: {args.model} ({type(model).__name__}, {dtype_name}, {device}), input {args.batch} x {args.seq}")
     print(f"replaced {len(names)} blocks: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")

@@ -14,7 +14,7 @@ from ..checkpoints import (
     StateDictSource,
     TensorSource,
     checkpoint_scheme,
-    find_naming,
+    find_experts,
     load_experts,
     open_source,
 )
@@ -85,7 +85,8 @@ def _load_original(module: nn.Module, state_dict: dict, prefix: str, *args: obje
 @dataclass(frozen=True)
 class CheckpointExperts:
     """Experts to load from checkpoint files instead of the module: where (``source``, ``naming``), in which
-    moe scheme (``quant``, None: float), and the layer's dims and activation dtype."""
+    moe scheme (``quant``, None: float), the layer's dims and activation dtype, and whether the experts
+    have biases (gpt-oss)."""
 
     source: TensorSource
     naming: ExpertNaming
@@ -95,6 +96,7 @@ class CheckpointExperts:
     intermediate_size: int
     dtype: torch.dtype
     device: torch.device
+    bias: bool = False
 
 
 class MoEBlock(nn.Module):
@@ -130,7 +132,7 @@ class MoEBlock(nn.Module):
         if isinstance(weights, CheckpointExperts):
             (num_experts, hidden, n), quant = (weights.num_experts, weights.hidden_size,
                                                weights.intermediate_size), weights.quant
-            bias, dtype = False, weights.dtype
+            bias, dtype = weights.bias, weights.dtype
         else:
             (num_experts, _, hidden), n, quant = weights.w13.shape, weights.w2.shape[2], None
             bias, dtype = weights.w13_bias is not None, weights.w13.dtype
@@ -228,14 +230,17 @@ def checkpoint_prefixes(name: str, family: Family, attr: str = "experts") -> lis
 
 def _checkpoint_experts(family: Family, block: nn.Module, name: str, src: TensorSource,
                         dtype: torch.dtype) -> CheckpointExperts:
-    if family.name in ("gpt_oss", "dbrx"):
+    if family.name == "dbrx":
         raise ValueError(f"replace_moe_blocks: checkpoint=... reads experts stored per expert or in transformers' "
                          f"fused layout; {family.name}'s experts ({name}) are not read from files yet")
-    num_experts, rows, hidden = block.experts.gate_up_proj.shape  # float, or transformers' FP8 data
-    naming = find_naming(src, checkpoint_prefixes(name, family), 0)
-    quant = checkpoint_scheme(src, naming.prefix, num_experts)
-    device = block.experts.gate_up_proj.device
-    return CheckpointExperts(src, naming, quant, num_experts, hidden, rows // 2, dtype, device)
+    experts = block.experts
+    num_experts, rows, hidden = experts.gate_up_proj.shape  # float, or transformers' FP8 data
+    if getattr(experts, "is_transposed", False):  # gpt-oss: [E, K, 2N]
+        num_experts, hidden, rows = experts.gate_up_proj.shape
+    naming = find_experts(src, checkpoint_prefixes(name, family), 0)
+    quant = checkpoint_scheme(src, naming.prefix, num_experts, hidden_size=hidden, intermediate_size=rows // 2)
+    return CheckpointExperts(src, naming, quant, num_experts, hidden, rows // 2, dtype, experts.gate_up_proj.device,
+                             bias=bool(getattr(experts, "has_bias", False)))
 
 
 def _shared_from_checkpoint(family: Family, block: nn.Module, name: str, src: TensorSource, config: object,
