@@ -19,11 +19,11 @@ from ..quant.schemes import STORAGE_DTYPES
 from ..quant.weights import storage_shapes
 from .codec import Codec, Decoded, Part, dtype_names
 from .names import ExpertNaming
+from .slicing import LayerSlice
 from .source import CheckpointError, TensorSource
 
 if TYPE_CHECKING:
     from ..layer import FusedMoE
-    from .loader import _Slice
 
 __all__ = ["Coded", "check_sizes", "export_coded", "load_coded"]
 
@@ -44,16 +44,12 @@ class Coded:
     kept: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def _projections(sl: _Slice) -> tuple[int, ...]:
-    return (0, 1, 2) if sl.parts == 2 else (0, 2)
-
-
-def _full(sl: _Slice, p: int) -> tuple[int, int]:
+def _full(sl: LayerSlice, p: int) -> tuple[int, int]:
     """[rows, cols] of a whole projection in the checkpoint."""
     return (sl.k, sl.n_global) if p == 2 else (sl.n_global, sl.k)
 
 
-def _local(sl: _Slice, p: int) -> tuple[int, int]:
+def _local(sl: LayerSlice, p: int) -> tuple[int, int]:
     """[rows, cols] of this rank's slice of a projection."""
     return (sl.k, sl.n) if p == 2 else (sl.n, sl.k)
 
@@ -74,7 +70,7 @@ class _Where:
     split: int | None  # a fused scalar part: [P, ...] read, part p kept
 
 
-def _dim_slices(part: Part, sl: _Slice, p: int, key: str, where: str) -> list[slice]:
+def _dim_slices(part: Part, sl: LayerSlice, p: int, key: str, where: str) -> list[slice]:
     """The index of this layer's slice in each dim of a per-expert tensor of ``part``."""
     sliced = "in" if p == 2 else "out"
     out = []
@@ -91,7 +87,8 @@ def _dim_slices(part: Part, sl: _Slice, p: int, key: str, where: str) -> list[sl
     return out
 
 
-def _locate(part: Part, codec: Codec, naming: ExpertNaming, sl: _Slice, e: int, p: int, src: TensorSource) -> _Where:
+def _locate(part: Part, codec: Codec, naming: ExpertNaming, sl: LayerSlice, e: int, p: int,
+            src: TensorSource) -> _Where:
     key = naming.key(e, p, part.suffix)
     rows, cols = _full(sl, p)
     shape = part.shape(rows, cols)
@@ -118,7 +115,7 @@ def _locate(part: Part, codec: Codec, naming: ExpertNaming, sl: _Slice, e: int, 
 class _Reader:
     """Reads the parts of one expert, each tensor (and slice) once."""
 
-    def __init__(self, src: TensorSource, naming: ExpertNaming, codec: Codec, sl: _Slice, stored: Stored) -> None:
+    def __init__(self, src: TensorSource, naming: ExpertNaming, codec: Codec, sl: LayerSlice, stored: Stored) -> None:
         self.src, self.naming, self.codec, self.sl, self.stored = src, naming, codec, sl, stored
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -167,7 +164,7 @@ class _Temporaries:
     t: dict[str, torch.Tensor]
 
     @classmethod
-    def empty(cls, layer: FusedMoE, quant: str, sl: _Slice, scale_dtype: torch.dtype, bias: bool) -> _Temporaries:
+    def empty(cls, layer: FusedMoE, quant: str, sl: LayerSlice, scale_dtype: torch.dtype, bias: bool) -> _Temporaries:
         scheme = QuantConfig.parse(quant).weights
         assert scheme is not None
         local, rows = len(sl.experts), sl.parts * sl.n
@@ -185,7 +182,7 @@ class _Temporaries:
             t["w2_bias"] = torch.empty(local, sl.k, dtype=layer.params_dtype)
         return cls(t)
 
-    def place(self, d: Decoded, local: int, p: int, sl: _Slice, tp_rank0: bool) -> None:
+    def place(self, d: Decoded, local: int, p: int, sl: LayerSlice, tp_rank0: bool) -> None:
         fields = {"weight": d.data, "weight_scale": d.scale, "weight_zero_point": d.zero, "bias": d.bias}
         for name, value in fields.items():
             dst = self.t.get(f"{'w2' if p == 2 else 'w13'}_{name}")
@@ -202,9 +199,9 @@ class _Temporaries:
             gs[local, 0 if p == 2 else p] = d.global_scale
 
 
-def check_sizes(codec: Codec, src: TensorSource, naming: ExpertNaming, sl: _Slice, e: int) -> None:
+def check_sizes(codec: Codec, src: TensorSource, naming: ExpertNaming, sl: LayerSlice, e: int) -> None:
     """Refuse projections the format cannot store (a group size that does not divide), naming the tensor."""
-    for p in _projections(sl):
+    for p in sl.projections:
         why = codec.check_sizes(*_full(sl, p))
         if why is not None:
             key = naming.key(e, p, codec.parts()[0].suffix)
@@ -212,7 +209,7 @@ def check_sizes(codec: Codec, src: TensorSource, naming: ExpertNaming, sl: _Slic
 
 
 def load_coded(layer: FusedMoE, src: TensorSource, naming: ExpertNaming, codec: Codec,
-               sl: _Slice) -> tuple[dict[str, torch.Tensor], Coded]:
+               sl: LayerSlice) -> tuple[dict[str, torch.Tensor], Coded]:
     """The canonical temporaries of the layer's experts (for ``swap_expert_tensors_``), and what export needs."""
     check_sizes(codec, src, naming, sl, sl.experts[0])
     coded = Coded()
@@ -220,7 +217,7 @@ def load_coded(layer: FusedMoE, src: TensorSource, naming: ExpertNaming, codec: 
     temps: _Temporaries | None = None
     for local, e in enumerate(sl.experts):
         reader.expert(e)
-        for p in _projections(sl):
+        for p in sl.projections:
             raw = {part.suffix: t for part in codec.parts() if (t := reader.part(part, p)) is not None}
 
             def at(suffix: str, e: int = e, p: int = p) -> str:
@@ -256,12 +253,12 @@ def _decoded(layer: FusedMoE, local: int, p: int, n: int) -> Decoded:
 
 
 def export_coded(layer: FusedMoE, naming: ExpertNaming, codec: Codec, coded: Coded,
-                 sl: _Slice) -> dict[str, torch.Tensor]:
+                 sl: LayerSlice) -> dict[str, torch.Tensor]:
     """The layer's experts in the checkpoint's names and format (see ``export_experts``)."""
     per_expert: list[dict[int, dict[str, torch.Tensor]]] = []
     for local in range(len(sl.experts)):
         tensors = {}
-        for p in _projections(sl):
+        for p in sl.projections:
             dtypes = {s: dt for (q, s), (dt, _) in coded.stored.items() if q == p}
             raw = codec.encode(_decoded(layer, local, p, sl.n), *_full(sl, p), dtypes)
             tensors[p] = raw | coded.kept.get((local, p), {})
@@ -272,7 +269,7 @@ def export_coded(layer: FusedMoE, naming: ExpertNaming, codec: Codec, coded: Cod
                 for e, x in zip(sl.experts, per_expert, strict=True) for p, ts in x.items() for s, t in ts.items()}
     out = {}
     for s in per_expert[0][0]:
-        gate_up = torch.stack([_join(parts[s], [x[p][s] for p in _projections(sl) if p < 2], codec.interleaved)
+        gate_up = torch.stack([_join(parts[s], [x[p][s] for p in sl.projections if p < 2], codec.interleaved)
                                for x in per_expert])
         out[naming.key(0, 0, s)] = gate_up.reshape(coded.stored[0, s][1]).contiguous()
         out[naming.key(0, 2, s)] = torch.stack([x[2][s] for x in per_expert]).reshape(coded.stored[2, s][1])

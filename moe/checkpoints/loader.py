@@ -22,6 +22,7 @@ from ..validation import FLOAT_DTYPES
 from .base import CheckpointFormat, Encoding, decode_scale, encode_scale, parse_format
 from .coded import Coded, check_sizes, export_coded, load_coded
 from .names import ExpertNaming, find_naming
+from .slicing import LayerSlice
 from .source import CheckpointError, TensorSource, open_source
 
 __all__ = ["CheckpointInfo", "checkpoint_scheme", "export_experts", "find_experts", "load_experts"]
@@ -47,46 +48,24 @@ class CheckpointInfo:
     coded: Coded | None = None
 
 
-@dataclass(frozen=True)
-class _Slice:
-    """The part of the checkpoint this layer holds: its global experts and its rows [r0, r0 + n) of the
-    intermediate dim (of n_global)."""
-
-    experts: tuple[int, ...]
-    num_experts: int
-    r0: int
-    n: int
-    n_global: int
-    k: int
-    parts: int
-
-    @property
-    def tp(self) -> bool:
-        return self.n != self.n_global
-
-
-def _slice_of(layer: FusedMoE) -> _Slice:
+def _slice_of(layer: FusedMoE) -> LayerSlice:
     c, ranks = layer.config, getattr(layer, "ranks", None)
     tp_rank = ranks.tp_rank if ranks is not None else 0
     n = c.intermediate_size
     n_global = getattr(layer, "global_intermediate_size", n)
     parts = 2 if c.activation.gated else 1
-    return _Slice(tuple(int(e) for e in layer.global_expert_ids()), c.num_experts, tp_rank * n, n, n_global,
+    return LayerSlice(tuple(int(e) for e in layer.global_expert_ids()), c.num_experts, tp_rank * n, n, n_global,
                   c.hidden_size, parts)
 
 
 # ------------------------------------------------------------------------------------ encodings
-def _projections(sl: _Slice) -> tuple[int, ...]:
-    return (0, 1, 2) if sl.parts == 2 else (0, 2)
-
-
-def _layer_encoding(fmt: CheckpointFormat, naming: ExpertNaming, sl: _Slice, where: str) -> Encoding:
+def _layer_encoding(fmt: CheckpointFormat, naming: ExpertNaming, sl: LayerSlice, where: str) -> Encoding:
     """The one encoding of every projection of every expert of the layer (all E, not only the local ones:
     a layer of two formats is an error on every rank)."""
     experts = range(sl.num_experts) if naming.style == "per_expert" else (0,)
     first: tuple[str, Encoding] | None = None
     for e in experts:
-        for p in _projections(sl):
+        for p in sl.projections:
             module = naming.module(e, p)
             enc = fmt.encoding(module)
             if first is None:
@@ -122,11 +101,11 @@ def checkpoint_scheme(source: Source, prefix: str, num_experts: int, *, gated: b
     does not divide the input features is an error naming the tensor and the config field)."""
     src, fmt = _open(source, quantization_config)
     naming = find_naming(src, [prefix], 0, dense=num_experts == 1, suffixes=("weight", *fmt.data_suffixes))
-    sl = _Slice(tuple(range(num_experts)), num_experts, 0, 1, 1, 1, 2 if gated else 1)
+    sl = LayerSlice(tuple(range(num_experts)), num_experts, 0, 1, 1, 1, 2 if gated else 1)
     enc = _layer_encoding(fmt, naming, sl, src.config_where)
     if enc.codec is not None and hidden_size is not None and intermediate_size is not None:
         n = intermediate_size
-        check_sizes(enc.codec, src, naming, _Slice((0,), num_experts, 0, n, n, hidden_size, sl.parts), 0)
+        check_sizes(enc.codec, src, naming, LayerSlice((0,), num_experts, 0, n, n, hidden_size, sl.parts), 0)
     return enc.quant
 
 
@@ -142,7 +121,7 @@ def _check_full_shape(src: TensorSource, key: str, want: tuple[int, ...], what: 
                               f"{list(want)}{extra}")
 
 
-def _data_index(naming: ExpertNaming, sl: _Slice, e: int, p: int) -> tuple[tuple[int, ...], tuple]:
+def _data_index(naming: ExpertNaming, sl: LayerSlice, e: int, p: int) -> tuple[tuple[int, ...], tuple]:
     """(full shape, index of this layer's part) of projection ``p``'s data of expert ``e``."""
     rows = slice(sl.r0, sl.r0 + sl.n)
     if naming.style == "fused":
@@ -156,7 +135,7 @@ def _data_index(naming: ExpertNaming, sl: _Slice, e: int, p: int) -> tuple[tuple
     return (sl.n_global, sl.k), (rows, slice(None))
 
 
-def _read_data(src: TensorSource, naming: ExpertNaming, enc: Encoding, sl: _Slice, e: int, p: int,
+def _read_data(src: TensorSource, naming: ExpertNaming, enc: Encoding, sl: LayerSlice, e: int, p: int,
                dtype: torch.dtype) -> torch.Tensor:
     key = naming.key(e, p, "weight")
     full, index = _data_index(naming, sl, e, p)
@@ -173,12 +152,12 @@ def _read_data(src: TensorSource, naming: ExpertNaming, enc: Encoding, sl: _Slic
     return src.read(key, index)
 
 
-def _proj_shape(sl: _Slice, p: int) -> tuple[int, int]:
+def _proj_shape(sl: LayerSlice, p: int) -> tuple[int, int]:
     """[rows, cols] of one full projection in the checkpoint."""
     return (sl.k, sl.n_global) if p == 2 else (sl.n_global, sl.k)
 
 
-def _read_scale(src: TensorSource, naming: ExpertNaming, enc: Encoding, sl: _Slice, e: int, p: int,
+def _read_scale(src: TensorSource, naming: ExpertNaming, enc: Encoding, sl: LayerSlice, e: int, p: int,
                 suffix: str, what: str) -> tuple[torch.Tensor, torch.dtype]:
     """One projection's full scale (its checkpoint shape, fp32) and its stored dtype."""
     key = naming.key(e, p, suffix)
@@ -199,7 +178,7 @@ def _read_scale(src: TensorSource, naming: ExpertNaming, enc: Encoding, sl: _Sli
     return s, t.dtype
 
 
-def _check_straddling(src: TensorSource, key: str, enc: Encoding, sl: _Slice) -> None:
+def _check_straddling(src: TensorSource, key: str, enc: Encoding, sl: LayerSlice) -> None:
     """A fused gate_up block scale cut into blocks of the fused rows (ceil(2N/128) of them) has blocks that hold
     gate and up rows together when N is not a multiple of 128: no per-half scale exists for them."""
     scheme = NAMES[enc.quant].weights  # type: ignore[index]
@@ -214,7 +193,7 @@ def _check_straddling(src: TensorSource, key: str, enc: Encoding, sl: _Slice) ->
             "half (as the per-expert form does)")
 
 
-def _fused_scale_shape(enc: Encoding, sl: _Slice, p: int) -> tuple[int, ...]:
+def _fused_scale_shape(enc: Encoding, sl: LayerSlice, p: int) -> tuple[int, ...]:
     """One expert's weight scale of a fused projection: gate_up [P * rows, ...] (gate's then up's), down."""
     if p == 2:
         return enc.scale_shape(sl.k, sl.n_global)
@@ -225,7 +204,7 @@ def _fused_scale_shape(enc: Encoding, sl: _Slice, p: int) -> tuple[int, ...]:
     return (sl.parts * one[0], *one[1:])
 
 
-def _tp_scale(s: torch.Tensor, enc: Encoding, sl: _Slice, p: int, where: str) -> torch.Tensor:
+def _tp_scale(s: torch.Tensor, enc: Encoding, sl: LayerSlice, p: int, where: str) -> torch.Tensor:
     """This rank's slice of one projection's full scale, as the canonical per-projection scale."""
     g = NAMES[enc.quant].weights.granularity  # type: ignore[index]
     if g == "tensor":
@@ -259,7 +238,7 @@ class _Temporaries:
         return out
 
 
-def _empty(layer: FusedMoE, enc: Encoding, sl: _Slice) -> _Temporaries:
+def _empty(layer: FusedMoE, enc: Encoding, sl: LayerSlice) -> _Temporaries:
     local, rows = len(sl.experts), sl.parts * sl.n
     store = STORAGE_DTYPES[NAMES[enc.quant].weights.format] if enc.quant else layer.params_dtype
     t = _Temporaries(torch.empty(local, rows, sl.k, dtype=store), torch.empty(local, sl.k, sl.n, dtype=store),
@@ -273,11 +252,11 @@ def _empty(layer: FusedMoE, enc: Encoding, sl: _Slice) -> _Temporaries:
     return t
 
 
-def _fill_expert(t: _Temporaries, src: TensorSource, naming: ExpertNaming, enc: Encoding, sl: _Slice, local: int,
+def _fill_expert(t: _Temporaries, src: TensorSource, naming: ExpertNaming, enc: Encoding, sl: LayerSlice, local: int,
                  e: int) -> dict[str, torch.dtype]:
     """Read expert ``e`` into row ``local`` of the temporaries; returns the stored scale dtypes."""
     dtypes: dict[str, torch.dtype] = {}
-    for p in _projections(sl):
+    for p in sl.projections:
         data = _read_data(src, naming, enc, sl, e, p, t.w13.dtype)
         part = min(p, 1)
         if p == 2:
@@ -358,11 +337,11 @@ def _export_scale(s: torch.Tensor, enc: Encoding, dtype: torch.dtype, rows: int,
     return encode_scale(s, dtype, enc.scale_shape(rows, cols))
 
 
-def _expert_tensors(layer: FusedMoE, info: CheckpointInfo, sl: _Slice, local: int) -> dict[int, dict[str, Any]]:
+def _expert_tensors(layer: FusedMoE, info: CheckpointInfo, sl: LayerSlice, local: int) -> dict[int, dict[str, Any]]:
     """proj -> suffix -> tensor of one local expert, in the checkpoint's per-expert form."""
     enc, n = info.encoding, sl.n
     out: dict[int, dict[str, Any]] = {}
-    for p in _projections(sl):
+    for p in sl.projections:
         part = min(p, 1)
         w = layer.w2_weight[local] if p == 2 else layer.w13_weight[local, part * n:(part + 1) * n]
         out[p] = {"weight": w.detach().cpu().contiguous()}
@@ -387,11 +366,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1) if t.dim() == 0 else t
 
 
-def _fused(per_expert: list[dict[int, dict[str, Any]]], naming: ExpertNaming, sl: _Slice) -> dict[str, torch.Tensor]:
+def _fused(per_expert: list[dict[int, dict[str, Any]]], naming: ExpertNaming,
+           sl: LayerSlice) -> dict[str, torch.Tensor]:
     """Per-expert tensors stacked into the fused form: gate then up along the rows, experts in front."""
     out: dict[str, torch.Tensor] = {}
     for suffix in per_expert[0][0]:
-        gate_up = [torch.cat([_rows(x[p][suffix]) for p in _projections(sl) if p < 2]) for x in per_expert]
+        gate_up = [torch.cat([_rows(x[p][suffix]) for p in sl.projections if p < 2]) for x in per_expert]
         out[naming.key(0, 0, suffix)] = torch.stack(gate_up)
         out[naming.key(0, 2, suffix)] = torch.stack([x[2][suffix] for x in per_expert])
     return out
