@@ -135,14 +135,14 @@ def fused_moe(
             router_logits.dim() == 2 and hidden_states.dim() == 2 and router_logits.shape[0] != hidden_states.shape[0]:
         raise ValueError(f"router_logits: expected [{hidden_states.shape[0]}, num_experts] (one row per token of "
                          f"hidden_states), got {tuple(router_logits.shape)}")
-    kw = {"activation": activation, "w13_bias": w13_bias, "w2_bias": w2_bias, "expert_map": expert_map,
-          "apply_router_weight_on_input": apply_router_weight_on_input, "quant": quant, "a13_scale": a13_scale,
-          "a2_scale": a2_scale, "backend": backend, "prepared": prepared}
     if not _routes_in_place(router_logits, top_k, config, expert_map):
         weights, ids = route(router_logits, top_k, config, hidden_states=hidden_states,
                              e_score_correction_bias=e_score_correction_bias,
                              custom_routing_function=custom_routing_function)
-        return fused_experts(hidden_states, w13, w2, weights, ids, **kw)  # type: ignore[arg-type]
+        return fused_experts(hidden_states, w13, w2, weights, ids, activation=activation, w13_bias=w13_bias,
+                             w2_bias=w2_bias, apply_router_weight_on_input=apply_router_weight_on_input,
+                             expert_map=expert_map, quant=quant, a13_scale=a13_scale, a2_scale=a2_scale,
+                             backend=backend, prepared=prepared)
     spec = ActivationSpec.parse(activation)
     cache = prepared if isinstance(prepared, PreparedCache) else None
     if cache is not None:

@@ -278,11 +278,11 @@ class FusedMoE(nn.Module):
         c = self.config
         return fused_moe(
             x, self._router_logits(x, router_logits), w13, w2, top_k=c.top_k, routing=c.routing,
-            e_score_correction_bias=self.e_score_correction_bias,
-            custom_routing_function=self.custom_routing_function, activation=c.activation,
-            w13_bias=self.w13_bias, w2_bias=self.w2_bias, apply_router_weight_on_input=c.apply_router_weight_on_input,
-            expert_map=self.expert_map, quant=self._quant_key, a13_scale=self.w13_input_scale,
-            a2_scale=self.w2_input_scale, backend=self.backend, prepared=self._prepared,
+            e_score_correction_bias=self.e_score_correction_bias, custom_routing_function=self.custom_routing_function,
+            activation=c.activation, w13_bias=self.w13_bias, w2_bias=self.w2_bias,
+            apply_router_weight_on_input=c.apply_router_weight_on_input, expert_map=self.expert_map,
+            quant=self._quant_key, a13_scale=self.w13_input_scale, a2_scale=self.w2_input_scale, backend=self.backend,
+            prepared=self._prepared,
         )
 
     def select_experts(
