@@ -142,6 +142,16 @@ def test_layer_routes_and_aligns_in_one_launch(gpu_like, method, T):
     assert torch.equal(y, ref)
 
 
+def test_route_align_option_off_keeps_the_two_launches(gpu_like):
+    """MOE_ROUTE_ALIGN=0: the routing kernel still writes into the call's buffers, the backend aligns."""
+    layer = _layer()
+    x, logits = _inputs(layer, 6)
+    with moe.override_options(route_align=False), _counted(gpu_like) as (launches, _):
+        y = layer(x, logits)
+    assert launches == TWO_CALLS
+    assert torch.equal(y, _two_calls(layer, x, logits))
+
+
 def test_layer_launches_and_ops_do_not_grow_with_tokens(gpu_like):
     """The host work of a forward does not depend on the batch size: the same launches and the same torch
     ops at 3 and at 200 tokens (both routed and aligned in one program)."""

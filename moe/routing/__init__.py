@@ -188,15 +188,17 @@ def route_and_align(
     """Route ``router_logits`` [T, E] as :func:`route` does into ``weights`` (fp32) and ``ids`` (int32),
     both contiguous [T, k]. With ``block_m``, a batch that fits one program
     (``moe.routing.triton.aligns_in_one_launch``) also has its pairs grouped by local expert for that row
-    tile in the same launch (``expert_map`` [E] maps global ids to ``num_local`` local experts); that
-    alignment is returned, else None. Only for calls :func:`routes_into` accepts."""
+    tile in the same launch (``expert_map`` [E] maps global ids to ``num_local`` local experts), unless the
+    ``route_align`` option (``MOE_ROUTE_ALIGN=0``) is off; that alignment is returned, else None. Only for
+    calls :func:`routes_into` accepts."""
     from . import triton as kernels
 
     opts = {"scoring": "softmax" if config.method == "topk_then_softmax" else config.scoring,
             "topk_first": config.method == "topk_then_softmax", "renormalize": config.renormalize,
             "routed_scaling_factor": config.routed_scaling_factor}
     num_tokens, num_experts = router_logits.shape
-    if block_m is not None and kernels.aligns_in_one_launch(num_tokens, num_experts, num_local, top_k):
+    if block_m is not None and options().route_align and \
+            kernels.aligns_in_one_launch(num_tokens, num_experts, num_local, top_k):
         return kernels.topk_and_align(router_logits, top_k, weights, ids, num_local=num_local, block_m=block_m,
                                       expert_map=expert_map, **opts)
     kernels.topk_into(router_logits, top_k, weights, ids, **opts)
