@@ -214,7 +214,7 @@ def test_the_host_read_detector_fires(gpu_like):
 
 @pytest.mark.parametrize(("T", "E", "k", "emap", "dtype"), [
     (2, 8, 2, False, torch.bfloat16), (7, 16, 4, True, torch.float32), (33, 8, 8, True, torch.bfloat16),
-    (64, 128, 8, False, torch.bfloat16),  # 64 x 128 scores: the one-program limit exactly
+    (32, 128, 8, False, torch.bfloat16),  # 32 x 128 scores: the one-program limit exactly
 ])
 def test_fused_alignment_equals_align(gpu_like, T, E, k, emap, dtype):
     """The alignment the routing kernel makes is the one moe.kernels.align makes from its ids."""
@@ -255,7 +255,7 @@ def test_an_alignment_for_another_tile_is_not_used(gpu_like):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 2, 16, 64, 256])
+@pytest.mark.parametrize("T", [1, 2, 16, 32, 64, 1024])
 def test_gpu_layer_path_equals_two_calls(T):
     """On the GPU: FusedMoE.forward (routing and alignment in one launch up to the one-program limit)
     is bitwise routing then fused_experts, eagerly and replayed in a CUDA graph with new logits."""

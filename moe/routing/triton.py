@@ -30,7 +30,9 @@ __all__ = ["FUSED_MAX_SCORES", "MAX_EXPERTS", "MAX_TOP_K", "RoutingTile", "align
 
 MAX_EXPERTS = 4096  # the padded expert row of a token lives in registers
 MAX_TOP_K = 32  # the k selection rounds are unrolled
-FUSED_MAX_SCORES = 8192  # (token, padded expert) scores one program routes before it aligns the pairs
+# (token, padded expert) scores the routing kernel that aligns its own ids takes: one [BLOCK_T, E_PAD] tile,
+# 16 values a thread over 8 warps, the work of one program of the routing kernel (which spreads larger batches)
+FUSED_MAX_SCORES = 4096
 SCORING = {"softmax": _routing.SOFTMAX, "sigmoid": _routing.SIGMOID}
 _WARPS = (1, 2, 4, 8, 16)
 
@@ -160,7 +162,7 @@ def topk_and_align(
     al, cursor = one_program_buffers(num_tokens * top_k, num_local, block_m, router_logits.device)
     e_pad = next_pow2(num_experts)
     interp = interpreting()
-    block_t = min(next_pow2(num_tokens), 64 if interp else max(1, 4096 // e_pad))
+    block_t = min(next_pow2(num_tokens), 64 if interp else max(1, FUSED_MAX_SCORES // e_pad))
     emap = expert_map.contiguous() if expert_map is not None else ids
     launch(
         _routing.topk_align_kernel, (1,), router_logits.device,
