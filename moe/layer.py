@@ -262,7 +262,7 @@ class FusedMoE(nn.Module):
             y = y + shared
         return y if hidden_states.dim() == 2 else y.view(shape)
 
-    # a subclass that overrides select_experts or experts gets them called by forward (see _routed)
+    # forward calls select_experts and experts themselves when a subclass overrides either (see _routed)
     _one_call = True
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -271,8 +271,8 @@ class FusedMoE(nn.Module):
 
     def _routed(self, x: torch.Tensor, router_logits: torch.Tensor | None) -> torch.Tensor:
         """select_experts then experts, as one ``fused_moe`` call (routing and alignment in one launch where
-        the kernels can)."""
-        if not self._one_call:
+        the kernels can); the two calls themselves when a subclass or the instance replaces either."""
+        if not self._one_call or "select_experts" in self.__dict__ or "experts" in self.__dict__:
             return self.experts(x, *self.select_experts(x, router_logits))
         w13, w2 = self._expert_weights()
         c = self.config

@@ -275,3 +275,25 @@ def test_gpu_layer_path_equals_two_calls(T):
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, _two_calls(layer, x, logits))
+
+
+def test_forward_calls_replaced_select_experts_and_experts():
+    """A subclass or an instance that replaces select_experts or experts gets them called by forward (the
+    HF tests and ParallelFusedMoE rely on it)."""
+    calls = []
+
+    class Counted(moe.FusedMoE):
+        def select_experts(self, x, router_logits=None):
+            calls.append("subclass")
+            return super().select_experts(x, router_logits)
+
+    layer = _layer()
+    x, logits = _inputs(layer, 3)
+    sub = Counted(8, 2, 32, 16, routing=layer.config.routing, gate=False, backend="triton",
+                  params_dtype=torch.bfloat16)
+    sub.load_state_dict(layer.state_dict())
+    select = layer.select_experts
+    layer.select_experts = lambda x, lg=None: (calls.append("instance"), select(x, lg))[1]
+    with torch.no_grad():
+        assert torch.equal(layer(x, logits), sub(x, logits))
+    assert calls == ["instance", "subclass"]
