@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _routing(rt, T: int, E: int, k: int) -> int:
     """The routing kernels (top-k, top-k then softmax, grouped, and top-k that aligns its own ids)."""
+    import moe.routing
+
     logits = torch.randn(T, E)
     emap = torch.arange(E, dtype=torch.int32)
     calls = {"fused_topk": lambda: rt.fused_topk(logits, k),
@@ -136,8 +138,9 @@ def _routing(rt, T: int, E: int, k: int) -> int:
              "grouped_topk": lambda: rt.grouped_topk(logits, k, num_expert_group=4, topk_group=2,
                                                      e_score_correction_bias=torch.zeros(E))}
     if rt.aligns_in_one_launch(T, E, E, k):
-        calls["topk_and_align"] = lambda: rt.topk_and_align(logits, k, *rt.routing_outputs(logits, k), num_local=E,
-                                                            block_m=16, expert_map=emap)
+        outputs = moe.routing.routing_outputs(logits, k)
+        calls["topk_and_align"] = lambda: rt.topk_and_align(logits, k, *outputs, num_local=E, block_m=16,
+                                                            expert_map=emap)
     failures = 0
     for name, call in calls.items():
         try:

@@ -25,8 +25,7 @@ from . import _kernels as _routing
 from .reference import check_groups, routing_vjp
 
 __all__ = ["FUSED_MAX_SCORES", "MAX_EXPERTS", "MAX_TOP_K", "RoutingTile", "aligns_in_one_launch", "default_tile",
-           "fused_topk", "grouped_topk", "routing_outputs", "supports", "topk_and_align", "topk_into",
-           "topk_softmax"]
+           "fused_topk", "grouped_topk", "supports", "topk_and_align", "topk_into", "topk_softmax"]
 
 MAX_EXPERTS = 4096  # the padded expert row of a token lives in registers
 MAX_TOP_K = 32  # the k selection rounds are unrolled
@@ -136,7 +135,7 @@ def topk_into(
     topk_first: bool = False, renormalize: bool = True, routed_scaling_factor: float = 1.0,
 ) -> None:
     """:func:`fused_topk` (with ``topk_first``: :func:`topk_softmax`) written into ``weights`` [T, k] fp32
-    and ``ids`` [T, k] int32 (contiguous, from :func:`routing_outputs`); no gradient."""
+    and ``ids`` [T, k] int32 (contiguous: ``moe.routing.routing_outputs``); no gradient."""
     _check(router_logits, top_k)
     _launch_topk(router_logits, top_k, _scoring(scoring), topk_first, renormalize, routed_scaling_factor,
                  out=(weights, ids))
@@ -175,11 +174,6 @@ def topk_and_align(
         **_chained(router_logits.device),
     )
     return al
-
-
-def routing_outputs(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unwritten fp32 weights and int32 ids [T, k] for :func:`topk_into` / :func:`topk_and_align`."""
-    return _outputs(router_logits, top_k)
 
 
 def _check(router_logits: torch.Tensor, top_k: int) -> None:
