@@ -297,3 +297,15 @@ def test_forward_calls_replaced_select_experts_and_experts():
     with torch.no_grad():
         assert torch.equal(layer(x, logits), sub(x, logits))
     assert calls == ["instance", "subclass"]
+
+
+def test_fused_moe_checks_the_logits_rows():
+    from moe.functional import fused_moe
+
+    layer = _layer()
+    x, logits = _inputs(layer, 4)
+    with pytest.raises(ValueError, match=r"router_logits: expected \[4, num_experts\] .* got \(3, 8\)"):
+        fused_moe(x, logits[:3], layer.w13_weight, layer.w2_weight, top_k=2)
+    weights, ids = moe.fused_topk(logits, 2)
+    want = moe.fused_experts(x, layer.w13_weight, layer.w2_weight, weights, ids)
+    assert torch.equal(fused_moe(x, logits, layer.w13_weight, layer.w2_weight, top_k=2), want)
