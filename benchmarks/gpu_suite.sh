@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call: GPU tests (in parts), the benchmark, the HF and expert-parallel benchmarks; full results
 # under $OUT, short tables last.  On the GPU machine (repo root, wheels carried in .whl/):
-#   PARTS=tests,host,bench,untuned,hf,hfquant,parallel TESTS=triton,torch_grouped,routing,rest bash benchmarks/gpu_suite.sh [presets] [ms]
+#   PARTS=tests,host,layer,bench,untuned,hf,hfquant,parallel TESTS=triton,torch_grouped,routing,rest bash benchmarks/gpu_suite.sh [presets] [ms]
 # TESTS picks the GPU test parts (each fits one 10-minute command); TEST_TIMEOUT bounds each part.
 set -uo pipefail
 S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -53,6 +53,10 @@ if [[ $parts == *,hfquant,* ]]; then  # each model generates tens of GB of exper
 fi
 if [[ $parts == *,host,* ]]; then
   timeout 240 python3 benchmarks/host_overhead.py > "$OUT/host.txt" 2>&1; echo "host rc=$?"; tail -8 "$OUT/host.txt"
+fi
+if [[ $parts == *,layer,* ]]; then
+  timeout 540 python3 benchmarks/layer_profile.py --preset "${LAYER_PRESET:-qwen3}" --m "${LAYER_M:-16,256,1024}" \
+    > "$OUT/layer.txt" 2>&1; echo "layer rc=$?"; sed -n '/^| preset/,$p' "$OUT/layer.txt"
 fi
 if [[ $parts == *,bench,* ]]; then
   # SM clock, power, temperature and the driver's clock-limit reasons while the benchmark runs

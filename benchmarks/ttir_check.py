@@ -71,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     import moe.kernels.combine
     import moe.kernels.launch
     import moe.kernels.quant
+    import moe.routing.triton as rt
     from moe.kernels import host
 
     def fake(kernel, grid, device, *args, **kwargs):
         make_ir(kernel, grid, device, *args, arch=a.arch, **kwargs)
 
-    for mod in (moe.kernels.launch, tb, moe.kernels.quant, moe.kernels.combine, moe.kernels.align):
+    for mod in (moe.kernels.launch, tb, moe.kernels.quant, moe.kernels.combine, moe.kernels.align, rt):
         if hasattr(mod, "launch"):
             mod.launch = fake
     host.interpreting.cache_clear() if hasattr(host.interpreting, "cache_clear") else None
@@ -120,8 +121,36 @@ def main(argv: list[str] | None = None) -> int:
                         cause = cause.__cause__
                     status = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} <- {cause!r}"[:300]
                 print(f"{name:<18} T={T:<5} {gate_up:<9} {status}")
+    for T in (int(t) for t in a.tokens.split(",")):
+        failures += _routing(rt, T, E, k)
     print(f"triton {triton.__version__}, sm_{a.arch}: {len(compiled)} front-end compiles, {failures} failed")
     return 1 if failures else 0
+
+
+def _routing(rt, T: int, E: int, k: int) -> int:
+    """The routing kernels (top-k, top-k then softmax, grouped, and top-k that aligns its own ids)."""
+    import moe.routing
+
+    logits = torch.randn(T, E)
+    emap = torch.arange(E, dtype=torch.int32)
+    calls = {"fused_topk": lambda: rt.fused_topk(logits, k),
+             "topk_softmax": lambda: rt.topk_softmax(logits, k),
+             "grouped_topk": lambda: rt.grouped_topk(logits, k, num_expert_group=4, topk_group=2,
+                                                     e_score_correction_bias=torch.zeros(E))}
+    if rt.aligns_in_one_launch(T, E, E, k):
+        outputs = moe.routing.routing_outputs(logits, k)
+        calls["topk_and_align"] = lambda: rt.topk_and_align(logits, k, *outputs, num_local=E, block_m=16,
+                                                            expert_map=emap)
+    failures = 0
+    for name, call in calls.items():
+        try:
+            call()
+            status = "ok"
+        except Exception as exc:
+            failures += 1
+            status = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        print(f"{'routing ' + name:<18} T={T:<5} {status}")
+    return failures
 
 
 if __name__ == "__main__":

@@ -67,10 +67,13 @@ from .workload import (
     random_tokens,
     random_weights,
     time_fn,  # noqa: F401  (the same)
+    two_gemms,
+    two_gemms_unavailable,
     wall_times,
 )
 
-__all__ = ["CALIBRATION_M", "GRAPH_MAX_M", "KERNELS_MAX_M", "WIDE_SPREAD", "BenchError", "BenchRequest", "Row",
+__all__ = ["CALIBRATION_M", "GRAPH_MAX_M", "KERNELS_MAX_M", "TWO_GEMMS", "TWO_GEMMS_ROW", "WIDE_SPREAD", "BenchError",
+           "BenchRequest", "Row",
            "bench_info", "check_memory", "check_output_path", "check_plot_available",
            "estimate_bytes", "format_table", "plot", "resolve_request", "run_bench", "run_request", "write_json"]
 
@@ -78,6 +81,11 @@ GRAPH_MAX_M = 256
 KERNELS_MAX_M = 1024  # "kernels" rows (routing aligned beforehand) up to here, as docs/performance.md times vLLM
 REFERENCE_TIMING_MAX_PAIRS = 8192  # the per-expert reference is an oracle, not a contender
 WIDE_SPREAD = 0.1  # (max - min) / median above this: the row's median is not to be trusted to 10%
+TWO_GEMMS = "torch._grouped_mm"  # the backend column of the "gemms" row
+TWO_GEMMS_ROW = ("torch._grouped_mm twice on the same routing (GEMM1 [T*k, K] x w13, GEMM2 of the activated rows "
+                 "x w2), rows pre-permuted by expert, no padding; permutation, activation and combine not timed: "
+                 "the lower bound for two separate GEMMs (a fused pipeline may beat it: it writes half the "
+                 "intermediate)")
 GB = 1e9
 
 
@@ -90,7 +98,7 @@ class Row:
     preset: str
     m: int
     backend: str
-    mode: str  # eager | graph | kernels | layer
+    mode: str  # eager | graph | kernels | layer | gemms (torch's two bare grouped GEMMs: TWO_GEMMS)
     time_us: float | None  # median
     floor_us: float
     pct_floor: float | None  # None on CPU, where the floor is no bound
@@ -297,6 +305,9 @@ def bench_info(req: BenchRequest) -> dict:
         "time": datetime.now().astimezone().isoformat(timespec="seconds"),
         "floor_is_bound": req.device.type != "cpu",
         "quant": [_quant_info(req, name) for name in req.quant],
+        "two_gemms": {"backend": TWO_GEMMS, "mode": "gemms", "what": TWO_GEMMS_ROW,
+                      "skipped": (two_gemms_unavailable(req.device) if not req.quant
+                                  else "not under --quant (unquantized GEMMs)")},
     }
 
 
@@ -392,7 +403,7 @@ def run_request(req: BenchRequest, progress: bool = True) -> tuple[Ceilings, lis
     p, dev, dtype = req.preset, req.device, req.dtype
     ceil = measure_ceilings(dev, dtype)
     gen = torch.Generator(device=dev).manual_seed(0)
-    bar = _Progress(len(req.ms) * (len(req.backends) + (0 if req.quant else 1)), progress)
+    bar = _Progress(len(req.ms) * (len(req.backends) + (0 if req.quant else 2)), progress)
     rows: list[Row] = []
     w13, w2 = random_weights(p, dtype, dev, gen)
     b13, b2 = random_biases(p, dtype, dev, gen)
@@ -411,6 +422,8 @@ def run_request(req: BenchRequest, progress: bool = True) -> tuple[Ceilings, lis
             rows.extend(_bench_quantized(name, p, m, base, qcases, dev) if qcases
                         else _bench_backend(name, p, m, base, dev))
         if not qcases:
+            bar.step(f"{p.name} M={m} {TWO_GEMMS} x2")
+            rows.append(_bench_two_gemms(p, m, args, base.ref, base.floor, dev))
             bar.step(f"{p.name} M={m} FusedMoE.forward")
             rows.append(_bench_layer(p, m, args, logits, base.ref, base.floor, dev))
         del x, base, qcases
@@ -552,6 +565,22 @@ def _bench_triton_kernels(p: Preset, m: int, args: ExpertsArgs, problem: Experts
     return timed_row(p, m, "triton", "kernels", _call_times(call, dev), floor, err, dev)
 
 
+def _bench_two_gemms(p: Preset, m: int, args: ExpertsArgs, ref: torch.Tensor, floor: float,
+                     dev: torch.device) -> Row:
+    """Torch's two bare grouped GEMMs on the run's routing (mode "gemms", :data:`TWO_GEMMS_ROW`); skipped
+    with the reason where they bound nothing (``moe.workload.two_gemms_unavailable``)."""
+    why = two_gemms_unavailable(dev)
+    if why is not None:
+        return _skipped(p, m, TWO_GEMMS, "gemms", floor, f"skipped: {why}")
+    g = two_gemms(args.hidden_states, args.w13, args.w2, args.topk_weights, args.topk_ids, p.activation,
+                  args.w13_bias, args.w2_bias)
+    err = rel_error(g.output(m), ref)
+    row = timed_row(p, m, TWO_GEMMS, "gemms", _call_times(g.call, dev), floor, err, dev,
+                    note="lower bound for two separate GEMMs")
+    del g
+    return row
+
+
 def _bench_layer(p: Preset, m: int, args: ExpertsArgs, logits: torch.Tensor, ref: torch.Tensor, floor: float,
                  dev: torch.device) -> Row:
     x = args.hidden_states
@@ -590,6 +619,8 @@ def _header(ceil: Ceilings, info: dict | None, rows: list[Row]) -> list[str]:
         lines += _quant_header(ceil, info, q, [r for r in rows if r.quant == q["name"]])
     lines.append(f"times: median of the timed calls, with min and max; a spread (max-min)/median over "
                  f"{WIDE_SPREAD:.0%} is noted")
+    if any(r.mode == "gemms" for r in rows):
+        lines.append(f"mode gemms: {TWO_GEMMS_ROW}")
     return lines
 
 

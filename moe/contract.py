@@ -18,6 +18,10 @@ Optional members:
 - ``prepare(args, problem) -> PreparedWeights``: the backend's own arrangement of the weights (shuffled,
   interleaved, transposed scales), made once per (backend, weights) by the layer that owns them and
   passed back in ``args.prepared`` on every call (docs/extending.md states the memory rule).
+- ``alignment_tile(args, problem) -> int | None``: the row tile of an :class:`Alignment` the backend
+  would make for this call, or None when it makes none. ``FusedMoE.forward`` (``moe.functional.fused_moe``)
+  then groups the pairs by expert in the routing kernel's own launch and passes the result in
+  ``args.alignment``; a backend without it always gets None there.
 
 ``out`` may be ``args.hidden_states`` itself (the in-place variant): a backend must finish reading the
 hidden states before it writes ``out``.
@@ -35,7 +39,7 @@ from .quant.schemes import QuantConfig
 from .quant.weights import QuantizedWeight
 from .target import DeviceTarget, current_target
 
-__all__ = ["Backend", "ExpertsArgs", "ExpertsProblem", "PreparedWeights", "Weight", "backend_schemes"]
+__all__ = ["Alignment", "Backend", "ExpertsArgs", "ExpertsProblem", "PreparedWeights", "Weight", "backend_schemes"]
 
 Weight = torch.Tensor | QuantizedWeight
 
@@ -89,6 +93,19 @@ class PreparedWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+@dataclass(frozen=True, eq=False)
+class Alignment:
+    """The pairs (token, slot) of a call grouped by local expert, each group padded to ``block_m`` rows
+    (``moe.kernels.align.align`` makes it; so does the routing kernel that aligns its own ids)."""
+
+    sorted_ids: torch.Tensor  # [sorted_len] int32: pair index (t * k + j) per row, num_pairs for padding
+    block_expert: torch.Tensor  # [max_blocks] int32: local expert of each row tile, -1 past the end
+    total: torch.Tensor  # [1] int32: padded number of rows in use
+    expert_ends: torch.Tensor  # [E] int32: end row of each expert's unpadded group (grouped GEMM offsets)
+    max_blocks: int
+    block_m: int
+
+
 @dataclass(frozen=True)
 class ExpertsArgs:
     """The tensors of one call, already validated by ``fused_experts``."""
@@ -104,6 +121,7 @@ class ExpertsArgs:
     a13_scale: torch.Tensor | None = None  # static scale of GEMM1's input: [1] or [E] fp32
     a2_scale: torch.Tensor | None = None  # static scale of GEMM2's input: [1] or [E] fp32
     prepared: PreparedWeights | None = None  # the chosen backend's arrangement, when it has one
+    alignment: Alignment | None = None  # topk_ids grouped for the backend's alignment_tile, when it has one
 
 
 @runtime_checkable

@@ -20,11 +20,12 @@ from collections.abc import Iterator
 import torch
 
 from .backends.torch_ref import torch_ref_experts
-from .config import GATED_ACTIVATIONS, NON_GATED_ACTIVATIONS, ActivationSpec
+from .config import GATED_ACTIVATIONS, NON_GATED_ACTIVATIONS, ActivationSpec, RoutingConfig
 from .contract import ExpertsArgs, ExpertsProblem, PreparedWeights, Weight
 from .options import register_cache
 from .quant import QuantConfig, QuantizedWeight, WeightScheme, check_quantized_weight
 from .registry import get_backend, select_backend
+from .routing import RoutingFunction, route, route_and_align, routes_into, routing_outputs
 from .target import current_target
 from .validation import (
     check_expert_map_values,
@@ -38,7 +39,7 @@ from .validation import (
     value_checks_enabled,
 )
 
-__all__ = ["PreparedCache", "fused_experts"]
+__all__ = ["PreparedCache", "fused_experts", "fused_moe"]
 
 _INT_IDS = (torch.int32, torch.int64)
 
@@ -96,15 +97,99 @@ def fused_experts(
     else:
         _check_out(out, hidden_states)
     decision = select_backend(problem, backend)  # also for T = 0: a named backend must be able to run
+    return _execute(args, problem, decision.chosen, cache, out)
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
+    router_logits: torch.Tensor,
+    w13: Weight,
+    w2: Weight,
+    *,
+    top_k: int,
+    routing: RoutingConfig | None = None,
+    e_score_correction_bias: torch.Tensor | None = None,
+    custom_routing_function: RoutingFunction | None = None,
+    activation: str | ActivationSpec = "silu",
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    apply_router_weight_on_input: bool = False,
+    expert_map: torch.Tensor | None = None,
+    quant: QuantConfig | str | None = None,
+    a13_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
+    backend: str = "auto",
+    prepared: PreparedWeights | PreparedCache | None = None,
+) -> torch.Tensor:
+    """Routing, then the experts: ``moe.route(router_logits [T, E], top_k, routing)`` and
+    :func:`fused_experts` of its weights and ids, with the same results; what ``FusedMoE.forward`` runs.
+
+    Where the routing kernels take the call (``moe.routing.routes_into``: CUDA logits, a top-k method, no
+    gradient to the logits, not under ``torch.compile``) the call is described and its backend chosen
+    first, and the kernel writes straight into the call's routing buffers; for a backend that groups the
+    pairs by expert (``alignment_tile``: Triton) a small batch is grouped in the routing kernel's own launch
+    (``moe.routing.route_and_align``), so routing and alignment take one launch. Everything else is the
+    two calls."""
+    config = routing or RoutingConfig()
+    if isinstance(router_logits, torch.Tensor) and isinstance(hidden_states, torch.Tensor) and \
+            router_logits.dim() == 2 and hidden_states.dim() == 2 and router_logits.shape[0] != hidden_states.shape[0]:
+        raise ValueError(f"router_logits: expected [{hidden_states.shape[0]}, num_experts] (one row per token of "
+                         f"hidden_states), got {tuple(router_logits.shape)}")
+    if not _routes_in_place(router_logits, top_k, config, expert_map):
+        weights, ids = route(router_logits, top_k, config, hidden_states=hidden_states,
+                             e_score_correction_bias=e_score_correction_bias,
+                             custom_routing_function=custom_routing_function)
+        return fused_experts(hidden_states, w13, w2, weights, ids, activation=activation, w13_bias=w13_bias,
+                             w2_bias=w2_bias, apply_router_weight_on_input=apply_router_weight_on_input,
+                             expert_map=expert_map, quant=quant, a13_scale=a13_scale, a2_scale=a2_scale,
+                             backend=backend, prepared=prepared)
+    spec = ActivationSpec.parse(activation)
+    cache = prepared if isinstance(prepared, PreparedCache) else None
     if cache is not None:
-        args = dataclasses.replace(args, prepared=cache.get(get_backend(decision.chosen), args, problem))
-    elif prepared is not None and prepared.backend != decision.chosen:
+        prepared = cache.current
+    weights, ids = routing_outputs(router_logits, top_k)
+    args = ExpertsArgs(hidden_states, w13, w2, weights, ids, w13_bias, w2_bias, expert_map, a13_scale, a2_scale,
+                       prepared)
+    problem = _problem(args, spec, apply_router_weight_on_input, quant)
+    chosen = select_backend(problem, backend).chosen
+    tile = getattr(get_backend(chosen), "alignment_tile", None)
+    al = route_and_align(router_logits, top_k, config, weights, ids, num_local=problem.num_experts,
+                         block_m=tile(args, problem) if tile is not None else None, expert_map=expert_map)
+    if al is not None:
+        args = ExpertsArgs(hidden_states, w13, w2, weights, ids, w13_bias, w2_bias, expert_map, a13_scale,
+                           a2_scale, prepared, al)
+    _check_values(args, problem)
+    out = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+    return _execute(args, problem, chosen, cache, out)
+
+
+def _routes_in_place(router_logits: torch.Tensor, top_k: int, config: RoutingConfig,
+                     expert_map: torch.Tensor | None) -> bool:
+    """Whether fused_moe routes into its own buffers: the routing kernels take [T, E] logits, and an expert
+    map (if any) has one entry per routed expert (the kernel maps the ids it routed)."""
+    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
+        return False
+    if expert_map is not None and (not isinstance(expert_map, torch.Tensor) or expert_map.dim() != 1
+                                   or expert_map.shape[0] != router_logits.shape[1]):
+        return False
+    return routes_into(router_logits, top_k, config)
+
+
+def _execute(args: ExpertsArgs, problem: ExpertsProblem, chosen: str, cache: PreparedCache | None,
+             out: torch.Tensor) -> torch.Tensor:
+    """Run a validated call on the chosen backend: its prepared weights, autograd, the backend itself."""
+    impl = get_backend(chosen)
+    if cache is not None:
+        made = cache.get(impl, args, problem)
+        if made is not args.prepared:  # most backends prepare nothing: no copy of the arguments then
+            args = dataclasses.replace(args, prepared=made)
+    elif args.prepared is not None and args.prepared.backend != chosen:
         args = dataclasses.replace(args, prepared=None)  # another backend's arrangement: not for this one
     if problem.num_tokens == 0:
         return out
     if _needs_grad(args):
-        return out.copy_(_WithGrad.apply(args, problem, decision.chosen, *_grad_inputs(args)))
-    get_backend(decision.chosen).apply(args, problem, out)
+        return out.copy_(_WithGrad.apply(args, problem, chosen, *_grad_inputs(args)))
+    impl.apply(args, problem, out)
     return out
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from .activations import apply_activation
 from .config import ActivationSpec, MoEConfig, RoutingConfig
 from .contract import Weight
-from .functional import PreparedCache, fused_experts
+from .functional import PreparedCache, fused_experts, fused_moe
 from .quant import NAMES, QuantConfig, QuantizedWeight, quantize
 from .quant.schemes import STORAGE_DTYPES
 from .quant.weights import int4_scale_dtype, scale_dtypes, storage_shapes
@@ -247,26 +247,56 @@ class FusedMoE(nn.Module):
                 f"hidden_states: expected [T, {self.config.hidden_size}] or [B, S, {self.config.hidden_size}], "
                 f"got {tuple(shape)}"
             )
-        x = hidden_states.reshape(-1, shape[-1])
+        x = hidden_states if hidden_states.dim() == 2 else hidden_states.reshape(-1, shape[-1])
         want = self._activation_dtype
         if x.dtype != want:
             fix = f"cast the input (x.to({want}))"
             if self._quant_key is None:
                 fix += f" or the layer (layer.to({x.dtype}))"
             raise TypeError(f"hidden_states: dtype {x.dtype} differs from the layer's parameters ({want}); {fix}")
-        weights, ids = self.select_experts(x, router_logits)
-        y = self.experts(x, weights, ids)
+        y = self._routed(x, router_logits)
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             y = y + shared
-        return y.view(shape)
+        return y if hidden_states.dim() == 2 else y.view(shape)
+
+    # forward calls select_experts and experts themselves when a subclass overrides either (see _routed)
+    _one_call = True
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._one_call = cls.select_experts is FusedMoE.select_experts and cls.experts is FusedMoE.experts
+
+    def _routed(self, x: torch.Tensor, router_logits: torch.Tensor | None) -> torch.Tensor:
+        """select_experts then experts, as one ``fused_moe`` call (routing and alignment in one launch where
+        the kernels can); the two calls themselves when a subclass or the instance replaces either."""
+        if not self._one_call or "select_experts" in self.__dict__ or "experts" in self.__dict__:
+            return self.experts(x, *self.select_experts(x, router_logits))
+        w13, w2 = self._expert_weights()
+        c = self.config
+        return fused_moe(
+            x, self._router_logits(x, router_logits), w13, w2, top_k=c.top_k, routing=c.routing,
+            e_score_correction_bias=self.e_score_correction_bias, custom_routing_function=self.custom_routing_function,
+            activation=c.activation, w13_bias=self.w13_bias, w2_bias=self.w2_bias,
+            apply_router_weight_on_input=c.apply_router_weight_on_input, expert_map=self.expert_map,
+            quant=self._quant_key, a13_scale=self.w13_input_scale, a2_scale=self.w2_input_scale, backend=self.backend,
+            prepared=self._prepared,
+        )
 
     def select_experts(
         self, x: torch.Tensor, router_logits: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits -> (fp32 weights [T, k], int32 global ids [T, k])."""
+        return route(
+            self._router_logits(x, router_logits), self.config.top_k, self.config.routing, hidden_states=x,
+            e_score_correction_bias=self.e_score_correction_bias,
+            custom_routing_function=self.custom_routing_function,
+        )
+
+    def _router_logits(self, x: torch.Tensor, router_logits: torch.Tensor | None) -> torch.Tensor:
+        """The logits [T, E]: given ([T, E] or [B, S, E]) or from the gate."""
         if router_logits is None:
             if self.gate is None:
                 raise ValueError("router_logits is required: this FusedMoE was built with gate=False")
@@ -278,12 +308,7 @@ class FusedMoE(nn.Module):
                    else type(router_logits).__name__)
             raise ValueError(f"router_logits: expected [{x.shape[0]}, {num_experts}] (or [B, S, {num_experts}]) for "
                              f"{x.shape[0]} tokens and {num_experts} experts, got {got}")
-        router_logits = router_logits.reshape(x.shape[0], num_experts)
-        return route(
-            router_logits, self.config.top_k, self.config.routing, hidden_states=x,
-            e_score_correction_bias=self.e_score_correction_bias,
-            custom_routing_function=self.custom_routing_function,
-        )
+        return router_logits if router_logits.dim() == 2 else router_logits.reshape(x.shape[0], num_experts)
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The routed experts alone: [T, K] from routing weights and global ids."""

@@ -35,6 +35,8 @@ class Options(Frozen):
     direct_launch: bool = Field(True, description="launch compiled Triton kernels past Triton's launcher, on "
                                 "Triton versions whose GPU bitwise test passed")
     gpu_routing: bool = Field(True, description="route CUDA logits with the Triton routing kernels")
+    route_align: bool = Field(True, description="FusedMoE.forward: the routing kernel also aligns the pairs of "
+                              "small batches for the Triton backend, in the same launch")
     tuned_configs: bool = Field(True, description="use tuned kernel-config files")
     tuned_configs_dir: Path | None = Field(None, description="a folder of tuned files searched before the "
                                            "user cache and the shipped files")
@@ -57,6 +59,7 @@ ENV_VARS = {
     "pdl": "MOE_PDL",
     "direct_launch": "MOE_DIRECT_LAUNCH",
     "gpu_routing": "MOE_GPU_ROUTING",
+    "route_align": "MOE_ROUTE_ALIGN",
     "tuned_configs": "MOE_TUNED_CONFIGS",
     "tuned_configs_dir": "MOE_TUNED_CONFIGS_DIR",
     "chunk_tokens": "MOE_CHUNK_TOKENS",

@@ -6,7 +6,9 @@
 - the roofline: copy bandwidth and matmul rates (bf16; on CUDA also FP8 and INT8) measured now, and the
   floor of a call, unquantized or with a quantization scheme's weight bytes and matmul rate;
 - timing: :func:`time_fn` (``triton.testing.do_bench``'s median on CUDA, which flushes L2; wall clock on
-  CPU) and :func:`graph_time` (CUDA-graph replays).
+  CPU) and :func:`graph_time` (CUDA-graph replays);
+- torch's two bare grouped GEMMs on a routing (:func:`two_gemms`), the bound of any pipeline of two
+  separate GEMMs, and where they are no bound (:func:`two_gemms_unavailable`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .activations import apply_activation
 from .config import ActivationSpec
 from .contract import ExpertsProblem
 from .quant import QuantConfig, QuantizedWeight, named, quantize
@@ -33,6 +36,7 @@ __all__ = [
     "Ceilings",
     "Preset",
     "QuantizedWorkload",
+    "TwoGemms",
     "copy_bandwidth",
     "dense_matmul_rate",
     "expert_weight_bytes",
@@ -48,6 +52,8 @@ __all__ = [
     "random_tokens",
     "random_weights",
     "time_fn",
+    "two_gemms",
+    "two_gemms_unavailable",
 ]
 
 
@@ -328,3 +334,73 @@ def floor_seconds(p: Preset, m: int, experts_hit: int, elt: int, ceil: Ceilings,
     nbytes = experts_hit * per_expert + 2 * m * k * elt
     flops = 2 * m * p.top_k * k * rows + 2 * m * p.top_k * n * k
     return max(nbytes / (ceil.copy_gbps * 1e9), flops / ((rate or ceil.matmul_tflops) * 1e12))
+
+
+# ------------------------------------------------------------------ torch's two bare grouped GEMMs
+def two_gemms_unavailable(device: torch.device) -> str | None:
+    """Why torch's two bare grouped GEMMs are no bound on ``device``, or None: ``torch._grouped_mm`` has
+    grouped GEMM kernels for Hopper (wgmma) and Blackwell (tcgen05); on CPU it is a loop over the
+    experts."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm (torch >= 2.8 has it)"
+    if device.type != "cuda":
+        return (f"on {device.type} torch._grouped_mm is a loop over the experts, not a grouped GEMM kernel; the "
+                "row bounds a pipeline on Hopper or Blackwell GPUs only")
+    target = current_target(device)
+    if not (target.wgmma or target.tcgen05):
+        return (f"{target.describe()}: torch._grouped_mm has grouped GEMM kernels for Hopper (wgmma) and "
+                "Blackwell (tcgen05) only")
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class TwoGemms:
+    """Torch's two grouped GEMMs on one routing, rows pre-permuted by expert and unpadded: GEMM1
+    ``rows`` [P, K] x w13 -> [P, 2N] (or [P, N]), GEMM2 ``act`` [P, N] (GEMM1's output of these rows with its
+    bias, activated) x w2 -> [P, K]. :meth:`call` runs the two GEMMs alone; :meth:`output` adds the rest
+    (biases, weights, the sum over k) for the check."""
+
+    rows: torch.Tensor  # [P, K] the hidden rows of the pairs, grouped by expert
+    act: torch.Tensor  # [P, N] GEMM2's input
+    offs: torch.Tensor  # [E] int32 end row of each expert's group
+    w13t: torch.Tensor  # [E, K, 2N] (a transposed view)
+    w2t: torch.Tensor  # [E, N, K]
+    token: torch.Tensor  # [P] int64 token of each row
+    weight: torch.Tensor  # [P] fp32 routing weight of each row
+    expert: torch.Tensor  # [P] int64 expert of each row
+    b2: torch.Tensor | None = None  # [E, K]
+
+    def call(self) -> torch.Tensor:
+        """The two GEMMs alone (what the bench times); returns GEMM2's [P, K]."""
+        torch._grouped_mm(self.rows, self.w13t, offs=self.offs)
+        return torch._grouped_mm(self.act, self.w2t, offs=self.offs)
+
+    def output(self, num_tokens: int) -> torch.Tensor:
+        """[T, K] fp32: GEMM2's rows plus w2's bias, weighted, summed into their tokens."""
+        y = self.call().float()
+        if self.b2 is not None:
+            y = y + self.b2.float().index_select(0, self.expert)
+        out = torch.zeros(num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
+        return out.index_add_(0, self.token, y * self.weight.unsqueeze(1))
+
+
+def two_gemms(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+              activation: str | ActivationSpec = "silu", b13: torch.Tensor | None = None,
+              b2: torch.Tensor | None = None) -> TwoGemms:
+    """The inputs of torch's two grouped GEMMs for the routing ``weights``/``ids`` [T, k] of ``x`` [T, K]
+    (weights w13 [E, 2N, K], w2 [E, K, N], unquantized): the pairs sorted by expert (stable), GEMM1 run once
+    to make GEMM2's activated input. Reads the routing on the host: made outside any timing."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)  # [P] pair of each row
+    counts = torch.bincount(flat, minlength=w13.shape[0])
+    rows = x.index_select(0, order // k)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    w13t, w2t = w13.transpose(1, 2), w2.transpose(1, 2)
+    expert = flat.index_select(0, order)
+    h = torch._grouped_mm(rows, w13t, offs=offs).float()
+    if b13 is not None:
+        h = h + b13.float().index_select(0, expert)
+    act = apply_activation(h, ActivationSpec.parse(activation)).to(x.dtype)
+    return TwoGemms(rows, act, offs, w13t, w2t, order // k, weights.reshape(-1).float().index_select(0, order),
+                    expert, b2)

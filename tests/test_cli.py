@@ -70,6 +70,10 @@ def test_bench_default_runs_and_checks_every_backend(tmp_path, capsys):
     assert info["floor_is_bound"] is False and "'% floor' are left out" in out
     usable = [b.name for b in moe.list_backends() if b.is_available()[0]]
     assert {r["backend"] for r in timed if r["mode"] == "eager"} == set(usable)
+    gemms = [r for r in rows if r["mode"] == "gemms"]  # torch's two bare GEMMs: no bound on CPU, and it says so
+    assert [r["m"] for r in gemms] == [1, 5] and all(r["time_us"] is None for r in gemms)
+    assert all("torch._grouped_mm is a loop over the experts" in r["note"] for r in gemms)
+    assert "mode gemms: torch._grouped_mm twice on the same routing" in out
 
 
 def test_bench_rejects_bad_m(capsys):

@@ -16,7 +16,7 @@ SPELLINGS = [("1", True), ("0", False), ("true", True), ("false", False), ("yes"
 
 @pytest.mark.parametrize(("raw", "value"), SPELLINGS)
 @pytest.mark.parametrize("var", ["MOE_PDL", "MOE_VALIDATE", "MOE_DIRECT_LAUNCH", "MOE_GPU_ROUTING",
-                                 "MOE_TUNED_CONFIGS", "MOE_BATCH_INVARIANT",
+                                 "MOE_ROUTE_ALIGN", "MOE_TUNED_CONFIGS", "MOE_BATCH_INVARIANT",
                                  "MOE_DEEP_GEMM_UE8M0"])
 def test_every_boolean_variable_takes_every_spelling(var, raw, value, monkeypatch):
     monkeypatch.setenv(var, raw)

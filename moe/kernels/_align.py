@@ -6,7 +6,8 @@ routed elsewhere, or with an id or mapped id out of range, are dropped (``_jit.l
   sorted-pair buffer, shared among its programs;
 - ``_scan``: one program: padded offsets, the expert of every row tile, the padded total;
 - ``_scatter``: each pair's row in the sorted order;
-- ``_align_one``: all of it in one program, for small batches.
+- ``_align_one``: all of it in one program, for small batches (``align_pairs``, which the routing
+  kernel that aligns its own ids calls too).
 """
 
 import triton
@@ -73,16 +74,15 @@ def _scatter(
 
 
 @triton.jit
-def _align_one(
+def align_pairs(
     ids_ptr, emap_ptr, cursor_ptr, ends_ptr, total_ptr, block_expert_ptr, sorted_ptr,
     num_global, num_experts, num_pairs, max_blocks, sorted_len,
-    HAS_MAP: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
+    HAS_MAP: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """The whole alignment in one program, for small batches (one launch instead of a memset and three):
+    """The alignment by one program (``_align_one``, and the routing kernel that aligns its own ids):
     counts by histogram, the scan, the sentinel fill, then each pair's row from an atomic cursor that
-    starts at its expert's first row. E_PAD > num_experts: bin num_experts collects non-local pairs.
-    PDL: launched with launch_pdl; wait for the routing, then let GEMM1 launch."""
-    chain(PDL, PDL)
+    starts at its expert's first row. E_PAD > num_experts: bin num_experts collects non-local pairs. The
+    ids are read from memory: a caller that wrote them in the same program puts a barrier before this."""
     e_all = tl.arange(0, E_PAD)
     emask = e_all < num_experts
     counts = tl.zeros([E_PAD], dtype=tl.int32)
@@ -116,3 +116,16 @@ def _align_one(
         mask = e >= 0
         row = tl.atomic_add(cursor_ptr + e, tl.full([CHUNK], 1, tl.int32), mask=mask)
         tl.store(sorted_ptr + row, offs.to(tl.int32), mask=mask)
+
+
+@triton.jit
+def _align_one(
+    ids_ptr, emap_ptr, cursor_ptr, ends_ptr, total_ptr, block_expert_ptr, sorted_ptr,
+    num_global, num_experts, num_pairs, max_blocks, sorted_len,
+    HAS_MAP: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
+):
+    """The whole alignment in one program, for small batches (one launch instead of a memset and three).
+    PDL: launched with launch_pdl; wait for the routing, then let GEMM1 launch."""
+    chain(PDL, PDL)
+    align_pairs(ids_ptr, emap_ptr, cursor_ptr, ends_ptr, total_ptr, block_expert_ptr, sorted_ptr, num_global,
+                num_experts, num_pairs, max_blocks, sorted_len, HAS_MAP, E_PAD, BLOCK_M, CHUNK)

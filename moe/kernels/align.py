@@ -7,10 +7,9 @@ routing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..contract import Alignment
 from . import _align
 from .host import cdiv, next_pow2, pdl_option
 from .launch import launch
@@ -19,16 +18,7 @@ MAX_EXPERTS = 4096
 _BLOCK = 256
 ONE_PROGRAM_PAIRS = 4096  # up to this many pairs the alignment runs as one program
 ONE_PROGRAM_EXPERTS = 1024
-
-
-@dataclass(frozen=True)
-class Alignment:
-    sorted_ids: torch.Tensor  # [sorted_len] int32: pair index (t * k + j) per row, num_pairs for padding
-    block_expert: torch.Tensor  # [max_blocks] int32: local expert of each row tile, -1 past the end
-    total: torch.Tensor  # [1] int32: padded number of rows in use
-    expert_ends: torch.Tensor  # [E] int32: end row of each expert's unpadded group (grouped GEMM offsets)
-    max_blocks: int
-    block_m: int
+ONE_PROGRAM_CHUNK = 1024  # pairs a step of the one-program alignment
 
 
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -50,6 +40,16 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: to
     ids = topk_ids.reshape(-1)
     num_pairs = ids.numel()
     dev = ids.device
+    emap = expert_map.contiguous() if expert_map is not None else ids  # indexed as a flat array
+    has_map = expert_map is not None
+    num_global = expert_map.shape[0] if has_map else num_experts
+    if fits_one_program(num_pairs, num_experts):
+        al, cursor = one_program_buffers(num_pairs, num_experts, block_m, dev)
+        launch(_align._align_one, (1,), dev, ids, emap, cursor, al.expert_ends, al.total, al.block_expert,
+               al.sorted_ids, num_global, num_experts, num_pairs, al.max_blocks, al.sorted_ids.numel(),
+               HAS_MAP=has_map, E_PAD=one_program_bins(num_experts), BLOCK_M=block_m, CHUNK=ONE_PROGRAM_CHUNK,
+               PDL=pdl, num_warps=8, **pdl_option(pdl))
+        return al
     sorted_len = max_padded_rows(num_pairs, num_experts, block_m)
     max_blocks = sorted_len // block_m
     # one int32 buffer, each part starting on a 128-byte boundary: counts and cursors [2E], starts and
@@ -57,14 +57,6 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: to
     scratch, starts, ends, total, block_expert, sorted_ids = _carve(
         dev, (2 * num_experts, num_experts, num_experts, 1, max_blocks, sorted_len))
     counts, cursor = scratch[:num_experts], scratch[num_experts:]
-    emap = expert_map.contiguous() if expert_map is not None else ids  # indexed as a flat array
-    has_map = expert_map is not None
-    num_global = expert_map.shape[0] if has_map else num_experts
-    if num_pairs <= ONE_PROGRAM_PAIRS and num_experts <= ONE_PROGRAM_EXPERTS:
-        launch(_align._align_one, (1,), dev, ids, emap, cursor, ends, total, block_expert, sorted_ids, num_global,
-               num_experts, num_pairs, max_blocks, sorted_len, HAS_MAP=has_map, E_PAD=next_pow2(num_experts + 1),
-               BLOCK_M=block_m, CHUNK=1024, PDL=pdl, num_warps=8, **pdl_option(pdl))
-        return Alignment(sorted_ids, block_expert, total, ends, max_blocks, block_m)
     scratch.zero_()
     grid = (cdiv(num_pairs, _BLOCK),)
     launch(_align._count, grid, dev, ids, emap, counts, sorted_ids, num_pairs, sorted_len, num_global, num_experts,
@@ -74,6 +66,27 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_map: to
     launch(_align._scatter, grid, dev, ids, emap, starts, cursor, sorted_ids, num_pairs, num_global, num_experts,
            HAS_MAP=has_map, BLOCK=_BLOCK)
     return Alignment(sorted_ids, block_expert, total, ends, max_blocks, block_m)
+
+
+def fits_one_program(num_pairs: int, num_experts: int) -> bool:
+    """Whether one program aligns these pairs (``align_pairs``): the small batches."""
+    return num_pairs <= ONE_PROGRAM_PAIRS and num_experts <= ONE_PROGRAM_EXPERTS
+
+
+def one_program_bins(num_experts: int) -> int:
+    """The histogram bins of the one-program alignment: a power of two above ``num_experts`` (the last
+    collects the pairs that are not local)."""
+    return next_pow2(num_experts + 1)
+
+
+def one_program_buffers(num_pairs: int, num_experts: int, block_m: int,
+                        device: torch.device) -> tuple[Alignment, torch.Tensor]:
+    """The outputs of the one-program alignment, unwritten, and its [E] row cursors: one allocation."""
+    sorted_len = max_padded_rows(num_pairs, num_experts, block_m)
+    max_blocks = sorted_len // block_m
+    cursor, ends, total, block_expert, sorted_ids = _carve(
+        device, (num_experts, num_experts, 1, max_blocks, sorted_len))
+    return Alignment(sorted_ids, block_expert, total, ends, max_blocks, block_m), cursor
 
 
 def _carve(device: torch.device, sizes: tuple[int, ...]) -> list[torch.Tensor]:

@@ -8,7 +8,8 @@ token whose logits are all ``-inf`` gets weights 0 and ids 0..k-1 (its routed ou
 Logits on a CUDA device are routed by one Triton kernel launch per call (``moe/routing/triton.py``,
 kernels in ``_kernels.py``), on by default (option ``gpu_routing``, ``MOE_GPU_ROUTING=0`` switches them
 off); CPU logits and everything else take the torch implementations (``moe/routing/reference.py``,
-``*_ref``), which define the semantics.
+``*_ref``), which define the semantics. :func:`route_and_align` is the layer's path: the top-k methods
+write into given outputs and, for small batches, group the pairs by expert in the same launch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from types import ModuleType
 import torch
 
 from ..config import RoutingConfig
+from ..contract import Alignment
 from ..options import options, set_options
 from .reference import check_logits, fused_topk_ref, grouped_topk_ref, stable_topk, topk_softmax_ref
 
@@ -31,6 +33,9 @@ __all__ = [
     "grouped_topk",
     "grouped_topk_ref",
     "route",
+    "route_and_align",
+    "routes_into",
+    "routing_outputs",
     "set_gpu_routing",
     "stable_topk",
     "topk_softmax",
@@ -160,3 +165,47 @@ def route(
     check_logits(router_logits, top_k)
     weights, ids = custom_routing_function(hidden_states, router_logits, top_k)
     return weights.float(), ids.to(torch.int32)
+
+
+_INTO_METHODS = ("topk", "topk_then_softmax")  # the methods of the routing kernel that can also align
+
+
+def routes_into(router_logits: torch.Tensor, top_k: int, config: RoutingConfig) -> bool:
+    """Whether :func:`route_and_align` runs this call: logits that go to the routing kernels, a top-k
+    method (``topk``, ``topk_then_softmax``), outside ``torch.compile`` (each routing call is one custom op
+    there), and no gradient wanted for the logits."""
+    if config.method not in _INTO_METHODS or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and router_logits.requires_grad:
+        return False
+    return _gpu_kernels(router_logits, top_k) is not None
+
+
+def route_and_align(
+    router_logits: torch.Tensor, top_k: int, config: RoutingConfig, weights: torch.Tensor, ids: torch.Tensor, *,
+    num_local: int, block_m: int | None = None, expert_map: torch.Tensor | None = None,
+) -> Alignment | None:
+    """Route ``router_logits`` [T, E] as :func:`route` does into ``weights`` (fp32) and ``ids`` (int32),
+    both contiguous [T, k]. With ``block_m``, a batch that fits one program
+    (``moe.routing.triton.aligns_in_one_launch``) also has its pairs grouped by local expert for that row
+    tile in the same launch (``expert_map`` [E] maps global ids to ``num_local`` local experts), unless the
+    ``route_align`` option (``MOE_ROUTE_ALIGN=0``) is off; that alignment is returned, else None. Only for
+    calls :func:`routes_into` accepts."""
+    from . import triton as kernels
+
+    opts = {"scoring": "softmax" if config.method == "topk_then_softmax" else config.scoring,
+            "topk_first": config.method == "topk_then_softmax", "renormalize": config.renormalize,
+            "routed_scaling_factor": config.routed_scaling_factor}
+    num_tokens, num_experts = router_logits.shape
+    if block_m is not None and options().route_align and \
+            kernels.aligns_in_one_launch(num_tokens, num_experts, num_local, top_k):
+        return kernels.topk_and_align(router_logits, top_k, weights, ids, num_local=num_local, block_m=block_m,
+                                      expert_map=expert_map, **opts)
+    kernels.topk_into(router_logits, top_k, weights, ids, **opts)
+    return None
+
+
+def routing_outputs(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unwritten fp32 weights and int32 ids [T, k] on the logits' device, for :func:`route_and_align`."""
+    return (torch.empty(router_logits.shape[0], top_k, dtype=torch.float32, device=router_logits.device),
+            torch.empty(router_logits.shape[0], top_k, dtype=torch.int32, device=router_logits.device))

@@ -12,6 +12,7 @@ implementations.
 import triton
 import triton.language as tl
 
+from ..kernels._align import align_pairs
 from ..kernels._jit import chain
 
 # scoring codes (see SCORING in routing.py)
@@ -65,17 +66,12 @@ def _store(w_ptr, ids_ptr, w, ids, rows, row_ok, slots, scale, RENORM: tl.conste
 
 
 @triton.jit
-def topk_kernel(
-    logits_ptr, w_ptr, ids_ptr, T, E, stride_t, stride_e, scale,
-    TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    SCORING: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr,
+def _topk_rows(
+    logits_ptr, w_ptr, ids_ptr, rows, T, E, stride_t, stride_e, scale,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SCORING: tl.constexpr,
+    TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr,
 ):
-    """Scores then top-k (optionally renormalized), or with TOPK_FIRST top-k on the logits then a
-    softmax over the k selected (the launcher sets RENORM with it); times ``scale``. fp32 weights and
-    int32 ids, both [T, TOP_K]. PDL: launched with launch_pdl; wait for the logits, then let the
-    alignment launch."""
-    chain(PDL, PDL)
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """Route the BLOCK_T token rows ``rows`` (rows past T are masked): see topk_kernel."""
     cols = tl.arange(0, E_PAD)
     row_ok = rows < T
     col_ok = cols < E
@@ -97,6 +93,43 @@ def topk_kernel(
         w = tl.where(live, tl.exp(w - top[:, None]), 0.0)
     ids = tl.minimum(ids, E - 1)  # only NaN logits (undefined) leave a round without a pick: stay in range
     _store(w_ptr, ids_ptr, w, ids, rows, row_ok, slots, scale, RENORM, TOP_K)
+
+
+@triton.jit
+def topk_kernel(
+    logits_ptr, w_ptr, ids_ptr, T, E, stride_t, stride_e, scale,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    SCORING: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr,
+):
+    """Scores then top-k (optionally renormalized), or with TOPK_FIRST top-k on the logits then a
+    softmax over the k selected (the launcher sets RENORM with it); times ``scale``. fp32 weights and
+    int32 ids, both [T, TOP_K]. PDL: launched with launch_pdl; wait for the logits, then let the
+    alignment launch."""
+    chain(PDL, PDL)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    _topk_rows(logits_ptr, w_ptr, ids_ptr, rows, T, E, stride_t, stride_e, scale, TOP_K, K_PAD, E_PAD, BLOCK_T,
+               SCORING, TOPK_FIRST, RENORM)
+
+
+@triton.jit
+def topk_align_kernel(
+    logits_ptr, w_ptr, ids_ptr, T, E, stride_t, stride_e, scale,
+    emap_ptr, cursor_ptr, ends_ptr, total_ptr, block_expert_ptr, sorted_ptr, num_local, max_blocks, sorted_len,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    SCORING: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORM: tl.constexpr,
+    HAS_MAP: tl.constexpr, A_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
+):
+    """topk_kernel and the one-program alignment (``moe.kernels._align.align_pairs``) in one program, for
+    small batches: the rows BLOCK_T at a time, a barrier, then the pairs of the ids just stored grouped by
+    local expert (A_PAD > num_local bins; the global ids are < E, the map's length). PDL: as topk_kernel;
+    GEMM1 waits for the whole kernel."""
+    chain(PDL, PDL)
+    for t0 in range(0, T, BLOCK_T):
+        _topk_rows(logits_ptr, w_ptr, ids_ptr, t0 + tl.arange(0, BLOCK_T), T, E, stride_t, stride_e, scale, TOP_K,
+                   K_PAD, E_PAD, BLOCK_T, SCORING, TOPK_FIRST, RENORM)
+    tl.debug_barrier()  # every id is stored before the alignment reads them back
+    align_pairs(ids_ptr, emap_ptr, cursor_ptr, ends_ptr, total_ptr, block_expert_ptr, sorted_ptr, E, num_local,
+                T * TOP_K, max_blocks, sorted_len, HAS_MAP, A_PAD, BLOCK_M, CHUNK)
 
 
 @triton.jit

@@ -16,17 +16,22 @@ from dataclasses import dataclass
 
 import torch
 
+from ..contract import Alignment
+from ..kernels.align import ONE_PROGRAM_CHUNK, fits_one_program, one_program_bins, one_program_buffers
 from ..kernels.host import cdiv, chains, interpreting, next_pow2, pdl_option
 from ..kernels.launch import launch
 from ..validation import check_finite_logits, check_float, check_ndim, check_same_device, check_top_k
 from . import _kernels as _routing
 from .reference import check_groups, routing_vjp
 
-__all__ = ["MAX_EXPERTS", "MAX_TOP_K", "RoutingTile", "default_tile", "fused_topk", "grouped_topk", "supports",
-           "topk_softmax"]
+__all__ = ["FUSED_MAX_SCORES", "MAX_EXPERTS", "MAX_TOP_K", "RoutingTile", "aligns_in_one_launch", "default_tile",
+           "fused_topk", "grouped_topk", "supports", "topk_and_align", "topk_into", "topk_softmax"]
 
 MAX_EXPERTS = 4096  # the padded expert row of a token lives in registers
 MAX_TOP_K = 32  # the k selection rounds are unrolled
+# (token, padded expert) scores the routing kernel that aligns its own ids takes: one [BLOCK_T, E_PAD] tile,
+# 16 values a thread over 8 warps, the work of one program of the routing kernel (which spreads larger batches)
+FUSED_MAX_SCORES = 4096
 SCORING = {"softmax": _routing.SOFTMAX, "sigmoid": _routing.SIGMOID}
 _WARPS = (1, 2, 4, 8, 16)
 
@@ -117,6 +122,60 @@ def grouped_topk(
     return _with_grad(router_logits, *out, code, renormalize, routed_scaling_factor, False)
 
 
+def aligns_in_one_launch(num_tokens: int, num_experts: int, num_local: int, top_k: int) -> bool:
+    """Whether :func:`topk_and_align` takes the batch: more than one token (a single token is not aligned),
+    pairs and local experts within the one-program alignment's limits (``moe.kernels.align``), at most
+    :data:`FUSED_MAX_SCORES` scores for its one program to route, and shapes the kernels support."""
+    return (num_tokens > 1 and num_tokens * next_pow2(num_experts) <= FUSED_MAX_SCORES
+            and fits_one_program(num_tokens * top_k, num_local) and supports(num_experts, top_k)[0])
+
+
+def topk_into(
+    router_logits: torch.Tensor, top_k: int, weights: torch.Tensor, ids: torch.Tensor, *, scoring: str = "softmax",
+    topk_first: bool = False, renormalize: bool = True, routed_scaling_factor: float = 1.0,
+) -> None:
+    """:func:`fused_topk` (with ``topk_first``: :func:`topk_softmax`) written into ``weights`` [T, k] fp32
+    and ``ids`` [T, k] int32 (contiguous: ``moe.routing.routing_outputs``); no gradient."""
+    _check(router_logits, top_k)
+    _launch_topk(router_logits, top_k, _scoring(scoring), topk_first, renormalize, routed_scaling_factor,
+                 out=(weights, ids))
+
+
+def topk_and_align(
+    router_logits: torch.Tensor, top_k: int, weights: torch.Tensor, ids: torch.Tensor, *, num_local: int,
+    block_m: int, expert_map: torch.Tensor | None = None, scoring: str = "softmax", topk_first: bool = False,
+    renormalize: bool = True, routed_scaling_factor: float = 1.0,
+) -> Alignment:
+    """:func:`topk_into`, and the pairs grouped by local expert for row tile ``block_m`` (what
+    ``moe.kernels.align.align(ids, num_local, block_m, expert_map)`` returns), in one launch of one
+    program: the batches :func:`aligns_in_one_launch` takes. ``expert_map`` [E] maps the global ids."""
+    _check(router_logits, top_k)
+    num_tokens, num_experts = router_logits.shape
+    if not aligns_in_one_launch(num_tokens, num_experts, num_local, top_k):
+        raise ValueError(f"router_logits: {num_tokens} tokens of {num_experts} experts, top_k={top_k}, "
+                         f"{num_local} local experts do not fit one program (aligns_in_one_launch); use "
+                         "topk_into, then moe.kernels.align.align")
+    if expert_map is not None and expert_map.shape != (num_experts,):
+        raise ValueError(f"expert_map: expected shape ({num_experts},) (one entry per routed expert), got "
+                         f"{tuple(expert_map.shape)}")
+    al, cursor = one_program_buffers(num_tokens * top_k, num_local, block_m, router_logits.device)
+    e_pad = next_pow2(num_experts)
+    interp = interpreting()
+    block_t = min(next_pow2(num_tokens), 64 if interp else max(1, FUSED_MAX_SCORES // e_pad))
+    emap = expert_map.contiguous() if expert_map is not None else ids
+    launch(
+        _routing.topk_align_kernel, (1,), router_logits.device,
+        router_logits, weights, ids, num_tokens, num_experts, router_logits.stride(0), router_logits.stride(1),
+        float(routed_scaling_factor), emap, cursor, al.expert_ends, al.total, al.block_expert, al.sorted_ids,
+        num_local, al.max_blocks, al.sorted_ids.numel(),
+        TOP_K=top_k, K_PAD=next_pow2(top_k), E_PAD=e_pad, BLOCK_T=block_t, SCORING=_scoring(scoring),
+        TOPK_FIRST=topk_first, RENORM=renormalize or topk_first, HAS_MAP=expert_map is not None,
+        A_PAD=one_program_bins(num_local), BLOCK_M=block_m, CHUNK=ONE_PROGRAM_CHUNK, num_warps=1 if interp else 8,
+        **_chained(router_logits.device),
+    )
+    return al
+
+
 def _check(router_logits: torch.Tensor, top_k: int) -> None:
     check_float("router_logits", router_logits)
     check_ndim("router_logits", router_logits, 2, "[num_tokens, num_experts]")
@@ -147,9 +206,9 @@ def _chained(device: torch.device) -> dict[str, bool]:
 
 def _launch_topk(
     logits: torch.Tensor, top_k: int, scoring: int, topk_first: bool, renormalize: bool, scale: float,
-    tile: RoutingTile | None = None,
+    tile: RoutingTile | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    weights, ids = _outputs(logits, top_k)
+    weights, ids = out if out is not None else _outputs(logits, top_k)
     num_tokens, num_experts = logits.shape
     if num_tokens == 0:
         return weights, ids

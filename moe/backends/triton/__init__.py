@@ -81,12 +81,16 @@ def triton_experts(
     fp32 inputs compute in full fp32 unless ``allow_tf32``. Batches above the ``chunk_tokens`` option run
     in chunks with one config, so the result equals an unchunked run. ``alignment``: the routing already
     aligned for ``config.block_m`` (``moe.kernels.align.align``), to time the kernels alone as other
-    projects report them; unchunked batches of more than one token only.
+    projects report them; unchunked batches of more than one token only. Without it, ``args.alignment``
+    (made with the routing for :meth:`TritonBackend.alignment_tile`) is used when its row tile is the config's.
     """
     chunk, num_tokens = options().chunk_tokens, problem.num_tokens
     if config is None:
         sized = problem if num_tokens <= chunk else dataclasses.replace(problem, num_tokens=chunk)
         config = choose_config(sized, args.hidden_states.device)
+    if alignment is None and args.alignment is not None and num_tokens <= chunk \
+            and args.alignment.block_m == config.block_m:
+        alignment = args.alignment
     if alignment is not None and (num_tokens > chunk or alignment.block_m != config.block_m):
         raise ValueError(f"alignment: aligned for block_m={alignment.block_m} but the config has block_m="
                          f"{config.block_m} (or the batch of {num_tokens} tokens runs in chunks of {chunk})")
@@ -324,6 +328,13 @@ class TritonBackend:
         if problem.num_experts > MAX_EXPERTS:
             return False, f"num_experts={problem.num_experts} exceeds {MAX_EXPERTS}"
         return _supports_quant(problem)
+
+    def alignment_tile(self, args: ExpertsArgs, problem: ExpertsProblem) -> int | None:
+        """The row tile the call's kernel config aligns for; None for a single token (its GEMMs read the
+        pairs directly) and for batches that run in chunks."""
+        if problem.num_tokens <= 1 or problem.num_tokens > options().chunk_tokens:
+            return None
+        return choose_config(problem, args.hidden_states.device).block_m
 
     def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:
         triton_experts(args, problem, out)
