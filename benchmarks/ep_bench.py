@@ -35,10 +35,10 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from parallel_gpu import DSV3, Shape  # the dsv3 experts' shape (this folder: run as benchmarks/ep_bench.py)
 
 import moe
 from moe.parallel import ParallelConfig, ParallelFusedMoE
@@ -50,16 +50,6 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 FP8_DISPATCH_TOL = 1e-1  # fp8 tokens against the unquantized single-GPU layer: the e4m3 rounding (QUANT_NOISE)
 
 
-@dataclass(frozen=True)
-class Shape:
-    E: int
-    top_k: int
-    K: int
-    N: int
-    dtype: torch.dtype
-
-
-DSV3 = Shape(E=256, top_k=8, K=7168, N=2048, dtype=torch.bfloat16)
 SMOKE = Shape(E=16, top_k=4, K=128, N=128, dtype=torch.float32)
 
 

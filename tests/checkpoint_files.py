@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moe.checkpoints import SafetensorsSource
 from moe.quant import named, quantize
 
 FP8_BLOCK_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -141,3 +142,15 @@ def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], quantization_
         cfg["quantization_config"] = quantization_config
     (path / "config.json").write_text(json.dumps(cfg))
     return path
+
+
+class RecordingSource(SafetensorsSource):
+    """A safetensors source that records what was read: (key, index)."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.reads: list[tuple[str, tuple]] = []
+
+    def read(self, key, index=()):
+        self.reads.append((key, index))
+        return super().read(key, index)

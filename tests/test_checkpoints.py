@@ -12,7 +12,6 @@ import torch
 import moe
 from moe.checkpoints import (
     CheckpointError,
-    SafetensorsSource,
     checkpoint_scheme,
     export_experts,
     load_experts,
@@ -22,7 +21,7 @@ from moe.parallel import ParallelConfig, ParallelFusedMoE
 from moe.parallel.config import ParallelRanks
 from moe.quant import dequantize, named
 from moe.testing import experts_float64, rel_error
-from tests.checkpoint_files import FP8_BLOCK_CONFIG, SPECS, ct_config, expert_tensors, write_checkpoint
+from tests.checkpoint_files import FP8_BLOCK_CONFIG, SPECS, RecordingSource, ct_config, expert_tensors, write_checkpoint
 
 E, TOP_K, K, N = 4, 2, 160, 144  # not multiples of 128: ragged edge blocks
 PREFIX = "model.layers.1.mlp.experts"
@@ -146,24 +145,12 @@ def test_forward_matches_the_float64_oracle_of_the_stored_values(files):
 
 
 # ------------------------------------------------------------------------------------ parallel
-class _Recording(SafetensorsSource):
-    """Records what was read: (key, index)."""
-
-    def __init__(self, path) -> None:
-        super().__init__(path)
-        self.reads: list[tuple[str, tuple]] = []
-
-    def read(self, key, index=()):
-        self.reads.append((key, index))
-        return super().read(key, index)
-
-
 @pytest.mark.parametrize("name", ["deepseek_fp8", "deepseek_fp8_fused"])
 def test_expert_parallel_reads_only_its_experts(name, files):
     path, _ = files(name)
     full = _layer("fp8_block")
     load_experts(full, path, PREFIX)
-    src = _Recording(path)
+    src = RecordingSource(path)
     emap = torch.tensor([-1, 0, -1, 1])  # experts 1 and 3 live here
     layer = _layer("fp8_block", expert_map=emap)
     load_experts(layer, src, PREFIX)
@@ -198,7 +185,7 @@ def test_tensor_parallel_reads_only_its_slice(monkeypatch, name, tmp_path):
     full = _layer(spec.quant, n=n)
     load_experts(full, path, PREFIX)
     for rank, layer in enumerate(_tp_layers(monkeypatch, spec.quant, n)):
-        src = _Recording(path)
+        src = RecordingSource(path)
         load_experts(layer, src, PREFIX)
         want = copy.deepcopy(layer)
         for e in range(E):

@@ -25,6 +25,8 @@ from moe.quant import dequantize, named  # noqa: E402
 from moe.testing import QUANT_NOISE, rel_error  # noqa: E402
 from tests.checkpoint_files import FP8_BLOCK_CONFIG, SPECS, quantize_projection, write_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers.logging.set_verbosity_error()
 SPEC = SPECS["deepseek_fp8"]
 SKIP = {"deepseek_v3": ["lm_head"], "qwen3_moe": ["lm_head", "mlp.gate"],  # Qwen3's routers stay float
@@ -109,12 +111,6 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral"])

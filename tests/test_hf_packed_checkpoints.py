@@ -28,15 +28,11 @@ from moe.testing import rel_error, tolerance  # noqa: E402
 from tests import packed_files as pf  # noqa: E402
 from tests.checkpoint_files import write_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers.logging.set_verbosity_error()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ids() -> torch.Tensor:

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import moe
-from moe.checkpoints import CheckpointError, SafetensorsSource, checkpoint_scheme, export_experts, load_experts
+from moe.checkpoints import CheckpointError, checkpoint_scheme, export_experts, load_experts
 from moe.config import ActivationSpec
 from moe.parallel import ParallelConfig, ParallelFusedMoE
 from moe.parallel.config import ParallelRanks
 from moe.quant import dequantize
 from moe.testing import experts_float64, rel_error, tolerance
 from tests import packed_files as pf
-from tests.checkpoint_files import write_checkpoint
+from tests.checkpoint_files import RecordingSource, write_checkpoint
 
 E, TOP_K, K, N = 4, 2, 64, 32
 PREFIX = "model.layers.1.mlp.experts"
@@ -276,21 +276,11 @@ def test_nvfp4_decoding_matches_compressed_tensors_e2m1_unpacker():
 
 
 # ------------------------------------------------------------------------------------ parallel
-class _Recording(SafetensorsSource):
-    def __init__(self, path) -> None:
-        super().__init__(path)
-        self.reads: list[tuple[str, tuple]] = []
-
-    def read(self, key, index=()):
-        self.reads.append((key, index))
-        return super().read(key, index)
-
-
 @pytest.mark.parametrize("name", ["gptq_v1", "ct_int4_asym_fused", "gpt_oss_mxfp4"])
 def test_expert_parallel_reads_only_its_experts(name, tmp_path):
     packed = WRITERS[name](E, K, N)
     path = write_checkpoint(tmp_path, packed.tensors, packed.config)
-    src = _Recording(path)
+    src = RecordingSource(path)
     layer = _layer(packed, expert_map=torch.tensor([-1, 0, -1, 1]))  # experts 1 and 3 live here
     info = load_experts(layer, src, PREFIX)
     _assert_values(layer, packed, experts=(1, 3))
@@ -322,7 +312,7 @@ def test_tensor_parallel_reads_only_its_slice(monkeypatch, name, tmp_path):
     packed = WRITERS[name](E, K, n)
     path = write_checkpoint(tmp_path, packed.tensors, packed.config)
     for rank, layer in enumerate(_tp_layers(monkeypatch, packed, n)):
-        src = _Recording(path)
+        src = RecordingSource(path)
         load_experts(layer, src, PREFIX)
         w13, w2 = _values(layer)
         rows = slice(rank * N, (rank + 1) * N)
