@@ -6,13 +6,18 @@ errors the interpreter never sees), with the triton installed here, e.g. the GPU
     pip install --no-deps --target /tmp/t36 triton==3.6.0
     PYTHONPATH=/tmp/t36 python3 benchmarks/ttir_check.py [--quant fp8_channel,int8_channel] [--tokens 1,64,512]
 
-Pointer loads only (no TMA descriptors on CPU tensors).
+Pointer loads only (no TMA descriptors on CPU tensors). ``--asm`` compiles each GEMM launch the whole way
+to a cubin instead (with the 16-byte divisibility hints the JIT would add, without which no loop is
+software-pipelined) and prints its shared memory, the pending counts of its wgmma waits (``0`` after a dot:
+that dot cannot overlap the next) and ptxas' registers and spills.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -59,11 +64,48 @@ def make_ir(kernel, grid, device, *args, arch: int, **kwargs) -> None:
     compiled.append(fn.fn.__name__)
 
 
+def _hints(args: tuple) -> dict:
+    """The JIT's specialization: pointers and ints divisible by 16 get ``tt.divisibility`` 16."""
+    attrs = {}
+    for i, a in enumerate(args):
+        aligned = a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor) else (
+            type(a) is int and a != 0 and a % 16 == 0)
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def compile_asm(kernel, grid, device, *args, arch: int, **kwargs) -> None:
+    """The whole compile of a GEMM launch for sm_``arch``: shared memory, wgmma waits, registers."""
+    fn = kernel
+    if not fn.fn.__name__.startswith("moe_gemm"):
+        return
+    consts = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+    sig = {n: _sig(a) for n, a in zip(fn.arg_names, args, strict=False)} | {k: "constexpr" for k in consts}
+    src = ASTSource(fn, signature=sig, constexprs=consts, attrs=_hints(args))
+    opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    waits = re.findall(r"warp_group_dot_wait .*?pendings = (\d+)", ck.asm["ttgir"])
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    regs = ""
+    if os.path.exists(ptxas):
+        path = f"/tmp/ttir_check_{os.getpid()}.ptx"
+        with open(path, "w") as f:
+            f.write(ck.asm["ptx"])
+        info = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", os.devnull], capture_output=True,
+                              text=True).stderr
+        regs = "; ".join(m.strip() for m in re.findall(r"Used [^\n]*", info))
+    print(f"  {fn.fn.__name__}: shared {ck.metadata.shared} B, wgmma waits {waits}, {regs}")
+    compiled.append(fn.fn.__name__)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quant", default="none,fp8_tensor,fp8_tensor_static,fp8_channel,fp8_block,int8_channel")
     ap.add_argument("--tokens", default="1,64,512")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--asm", action="store_true", help="compile the GEMMs to a cubin: shared memory, wgmma waits, "
+                                                      "registers")
     a = ap.parse_args(argv)
     import moe
     import moe.backends.triton as tb
@@ -75,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from moe.kernels import host
 
     def fake(kernel, grid, device, *args, **kwargs):
-        make_ir(kernel, grid, device, *args, arch=a.arch, **kwargs)
+        (compile_asm if a.asm else make_ir)(kernel, grid, device, *args, arch=a.arch, **kwargs)
 
     for mod in (moe.kernels.launch, tb, moe.kernels.quant, moe.kernels.combine, moe.kernels.align, rt):
         if hasattr(mod, "launch"):
@@ -123,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<18} T={T:<5} {gate_up:<9} {status}")
     for T in (int(t) for t in a.tokens.split(",")):
         failures += _routing(rt, T, E, k)
-    print(f"triton {triton.__version__}, sm_{a.arch}: {len(compiled)} front-end compiles, {failures} failed")
+    print(f"triton {triton.__version__}, sm_{a.arch}: {len(compiled)} {'GEMM cubin' if a.asm else 'front-end'} compiles, {failures} failed")
     return 1 if failures else 0
 
 
