@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<18} T={T:<5} {gate_up:<9} {status}")
     for T in (int(t) for t in a.tokens.split(",")):
         failures += _routing(rt, T, E, k)
-    print(f"triton {triton.__version__}, sm_{a.arch}: {len(compiled)} {'GEMM cubin' if a.asm else 'front-end'} compiles, {failures} failed")
+    kind = "GEMM cubin" if a.asm else "front-end"
+    print(f"triton {triton.__version__}, sm_{a.arch}: {len(compiled)} {kind} compiles, {failures} failed")
     return 1 if failures else 0
 
 
