@@ -4,10 +4,7 @@
 #   PARTS=tests,tune,bench NAMES=fp8_block,... PRESETS=mixtral,... MS=1,16,64 TUNE_MS=1 TUNE_PRESETS=mixtral
 #   TUNE_TIMEOUT=120 BACKENDS=triton,torch_grouped bash benchmarks/gpu_quant.sh
 set -uo pipefail
-S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || exit 1
-export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_env.sh"
 parts=",${PARTS:-tests,bench},"
 names=${NAMES:-fp8_tensor,fp8_tensor_static,fp8_channel,fp8_block,int8_channel}
 presets=${PRESETS:-mixtral,qwen3,dsv3,gptoss120b}

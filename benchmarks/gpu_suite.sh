@@ -4,10 +4,7 @@
 #   PARTS=tests,host,layer,bench,untuned,hf,hfquant,parallel TESTS=triton,torch_grouped,routing,rest bash benchmarks/gpu_suite.sh [presets] [ms]
 # TESTS picks the GPU test parts (each fits one 10-minute command); TEST_TIMEOUT bounds each part.
 set -uo pipefail
-S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || exit 1
-export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_env.sh"
 parts=",${PARTS:-tests,bench},"
 presets=${1:-mixtral,qwen3,dsv3}
 ms=${2:-1,16,64,256,1024,4096,16384}

@@ -4,9 +4,7 @@
 #   [TUNE=1] [BENCH=1] [TUNE_TIMEOUT=150] bash benchmarks/gpu_tune.sh [presets] [ms]
 # The tune resumes from files already in configs/triton, so a cut-off tune continues in the next call.
 set -uo pipefail
-S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || exit 1
-export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+source "$(dirname "$0")/gpu_env.sh"
 mkdir -p "$OUT/bench"
 presets=${1:-mixtral,qwen3,dsv3}
 ms=${2:-1,16,64,256,1024,4096,16384}

@@ -1,0 +1,7 @@
+# Sourced by the GPU scripts (gpu_suite.sh, gpu_quant.sh, gpu_tune.sh) at the repo root on the GPU machine:
+# installs the carried wheels (.whl/) into a temporary folder, puts it and the tree on PYTHONPATH, and
+# makes $OUT.
+S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || exit 1
+export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
