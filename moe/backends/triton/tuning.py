@@ -30,7 +30,16 @@ from ...workload import (
     time_fn,
 )
 from . import triton_experts
-from .config import SMEM_BUDGET, GemmTile, KernelConfig, default_config, input_bytes, operand_bytes, with_loads
+from .config import (
+    SMEM_BUDGET,
+    GemmTile,
+    KernelConfig,
+    default_config,
+    fit_smem,
+    input_bytes,
+    operand_bytes,
+    with_loads,
+)
 
 TUNE_REP_MS = 40  # do_bench repetitions per candidate: enough to rank them, a third of the benchmark's
 
@@ -149,7 +158,9 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         _search(timed, load_variants(best[1]), best, f"{label} loads", None)
         if q is not None and not q.config.static_activations:  # GEMM2's input: quantized by a pass, or loading
             flip = {"pass": "load", "load": "pass"}[best[1].gemm2_input]
-            _search(timed, [best[1].model_copy(update={"gemm2_input": flip})], best, f"{label} gemm2 input", None)
+            other = fit_smem(best[1].model_copy(update={"gemm2_input": flip}), elt, gated,
+                             input_elt=input_bytes(prob, flip))  # loading holds 2-byte input tiles
+            _search(timed, [other], best, f"{label} gemm2 input", None)
         row.update(best_us=best[0], best=best[1].model_dump())
         if atomic:
             row["atomic_us"] = timed(best[1].model_copy(update={"combine": "atomic"}))
