@@ -160,37 +160,18 @@ def _zeros(BLOCK_M: tl.constexpr, COLS: tl.constexpr, INT: tl.constexpr):
 
 
 @triton.jit
-def _nibble_values(q, z, W_CODE: tl.constexpr, W16: tl.constexpr, dt):
-    """Codes 0..15 (``q``, uint8) as values, built from bits: int4 ``q - 8`` or ``q - z`` (``z`` the zero
-    points, uint8), or the e2m1 value of the code. In dt (bfloat16 or float16) with W16, else float32."""
-    if W16:
-        u = q.to(tl.uint16)
-        if W_CODE == 4:
-            if dt == tl.bfloat16:
-                mag = tl.where((u & 6) != 0, ((u & 7) << 6) + (126 << 7), (u & 1) * (126 << 7))
-            else:
-                mag = tl.where((u & 6) != 0, ((u & 7) << 9) + (14 << 10), (u & 1) * (14 << 10))
-            v = (mag | ((u & 8) << 12)).to(tl.uint16).to(dt, bitcast=True)
-        else:
-            if dt == tl.bfloat16:  # noqa: SIM108  (Triton 3.6 does not fold a conditional expression on constexprs)
-                magic = 0x4300  # bf16 128.0: its ulp is 1, so OR-ing a code adds it
-            else:
-                magic = 0x6400  # fp16 1024.0
-            if W_CODE == 3:
-                zero = (z.to(tl.uint16) | magic).to(tl.uint16).to(dt, bitcast=True)
-            else:
-                zero = (tl.full(u.shape, 8, tl.uint16) | magic).to(tl.uint16).to(dt, bitcast=True)
-            v = (u | magic).to(tl.uint16).to(dt, bitcast=True) - zero
+def _nibble_values(q, W_CODE: tl.constexpr):
+    """Codes 0..15 (``q``, uint8) as float32 values, built from bits: int4 ``q - 8`` (``q`` where zero
+    points follow), or the e2m1 value of the code (the interpreter and fp32 activations; the GPU's
+    16-bit path is ``_nibbles_packed``)."""
+    u = q.to(tl.uint32)
+    if W_CODE == 4:
+        mag = tl.where((u & 6) != 0, ((u & 7) << 22) + (126 << 23), (u & 1) * (126 << 23))
+        v = (mag | ((u & 8) << 28)).to(tl.uint32).to(tl.float32, bitcast=True)
+    elif W_CODE == 3:
+        v = (u | 0x4B000000).to(tl.uint32).to(tl.float32, bitcast=True) - 8388608.0  # 2^23
     else:
-        u = q.to(tl.uint32)
-        if W_CODE == 4:
-            mag = tl.where((u & 6) != 0, ((u & 7) << 22) + (126 << 23), (u & 1) * (126 << 23))
-            v = (mag | ((u & 8) << 28)).to(tl.uint32).to(tl.float32, bitcast=True)
-        elif W_CODE == 3:
-            zero = (z.to(tl.uint32) | 0x4B000000).to(tl.uint32).to(tl.float32, bitcast=True)  # fp32 2^23 + z
-            v = (u | 0x4B000000).to(tl.uint32).to(tl.float32, bitcast=True) - zero
-        else:
-            v = (u | 0x4B000000).to(tl.uint32).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+        v = (u | 0x4B000000).to(tl.uint32).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
     return v
 
 
@@ -210,17 +191,138 @@ def _scale_values(s, W16: tl.constexpr, dt):
     return v
 
 
-@triton.jit
-def _per_group(ptrs, k, K, k0, W_BK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A per-(row, K block) tensor over a [len(k), columns] tile: one load per column when a block spans
-    the whole K step (W_BK a multiple of BLOCK_K), else gathered per element (k // W_BK; k past the end
-    reads the last block: its weights are masked to codes of finite value and meet zero inputs).
-    ``ptrs``: each column's row of it."""
-    if W_BK % BLOCK_K == 0:
-        t = tl.load(ptrs + k0 // W_BK)[None, :]
+def _nibble_asm(high: bool, code: str, dtype: str) -> str:
+    """PTX for one pure unary inline-asm op (``pack=4``): four bytes in ``$2`` -> the low (even k) or high
+    (odd k) nibble of each as a 16-bit value, two to a register (``$0``: bytes 0 and 1, ``$1``: 2 and 3).
+    Codes are placed in the bits of a 16-bit float and fixed with one packed fma per two elements:
+    int4 into the mantissa of 128.0 (bf16) / 1024.0 (fp16), minus that (and 8 unless zero points
+    follow); e2m1 magnitude bits into exponent and mantissa, the sign to bit 15, times 2^126 (bf16) /
+    2^14 (fp16), which turns the placed bits into the value (0.5, the one subnormal, included)."""
+    bf16 = dtype == "bf16"
+    sa, sb = (4, 12) if high else (0, 8)  # pair a: bytes 0 and 2, pair b: bytes 1 and 3
+    fma = "fma.rn.bf16x2" if bf16 else "fma.rn.f16x2"
+    if code == "e2m1":
+        shift, mask, mul, add = (6, "0x01C001C0", "0x7E807E80", "0x80008000") if bf16 else (
+            9, "0x0E000E00", "0x74007400", "0x80008000")
+        place = "".join(f"shr.u32 t{i}, $2, {sh}; shl.b32 s{i}, t{i}, 12; and.b32 s{i}, s{i}, 0x80008000; "
+                        f"shl.b32 t{i}, t{i}, {shift}; lop3.b32 t{i}, t{i}, {mask}, s{i}, 0xEA; "
+                        for i, sh in ((0, sa), (1, sb)))
     else:
-        t = tl.load(ptrs[None, :] + (tl.minimum(k, K - 1) // W_BK)[:, None])
-    return t
+        magic = "0x43004300" if bf16 else "0x64006400"
+        mul = "0x3F803F80" if bf16 else "0x3C003C00"  # 1.0
+        sub = {("bf16", "int4"): "0xC308C308", ("bf16", "int4_zp"): "0xC300C300",  # -136, -128
+               ("fp16", "int4"): "0xE408E408", ("fp16", "int4_zp"): "0xE400E400"}[(dtype, code)]  # -1032, -1024
+        add = sub
+        place = "".join(f"shr.u32 t{i}, $2, {sh}; lop3.b32 t{i}, t{i}, 0x000F000F, {magic}, 0xEA; "
+                        for i, sh in ((0, sa), (1, sb)))
+    return ("{ .reg .b32 t0, t1, s0, s1, m, c; " + place + f"prmt.b32 $0, t0, t1, 0x5410; prmt.b32 $1, t0, t1, 0x7632; "
+            f"mov.b32 m, {mul}; mov.b32 c, {add}; {fma} $0, $0, m, c; {fma} $1, $1, m, c; }}")
+
+
+_ASM = {(h, c, d): tl.constexpr(_nibble_asm(h, c, d)) for h in (False, True) for c in ("int4", "int4_zp", "e2m1")
+        for d in ("bf16", "fp16")}
+_INT4_LO_BF16, _INT4_HI_BF16 = _ASM[False, "int4", "bf16"], _ASM[True, "int4", "bf16"]
+_INT4_LO_FP16, _INT4_HI_FP16 = _ASM[False, "int4", "fp16"], _ASM[True, "int4", "fp16"]
+_ZP_LO_BF16, _ZP_HI_BF16 = _ASM[False, "int4_zp", "bf16"], _ASM[True, "int4_zp", "bf16"]
+_ZP_LO_FP16, _ZP_HI_FP16 = _ASM[False, "int4_zp", "fp16"], _ASM[True, "int4_zp", "fp16"]
+_E2M1_LO_BF16, _E2M1_HI_BF16 = _ASM[False, "e2m1", "bf16"], _ASM[True, "e2m1", "bf16"]
+_E2M1_LO_FP16, _E2M1_HI_FP16 = _ASM[False, "e2m1", "fp16"], _ASM[True, "e2m1", "fp16"]
+
+
+@triton.jit
+def _nibbles_packed(w, HIGH: tl.constexpr, W_CODE: tl.constexpr, dt):
+    """GPU, 16-bit activations: the low or high nibble of each byte of ``w`` as its code's value in dt
+    (int4 ``q - 8``, or ``q`` where zero points follow; e2m1), by one pure unary inline-asm op over four
+    bytes a register (``_nibble_asm``). Being pure and unary, the compiler moves the conversion to the
+    dot-operand layout above it, onto the loaded bytes: the tile is decoded in registers, in the layout
+    the dot reads, with no shared-memory round trip of the decoded values."""
+    if dt == tl.bfloat16:
+        if W_CODE == 4:
+            if HIGH:
+                v = _asm(w, _E2M1_HI_BF16, dt)
+            else:
+                v = _asm(w, _E2M1_LO_BF16, dt)
+        elif W_CODE == 3:
+            if HIGH:
+                v = _asm(w, _ZP_HI_BF16, dt)
+            else:
+                v = _asm(w, _ZP_LO_BF16, dt)
+        else:
+            if HIGH:
+                v = _asm(w, _INT4_HI_BF16, dt)
+            else:
+                v = _asm(w, _INT4_LO_BF16, dt)
+    else:
+        if W_CODE == 4:
+            if HIGH:
+                v = _asm(w, _E2M1_HI_FP16, dt)
+            else:
+                v = _asm(w, _E2M1_LO_FP16, dt)
+        elif W_CODE == 3:
+            if HIGH:
+                v = _asm(w, _ZP_HI_FP16, dt)
+            else:
+                v = _asm(w, _ZP_LO_FP16, dt)
+        else:
+            if HIGH:
+                v = _asm(w, _INT4_HI_FP16, dt)
+            else:
+                v = _asm(w, _INT4_LO_FP16, dt)
+    return v
+
+
+@triton.jit
+def _asm(w, asm: tl.constexpr, dt):
+    """One pure unary inline-asm op, four bytes of ``w`` a call -> two registers of 16-bit values."""
+    if dt == tl.bfloat16:
+        v = tl.inline_asm_elementwise(asm, "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        v = tl.inline_asm_elementwise(asm, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+    return v
+
+
+@triton.jit
+def _weight_scales(sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_BK: tl.constexpr,
+                   W_PACK: tl.constexpr, W16: tl.constexpr, BLOCK_K: tl.constexpr, dt):
+    """Weight-only group/block scales (and zero points) of the K step at ``k0``, over a weight tile of
+    BLOCK_K / W_PACK rows: [1, columns] when a group spans the step, else one row of each group's
+    values per tile row (loaded [groups, columns], repeated W_BK / W_PACK times down). Made before the
+    weight tile is loaded, so that in the dequantization ``s * (zero + v)`` the weights' own chain is the
+    last operand: the compiler's layout hoisting walks that chain first and finds the weight load
+    (``sw``, ``sz``: each column's row of scales / zero points). Other schemes: ``sw`` as it is."""
+    if W_CODE > 0 and W_SCALE >= 4:
+        if W_BK % BLOCK_K == 0:
+            s = _scale_values(tl.load(sw + k0 // W_BK), W16, dt)[None, :]
+            if W_CODE == 3:
+                z = -(_zero_values(tl.load(sz + k0 // W_BK), W16, dt)[None, :])
+            else:
+                z = 0.0
+        else:
+            GROUPS: tl.constexpr = BLOCK_K // W_BK
+            ROWS: tl.constexpr = W_BK // W_PACK
+            g = tl.minimum(k0 // W_BK + tl.arange(0, GROUPS), tl.cdiv(K, W_BK) - 1)  # past K: the last group
+            s = _scale_values(tl.load(sw[None, :] + g[:, None]), W16, dt)
+            s = tl.reshape(tl.broadcast_to(s[:, None, :], [GROUPS, ROWS, s.shape[1]]), [GROUPS * ROWS, s.shape[1]])
+            if W_CODE == 3:
+                z = -_zero_values(tl.load(sz[None, :] + g[:, None]), W16, dt)
+                z = tl.reshape(tl.broadcast_to(z[:, None, :], [GROUPS, ROWS, z.shape[1]]),
+                               [GROUPS * ROWS, z.shape[1]])
+            else:
+                z = 0.0
+    else:
+        s = sw
+        z = sz
+    return s, z
+
+
+@triton.jit
+def _zero_values(z, W16: tl.constexpr, dt):
+    """Zero points (uint8) as values in dt (W16) or float32."""
+    if W16:  # noqa: SIM108  (as above)
+        v = z.to(dt)
+    else:
+        v = z.to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -231,32 +333,36 @@ def _to_operand(v, dt, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _dequant_step(acc, a, w, sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_BK: tl.constexpr,
-                  W16: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A weight-only K step: the stored weight tile dequantized to the activation dtype, then the dot.
-    8-bit (W_CONVERT): ``w`` [BLOCK_K, columns], converted and, with WEIGHT_BLOCK, scaled. 4-bit: ``w`` is
+def _dequant_step(acc, a, w, s, z, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W16: tl.constexpr,
+                  INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A weight-only K step: the stored weight tile dequantized to the activation dtype, then the dot;
+    ``s``/``z``: the step's scale (1 without group/block scales) and negated zero-point tiles
+    (``_weight_scales``). 8-bit (W_CONVERT): ``w`` [BLOCK_K, columns] converted. 4-bit: ``w`` is
     [BLOCK_K / 2, columns] bytes; the low nibbles (even k) dot the input's even columns, the high (odd k)
-    its odd ones. ``sz``: each column's zero-point row (W_INT4_ZP; the scales' layout). W16: dequantize in
-    the 16-bit activation dtype, else in float32."""
+    its odd ones. W16 (GPU, 16-bit activations): dequantized in that dtype, the 4-bit codes by
+    ``_nibbles_packed``; otherwise in float32 by ``_nibble_values``."""
     dt = a.dtype
     if W_CODE == 1:
-        k = k0 + tl.arange(0, BLOCK_K)
-        v = w.to(tl.float32)
-        if W16:
-            v = v.to(dt)
+        if W16:  # noqa: SIM108  (as above)
+            v = w.to(dt)  # one conversion, no fp32 step (a truncation stops the layout hoisting)
+        else:
+            v = w.to(tl.float32)
         if W_SCALE >= 4:
-            v = v * _scale_values(_per_group(sw, k, K, k0, W_BK, BLOCK_K), W16, dt)
+            v = s * v  # the weights' chain last: see _weight_scales
         acc = dot(a, _to_operand(v, dt, INTERP), acc, INTERP, IEEE, False)
     else:
         HALF: tl.constexpr = BLOCK_K // 2
-        k = k0 + 2 * tl.arange(0, HALF)  # the k of each low nibble; its high nibble is k + 1, in the same group
-        if W_CODE == 3:  # noqa: SIM108  (as above)
-            z = _per_group(sz, k, K, k0, W_BK, BLOCK_K)
+        if W16:
+            lo = _nibbles_packed(w, False, W_CODE, dt)
+            hi = _nibbles_packed(w, True, W_CODE, dt)
         else:
-            z = 0
-        s = _scale_values(_per_group(sw, k, K, k0, W_BK, BLOCK_K), W16, dt)
-        lo = _nibble_values(w & 0xF, z, W_CODE, W16, dt) * s
-        hi = _nibble_values(w >> 4, z, W_CODE, W16, dt) * s
+            lo = _nibble_values(w & 0xF, W_CODE)
+            hi = _nibble_values(w >> 4, W_CODE)
+        if W_CODE == 3:
+            lo = z + lo
+            hi = z + hi
+        lo = s * lo
+        hi = s * hi
         a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], HALF, 2]))
         acc = dot(a_even, _to_operand(lo, dt, INTERP), acc, INTERP, IEEE, False)
         acc = dot(a_odd, _to_operand(hi, dt, INTERP), acc, INTERP, IEEE, False)
@@ -268,9 +374,10 @@ def _step(acc, a, w, sa, sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.conste
           W16: tl.constexpr, INT: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
     """One K step: ``acc += a @ w``, or with block scales ``acc += (a @ w) * sa[rows] * sw[cols]`` for the
     K block of ``k0`` (``sa``/``sw`` are base pointers of the row and column scales; + k0 // W_BK), or a
-    weight-only step (W_CODE > 0) that dequantizes ``w`` first."""
+    weight-only step (W_CODE > 0) that dequantizes ``w`` first (``sw``/``sz``: then the step's scale and
+    zero-point tiles from ``_weight_scales``)."""
     if W_CODE > 0:  # if / else, not early returns: a return does not stop the other branches compiling
-        acc = _dequant_step(acc, a, w, sw, sz, k0, K, W_SCALE, W_CODE, W_BK, W16, INTERP, IEEE, BLOCK_K)
+        acc = _dequant_step(acc, a, w, sw, sz, W_SCALE, W_CODE, W16, INTERP, IEEE, BLOCK_K)
     elif W_SCALE == 3:
         kb = k0 // W_BK
         part = dot(a, w, tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE, False)
@@ -304,12 +411,13 @@ def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_ga
     for k0 in range(0, K, BLOCK_K):
         kmask = offs_k < K - k0
         a = _load_a(a_ptrs, kmask, rw, s_gather, EVEN_K, WEIGHT_ON_INPUT, GATHER_QUANT, INT, INTERP)
+        wsc, wz = _weight_scales(sw, sz, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, a.dtype)
         if LOADS == 1:
             gu = w_desc.load([expert, 0, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
         else:
             gu = _load_w(gu_ptrs, offs_kw < (K - k0) // W_PACK, cmask, EVEN_K)
             gu_ptrs += BLOCK_K // W_PACK
-        acc = _step(acc, a, gu, sa, sw, sz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
+        acc = _step(acc, a, gu, sa, wsc, wz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
         a_ptrs += BLOCK_K
     return acc
 
@@ -337,19 +445,21 @@ def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nma
         kmask = offs_k < K - k0
         kwmask = offs_kw < (K - k0) // W_PACK
         a = _load_a(a_ptrs, kmask, rw, s_gather, EVEN_K, WEIGHT_ON_INPUT, GATHER_QUANT, INT, INTERP)
+        wsc, wz = _weight_scales(sw_g, sz_g, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, a.dtype)
         if LOADS == 1:
             g = w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
         else:
             g = _load_w(g_ptrs, kwmask, nmask, EVEN_K)
             g_ptrs += BLOCK_K // W_PACK
-        acc_g = _step(acc_g, a, g, sa, sw_g, sz_g, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
+        acc_g = _step(acc_g, a, g, sa, wsc, wz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
         if GATED:
+            wsc, wz = _weight_scales(sw_u, sz_u, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, a.dtype)
             if LOADS == 1:
                 u = w_desc.load([expert, N + n0, k0]).reshape(BLOCK_N, BLOCK_K).T
             else:
                 u = _load_w(u_ptrs, kwmask, nmask, EVEN_K)
                 u_ptrs += BLOCK_K // W_PACK
-            acc_u = _step(acc_u, a, u, sa, sw_u, sz_u, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
+            acc_u = _step(acc_u, a, u, sa, wsc, wz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
         a_ptrs += BLOCK_K
     return acc_g, acc_u
 
@@ -509,6 +619,7 @@ def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, 
     no_rw = tl.full([BLOCK_M], 1.0, tl.float32)  # GEMM2 never scales its input
     acc = _zeros(BLOCK_M, BLOCK_N, INT)
     for k0 in range(0, N, BLOCK_K):
+        wsc, wz = _weight_scales(sw, sz, k0, N, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, a_ptr.dtype.element_ty)
         if LOADS == 1:
             w = w_desc.load([expert, o0, k0]).reshape(BLOCK_N, BLOCK_K).T
             a = a_desc.load([first, k0])
@@ -523,7 +634,7 @@ def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, 
         elif A_SCALE >= 6:
             acc = dot(quantize(a.to(tl.float32) / s_in, INT, INTERP), w, acc, INTERP, IEEE, INT)
         else:
-            acc = _step(acc, a, w, sa, sw, sz, k0, N, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
+            acc = _step(acc, a, w, sa, wsc, wz, k0, N, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
     return acc
 
 

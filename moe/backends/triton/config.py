@@ -108,6 +108,8 @@ def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool =
     elt = operand_bytes(problem)  # descriptors need 16-byte row strides: K and N rows of whole 16 bytes
     if not tma or (problem.hidden_size * elt) % 16 or (problem.intermediate_size * elt) % 16:
         cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
+    if _weight_only(problem):
+        cfg = _weight_only_tiles(cfg, problem)
     return fit_smem(cfg, elt, problem.activation.gated, input_elt=input_bytes(problem, cfg.gemm2_input))
 
 
@@ -157,6 +159,36 @@ def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfi
     g1 = GemmTile(block_n=128, block_k=bk, group_m=8, num_warps=8, num_stages=4, loads="tma")
     g2 = GemmTile(block_n=n2, block_k=bk, group_m=8, num_warps=8, num_stages=4, loads="tma")
     return KernelConfig(block_m=128, gemm1=g1, gemm2=g2, gate_up="one_dot")
+
+
+def _weight_only(problem: ExpertsProblem) -> bool:
+    return problem.quant.weights is not None and problem.quant.activations is None
+
+
+# Below this many programs a weight-streaming GEMM leaves SMs idle (H200: 132 SMs, two programs each)
+MIN_PROGRAMS = 264
+
+
+def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConfig:
+    """Weight-only schemes: pointer loads, which the compiler turns into tiles decoded in the dot's own
+    register layout (it does not carry that through a tensor-descriptor load: the decoded tile would
+    round-trip through shared memory), and while the weights stream (up to 16 rows per expert) output
+    tiles narrow enough for every SM to have programs: mixtral at one token, 2 experts x 4096 / 128 =
+    64 GEMM2 programs on 132 SMs."""
+    cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
+    pairs = problem.num_tokens * problem.top_k
+    if pairs / max(1, min(problem.num_experts, pairs)) > 16:
+        return cfg
+    tiles = min(problem.num_experts, pairs)  # row tiles: one per expert hit
+    update = {}
+    for name, cols in (("gemm1", problem.intermediate_size), ("gemm2", problem.hidden_size)):
+        tile = getattr(cfg, name)
+        bn = tile.block_n
+        while bn > 32 and tiles * -(-cols // bn) < MIN_PROGRAMS:
+            bn //= 2
+        if bn != tile.block_n:
+            update[name] = tile.model_copy(update={"block_n": bn})
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def _block_k_of_scales(problem: ExpertsProblem) -> int | None:
