@@ -236,48 +236,31 @@ def _nibbles_packed(w, HIGH: tl.constexpr, W_CODE: tl.constexpr, dt):
     bytes a register (``_nibble_asm``). Being pure and unary, the compiler moves the conversion to the
     dot-operand layout above it, onto the loaded bytes: the tile is decoded in registers, in the layout
     the dot reads, with no shared-memory round trip of the decoded values."""
-    if dt == tl.bfloat16:
-        if W_CODE == 4:
-            if HIGH:
-                v = _asm(w, _E2M1_HI_BF16, dt)
-            else:
-                v = _asm(w, _E2M1_LO_BF16, dt)
-        elif W_CODE == 3:
-            if HIGH:
-                v = _asm(w, _ZP_HI_BF16, dt)
-            else:
-                v = _asm(w, _ZP_LO_BF16, dt)
-        else:
-            if HIGH:
-                v = _asm(w, _INT4_HI_BF16, dt)
-            else:
-                v = _asm(w, _INT4_LO_BF16, dt)
+    if W_CODE == 4:
+        v = _asm(w, _E2M1_LO_BF16, _E2M1_HI_BF16, _E2M1_LO_FP16, _E2M1_HI_FP16, HIGH, dt)
+    elif W_CODE == 3:
+        v = _asm(w, _ZP_LO_BF16, _ZP_HI_BF16, _ZP_LO_FP16, _ZP_HI_FP16, HIGH, dt)
     else:
-        if W_CODE == 4:
-            if HIGH:
-                v = _asm(w, _E2M1_HI_FP16, dt)
-            else:
-                v = _asm(w, _E2M1_LO_FP16, dt)
-        elif W_CODE == 3:
-            if HIGH:
-                v = _asm(w, _ZP_HI_FP16, dt)
-            else:
-                v = _asm(w, _ZP_LO_FP16, dt)
-        else:
-            if HIGH:
-                v = _asm(w, _INT4_HI_FP16, dt)
-            else:
-                v = _asm(w, _INT4_LO_FP16, dt)
+        v = _asm(w, _INT4_LO_BF16, _INT4_HI_BF16, _INT4_LO_FP16, _INT4_HI_FP16, HIGH, dt)
     return v
 
 
 @triton.jit
-def _asm(w, asm: tl.constexpr, dt):
-    """One pure unary inline-asm op, four bytes of ``w`` a call -> two registers of 16-bit values."""
+def _asm(w, LO_BF16: tl.constexpr, HI_BF16: tl.constexpr, LO_FP16: tl.constexpr, HI_FP16: tl.constexpr,
+         HIGH: tl.constexpr, dt):
+    """One pure unary inline-asm op, four bytes of ``w`` a call -> two registers of 16-bit values: the
+    program for dt and the nibble (if / else: Triton 3.6 does not fold a conditional expression on
+    constexpr strings)."""
     if dt == tl.bfloat16:
-        v = tl.inline_asm_elementwise(asm, "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
+        if HIGH:
+            v = tl.inline_asm_elementwise(HI_BF16, "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
+        else:
+            v = tl.inline_asm_elementwise(LO_BF16, "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
     else:
-        v = tl.inline_asm_elementwise(asm, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+        if HIGH:
+            v = tl.inline_asm_elementwise(HI_FP16, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            v = tl.inline_asm_elementwise(LO_FP16, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
     return v
 
 
@@ -293,7 +276,7 @@ def _weight_scales(sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W
     if W_CODE > 0 and W_SCALE >= 4:
         if W_BK % BLOCK_K == 0:
             s = _scale_values(tl.load(sw + k0 // W_BK), W16, dt)[None, :]
-            if W_CODE == 3:
+            if W_CODE == 3:  # noqa: SIM108  (as above)
                 z = -(_zero_values(tl.load(sz + k0 // W_BK), W16, dt)[None, :])
             else:
                 z = 0.0
