@@ -44,7 +44,7 @@ class KernelConfig(Frozen):
     # Static schemes always take the pass
     gemm2_input: Literal["pass", "load"] = "pass"
 
-    def smem_bytes(self, elt: int, gated: bool, input_elt: tuple[int, int] | None = None) -> tuple[int, int]:
+    def smem_bytes(self, elt: float, gated: bool, input_elt: tuple[int, int] | None = None) -> tuple[int, int]:
         """Estimated shared memory of the two GEMMs' pipelined operand tiles: ``elt`` bytes a weight
         element, ``input_elt`` bytes an input element of GEMM1 and GEMM2 (default: ``elt``)."""
         g1, g2 = self.gemm1, self.gemm2
@@ -52,7 +52,7 @@ class KernelConfig(Frozen):
         b_tiles = 2 if gated else 1
         s1 = g1.num_stages * (self.block_m * g1.block_k * a1 + b_tiles * g1.block_n * g1.block_k * elt)
         s2 = g2.num_stages * (self.block_m * g2.block_k * a2 + g2.block_n * g2.block_k * elt)
-        return s1, s2
+        return int(s1), int(s2)
 
 
 def with_loads(cfg: KernelConfig, **loads: str) -> KernelConfig:
@@ -63,7 +63,7 @@ def with_loads(cfg: KernelConfig, **loads: str) -> KernelConfig:
 SMEM_BUDGET = 200 * 1024  # below the 227 KB per block of H100/H200, with room for the compiler's scratch
 
 
-def fit_smem(cfg: KernelConfig, elt: int, gated: bool, budget: int = SMEM_BUDGET,
+def fit_smem(cfg: KernelConfig, elt: float, gated: bool, budget: int = SMEM_BUDGET,
              input_elt: tuple[int, int] | None = None) -> KernelConfig:
     """Drop pipeline stages (then halve block_k) until both GEMMs fit ``budget`` bytes of shared memory."""
     for name in ("gemm1", "gemm2"):
@@ -79,10 +79,19 @@ def fit_smem(cfg: KernelConfig, elt: int, gated: bool, budget: int = SMEM_BUDGET
     return cfg
 
 
-def operand_bytes(problem: ExpertsProblem) -> int:
-    """Bytes an element of the GEMMs' pipelined weight tiles: 1 for W8A8 (fp8 or int8), else the activation
-    dtype's (an upper bound for weight-only schemes)."""
-    return 1 if problem.quant.activations is not None else problem.dtype.itemsize
+def operand_bytes(problem: ExpertsProblem) -> float:
+    """Bytes an element of the GEMMs' pipelined weight tiles: 1 for W8A8 (fp8 or int8); weight-only, the
+    stored bytes of the weights the kernels decode in registers (int4 and e2m1: 0.5, int8: 1) and, for
+    fp8 weights, whose decoded tile goes through shared memory, the activation dtype's (an upper bound);
+    else the activation dtype's."""
+    w, act = problem.quant.weights, problem.quant.activations
+    if act is not None:
+        return 1
+    if w is not None and w.format in ("int4", "mxfp4", "nvfp4"):
+        return 0.5
+    if w is not None and w.format == "int8":
+        return 1
+    return problem.dtype.itemsize
 
 
 def input_bytes(problem: ExpertsProblem, gemm2_input: str = "pass") -> tuple[int, int]:
