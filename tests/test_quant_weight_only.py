@@ -605,3 +605,30 @@ def test_torch_compile_fullgraph_traces_a_weight_only_layer(name):
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x, logits), eager)
+
+
+def _decode_config(name: str, experts: int, hidden: int, inter: int, top_k: int, tokens: int):
+    import dataclasses
+
+    from moe.backends.triton.config import default_config
+    from moe.contract import ExpertsProblem
+
+    prob = ExpertsProblem("cuda", torch.bfloat16, tokens, experts, experts, hidden, inter, top_k)
+    return default_config(dataclasses.replace(prob, quant=named(name)))
+
+
+@pytest.mark.parametrize("name", ["w4a16", "mxfp4", "w8a16", "fp8_w8a16"])
+def test_weight_only_heuristic_keeps_every_sm_busy_and_decodes_from_pointer_loads(name):
+    """Weight-only decode tiles: pointer loads (tiles decoded in the dot's register layout), GEMM2 output
+    tiles narrowed until the grid has MIN_PROGRAMS programs (mixtral at one token: 2 experts x 4096 / 32),
+    and 256-wide K steps for GEMM2's long reductions except for fp8 weights."""
+    from moe.backends.triton.config import MIN_PROGRAMS
+
+    cfg = _decode_config(name, 8, 4096, 14336, 2, 1)
+    assert (cfg.gemm1.loads, cfg.gemm2.loads) == ("pointer", "pointer")
+    assert cfg.gemm2.block_n == 32 and MIN_PROGRAMS > 2 * 4096 // 32  # the narrowest tile, still short of it
+    assert cfg.gemm2.block_k == (128 if name == "fp8_w8a16" else 256)
+    wide = _decode_config(name, 256, 7168, 2048, 8, 16)  # dsv3 at 16 tokens: enough programs, N = 2048
+    assert (wide.gemm2.block_n, wide.gemm2.block_k) == (128, 128)
+    prefill = _decode_config(name, 8, 4096, 14336, 2, 4096)
+    assert prefill.gemm1.loads == "pointer" and prefill.block_m >= 64
