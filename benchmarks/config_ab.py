@@ -5,7 +5,8 @@
 
 A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile (``g1bkN``, ``g2bkN`` one's),
 ``sN`` their pipeline stages, ``wN`` their warps, ``bmN`` the row tile, ``g1nN`` / ``g2nN`` a GEMM's N
-tile, ``one`` / ``two`` GEMM1's gate/up dots, ``load`` / ``pass`` how GEMM2's input is quantized (joined
+tile, ``one`` / ``two`` GEMM1's gate/up dots, ``load`` / ``pass`` how GEMM2's input is quantized, ``acc`` /
+``wts`` where int4 group scales apply (joined
 with ``_``), then ``fit_smem`` trims it to the
 shared-memory budget as the heuristic does. Prints microseconds per call (eager, do_bench median) and
 the ratio to bf16 from the same run, table last.
@@ -33,6 +34,9 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
     for part in spec.split("_"):
         if part in ("load", "pass"):
             cfg = cfg.model_copy(update={"gemm2_input": part})
+            continue
+        if part in ("acc", "wts"):  # int4 group scales on the partial products / on the weight tiles
+            cfg = cfg.model_copy(update={"group_scales": "accumulator" if part == "acc" else "weights"})
             continue
         if part in ("one", "two"):
             cfg = cfg.model_copy(update={"gate_up": f"{part}_dot" if part == "one" else "two_dots"})

@@ -621,14 +621,43 @@ def _decode_config(name: str, experts: int, hidden: int, inter: int, top_k: int,
 def test_weight_only_heuristic_keeps_every_sm_busy_and_decodes_from_pointer_loads(name):
     """Weight-only decode tiles: pointer loads (tiles decoded in the dot's register layout), GEMM2 output
     tiles narrowed until the grid has MIN_PROGRAMS programs (mixtral at one token: 2 experts x 4096 / 32),
-    and 256-wide K steps for GEMM2's long reductions except for fp8 weights."""
+    256-wide K steps for GEMM2's long reductions except for fp8 weights and int4, whose group scales apply
+    to each step's partial product (K steps within a group of 128)."""
     from moe.backends.triton.config import MIN_PROGRAMS
 
     cfg = _decode_config(name, 8, 4096, 14336, 2, 1)
     assert (cfg.gemm1.loads, cfg.gemm2.loads) == ("pointer", "pointer")
     assert cfg.gemm2.block_n == 32 and MIN_PROGRAMS > 2 * 4096 // 32  # the narrowest tile, still short of it
-    assert cfg.gemm2.block_k == (128 if name == "fp8_w8a16" else 256)
+    assert cfg.gemm2.block_k == (128 if name in ("fp8_w8a16", "w4a16") else 256)
+    assert cfg.group_scales == ("accumulator" if name == "w4a16" else "weights")
     wide = _decode_config(name, 256, 7168, 2048, 8, 16)  # dsv3 at 16 tokens: enough programs, N = 2048
     assert (wide.gemm2.block_n, wide.gemm2.block_k) == (128, 128)
     prefill = _decode_config(name, 8, 4096, 14336, 2, 4096)
     assert prefill.gemm1.loads == "pointer" and prefill.block_m >= 64
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["w4a16", "w4a16_zp"])
+@pytest.mark.parametrize("group_scales", ["weights", "accumulator"])
+def test_int4_group_scales_on_the_weights_or_the_partial_products(name, group_scales):
+    """Both places for int4 group scales (zero points on the partial products through the input's row
+    sums) match the reference, NaN-poisoned, with 64-wide K steps inside groups of 128; a K step wider
+    than a group is refused for the partial products, naming the fix."""
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+    from moe.contract import ExpertsArgs
+    from moe.functional import _problem
+
+    x, _, _, q13, q2, weights, ids = _inputs(name, 5, K=256, dtype=torch.bfloat16, seed=7)
+    args = ExpertsArgs(x, q13, q2, weights, ids)
+    problem = _problem(args, moe.ActivationSpec.parse("silu"), False, None)
+    tile = GemmTile(block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=1)
+    out = torch.full_like(x, float("nan"))
+    triton_experts(args, problem, out, KernelConfig(block_m=16, gemm1=tile, gemm2=tile, group_scales=group_scales))
+    ref = moe.fused_experts(x, q13, q2, weights, ids, backend="torch")
+    assert_close(out, ref, scheme=name, what=f"triton {name} group_scales={group_scales}")
+    if group_scales == "accumulator":
+        wide = tile.model_copy(update={"block_k": 256})
+        with pytest.raises(ValueError, match=r"gemm1.block_k=256 must divide the group size 128; use block_k <= "
+                                             r"128 or group_scales='weights'"):
+            triton_experts(args, problem, out, KernelConfig(block_m=16, gemm1=wide, gemm2=tile,
+                                                            group_scales="accumulator"))

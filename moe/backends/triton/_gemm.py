@@ -11,7 +11,9 @@ Each kernel takes its choices as mode values, never one boolean per format (mode
   per output row; BLOCK_SCALE: one per W_BN x W_BK block, applied inside the K loop to the W8A8 dot;
   WEIGHT_BLOCK: one per W_BN x W_BK block (groups: 1 x G), applied inside the K loop to the dequantized
   weight tile before the dot (weight-only); WEIGHT_BLOCK_GLOBAL: the same and one fp32 per expert and
-  part in the epilogue (nvfp4's global scale));
+  part in the epilogue (nvfp4's global scale); WEIGHT_GROUP_ACC: int4 groups spanning whole K steps,
+  applied to each step's partial product instead, ``acc += (a @ q) * s`` (zero points through the input's
+  row sums: ``- z * sum(a)``), which leaves only the code's decoding per weight element);
 - W_CODE: how a weight element is stored (W_NATIVE: a dot operand as it is; W_CONVERT: int8 or e4m3
   converted to the activation dtype in the loop; W_INT4 / W_INT4_ZP: two nibbles a byte, ``q - 8`` or
   ``q - zero``; W_E2M1: two e2m1 codes a byte). The 4-bit codes become floats by bit placement, never a
@@ -47,6 +49,7 @@ SORTED, DIRECT = 0, 1
 POINTER, TMA = 0, 1
 TWO_DOTS, ONE_DOT = 0, 1
 NO_SCALE, TENSOR_SCALE, CHANNEL_SCALE, BLOCK_SCALE, WEIGHT_BLOCK, WEIGHT_BLOCK_GLOBAL = 0, 1, 2, 3, 4, 5
+WEIGHT_GROUP_ACC = 6
 W_NATIVE, W_CONVERT, W_INT4, W_INT4_ZP, W_E2M1 = 0, 1, 2, 3, 4
 A_NONE, A_TENSOR, A_TOKEN, A_GROUP, A_EXPERT, A_GROUP_LOAD, A_TOKEN_LOAD, A_TENSOR_LOAD = 0, 1, 2, 3, 4, 5, 6, 7
 A_LOADED = (A_GROUP_LOAD, A_TOKEN_LOAD, A_TENSOR_LOAD)  # GEMM2 input modes quantized as they are loaded
@@ -275,7 +278,7 @@ def _weight_scales(sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W
     (``sw``, ``sz``: each column's row of scales / zero points). Other schemes: ``sw`` as it is."""
     if W_CODE > 0 and W_SCALE >= 4:
         if W_BK % BLOCK_K == 0:
-            s = _scale_values(tl.load(sw + k0 // W_BK), W16, dt)[None, :]
+            s = _scale_values(tl.load(sw + k0 // W_BK), W16 and W_SCALE != 6, dt)[None, :]
             if W_CODE == 3:  # noqa: SIM108  (as above)
                 z = -(_zero_values(tl.load(sz + k0 // W_BK), W16, dt)[None, :])
             else:
@@ -341,14 +344,22 @@ def _dequant_step(acc, a, w, s, z, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, 
         else:
             lo = _nibble_values(w & 0xF, W_CODE)
             hi = _nibble_values(w >> 4, W_CODE)
-        if W_CODE == 3:
-            lo = z + lo
-            hi = z + hi
-        lo = s * lo
-        hi = s * hi
         a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], HALF, 2]))
-        acc = dot(a_even, _to_operand(lo, dt, INTERP), acc, INTERP, IEEE, False)
-        acc = dot(a_odd, _to_operand(hi, dt, INTERP), acc, INTERP, IEEE, False)
+        if W_SCALE == 6:  # the group's scale (and zero point) on the step's partial product
+            part = dot(a_even, _to_operand(lo, dt, INTERP), tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE,
+                       False)
+            part = dot(a_odd, _to_operand(hi, dt, INTERP), part, INTERP, IEEE, False)
+            if W_CODE == 3:  # z: the negated zero points; a @ (q - zero) = a @ q - zero * sum(a)
+                part = part + tl.sum(a.to(tl.float32), axis=1)[:, None] * z.to(tl.float32)
+            acc = acc + part * s.to(tl.float32)
+        else:
+            if W_CODE == 3:
+                lo = z + lo
+                hi = z + hi
+            lo = s * lo
+            hi = s * hi
+            acc = dot(a_even, _to_operand(lo, dt, INTERP), acc, INTERP, IEEE, False)
+            acc = dot(a_odd, _to_operand(hi, dt, INTERP), acc, INTERP, IEEE, False)
     return acc
 
 

@@ -43,6 +43,11 @@ class KernelConfig(Frozen):
     # 5431 us loading vs 3760 us after the pass; fp8_channel's loading GEMM2 2809 us, bf16's 2822).
     # Static schemes always take the pass
     gemm2_input: Literal["pass", "load"] = "pass"
+    # weight-only int4 groups: their scales (and zero points) multiply the decoded weight tile in the K
+    # loop ("weights"), or each K step's partial product ("accumulator": block_k must divide the group
+    # size; one multiply per output element a step instead of one per weight element). Other schemes
+    # ignore it
+    group_scales: Literal["weights", "accumulator"] = "weights"
 
     def smem_bytes(self, elt: float, gated: bool, input_elt: tuple[int, int] | None = None) -> tuple[int, int]:
         """Estimated shared memory of the two GEMMs' pipelined operand tiles: ``elt`` bytes a weight
@@ -179,12 +184,18 @@ MIN_PROGRAMS = 264
 
 
 def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConfig:
-    """Weight-only schemes: pointer loads, which the compiler turns into tiles decoded in the dot's own
+    """Weight-only schemes: int4 group scales on each step's partial product (K steps within a group),
+    pointer loads, which the compiler turns into tiles decoded in the dot's own
     register layout (it does not carry that through a tensor-descriptor load: the decoded tile would
     round-trip through shared memory), and while the weights stream (up to 16 rows per expert) output
     tiles narrow enough for every SM to have programs (mixtral at one token: 2 experts x 4096 / 128 =
     64 GEMM2 programs on 132 SMs) and wider K steps for long GEMM2 reductions."""
     cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
+    w = problem.quant.weights
+    if w.format == "int4" and w.group_size >= 32:  # the group scales on each step's partial product
+        cfg = cfg.model_copy(update={"group_scales": "accumulator", **{
+            name: getattr(cfg, name).model_copy(update={"block_k": min(getattr(cfg, name).block_k, w.group_size)})
+            for name in ("gemm1", "gemm2")}})
     pairs = problem.num_tokens * problem.top_k
     if pairs / max(1, min(problem.num_experts, pairs)) > 16:
         return cfg
@@ -196,7 +207,8 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
         while bn > 32 and tiles * -(-cols // bn) < MIN_PROGRAMS:
             bn //= 2
         bk = tile.block_k
-        if name == "gemm2" and problem.intermediate_size >= LONG_REDUCTION and problem.quant.weights.format != "fp8":
+        if (name == "gemm2" and problem.intermediate_size >= LONG_REDUCTION and w.format != "fp8"
+                and cfg.group_scales == "weights"):
             bk = 256  # fewer, larger steps of a long reduction (each waits for its scales)
         if (bn, bk) != (tile.block_n, tile.block_k):
             update[name] = tile.model_copy(update={"block_n": bn, "block_k": bk})

@@ -131,6 +131,13 @@ def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2
         w_bn, w_bk = 1, w.group_size
     code = weight_code(p)
     packed = code in (_gemm.W_INT4, _gemm.W_INT4_ZP, _gemm.W_E2M1)
+    if cfg.group_scales == "accumulator" and code in (_gemm.W_INT4, _gemm.W_INT4_ZP):
+        for name, tile in (("gemm1", g1), ("gemm2", g2)):
+            if w_bk % tile.block_k:
+                raise ValueError(f"kernel config: group_scales='accumulator' scales each K step's partial "
+                                 f"product by one group's scale, so {name}.block_k={tile.block_k} must divide "
+                                 f"the group size {w_bk}; use block_k <= {w_bk} or group_scales='weights'")
+        w_scale = _gemm.WEIGHT_GROUP_ACC
     if packed and min(g1.block_k, g2.block_k) < 32:
         raise ValueError(f"triton: packed 4-bit weights need block_k >= 32 (each of the two nibble dots is "
                          f"block_k / 2 deep), got gemm1 {g1.block_k}, gemm2 {g2.block_k}")
