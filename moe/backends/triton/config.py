@@ -184,21 +184,25 @@ MIN_PROGRAMS = 264
 
 
 def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConfig:
-    """Weight-only schemes: int4 group scales on each step's partial product (K steps within a group),
-    pointer loads, which the compiler turns into tiles decoded in the dot's own
+    """Weight-only schemes: pointer loads, which the compiler turns into tiles decoded in the dot's own
     register layout (it does not carry that through a tensor-descriptor load: the decoded tile would
     round-trip through shared memory), and while the weights stream (up to 16 rows per expert) output
     tiles narrow enough for every SM to have programs (mixtral at one token: 2 experts x 4096 / 128 =
-    64 GEMM2 programs on 132 SMs) and wider K steps for long GEMM2 reductions."""
+    64 GEMM2 programs on 132 SMs), wider K steps for long GEMM2 reductions, and symmetric int4 group
+    scales on each step's partial product (K steps within a group). H200, 2026-12-02, graphs: dsv3 at
+    16 tokens w4a16 1072 -> 1033 us with them, mixtral at one 216 -> 198 us; with zero points (their row
+    sums each step) and at prefill (wgmma waits on each partial product, like fp8_block's) they were
+    2-5x slower, so those keep the scales on the weights."""
     cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
     w = problem.quant.weights
-    if w.format == "int4" and w.group_size >= 32:  # the group scales on each step's partial product
+    pairs = problem.num_tokens * problem.top_k
+    rows_per_expert = pairs / max(1, min(problem.num_experts, pairs))
+    if rows_per_expert > 16:
+        return cfg
+    if w.format == "int4" and not w.zero_point and w.group_size >= 32:  # scales on each step's partial product
         cfg = cfg.model_copy(update={"group_scales": "accumulator", **{
             name: getattr(cfg, name).model_copy(update={"block_k": min(getattr(cfg, name).block_k, w.group_size)})
             for name in ("gemm1", "gemm2")}})
-    pairs = problem.num_tokens * problem.top_k
-    if pairs / max(1, min(problem.num_experts, pairs)) > 16:
-        return cfg
     tiles = min(problem.num_experts, pairs)  # row tiles: one per expert hit
     update = {}
     for name, cols in (("gemm1", problem.intermediate_size), ("gemm2", problem.hidden_size)):
@@ -207,8 +211,8 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
         while bn > 32 and tiles * -(-cols // bn) < MIN_PROGRAMS:
             bn //= 2
         bk = tile.block_k
-        if (name == "gemm2" and problem.intermediate_size >= LONG_REDUCTION and w.format != "fp8"
-                and cfg.group_scales == "weights"):
+        if name == "gemm2" and problem.intermediate_size >= LONG_REDUCTION and (
+                w.format in ("mxfp4", "nvfp4") or (w.format == "int8" and rows_per_expert <= 8)):
             bk = 256  # fewer, larger steps of a long reduction (each waits for its scales)
         if (bn, bk) != (tile.block_n, tile.block_k):
             update[name] = tile.model_copy(update={"block_n": bn, "block_k": bk})
@@ -216,9 +220,10 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
 
 
 # GEMM2 reductions (the intermediate size N) from this long take 256-wide K steps while weight-only
-# weights stream (H200, 2026-12-02, mixtral at one token: w4a16 220.8 -> 155.5 us, mxfp4 252.8 -> 194.5;
-# at dsv3's N = 2048 the 128-wide steps stayed 2-3% faster; fp8 weights, decoded through shared memory,
-# measured mixed, so keep 128)
+# weights stream (H200, 2026-12-02, mixtral at one token, graphs: mxfp4 254 -> 194 us, nvfp4 274 -> 213,
+# w8a16 151 -> 139; at 64 tokens, 16 rows an expert, mxfp4 647 -> 604 us but w8a16 482 -> 555, so int8
+# only up to 8 rows; at dsv3's N = 2048 the 128-wide steps stayed 2-3% faster; fp8 weights, decoded
+# through shared memory, measured mixed; int4 keeps the steps of its measured configs)
 LONG_REDUCTION = 8192
 
 

@@ -108,12 +108,28 @@ def _search(timed, cands: list[KernelConfig], best: list, label: str, limit: int
     print(file=sys.stderr)
 
 
+def _int4_weight_only(prob) -> bool:
+    w = prob.quant.weights
+    return w is not None and prob.quant.activations is None and w.format == "int4"
+
+
+def _other_group_scales(cfg: KernelConfig, group: int) -> KernelConfig:
+    """``cfg`` with int4 group scales in the other place; on the partial products with K steps of at most
+    one group."""
+    if cfg.group_scales == "accumulator":
+        return cfg.model_copy(update={"group_scales": "weights"})
+    fit = {g: getattr(cfg, g).model_copy(update={"block_k": min(getattr(cfg, g).block_k, group)})
+           for g in ("gemm1", "gemm2")}
+    return cfg.model_copy(update={"group_scales": "accumulator", **fit})
+
+
 def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: int | None = None,
           dtype: torch.dtype = torch.bfloat16, on_result=None, atomic: bool = False,
           quant: str | None = None) -> list[dict]:
     """For each token count: the heuristic, then a joint search (same tile for both GEMMs), then the
-    second GEMM's tile, then the first's, then the winner with its loads switched, each keeping the best
-    so far. ``quant``: a name of ``moe.quant.NAMES``; the weights are quantized once (static activation
+    second GEMM's tile, then the first's, then the winner with its loads switched (and, for dynamic W8A8,
+    GEMM2's input choice; for int4 weight-only, its group scales' place), each keeping the best so far.
+    ``quant``: a name of ``moe.quant.NAMES``; the weights are quantized once (static activation
     scales calibrated as ``moe bench`` does) and the configs timed on the quantized call."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     dev = torch.device("cuda")
@@ -161,6 +177,9 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
             other = fit_smem(best[1].model_copy(update={"gemm2_input": flip}), elt, gated,
                              input_elt=input_bytes(prob, flip))  # loading holds 2-byte input tiles
             _search(timed, [other], best, f"{label} gemm2 input", None)
+        if q is not None and _int4_weight_only(prob):  # the group scales: on the weights, or the partial products
+            _search(timed, [_other_group_scales(best[1], prob.quant.weights.group_size)], best,
+                    f"{label} group scales", None)
         row.update(best_us=best[0], best=best[1].model_dump())
         if atomic:
             row["atomic_us"] = timed(best[1].model_copy(update={"combine": "atomic"}))
