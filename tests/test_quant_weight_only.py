@@ -523,33 +523,106 @@ def test_triton_refuses_packed_weights_with_a_shallow_k_tile():
         triton_experts(args, problem, torch.empty_like(x), cfg)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_the_kernels_bit_constants(dtype):
-    """The decode the kernels do, checked on the host for each dtype the kernels build values in (the CPU
-    kernels run the fp32 constants; the GPU's bf16/fp16 ones are checked here): int4 by OR-ing the code
-    into the mantissa of a power of two whose ulp is 1, e2m1 by bit placement plus the exponent bias,
-    e8m0 as a bf16 exponent field."""
-    bits, mant, bias = {torch.bfloat16: (torch.int16, 7, 127), torch.float16: (torch.int16, 10, 15),
-                        torch.float32: (torch.int32, 23, 127)}[dtype]
-    total = 8 * dtype.itemsize
-    magic = {torch.bfloat16: 0x4300, torch.float16: 0x6400, torch.float32: 0x4B000000}[dtype]
+def test_the_kernels_bit_constants():
+    """The interpreter's and fp32 activations' decode (``_nibble_values``), checked on the host: int4 by
+    OR-ing the code into the mantissa of 2^23 (ulp 1), e2m1 by bit placement plus the exponent bias; and
+    e8m0 scales as a bf16 exponent field (``_scale_values``)."""
     q = torch.arange(16, dtype=torch.int64)
-    def as_float(v):
+
+    def as_float(v, dtype=torch.float32, bits=torch.int32):
         return v.to(bits).view(dtype).double()
 
-    base = as_float(torch.tensor(magic))
-    assert torch.equal(as_float(q | magic) - base, q.double())  # 128 + q (bf16), 1024 + q (fp16), 2^23 + q (fp32)
-    mag = torch.where((q & 6) != 0, ((q & 7) << (mant - 1)) + ((bias - 1) << mant), (q & 1) * ((bias - 1) << mant))
-    sign = (q & 8) << (total - 4)
-    code_bits = (mag | sign)
-    if total == 16:
-        code_bits = torch.where(code_bits >= 2**15, code_bits - 2**16, code_bits)  # as int16
-    else:
-        code_bits = torch.where(code_bits >= 2**31, code_bits - 2**32, code_bits)
+    assert torch.equal(as_float(q | 0x4B000000) - 2.0**23, q.double())
+    mag = torch.where((q & 6) != 0, ((q & 7) << 22) + (126 << 23), (q & 1) * (126 << 23))
+    code_bits = mag | ((q & 8) << 28)
+    code_bits = torch.where(code_bits >= 2**31, code_bits - 2**32, code_bits)
     assert torch.equal(as_float(code_bits), torch.tensor(_e2m1(q.numpy())))
-    if dtype == torch.bfloat16:
-        s = torch.arange(1, 255)
-        assert torch.equal(as_float(s << 7), 2.0 ** (s.double() - 127))
+    s = torch.arange(1, 255)
+    assert torch.equal(as_float(s << 7, torch.bfloat16, torch.int16), 2.0 ** (s.double() - 127))
+
+
+def _run_ptx(program: str, word: int) -> tuple[int, int]:
+    """A host emulation of the few PTX instructions of ``_nibble_asm``'s programs: ``$2`` in, ``$0``/``$1`` out
+    (32-bit words; fma on pairs of 16-bit floats, rounded to nearest even)."""
+    import struct
+
+    regs = {"$2": word}
+
+    def val(tok):
+        return regs[tok] if tok in regs else int(tok, 16) if tok.startswith("0x") else int(tok)
+
+    def halves(x, fmt):
+        lo, hi = x & 0xFFFF, x >> 16
+        if fmt == "bf16":
+            return [struct.unpack("<f", struct.pack("<I", h << 16))[0] for h in (lo, hi)]
+        return [float(np.array([h], dtype=np.uint16).view(np.float16)[0]) for h in (lo, hi)]
+
+    def pack(vals, fmt):
+        t = torch.tensor(vals, dtype=torch.float64).to(torch.bfloat16 if fmt == "bf16" else torch.float16)
+        h = t.view(torch.int16).to(torch.int64) & 0xFFFF
+        return int(h[0]) | int(h[1]) << 16
+
+    body = program.strip().strip("{}")
+    for ins in (i.strip() for i in body.split(";") if i.strip()):
+        op, args = ins.split(None, 1)
+        a = [t.strip() for t in args.split(",")]
+        if op == ".reg":
+            continue
+        if op == "shr.u32":
+            regs[a[0]] = val(a[1]) >> val(a[2])
+        elif op == "shl.b32":
+            regs[a[0]] = (val(a[1]) << val(a[2])) & 0xFFFFFFFF
+        elif op == "and.b32":
+            regs[a[0]] = val(a[1]) & val(a[2])
+        elif op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "lop3.b32":
+            assert a[4] == "0xEA"  # (a & b) | c
+            regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
+        elif op == "prmt.b32":
+            pool = val(a[1]) | val(a[2]) << 32
+            sel = val(a[3])
+            regs[a[0]] = sum(((pool >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            fmt = "bf16" if "bf16" in op else "f16"
+            x, m, c = (halves(val(t), fmt) for t in a[1:])
+            regs[a[0]] = pack([x[i] * m[i] + c[i] for i in range(2)], fmt)
+        else:
+            raise AssertionError(f"no emulation of {op}")
+    return regs["$0"], regs["$1"]
+
+
+@pytest.mark.parametrize("code", ["int4", "int4_zp", "e2m1"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_the_gpu_inline_asm_decodes_every_byte(code, dtype):
+    """The GPU's 16-bit decode does not run under the interpreter: emulate its PTX on the host for every
+    byte in every position of the 32-bit word, low and high nibbles, and compare with the codes' values
+    (int4 ``q - 8``; ``q`` where zero points follow; e2m1, the subnormal 0.5 and -0 included)."""
+    from moe.backends.triton._gemm import _nibble_asm
+
+    def value(q):
+        return {"int4": q - 8.0, "int4_zp": float(q), "e2m1": float(_e2m1(np.array([q]))[0])}[code]
+
+    def unpack(word, fmt):
+        lo, hi = word & 0xFFFF, word >> 16
+        dt = torch.bfloat16 if fmt == "bf16" else torch.float16
+        return [float(torch.tensor([h - 65536 if h >= 32768 else h], dtype=torch.int16).view(dt)) for h in (lo, hi)]
+
+    for high in (False, True):
+        program = _nibble_asm(high, code, dtype)
+        for b in range(256):
+            for pos in range(4):
+                word = b << (8 * pos) | (0x5A << (8 * ((pos + 1) % 4)))  # a neighbour byte that must not leak in
+                r0, r1 = _run_ptx(program, word)
+                got = unpack(r0, dtype) + unpack(r1, dtype)
+                nibble = (b >> 4) if high else (b & 0xF)
+                want = value(nibble)
+                assert got[pos] == want and (want != 0 or np.signbit(got[pos]) == np.signbit(want)), (
+                    f"{code} {dtype} {'high' if high else 'low'} nibble of byte {b:#04x} at position {pos}: "
+                    f"{got[pos]} != {want}")
+                other = (pos + 1) % 4
+                n2 = (0x5A >> 4) if high else (0x5A & 0xF)
+                assert got[other] == value(n2)
 
 
 def test_the_16bit_decode_path_compiles_for_sm90():

@@ -18,11 +18,13 @@ Each kernel takes its choices as mode values, never one boolean per format (mode
   converted to the activation dtype in the loop; W_INT4 / W_INT4_ZP: two nibbles a byte, ``q - 8`` or
   ``q - zero``; W_E2M1: two e2m1 codes a byte). The 4-bit codes become floats by bit placement, never a
   conversion instruction: int4 by OR-ing the code into the mantissa of a power of two (``0x4300`` is
-  bf16 128.0, ``0x6400`` fp16 1024.0, ``0x4B000000`` fp32 2^23) and subtracting it (plus the zero point);
-  e2m1 by moving its exponent and mantissa bits into place and adding the exponent bias (the one
-  subnormal, 0.5, by a select). Under the interpreter (whose bf16 arithmetic is not IEEE) and for fp32
-  activations the fp32 constants are used; on the GPU bf16/fp16 activations use the 16-bit ones, so
-  two elements share each 32-bit instruction. Packed weights are loaded [BLOCK_K / 2, BLOCK_N] and
+  bf16 128.0, ``0x6400`` fp16 1024.0, ``0x4B000000`` fp32 2^23) and subtracting it (the zero point
+  follows); e2m1 by placing its exponent and mantissa bits. On the GPU, bf16/fp16 activations decode
+  four bytes a 32-bit register in one pure unary inline-asm op per nibble half (``_nibble_asm``: packed
+  16-bit fma, e2m1 times 2^126 / 2^14), which the compiler hoists its dot-operand layout conversion
+  above, so the tile is decoded in the dot's registers; the interpreter (no inline assembly, bf16
+  arithmetic not IEEE) and fp32 activations use the fp32 constants and a select for e2m1's subnormal
+  0.5 (``_nibble_values``). Packed weights are loaded [BLOCK_K / 2, BLOCK_N] and
   their low (even k) and high (odd k) nibbles meet the even and odd columns of the input tile in two
   dots, so no shuffle interleaves them;
 - A_SCALE: the GEMM input's quantization (A_NONE: the activation dtype; A_TENSOR: one scale; A_TOKEN: one
@@ -213,9 +215,8 @@ def _nibble_asm(high: bool, code: str, dtype: str) -> str:
     else:
         magic = "0x43004300" if bf16 else "0x64006400"
         mul = "0x3F803F80" if bf16 else "0x3C003C00"  # 1.0
-        sub = {("bf16", "int4"): "0xC308C308", ("bf16", "int4_zp"): "0xC300C300",  # -136, -128
+        add = {("bf16", "int4"): "0xC308C308", ("bf16", "int4_zp"): "0xC300C300",  # -136, -128
                ("fp16", "int4"): "0xE408E408", ("fp16", "int4_zp"): "0xE400E400"}[(dtype, code)]  # -1032, -1024
-        add = sub
         place = "".join(f"shr.u32 t{i}, $2, {sh}; lop3.b32 t{i}, t{i}, 0x000F000F, {magic}, 0xEA; "
                         for i, sh in ((0, sa), (1, sb)))
     return ("{ .reg .b32 t0, t1, s0, s1, m, c; " + place + f"prmt.b32 $0, t0, t1, 0x5410; prmt.b32 $1, t0, t1, 0x7632; "
@@ -322,8 +323,8 @@ def _to_operand(v, dt, INTERP: tl.constexpr):
 def _dequant_step(acc, a, w, s, z, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W16: tl.constexpr,
                   INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
     """A weight-only K step: the stored weight tile dequantized to the activation dtype, then the dot;
-    ``s``/``z``: the step's scale (1 without group/block scales) and negated zero-point tiles
-    (``_weight_scales``). 8-bit (W_CONVERT): ``w`` [BLOCK_K, columns] converted. 4-bit: ``w`` is
+    ``s``/``z``: the step's scale and negated zero-point tiles (``_weight_scales``; unused without group
+    or block scales and zero points). 8-bit (W_CONVERT): ``w`` [BLOCK_K, columns] converted. 4-bit: ``w`` is
     [BLOCK_K / 2, columns] bytes; the low nibbles (even k) dot the input's even columns, the high (odd k)
     its odd ones. W16 (GPU, 16-bit activations): dequantized in that dtype, the 4-bit codes by
     ``_nibbles_packed``; otherwise in float32 by ``_nibble_values``."""
