@@ -6,10 +6,11 @@
 A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile (``g1bkN``, ``g2bkN`` one's),
 ``sN`` their pipeline stages, ``wN`` their warps, ``bmN`` the row tile, ``g1nN`` / ``g2nN`` a GEMM's N
 tile, ``one`` / ``two`` GEMM1's gate/up dots, ``load`` / ``pass`` how GEMM2's input is quantized, ``acc`` /
-``wts`` where int4 group scales apply (joined
-with ``_``), then ``fit_smem`` trims it to the
-shared-memory budget as the heuristic does. Prints microseconds per call (eager, do_bench median) and
-the ratio to bf16 from the same run, table last.
+``wts`` where int4 group scales apply (joined with ``_``), then ``fit_smem`` trims it to the shared-memory
+budget as the heuristic does. Prints microseconds per call (do_bench median) and the ratio to bf16 from the
+same run, table last. Up to ``--graph-max-m`` tokens (256) the times are
+CUDA-graph replays, as ``moe bench``'s rows there: eager calls at one token measure mostly host time
+(H200, 2026-12-02: the same mixtral config 155 and 216 us eager in two calls).
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from moe.backends.triton import triton_experts
 from moe.backends.triton.config import KernelConfig, default_config, fit_smem, input_bytes, operand_bytes
 from moe.contract import ExpertsArgs
 from moe.routing import fused_topk
-from moe.workload import PRESETS, quantize_workload, random_biases, random_tokens, random_weights, time_fn
+from moe.workload import (
+    PRESETS,
+    graph_time,
+    quantize_workload,
+    random_biases,
+    random_tokens,
+    random_weights,
+    time_fn,
+)
 
 
 def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
@@ -55,7 +64,7 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
             cfg = cfg.model_copy(update={gemm: getattr(cfg, gemm).model_copy(update={field: val})})
         else:
             raise SystemExit(f"--variants: unknown part {part!r} "
-                             "(bkN, g1bkN, g2bkN, sN, wN, bmN, g1nN, g2nN, one, two, load, pass)")
+                             "(bkN, g1bkN, g2bkN, sN, wN, bmN, g1nN, g2nN, one, two, load, pass, acc, wts)")
     return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob, cfg.gemm2_input))
 
 
@@ -68,8 +77,12 @@ def _profile(args: ExpertsArgs, prob, out: torch.Tensor, cfg: KernelConfig | Non
     print(f"  {label}: " + ", ".join(f"{k[:24]} {v:.0f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])))
 
 
-def _us(args: ExpertsArgs, prob, out: torch.Tensor, cfg: KernelConfig | None, dev: torch.device) -> float:
-    return time_fn(lambda: triton_experts(args, prob, out, cfg), dev) * 1e6
+def _us(args: ExpertsArgs, prob, out: torch.Tensor, cfg: KernelConfig | None, dev: torch.device,
+        graph: bool) -> float:
+    """Median microseconds a call: CUDA-graph replays (as ``moe bench`` times M <= 256, where an eager call
+    measures mostly its host time), or eager calls."""
+    fn = lambda: triton_experts(args, prob, out, cfg)
+    return (graph_time(fn, dev) if graph else time_fn(fn, dev)) * 1e6
 
 
 def main() -> None:
@@ -78,6 +91,8 @@ def main() -> None:
     ap.add_argument("--quant", default="fp8_block")
     ap.add_argument("--variants", default="bk128")
     ap.add_argument("--profile", action="store_true", help="also each kernel's time (torch.profiler)")
+    ap.add_argument("--graph-max-m", type=int, default=256, help="time CUDA-graph replays up to this many tokens "
+                                                                 "(default 256, as moe bench), eager calls above")
     a = ap.parse_args()
     dev = torch.device("cuda")
     rows = []
@@ -92,7 +107,8 @@ def main() -> None:
         out = torch.empty_like(x)
         prob0 = p.problem(dev, torch.bfloat16, m)
         args0 = ExpertsArgs(x, w13, w2, w, ids, b13, b2)
-        bf16 = _us(args0, prob0, out, None, dev)
+        graph = m <= a.graph_max_m
+        bf16 = _us(args0, prob0, out, None, dev, graph)
         rows.append((case, "bf16", "heuristic", bf16, 1.0))
         if a.profile:
             _profile(args0, prob0, out, None, f"{case} bf16")
@@ -104,7 +120,7 @@ def main() -> None:
             for spec in ["heuristic", *a.variants.split(",")]:
                 cfg = base if spec == "heuristic" else variant(base, spec, prob)
                 try:
-                    t = _us(args, prob, out, cfg, dev)
+                    t = _us(args, prob, out, cfg, dev, graph)
                 except Exception as exc:  # a variant the compiler rejects is reported, not fatal
                     print(f"{case} {qn} {spec}: {type(exc).__name__}: {str(exc)[:160]}")
                     continue

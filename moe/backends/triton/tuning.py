@@ -44,13 +44,14 @@ from .config import (
 TUNE_REP_MS = 40  # do_bench repetitions per candidate: enough to rank them, a third of the benchmark's
 
 
-def _tiles(rows_per_expert: float, elt: int = 2) -> list[tuple[int, GemmTile]]:
+def _tiles(rows_per_expert: float, elt: float = 2) -> list[tuple[int, GemmTile]]:
     """(block_m, tile) pairs of a pruned space around the regime: thin row tiles while the weights stream,
     wide ones once it is compute-bound. group_m 64 sweeps every row tile of a column before the next
-    column, so an expert's row tiles share its weight tiles through L2. 1-byte operands (fp8, int8) try
-    deeper pipelines while streaming: the same bytes in flight take twice the stages of a bf16 tile."""
+    column, so an expert's row tiles share its weight tiles through L2. Weight tiles of a byte or less an
+    element (fp8, int8; packed 4-bit) try deeper pipelines while streaming: the same bytes in flight take
+    twice the stages of a bf16 tile (or more)."""
     if rows_per_expert <= 16:
-        stages = [4, 8] if elt == 1 else [3, 5]
+        stages = [4, 8] if elt <= 1 else [3, 5]
         space = itertools.product([16, 32], [32, 64, 128], [128, 256], [4], stages, [1, 64])
     elif rows_per_expert <= 256:
         space = [(bm, bn, bk, 8 if bm == 128 else 4, stages, group)  # 128-row tiles need 8 warps' registers
@@ -58,12 +59,12 @@ def _tiles(rows_per_expert: float, elt: int = 2) -> list[tuple[int, GemmTile]]:
                                                                     [8, 64])]
     else:
         # 1-byte operands also try 128-wide K tiles: a block-scaled GEMM scales each step's partial product
-        space = itertools.product([64, 128], [64, 128, 256], [64, 128] if elt == 1 else [64], [4, 8], [3, 4], [8])
+        space = itertools.product([64, 128], [64, 128, 256], [64, 128] if elt <= 1 else [64], [4, 8], [3, 4], [8])
     return [(bm, GemmTile(block_n=bn, block_k=bk, group_m=group, num_warps=warps, num_stages=stages))
             for bm, bn, bk, warps, stages, group in space]
 
 
-def _fits(cfg: KernelConfig, elt: int, gated: bool, k_block: int | None = None,
+def _fits(cfg: KernelConfig, elt: float, gated: bool, k_block: int | None = None,
           input_elt: tuple[int, int] | None = None) -> bool:
     """Within the shared-memory budget (``input_elt``: the input tiles' bytes an element, as
     ``config.input_bytes``) and, for block-scaled weights (``k_block`` columns a scale), with K tiles
@@ -73,14 +74,14 @@ def _fits(cfg: KernelConfig, elt: int, gated: bool, k_block: int | None = None,
     return max(cfg.smem_bytes(elt, gated, input_elt)) <= SMEM_BUDGET
 
 
-def candidates(rows_per_expert: float, elt: int, gated: bool = True, k_block: int | None = None,
+def candidates(rows_per_expert: float, elt: float, gated: bool = True, k_block: int | None = None,
                input_elt: tuple[int, int] | None = None) -> list[KernelConfig]:
     """The first stage of the search: one tile for both GEMMs."""
     cfgs = (KernelConfig(block_m=bm, gemm1=t, gemm2=t) for bm, t in _tiles(rows_per_expert, elt))
     return [c for c in cfgs if _fits(c, elt, gated, k_block, input_elt)]
 
 
-def refinements(best: KernelConfig, rows_per_expert: float, elt: int, gated: bool, gemm: str,
+def refinements(best: KernelConfig, rows_per_expert: float, elt: float, gated: bool, gemm: str,
                 k_block: int | None = None, input_elt: tuple[int, int] | None = None) -> list[KernelConfig]:
     """Later stages: keep the winner's row tile and the other GEMM's tile, vary this GEMM's tile."""
     cfgs = (best.model_copy(update={gemm: t}) for bm, t in _tiles(rows_per_expert, elt) if bm == best.block_m)
