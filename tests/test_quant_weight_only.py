@@ -680,14 +680,14 @@ def test_torch_compile_fullgraph_traces_a_weight_only_layer(name):
     assert torch.equal(compiled(x, logits), eager)
 
 
-def _decode_config(name: str, experts: int, hidden: int, inter: int, top_k: int, tokens: int):
+def _decode_config(name, experts: int, hidden: int, inter: int, top_k: int, tokens: int):
     import dataclasses
 
     from moe.backends.triton.config import default_config
     from moe.contract import ExpertsProblem
 
     prob = ExpertsProblem("cuda", torch.bfloat16, tokens, experts, experts, hidden, inter, top_k)
-    return default_config(dataclasses.replace(prob, quant=named(name)))
+    return default_config(dataclasses.replace(prob, quant=named(name) if isinstance(name, str) else name))
 
 
 @pytest.mark.parametrize("name", ["w4a16", "w4a16_zp", "mxfp4", "w8a16", "fp8_w8a16"])
@@ -734,3 +734,55 @@ def test_int4_group_scales_on_the_weights_or_the_partial_products(name, group_sc
                                              r"128 or group_scales='weights'"):
             triton_experts(args, problem, out, KernelConfig(block_m=16, gemm1=wide, gemm2=tile,
                                                             group_scales="accumulator"))
+
+
+@needs_triton
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_int4_groups_of_32_and_64_run_on_the_kernels(group, zero_point):
+    """int4 with groups of 32 and 64 (through a QuantConfig; the names use 128) runs on the Triton backend,
+    NaN-poisoned, against the reference, and its heuristic K steps lie within a group for the scales on the
+    partial products (symmetric) while the weights stream."""
+    scheme = WeightScheme(format="int4", granularity="group", group_size=group, zero_point=zero_point)
+    config = QuantConfig(weights=scheme)
+    g = torch.Generator().manual_seed(group + zero_point)
+    T, E, K, N, k = 5, 4, 256, 128, 2
+    x = torch.randn(T, K, generator=g).to(torch.bfloat16)
+    w13 = torch.randn(E, 2 * N, K, generator=g) / K**0.5
+    w2 = torch.randn(E, K, N, generator=g) / N**0.5
+    weights, ids = moe.fused_topk(torch.randn(T, E, generator=g), k)
+    q13, q2 = quantize_weight(w13, scheme, parts=2), quantize_weight(w2, scheme)
+    out = torch.full_like(x, float("nan"))
+    moe.fused_experts(x, q13, q2, weights, ids, backend="triton", out=out)
+    assert moe.last_decision().chosen == "triton"
+    ref = moe.fused_experts(x, q13, q2, weights, ids, backend="torch")
+    assert_close(out, ref, scheme="w4a16_zp" if zero_point else "w4a16", what=f"int4 groups of {group}")
+    cfg = _decode_config(config, 8, 4096, 14336, 2, 1)
+    assert cfg.group_scales == ("weights" if zero_point else "accumulator")
+    assert group % cfg.gemm1.block_k == 0 or zero_point
+
+
+@needs_triton
+def test_int4_groups_the_kernels_do_not_take_are_refused_with_the_reason():
+    """Groups of 48: not a scheme the Triton backend declares (the registry names what it runs); a K step
+    that neither divides nor lies within the groups is refused before compiling, naming the fix."""
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+    from moe.contract import ExpertsArgs
+    from moe.functional import _problem
+    from moe.registry import BackendUnavailableError
+
+    scheme = WeightScheme(format="int4", granularity="group", group_size=48)
+    g = torch.Generator().manual_seed(48)
+    x = torch.randn(3, 192, generator=g).to(torch.bfloat16)
+    weights, ids = moe.fused_topk(torch.randn(3, 4, generator=g), 2)
+    q13 = quantize_weight(torch.randn(4, 2 * 96, 192, generator=g) / 14, scheme, parts=2)
+    q2 = quantize_weight(torch.randn(4, 192, 96, generator=g) / 10, scheme)
+    with pytest.raises(BackendUnavailableError, match=r"backend 'triton' cannot run this problem: runs the "
+                                                      r"quantization schemes .*not .*\"group_size\":48"):
+        moe.fused_experts(x, q13, q2, weights, ids, backend="triton")
+    args = ExpertsArgs(x, q13, q2, weights, ids)
+    problem = _problem(args, moe.ActivationSpec.parse("silu"), False, None)
+    tile = GemmTile(block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match=r"gemm1.block_k=64 and the weights' groups of 48 input elements: one "
+                                         r"must divide the other"):
+        triton_experts(args, problem, torch.empty_like(x), KernelConfig(block_m=16, gemm1=tile, gemm2=tile))

@@ -21,7 +21,7 @@ from ...kernels.host import cdiv, chains, device_index, interpreting, tensor_cop
 from ...kernels.launch import _smem_limit, launch
 from ...kernels.quant import RowLayout, quantize_rows
 from ...options import options, options_version, register_cache
-from ...quant import QuantizedWeight
+from ...quant import QuantConfig, QuantizedWeight, WeightScheme
 from .config import BATCH_INVARIANT_CONFIG, GemmTile, KernelConfig, default_config, input_bytes, operand_bytes
 
 __all__ = ["BACKEND", "GemmTile", "KernelConfig", "choose_config", "default_config", "triton_experts"]
@@ -297,10 +297,15 @@ def _supports_quant(problem: ExpertsProblem) -> tuple[bool, str]:
     return True, "ok"
 
 
+# int4 weight-only with the other common group sizes (through a QuantConfig; the names use 128)
+_INT4_GROUPS = tuple(QuantConfig(weights=WeightScheme(format="int4", granularity="group", group_size=g,
+                                                      zero_point=zp)).key() for g in (32, 64) for zp in (False, True))
+
+
 class TritonBackend:
     name = "triton"
     schemes = ("none", "scaled", "fp8_tensor", "fp8_tensor_static", "fp8_channel", "fp8_block", "int8_channel",
-               "w8a16", "w4a16", "w4a16_zp", "fp8_w8a16", "mxfp4", "nvfp4")
+               "w8a16", "w4a16", "w4a16_zp", "fp8_w8a16", "mxfp4", "nvfp4", *_INT4_GROUPS)
 
     @property
     def priority(self) -> int:

@@ -272,8 +272,9 @@ def _asm(w, LO_BF16: tl.constexpr, HI_BF16: tl.constexpr, LO_FP16: tl.constexpr,
 def _weight_scales(sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_BK: tl.constexpr,
                    W_PACK: tl.constexpr, W16: tl.constexpr, BLOCK_K: tl.constexpr, dt):
     """Weight-only group/block scales (and zero points) of the K step at ``k0``, over a weight tile of
-    BLOCK_K / W_PACK rows: [1, columns] when a group spans the step, else one row of each group's
-    values per tile row (loaded [groups, columns], repeated W_BK / W_PACK times down). Made before the
+    BLOCK_K / W_PACK rows: [1, columns] when a group spans the step, else (groups divide the step: modes.py
+    checks one divides the other) one row of each group's values per tile row (loaded [groups, columns],
+    repeated W_BK / W_PACK times down). Made before the
     weight tile is loaded, so that in the dequantization ``s * (zero + v)`` the weights' own chain is the
     last operand: the compiler's layout hoisting walks that chain first and finds the weight load
     (``sw``, ``sz``: each column's row of scales / zero points). Other schemes: ``sw`` as it is."""

@@ -199,10 +199,11 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
     rows_per_expert = pairs / max(1, min(problem.num_experts, pairs))
     if rows_per_expert > 16:
         return cfg
-    if w.format == "int4" and not w.zero_point and w.group_size >= 32:  # scales on each step's partial product
-        cfg = cfg.model_copy(update={"group_scales": "accumulator", **{
-            name: getattr(cfg, name).model_copy(update={"block_k": min(getattr(cfg, name).block_k, w.group_size)})
-            for name in ("gemm1", "gemm2")}})
+    if w.format == "int4" and not w.zero_point:  # scales on each step's partial product: steps within a group
+        steps = {name: _step_within(getattr(cfg, name).block_k, w.group_size) for name in ("gemm1", "gemm2")}
+        if None not in steps.values():
+            cfg = cfg.model_copy(update={"group_scales": "accumulator", **{
+                name: getattr(cfg, name).model_copy(update={"block_k": bk}) for name, bk in steps.items()}})
     tiles = min(problem.num_experts, pairs)  # row tiles: one per expert hit
     update = {}
     for name, cols in (("gemm1", problem.intermediate_size), ("gemm2", problem.hidden_size)):
@@ -217,6 +218,15 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
         if (bn, bk) != (tile.block_n, tile.block_k):
             update[name] = tile.model_copy(update={"block_n": bn, "block_k": bk})
     return cfg.model_copy(update=update) if update else cfg
+
+
+def _step_within(block_k: int, group: int) -> int | None:
+    """The widest K step of at most ``block_k`` that divides ``group`` (a power of two, at least the 32
+    that packed weights need), or None."""
+    bk = block_k
+    while bk >= 32 and group % bk:
+        bk //= 2
+    return bk if bk >= 32 else None
 
 
 # GEMM2 reductions (the intermediate size N) from this long take 256-wide K steps while weight-only

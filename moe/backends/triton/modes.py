@@ -129,6 +129,11 @@ def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2
                                  f"a weight scale block {w.block}; use block_k <= {w_bk}")
     if w is not None and w.granularity == "group":
         w_bn, w_bk = 1, w.group_size
+        for name, tile in (("gemm1", g1), ("gemm2", g2)):
+            if w_bk % tile.block_k and tile.block_k % w_bk:
+                raise ValueError(f"kernel config: {name}.block_k={tile.block_k} and the weights' groups of {w_bk} "
+                                 f"input elements: one must divide the other (each K step takes whole groups or "
+                                 f"lies within one); use a power-of-two block_k that does")
     code = weight_code(p)
     packed = code in (_gemm.W_INT4, _gemm.W_INT4_ZP, _gemm.W_E2M1)
     if cfg.group_scales == "accumulator" and code in (_gemm.W_INT4, _gemm.W_INT4_ZP):
