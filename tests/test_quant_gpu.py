@@ -83,6 +83,28 @@ def test_gpu_quantized_parity(backend, name, T, emap):
     assert err <= QUANT_NOISE[name], f"{name} T={T}: {err:.3e} from the unquantized result"
 
 
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_gpu_int4_groups_of_32_and_64(group, zero_point):
+    """int4 through a QuantConfig (groups of 32 and 64, the kernels' other declared sizes) on the GPU over
+    the token-count list, NaN-poisoned, against the emulation and within the noise of the unquantized
+    result (its 128-group name's row: smaller groups quantize more finely)."""
+    from moe.quant import QuantConfig, WeightScheme
+
+    name = "w4a16_zp" if zero_point else "w4a16"
+    config = QuantConfig(weights=WeightScheme(format="int4", granularity="group", group_size=group,
+                                              zero_point=zero_point))
+    for T in TOKEN_COUNTS:
+        s = _setup(T, name)
+        s["q13"], s["q2"] = quantize(s["w13"], config.weights, parts=2), quantize(s["w2"], config.weights)
+        out = torch.full_like(s["x"], float("nan"))
+        moe.fused_experts(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], backend="triton", out=out)
+        assert moe.last_decision().chosen == "triton"
+        ref = moe.fused_experts(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], backend="torch")
+        assert_close(out, ref, scheme=name, what=f"int4 groups of {group} T={T} vs the emulation")
+        assert rel_error(out, _plain_reference(s)) <= QUANT_NOISE[name], f"groups of {group} T={T}"
+
+
 @pytest.mark.parametrize("name", ["fp8_tensor_static"])
 def test_gpu_per_expert_static_scales(name):
     for T in (1, 64, 2048):
