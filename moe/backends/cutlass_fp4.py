@@ -28,6 +28,7 @@ import torch
 
 from ..contract import ExpertsArgs, ExpertsProblem
 from ..kernels.grouped import expert_counts
+from ..quant.weights import pack_nibbles, unpack_nibbles
 
 __all__ = ["BACKEND", "E2M1_MAX", "E2M1_VALUES", "Fp4Format", "dequantize_fp4", "expert_scale_offsets",
            "quantize_fp4", "round_to_e2m1", "swizzle_scales", "swizzled_scale_shape"]
@@ -49,15 +50,6 @@ def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
     tie = (code < len(_MIDPOINTS)) & (mag == mids[code.clamp(max=len(_MIDPOINTS) - 1)]) & (code % 2 == 1)
     code = code + tie.long()  # ties between an odd code and the next go up, to the even one
     return (code | ((x < 0).long() << 3)).to(torch.uint8)
-
-
-def _pack(codes: torch.Tensor) -> torch.Tensor:
-    """Two codes a byte along the last dim, the first in the low nibble."""
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
-
-
-def _unpack(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 
 def _check_input(x: torch.Tensor, fmt: str) -> int:
@@ -95,13 +87,13 @@ def quantize_fp4(x: torch.Tensor, fmt: Fp4Format, global_scale: torch.Tensor | N
         denom = torch.exp2(exp)
         stored = (exp + 127).to(torch.uint8).squeeze(-1)
     q = torch.where(denom > 0, xb / denom, torch.zeros_like(xb))
-    return _pack(round_to_e2m1(q).reshape(x.shape)), stored
+    return pack_nibbles(round_to_e2m1(q).reshape(x.shape)), stored
 
 
 def dequantize_fp4(packed: torch.Tensor, scales: torch.Tensor, fmt: Fp4Format,
                    global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 values of :func:`quantize_fp4`'s output."""
-    codes = _unpack(packed).long()
+    codes = unpack_nibbles(packed).long()
     values = torch.tensor(E2M1_VALUES, device=packed.device)[codes & 7]
     values = torch.where(codes >= 8, -values, values)
     if fmt == "nvfp4":

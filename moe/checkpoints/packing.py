@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..quant.weights import pack_nibbles, unpack_nibbles  # the canonical two codes a byte, re-exported
+
 __all__ = ["pack_int32", "pack_nibbles", "unpack_int32", "unpack_nibbles"]
 
 
@@ -44,14 +46,3 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int, order: Sequence[int] | 
     u = (runs << shifts).sum(dim=-1)  # disjoint bits: the sum is the OR
     return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32)
 
-
-def unpack_nibbles(data: torch.Tensor) -> torch.Tensor:
-    """[..., cols / 2] bytes -> [..., cols] codes 0..15 (int32): element 2j the low nibble, 2j + 1 the high."""
-    d = data.to(torch.int32)
-    return torch.stack((d & 0xF, d >> 4), dim=-1).flatten(-2)
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """[..., cols] codes 0..15 -> [..., cols / 2] uint8 (the inverse of :func:`unpack_nibbles`)."""
-    c = codes.to(torch.int32)
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8)

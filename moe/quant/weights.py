@@ -29,7 +29,7 @@ import torch
 from .schemes import E2M1_MAX, FP8_MAX, INT8_MAX, STORAGE_DTYPES, WeightScheme, scale_from_amax
 
 __all__ = ["E2M1_VALUES", "QuantizedWeight", "check_quantized_weight", "dequantize", "e2m1_codes", "int4_scale_dtype",
-           "quantize", "scale_dtypes", "scale_shape", "storage_shapes"]
+           "pack_nibbles", "quantize", "scale_dtypes", "scale_shape", "storage_shapes", "unpack_nibbles"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT4_SCALES = (torch.bfloat16, torch.float16, torch.float32)
@@ -202,14 +202,15 @@ def _describe(scheme: WeightScheme) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- decode
-def _unpack(data: torch.Tensor) -> torch.Tensor:
-    """[rows, cols / 2] bytes -> [rows, cols] codes 0..15: element 2j from the low nibble, 2j + 1 the high."""
+def unpack_nibbles(data: torch.Tensor) -> torch.Tensor:
+    """[..., cols / 2] bytes -> [..., cols] codes 0..15 (int32): element 2j the low nibble, 2j + 1 the high
+    (the canonical 4-bit storage)."""
     d = data.to(torch.int32)
     return torch.stack((d & 0xF, d >> 4), dim=-1).flatten(-2)
 
 
-def _pack(codes: torch.Tensor) -> torch.Tensor:
-    """[rows, cols] codes 0..15 -> [rows, cols / 2] bytes (the inverse of :func:`_unpack`)."""
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[..., cols] codes 0..15 -> [..., cols / 2] uint8 (the inverse of :func:`unpack_nibbles`)."""
     c = codes.to(torch.int32)
     return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8)
 
@@ -242,11 +243,11 @@ def _dequantize_expert(qw: QuantizedWeight, e: int, work: torch.dtype) -> torch.
     """Expert ``e``'s [rows, cols] values in ``work`` (float32 or float64)."""
     scheme, (_, rows, cols) = qw.scheme, qw.shape
     if scheme.format == "int4":
-        q = _unpack(qw.data[e]).to(work)
+        q = unpack_nibbles(qw.data[e]).to(work)
         zero = _per_element(qw.zero[e].to(work), scheme.group_size) if qw.zero is not None else 8.0  # type: ignore[index, arg-type]
         return (q - zero) * _per_element(qw.scale[e].to(work), scheme.group_size)  # type: ignore[arg-type]
     if scheme.format in ("mxfp4", "nvfp4"):
-        v = _e2m1_value(_unpack(qw.data[e]), work)
+        v = _e2m1_value(unpack_nibbles(qw.data[e]), work)
         if scheme.format == "mxfp4":
             s = torch.exp2(qw.scale[e].to(work) - 127.0)
         else:
@@ -305,12 +306,12 @@ def _int4_expert(w: torch.Tensor, scheme: WeightScheme, scale_dtype: torch.dtype
         sf = s.to(torch.float32)
         zero = (-lo / sf).round().clamp(0, 15)
         q = ((g / sf[..., None]).round() + zero[..., None]).clamp(0, 15)
-        return _pack(q.flatten(1)), s, zero.to(torch.uint8)
+        return pack_nibbles(q.flatten(1)), s, zero.to(torch.uint8)
     s = scale_from_amax(g.abs().amax(dim=-1), "int4").to(scale_dtype)
     sf = s.to(torch.float32)
     # a scale rounded down to its dtype can push |w / s| a hair past 7: clamp to the symmetric range
     q = (g / sf[..., None]).round().clamp(-7, 7) + 8
-    return _pack(q.flatten(1)), s, None
+    return pack_nibbles(q.flatten(1)), s, None
 
 
 def _e8m0_of(amax: torch.Tensor) -> torch.Tensor:
@@ -334,7 +335,7 @@ def _fp4_expert(w: torch.Tensor, scheme: WeightScheme, parts: int):
         s = (amax / E2M1_MAX / gs_rows).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
         step = s.to(torch.float32) * gs_rows
     v = torch.where(step[..., None] > 0, g / step[..., None], torch.zeros_like(g))  # a scale underflowing e4m3: 0
-    return _pack(e2m1_codes(v).flatten(1)), s, gs
+    return pack_nibbles(e2m1_codes(v).flatten(1)), s, gs
 
 
 def quantize(weight: torch.Tensor, scheme: WeightScheme, *, parts: int = 1) -> QuantizedWeight:
