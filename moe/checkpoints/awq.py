@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .base import CheckpointFormat, Encoding, matches_module, register_format
+from .base import CheckpointFormat, Encoding, matches_module, register_format, unsupported
 from .codec import FLOATS, At, Codec, Decoded, Dim, Part, check_finite, int4_quant
 from .packing import pack_int32, pack_nibbles, unpack_int32, unpack_nibbles
 from .source import CheckpointError
@@ -77,8 +77,7 @@ class AWQ(CheckpointFormat):
     @classmethod
     def parse(cls, config: Mapping[str, Any], where: str) -> AWQ:
         def bad(name: str, value: object, allowed: str) -> CheckpointError:
-            return CheckpointError(f"{where}: quantization_config.{name}={value!r} is not supported for quant_method "
-                                   f"'awq'; allowed: {allowed}")
+            return unsupported(where, "awq", name, value, allowed)
 
         bits = config.get("bits", config.get("w_bit", 4))
         group = config.get("group_size", config.get("q_group_size", 128))

@@ -105,6 +105,13 @@ UNQUANTIZED = Unquantized()
 FORMATS: dict[str, type[CheckpointFormat]] = {}
 
 
+def unsupported(where: str, method: str, name: str, value: object, allowed: str) -> CheckpointError:
+    """The error for a ``quantization_config`` field a format does not take: the file, the field, its
+    value and what is allowed."""
+    return CheckpointError(f"{where}: quantization_config.{name}={value!r} is not supported for quant_method "
+                           f"'{method}'; allowed: {allowed}")
+
+
 def register_format(cls: type[CheckpointFormat]) -> type[CheckpointFormat]:
     """Make ``cls`` the reader of configs whose ``quant_method`` is ``cls.method`` (a class decorator)."""
     FORMATS[cls.method] = cls

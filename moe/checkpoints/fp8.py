@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import CheckpointFormat, Encoding, matches_module, register_format
+from .base import CheckpointFormat, Encoding, matches_module, register_format, unsupported
 from .source import CheckpointError
 
 __all__ = ["DeepSeekFP8"]
@@ -29,8 +29,7 @@ class DeepSeekFP8(CheckpointFormat):
     @classmethod
     def parse(cls, config: Mapping[str, Any], where: str) -> DeepSeekFP8:
         def bad(field: str, allowed: str) -> CheckpointError:
-            return CheckpointError(f"{where}: quantization_config.{field}={config.get(field)!r} is not supported "
-                                   f"for quant_method 'fp8'; allowed: {allowed}")
+            return unsupported(where, "fp8", field, config.get(field), allowed)
 
         if config.get("fmt", "e4m3") != "e4m3":
             raise bad("fmt", "'e4m3'")

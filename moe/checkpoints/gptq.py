@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .base import CheckpointFormat, Encoding, matches_module, register_format
+from .base import CheckpointFormat, Encoding, matches_module, register_format, unsupported
 from .codec import (
     FLOATS,
     At,
@@ -119,8 +119,7 @@ class GPTQ(CheckpointFormat):
     @classmethod
     def parse(cls, config: Mapping[str, Any], where: str) -> GPTQ:
         def bad(name: str, allowed: str) -> CheckpointError:
-            return CheckpointError(f"{where}: quantization_config.{name}={config.get(name)!r} is not supported for "
-                                   f"quant_method 'gptq'; allowed: {allowed}")
+            return unsupported(where, "gptq", name, config.get(name), allowed)
 
         bits, group, sym = config.get("bits"), config.get("group_size", 128), config.get("sym", True)
         fmt = config.get("checkpoint_format") or "gptq"

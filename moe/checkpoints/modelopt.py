@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .base import CheckpointFormat, Encoding, matches_module, register_format
+from .base import CheckpointFormat, Encoding, matches_module, register_format, unsupported
 from .codec import At, Codec, Decoded, Dim, Part, check_finite
 from .source import CheckpointError
 
@@ -74,8 +74,7 @@ class ModelOptNVFP4(CheckpointFormat):
     def parse(cls, config: Mapping[str, Any], where: str) -> ModelOptNVFP4:
         algo, group = _field(config, "quant_algo"), _field(config, "group_size")
         if not isinstance(algo, str) or algo.upper() != "NVFP4":
-            raise CheckpointError(f"{where}: quantization_config.quant_algo={algo!r} is not supported for quant_method "
-                                  "'modelopt'; allowed: 'NVFP4' (moe's nvfp4, weight-only)")
+            raise unsupported(where, "modelopt", "quant_algo", algo, "'NVFP4' (moe's nvfp4, weight-only)")
         if group not in (None, GROUP):
             raise CheckpointError(f"{where}: quantization_config.group_size={group!r} is not supported for NVFP4; "
                                   f"allowed: {GROUP}")
