@@ -3,14 +3,14 @@
     python3 benchmarks/config_ab.py --cases dsv3:4096,qwen3:16384 --quant fp8_block,fp8_channel \
         --variants bk128,bk128_s3
 
-A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile (``g1bkN``, ``g2bkN`` one's),
-``sN`` their pipeline stages, ``wN`` their warps, ``bmN`` the row tile, ``g1nN`` / ``g2nN`` a GEMM's N
-tile, ``one`` / ``two`` GEMM1's gate/up dots, ``load`` / ``pass`` how GEMM2's input is quantized, ``acc`` /
-``wts`` where int4 group scales apply (joined with ``_``), then ``fit_smem`` trims it to the shared-memory
-budget as the heuristic does. Prints microseconds per call (do_bench median) and the ratio to bf16 from the
-same run, table last. Up to ``--graph-max-m`` tokens (256) the times are
-CUDA-graph replays, as ``moe bench``'s rows there: eager calls at one token measure mostly host time
-(H200, 2026-12-02: the same mixtral config 155 and 216 us eager in two calls).
+A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile (``g1bkN``, ``g2bkN`` one's), ``sN``
+their pipeline stages, ``wN`` their warps, ``bmN`` the row tile, ``g1nN`` / ``g2nN`` a GEMM's N tile, ``one``
+/ ``two`` GEMM1's gate/up dots, ``load`` / ``pass`` how GEMM2's input is quantized, ``acc`` / ``wts`` where
+int4 group scales apply, ``splitN`` GEMM2's reduction in N parts (joined with ``_``), then ``fit_smem`` trims
+it to the shared-memory budget as the heuristic does. Prints microseconds per call (do_bench median) and the
+ratio to bf16 from the same run, table last. Up to ``--graph-max-m`` tokens (256) the times are CUDA-graph
+replays, as ``moe bench``'s rows there: eager calls at one token measure mostly host time (H200, 2026-12-02:
+the same mixtral config 155 and 216 us eager in two calls).
 """
 
 from __future__ import annotations
@@ -59,12 +59,14 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
             )
         elif key == "bm":
             cfg = cfg.model_copy(update={"block_m": val})
+        elif key == "split":  # GEMM2's reduction in parts, added up by the combine
+            cfg = cfg.model_copy(update={"split_k": val, "combine": "reduce"})
         elif key in ("g1bk", "g2bk", "g1n", "g2n"):
             gemm, field = f"gemm{key[1]}", ("block_n" if key.endswith("n") else "block_k")
             cfg = cfg.model_copy(update={gemm: getattr(cfg, gemm).model_copy(update={field: val})})
         else:
             raise SystemExit(f"--variants: unknown part {part!r} "
-                             "(bkN, g1bkN, g2bkN, sN, wN, bmN, g1nN, g2nN, one, two, load, pass, acc, wts)")
+                             "(bkN, g1bkN, g2bkN, sN, wN, bmN, g1nN, g2nN, splitN, one, two, load, pass, acc, wts)")
     return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob, cfg.gemm2_input))
 
 

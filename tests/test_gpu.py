@@ -313,6 +313,26 @@ def test_gpu_gate_up_in_one_dot(T, act, bias, emap, block_m, block_n, warps):
     assert_close(out, _reference(args, prob))
 
 
+@pytest.mark.parametrize(("T", "act", "bias", "emap", "split_k", "loads"), [
+    (1, "swigluoai", True, False, 2, "pointer"),
+    (3, "silu", False, True, 4, "tma"),
+    (16, "gelu_tanh", True, False, 8, "pointer"),
+    (64, "silu", True, True, 4, "tma"),
+    (512, "relu2", False, False, 2, "tma"),
+])
+def test_gpu_split_k_gemm2(T, act, bias, emap, split_k, loads):
+    """GEMM2's reduction in parts (fp32 partial sums the combine adds up; biases once) against the float64
+    reference, NaN-poisoned output, pointer and descriptor loads."""
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+
+    args, prob = _inputs(T, torch.bfloat16, act, bias, emap)
+    tile = GemmTile(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3, loads=loads)
+    cfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile, split_k=split_k)
+    out = torch.full_like(args.hidden_states, float("nan"))
+    triton_experts(args, prob, out, cfg)
+    assert_close(out, _reference(args, prob))
+
+
 @pytest.mark.parametrize(("T", "act", "bias", "emap", "block_m", "block_n", "warps", "gate_up", "hidden"), [
     (1, "swigluoai", True, False, 16, 64, 4, "two_dots", K),
     (33, "silu", False, True, 16, 64, 4, "one_dot", K),

@@ -105,6 +105,24 @@ def test_gpu_int4_groups_of_32_and_64(group, zero_point):
         assert rel_error(out, _plain_reference(s)) <= QUANT_NOISE[name], f"groups of {group} T={T}"
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "fp8_tensor_static"])
+def test_gpu_split_k_gemm2(name):
+    """The decode configs with GEMM2's reduction in 4 parts (the combine adds their fp32 partial sums) at
+    1..64 tokens, with and without an expert map, NaN-poisoned, against the emulation."""
+    from moe.backends.triton import triton_experts
+    from moe.backends.triton.config import default_config
+    from moe.functional import _problem
+
+    for T, emap in ((1, False), (3, True), (16, False), (64, False)):
+        s = _setup(T, name, emap)
+        args = ExpertsArgs(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], expert_map=s["expert_map"], **s["kw"])
+        prob = _problem(args, moe.ActivationSpec.parse("silu"), False, name)
+        cfg = default_config(prob).model_copy(update={"split_k": 4, "combine": "reduce"})
+        out = torch.full_like(s["x"], float("nan"))
+        triton_experts(args, prob, out, cfg)
+        assert_close(out, _call(s, name, "torch"), scheme=name, what=f"{name} split_k=4 T={T}")
+
+
 @pytest.mark.parametrize("name", ["fp8_tensor_static"])
 def test_gpu_per_expert_static_scales(name):
     for T in (1, 64, 2048):

@@ -509,6 +509,29 @@ def test_triton_fp4_with_gptoss_k(name):
 
 
 @needs_triton
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("name", WEIGHT_ONLY)
+def test_triton_weight_only_split_k(name, T):
+    """GEMM2 in 4 parts (N = 512 over 128-wide K steps: a part each), every part decoding its own groups
+    (int4 scales on the partial products, as the decode heuristic puts them), against the reference,
+    NaN-poisoned."""
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+    from moe.contract import ExpertsArgs
+    from moe.functional import _problem
+
+    x, _, _, q13, q2, weights, ids = _inputs(name, T, K=128, N=512, dtype=torch.bfloat16, seed=11)
+    args = ExpertsArgs(x, q13, q2, weights, ids)
+    problem = _problem(args, moe.ActivationSpec.parse("silu"), False, None)
+    tile = GemmTile(block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=1)
+    scales = "accumulator" if name == "w4a16" else "weights"
+    out = torch.full_like(x, float("nan"))
+    triton_experts(args, problem, out, KernelConfig(block_m=16, gemm1=tile, gemm2=tile, split_k=4,
+                                                    group_scales=scales))
+    ref = moe.fused_experts(x, q13, q2, weights, ids, backend="torch")
+    assert_close(out, ref, scheme=name, what=f"triton {name} split_k=4")
+
+
+@needs_triton
 def test_triton_refuses_packed_weights_with_a_shallow_k_tile():
     from moe.backends.triton import GemmTile, KernelConfig, triton_experts
     from moe.contract import ExpertsArgs

@@ -129,6 +129,52 @@ def test_heuristic_loads_and_tuner_load_stage():
                                                        ("pointer", "pointer")]
 
 
+@pytest.mark.parametrize("T", [1, 5, 20])
+@pytest.mark.parametrize("split_k", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_gemm2_parts_add_up(T, split_k, dtype):
+    """GEMM2's reduction in split_k parts (5 K steps: split 8 leaves parts empty), each an fp32 partial sum
+    the combine adds up, with biases (added once) and an expert map, NaN-poisoned, against the float64
+    oracle; the combine rounds the sum like an unsplit GEMM2's output, so bf16 matches the unsplit run."""
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+
+    inp, args, prob = _args(Case(T=T, E=5, K=40, N=72, k=2, bias=True, expert_map=True), dtype)
+    tiles = dict(block_m=16, gemm1=GemmTile(block_n=16, block_k=16, group_m=2, num_stages=1),
+                 gemm2=GemmTile(block_n=32, block_k=16, group_m=1, num_stages=1))
+    out = torch.full_like(args.hidden_states, float("nan"))
+    triton_experts(args, prob, out, KernelConfig(**tiles, split_k=split_k))
+    assert_close(out, oracle(inp))
+    whole = triton_experts(args, prob, torch.empty_like(out), KernelConfig(**tiles))
+    assert_close(out, whole, what="split vs unsplit")
+
+
+@pytest.mark.parametrize("name", ["fp8_block", "fp8_channel", "fp8_tensor", "int8_channel", "fp8_tensor_static"])
+@pytest.mark.parametrize("gemm2_input", ["load", "pass"])
+def test_split_k_gemm2_with_w8a8_scales(name, gemm2_input):
+    """Each part's partial sum carries the scales of its own K steps (blocks, groups) and the epilogue's
+    (channels, tokens, the tensor): the sum equals the reference's emulation, N ragged against 128."""
+    import dataclasses
+
+    from moe.backends.torch_ref import torch_ref_experts
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+    from moe.quant.calibration import calibrate_static_scales
+
+    inp, args, prob = _args(Case(T=3, E=4, K=256, N=392, k=2), torch.bfloat16)
+    cfg = moe.quant.named(name)
+    static = {}
+    if cfg.static_activations:
+        a13, a2 = calibrate_static_scales(inp["hidden_states"], inp["w13"], inp["topk_ids"], cfg.activations, "silu")
+        static = dict(a13_scale=a13, a2_scale=a2)
+    args = dataclasses.replace(args, w13=moe.quant.quantize(inp["w13"], cfg.weights, parts=2),
+                               w2=moe.quant.quantize(inp["w2"], cfg.weights), **static)
+    prob = dataclasses.replace(prob, quant=cfg)
+    tile = GemmTile(block_n=64, block_k=128, group_m=1, num_stages=1)
+    out = torch.full_like(args.hidden_states, float("nan"))
+    triton_experts(args, prob, out, KernelConfig(block_m=16, gemm1=tile, gemm2=tile, gemm2_input=gemm2_input,
+                                                 split_k=2))
+    assert_close(out, torch_ref_experts(args, prob), scheme=name, what=f"{name} split_k=2")
+
+
 def test_kernel_config_validation():
     from moe.backends.triton import GemmTile, KernelConfig
     from moe.backends.triton.config import fit_smem
@@ -137,6 +183,10 @@ def test_kernel_config_validation():
         GemmTile(block_n=48)
     with pytest.raises(ValueError, match="num_stages"):
         GemmTile(num_stages=0)
+    with pytest.raises(ValueError, match=r"split_k=2 .* needs combine='reduce' \(got combine='atomic'\)"):
+        KernelConfig(split_k=2, combine="atomic")
+    with pytest.raises(ValueError, match="split_k"):
+        KernelConfig(split_k=3)
     big = KernelConfig(block_m=128, gemm1=GemmTile(block_n=256, block_k=128, num_stages=6))
     fitted = fit_smem(big, 4, True)
     assert max(fitted.smem_bytes(4, True)) <= 200 * 1024 < max(big.smem_bytes(4, True))

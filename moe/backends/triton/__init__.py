@@ -180,8 +180,11 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     # whole row tiles; single-token (direct) tiles hold one pair each, stored at the pair's index
     inter = torch.empty(num_pairs if al is None else al.max_blocks * cfg.block_m, N, dtype=dtype, device=dev)
     atomic = cfg.combine == "atomic"  # GEMM2 adds into fp32 y, zeroed here: no memset between the GEMMs
-    y = (torch.zeros(T, K, dtype=torch.float32, device=dev) if atomic
-         else torch.empty(num_pairs, K, dtype=dtype, device=dev))
+    splits = cfg.split_k  # > 1: GEMM2 stores each part's fp32 partial sums, the combine adds them up
+    if atomic:
+        y = torch.zeros(T, K, dtype=torch.float32, device=dev)
+    else:
+        y = torch.empty(splits * num_pairs, K, dtype=dtype if splits == 1 else torch.float32, device=dev)
     g1, g2 = cfg.gemm1, cfg.gemm2
     native = modes.weight_code(problem) == _gemm.W_NATIVE  # weight-only codes load their tiles by pointers
     tma1 = native and _use_tma(g1, (w13,), dev, interp)
@@ -225,7 +228,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     else:
         a_desc, w2_desc = a2, w2
     launch(
-        _gemm.moe_gemm2, (grid_m * cdiv(K, g2.block_n),), dev,
+        _gemm.moe_gemm2, (grid_m * cdiv(K, g2.block_n) * splits,), dev,
         a2, w2, a_desc, w2_desc, b2, s2, z2, g2s, sa2, y, *route, ids, emap_arg, topk_w,
         N, K, num_pairs, grid_m, num_global, num_local, a2.stride(0), w2.stride(0), w2.stride(1), b2.stride(0),
         *_strides(s2), _strides(g2s)[0], sa2.stride(0) if sa2.dim() else 0, y.stride(0), **mode2,
@@ -234,7 +237,7 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         out.copy_(y)
         return out
     combine(y, ids, topk_w, out, top_k=k, num_global=num_global, num_local=num_local, expert_map=emap,
-            weight_on_input=problem.apply_router_weight_on_input, pdl=pdl)
+            weight_on_input=problem.apply_router_weight_on_input, pdl=pdl, splits=splits)
     return out
 
 

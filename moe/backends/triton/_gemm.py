@@ -122,8 +122,7 @@ def _first_row(pid_m, ROUTE: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _tile_ids(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
+def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     in_group = GROUP_M * num_pid_n
     first_m = (pid // in_group) * GROUP_M
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -270,7 +269,7 @@ def _asm(w, LO_BF16: tl.constexpr, HI_BF16: tl.constexpr, LO_FP16: tl.constexpr,
 
 @triton.jit
 def _weight_scales(sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_BK: tl.constexpr,
-                   W_PACK: tl.constexpr, W16: tl.constexpr, BLOCK_K: tl.constexpr, dt):
+                   W_PACK: tl.constexpr, W16: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, dt):
     """Weight-only group/block scales (and zero points) of the K step at ``k0``, over a weight tile of
     BLOCK_K / W_PACK rows: [1, columns] when a group spans the step, else (groups divide the step: modes.py
     checks one divides the other) one row of each group's values per tile row (loaded [groups, columns],
@@ -288,7 +287,9 @@ def _weight_scales(sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W
         else:
             GROUPS: tl.constexpr = BLOCK_K // W_BK
             ROWS: tl.constexpr = W_BK // W_PACK
-            g = tl.minimum(k0 // W_BK + tl.arange(0, GROUPS), tl.cdiv(K, W_BK) - 1)  # past K: the last group
+            g = (k0 // BLOCK_K) * GROUPS + tl.arange(0, GROUPS)  # (a multiple of GROUPS, as the compiler sees)
+            if not EVEN_K:  # past K: the last group. Unclamped, the groups of a step are contiguous, so the
+                g = tl.minimum(g, tl.cdiv(K, W_BK) - 1)  # compiler pipelines their load (4 bytes or more)
             s = _scale_values(tl.load(sw[None, :] + g[:, None]), W16, dt)
             s = tl.reshape(tl.broadcast_to(s[:, None, :], [GROUPS, ROWS, s.shape[1]]), [GROUPS * ROWS, s.shape[1]])
             if W_CODE == 3:
@@ -407,7 +408,7 @@ def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_ga
     for k0 in range(0, K, BLOCK_K):
         kmask = offs_k < K - k0
         a = _load_a(a_ptrs, kmask, rw, s_gather, EVEN_K, WEIGHT_ON_INPUT, GATHER_QUANT, INT, INTERP)
-        wsc, wz = _weight_scales(sw, sz, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, a.dtype)
+        wsc, wz = _weight_scales(sw, sz, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, EVEN_K, a.dtype)
         if LOADS == 1:
             gu = w_desc.load([expert, 0, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
         else:
@@ -441,7 +442,7 @@ def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nma
         kmask = offs_k < K - k0
         kwmask = offs_kw < (K - k0) // W_PACK
         a = _load_a(a_ptrs, kmask, rw, s_gather, EVEN_K, WEIGHT_ON_INPUT, GATHER_QUANT, INT, INTERP)
-        wsc, wz = _weight_scales(sw_g, sz_g, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, a.dtype)
+        wsc, wz = _weight_scales(sw_g, sz_g, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, EVEN_K, a.dtype)
         if LOADS == 1:
             g = w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
         else:
@@ -449,7 +450,7 @@ def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nma
             g_ptrs += BLOCK_K // W_PACK
         acc_g = _step(acc_g, a, g, sa, wsc, wz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
         if GATED:
-            wsc, wz = _weight_scales(sw_u, sz_u, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, a.dtype)
+            wsc, wz = _weight_scales(sw_u, sz_u, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, EVEN_K, a.dtype)
             if LOADS == 1:
                 u = w_desc.load([expert, N + n0, k0]).reshape(BLOCK_N, BLOCK_K).T
             else:
@@ -515,7 +516,7 @@ def moe_gemm1(
     launch_pdl; wait for the previous kernel (the alignment, or whatever ran before), then let the next
     one launch."""
     chain(PDL, PDL)
-    pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = _tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs, num_global,
                          num_local, ROUTE, HAS_MAP, BLOCK_M)
     if expert < 0:
@@ -595,12 +596,13 @@ def _loaded_input_scales(as_ptr, a_rows, A_SCALE: tl.constexpr, INT: tl.constexp
 
 
 @triton.jit
-def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, N, stride_am, stride_wk, sa, sw,
-                sz, s_in, LOADS: tl.constexpr, EVEN_K: tl.constexpr, W_SCALE: tl.constexpr, W_CODE: tl.constexpr,
-                W_PACK: tl.constexpr, W16: tl.constexpr, INT: tl.constexpr, W_BK: tl.constexpr,
+def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, N, k_lo, k_hi, stride_am, stride_wk,
+                sa, sw, sz, s_in, LOADS: tl.constexpr, EVEN_K: tl.constexpr, W_SCALE: tl.constexpr,
+                W_CODE: tl.constexpr, W_PACK: tl.constexpr, W16: tl.constexpr, INT: tl.constexpr, W_BK: tl.constexpr,
                 A_SCALE: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The reduction of GEMM2 over the intermediate dim N: [BLOCK_M, BLOCK_N] output columns o0... TMA:
+    """The reduction of GEMM2 over the intermediate dim N from k_lo to k_hi (all of it, or one split's
+    part): [BLOCK_M, BLOCK_N] output columns o0... TMA:
     the input as [rows, N] with [BLOCK_M, BLOCK_K] boxes (padding rows read whatever GEMM1 left there:
     they reach only their own, unstored, rows) and w2 as [E, K, N] with [1, BLOCK_N, BLOCK_K] boxes.
     The input tiles are quantized as they are loaded with A_GROUP_LOAD (each row of a tile by its own
@@ -610,12 +612,13 @@ def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, 
     offs_o = o0 + tl.arange(0, BLOCK_N)
     # pointer loads: padding rows read the tile's first row (always a pair's), never stored
     row = tl.where(valid, first + tl.arange(0, BLOCK_M), first).to(tl.int64)
-    a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = w_base + offs_o[None, :].to(tl.int64) * stride_wk + offs_kw[:, None]
+    a_ptrs = a_ptr + row[:, None] * stride_am + (k_lo + offs_k)[None, :]
+    w_ptrs = w_base + offs_o[None, :].to(tl.int64) * stride_wk + (k_lo // W_PACK + offs_kw)[:, None]
     no_rw = tl.full([BLOCK_M], 1.0, tl.float32)  # GEMM2 never scales its input
     acc = _zeros(BLOCK_M, BLOCK_N, INT)
-    for k0 in range(0, N, BLOCK_K):
-        wsc, wz = _weight_scales(sw, sz, k0, N, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, a_ptr.dtype.element_ty)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        wsc, wz = _weight_scales(sw, sz, k0, N, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, EVEN_K,
+                                 a_ptr.dtype.element_ty)
         if LOADS == 1:
             w = w_desc.load([expert, o0, k0]).reshape(BLOCK_N, BLOCK_K).T
             a = a_desc.load([first, k0])
@@ -645,13 +648,16 @@ def moe_gemm2(
     A_SCALE: tl.constexpr, INT: tl.constexpr, ATOMIC: tl.constexpr,
     WEIGHT_ON_INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, LOADS: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr,
-    INTERP: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[pair, kk] = a[row] @ w2[e, kk].T (+ bias), a's rows in sorted order as GEMM1 stored them (quantized
-    with their scales when A_SCALE says so); with ATOMIC, add weight * y into fp32 y[token]. PDL: launched
-    with launch_pdl; wait for the previous kernel, then let the combine launch."""
+    with their scales when A_SCALE says so); with ATOMIC, add weight * y into fp32 y[token]. SPLIT_K > 1:
+    program p reduces part p % SPLIT_K of N and stores its fp32 partial sum at y[part * num_pairs + pair]
+    (the bias in part 0's), which the combine adds up. PDL: launched with launch_pdl; wait for the previous
+    kernel, then let the combine launch."""
     chain(PDL, PDL)
-    pid_m, pid_n = _tile_ids(num_pid_m, tl.cdiv(K, BLOCK_N), GROUP_M)
+    part = tl.program_id(0) % SPLIT_K
+    pid_m, pid_n = _tile_ids(tl.program_id(0) // SPLIT_K, num_pid_m, tl.cdiv(K, BLOCK_N), GROUP_M)
     pair, expert = _rows(pid_m, sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, num_pairs, num_global,
                          num_local, ROUTE, HAS_MAP, BLOCK_M)
     if expert < 0:
@@ -666,19 +672,22 @@ def moe_gemm2(
     srow = (tl.where(omask, offs_o, 0) // W_BN) * stride_wsr  # block (group) scale rows of the output columns
     sw, sz = ws_base + srow, wz_ptr + expert.to(tl.int64) * stride_wse + srow
     s_in = _loaded_input_scales(as_ptr, a_rows, A_SCALE, INT)  # A_TOKEN_LOAD / A_TENSOR_LOAD, else 1
+    chunk = tl.cdiv(tl.cdiv(N, BLOCK_K), SPLIT_K) * BLOCK_K  # a whole number of K steps a part
+    k_lo = part * chunk
     acc = _gemm2_loop(a_ptr, a_desc, w_desc, w_ptr + expert.to(tl.int64) * stride_we, expert, first, valid, o0, omask,
-                      N, stride_am, stride_wk, a_rows, sw, sz, s_in, LOADS, EVEN_K, W_SCALE, W_CODE, W_PACK, W16, INT,
-                      W_BK, A_SCALE, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                      N, k_lo, tl.minimum(N, k_lo + chunk), stride_am, stride_wk, a_rows, sw, sz, s_in, LOADS, EVEN_K,
+                      W_SCALE, W_CODE, W_PACK, W16, INT, W_BK, A_SCALE, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     if A_SCALE >= 6:  # the input scales of a tile quantized as it was loaded
         acc = acc.to(tl.float32) * s_in
     acc = _epilogue_scale(acc, as_ptr, a_rows, expert, ws_base, wg_ptr + expert.to(tl.int64) * stride_wge, offs_o,
                           omask, stride_wsr, 0, W_SCALE, A_SCALE, INT)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_o, mask=omask, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+        acc += tl.where(part == 0, bias.to(tl.float32), 0.0)[None, :]  # once: in the first part's sum
     mask = valid[:, None] & omask[None, :]
     # the expert output, rounded to the activations' dtype like the reference's (with ATOMIC, y_ptr is the
-    # fp32 [T, K] sum: the bias pointer, the w2 bias or the hidden states, carries that dtype)
+    # fp32 [T, K] sum: the bias pointer, the w2 bias or the hidden states, carries that dtype; with SPLIT_K,
+    # y_ptr is fp32 too: the combine rounds the parts' sum)
     y = cast(acc, bias_ptr.dtype.element_ty if ATOMIC else y_ptr.dtype.element_ty, INTERP)
     if ATOMIC:
         if WEIGHT_ON_INPUT:
@@ -688,4 +697,5 @@ def moe_gemm2(
         token = (pair // TOP_K).to(tl.int64)
         tl.atomic_add(y_ptr + token[:, None] * stride_ym + offs_o[None, :], y.to(tl.float32) * rw[:, None], mask=mask)
     else:
-        tl.store(y_ptr + pair[:, None].to(tl.int64) * stride_ym + offs_o[None, :], y, mask=mask)
+        row = pair.to(tl.int64) + part * num_pairs
+        tl.store(y_ptr + row[:, None] * stride_ym + offs_o[None, :], y, mask=mask)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ...contract import ExpertsProblem
 from ...frozen import Frozen
@@ -48,6 +48,19 @@ class KernelConfig(Frozen):
     # size; one multiply per output element a step instead of one per weight element). Other schemes
     # ignore it
     group_scales: Literal["weights", "accumulator"] = "weights"
+    # GEMM2's reduction over N split into this many parts, each a program of its own that stores an fp32
+    # partial sum, which the combine adds up in order (deterministic): more programs in flight when few
+    # output tiles stream long rows of weights (mixtral at one token: 2 experts x 4096 / block_n). Needs
+    # combine="reduce"
+    split_k: Literal[1, 2, 4, 8] = 1
+
+    @model_validator(mode="after")
+    def _split_needs_reduce(self) -> KernelConfig:
+        if self.split_k > 1 and self.combine != "reduce":
+            raise ValueError(f"kernel config: split_k={self.split_k} stores partial sums that the combine adds "
+                             f"up, so it needs combine='reduce' (got combine={self.combine!r}); use split_k=1 "
+                             f"with the atomic combine")
+        return self
 
     def smem_bytes(self, elt: float, gated: bool, input_elt: tuple[int, int] | None = None) -> tuple[int, int]:
         """Estimated shared memory of the two GEMMs' pipelined operand tiles: ``elt`` bytes a weight

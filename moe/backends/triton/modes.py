@@ -163,6 +163,7 @@ def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2
                  num_warps=g1.num_warps, num_stages=g1.num_stages)
     mode2 = dict(common, HAS_BIAS=p.has_w2_bias, A_SCALE=gemm2_input_mode(p, cfg, static2),
                  ATOMIC=cfg.combine == "atomic",
+                 SPLIT_K=cfg.split_k,
                  BLOCK_N=g2.block_n, BLOCK_K=g2.block_k, GROUP_M=g2.group_m,
                  EVEN_K=p.intermediate_size % g2.block_k == 0, LOADS=_gemm.TMA if tma2 else _gemm.POINTER,
                  num_warps=g2.num_warps, num_stages=g2.num_stages)

@@ -95,6 +95,11 @@ def load_variants(best: KernelConfig) -> list[KernelConfig]:
             for gemms in (("gemm1",), ("gemm2",), ("gemm1", "gemm2"))]
 
 
+def split_variants(best: KernelConfig) -> list[KernelConfig]:
+    """The winner with GEMM2's reduction in 2, 4 and 8 parts (added up by the reduce combine)."""
+    return [best.model_copy(update={"split_k": n, "combine": "reduce"}) for n in (2, 4, 8) if n != best.split_k]
+
+
 def _search(timed, cands: list[KernelConfig], best: list, label: str, limit: int | None) -> None:
     """Time ``cands`` and keep the fastest in ``best`` ([time_us, config], updated in place)."""
     for i, cfg in enumerate(cands[:limit]):
@@ -129,7 +134,8 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
           quant: str | None = None) -> list[dict]:
     """For each token count: the heuristic, then a joint search (same tile for both GEMMs), then the
     second GEMM's tile, then the first's, then the winner with its loads switched (and, for dynamic W8A8,
-    GEMM2's input choice; for int4 weight-only, its group scales' place), each keeping the best so far.
+    GEMM2's input choice; for int4 weight-only, its group scales' place; while the weights stream, GEMM2
+    split in parts), each keeping the best so far.
     ``quant``: a name of ``moe.quant.NAMES``; the weights are quantized once (static activation
     scales calibrated as ``moe bench`` does) and the configs timed on the quantized call."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
@@ -181,6 +187,8 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         if q is not None and _int4_weight_only(prob):  # the group scales: on the weights, or the partial products
             _search(timed, [_other_group_scales(best[1], prob.quant.weights.group_size)], best,
                     f"{label} group scales", None)
+        if rpe <= 16:  # while the weights stream: GEMM2's reduction in parts, more programs in flight
+            _search(timed, split_variants(best[1]), best, f"{label} split", None)
         row.update(best_us=best[0], best=best[1].model_dump())
         if atomic:
             row["atomic_us"] = timed(best[1].model_copy(update={"combine": "atomic"}))
