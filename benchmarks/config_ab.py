@@ -9,8 +9,8 @@ their pipeline stages, ``wN`` their warps, ``bmN`` the row tile, ``g1nN`` / ``g2
 int4 group scales apply, ``splitN`` GEMM2's reduction in N parts (joined with ``_``), then ``fit_smem`` trims
 it to the shared-memory budget as the heuristic does. Prints microseconds per call (do_bench median) and the
 ratio to bf16 from the same run, table last. Up to ``--graph-max-m`` tokens (256) the times are CUDA-graph
-replays, as ``moe bench``'s rows there: eager calls at one token measure mostly host time (H200, 2026-12-02:
-the same mixtral config 155 and 216 us eager in two calls).
+replays, as ``moe bench``'s rows there (``--no-pdl``: chained launches off): eager calls at one token measure
+mostly host time (H200, 2026-12-02: the same mixtral config 155 and 216 us eager in two calls).
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ import sys
 import torch
 
 from moe.backends.triton import triton_experts
-from moe.backends.triton.config import KernelConfig, default_config, fit_smem, input_bytes, operand_bytes
+from moe.backends.triton.config import (
+    KernelConfig,
+    default_config,
+    fit_smem,
+    input_bytes,
+    operand_bytes,
+    with_loads,
+)
 from moe.contract import ExpertsArgs
 from moe.routing import fused_topk
 from moe.workload import (
@@ -47,6 +54,9 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
         if part in ("acc", "wts"):  # int4 group scales on the partial products / on the weight tiles
             cfg = cfg.model_copy(update={"group_scales": "accumulator" if part == "acc" else "weights"})
             continue
+        if part in ("g1tma", "g2tma", "g1ptr", "g2ptr"):  # a GEMM's loads: tensor descriptors or pointers
+            cfg = with_loads(cfg, **{f"gemm{part[1]}": "tma" if part.endswith("tma") else "pointer"})
+            continue
         if part in ("one", "two"):
             cfg = cfg.model_copy(update={"gate_up": f"{part}_dot" if part == "one" else "two_dots"})
             continue
@@ -66,7 +76,8 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
             cfg = cfg.model_copy(update={gemm: getattr(cfg, gemm).model_copy(update={field: val})})
         else:
             raise SystemExit(f"--variants: unknown part {part!r} "
-                             "(bkN, g1bkN, g2bkN, sN, wN, bmN, g1nN, g2nN, splitN, one, two, load, pass, acc, wts)")
+                             "(bkN, g1bkN, g2bkN, sN, wN, bmN, g1nN, g2nN, splitN, g1tma, g2tma, g1ptr, g2ptr, "
+                             "one, two, load, pass, acc, wts)")
     return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob, cfg.gemm2_input))
 
 
@@ -93,9 +104,14 @@ def main() -> None:
     ap.add_argument("--quant", default="fp8_block")
     ap.add_argument("--variants", default="bk128")
     ap.add_argument("--profile", action="store_true", help="also each kernel's time (torch.profiler)")
+    ap.add_argument("--no-pdl", action="store_true", help="chained launches off (the pdl option) for every row")
     ap.add_argument("--graph-max-m", type=int, default=256, help="time CUDA-graph replays up to this many tokens "
                                                                  "(default 256, as moe bench), eager calls above")
     a = ap.parse_args()
+    if a.no_pdl:
+        import moe
+
+        moe.set_options(pdl=False)
     dev = torch.device("cuda")
     rows = []
     for case in a.cases.split(","):
@@ -119,7 +135,7 @@ def main() -> None:
             prob = dataclasses.replace(prob0, quant=q.config)
             args = ExpertsArgs(x, q.w13, q.w2, w, ids, b13, b2, a13_scale=q.a13_scale, a2_scale=q.a2_scale)
             base = default_config(prob)
-            for spec in ["heuristic", *a.variants.split(",")]:
+            for spec in ["heuristic", *(v for v in a.variants.split(",") if v)]:
                 cfg = base if spec == "heuristic" else variant(base, spec, prob)
                 try:
                     t = _us(args, prob, out, cfg, dev, graph)

@@ -3,6 +3,9 @@
 # back as $OUT/tuned_quant.tar) and `moe bench --quant` (each name beside bf16 from the same run).
 #   PARTS=tests,tune,bench NAMES=fp8_block,... PRESETS=mixtral,... MS=1,16,64 TUNE_MS=1 TUNE_PRESETS=mixtral
 #   TUNE_TIMEOUT=120 BACKENDS=triton,torch_grouped bash benchmarks/gpu_quant.sh
+# PARTS=ab: config A/Bs (benchmarks/config_ab.py), AB_RUNS="cases|names|variants|flags;..." e.g.
+#   AB_RUNS="mixtral:1|w4a16,mxfp4||--profile;mixtral:1|w4a16|split2,split4|"
+# PYTEST_M: the tests' marker expression (default "gpu and quant")
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 parts=",${PARTS:-tests,bench},"
@@ -11,7 +14,7 @@ presets=${PRESETS:-mixtral,qwen3,dsv3,gptoss120b}
 ms=${MS:-1,16,64,256,1024,4096,16384}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [[ $parts == *,tests,* ]]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -m "gpu and quant" -q -rf --tb=short -p no:cacheprovider tests \
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -m "${PYTEST_M:-gpu and quant}" -q -rf --tb=short -p no:cacheprovider tests \
     ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/gpu_tests_quant.log" 2>&1
   echo "gpu tests [quant] rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests_quant.log" | cut -c1-300 | tail -25
 fi
@@ -22,6 +25,18 @@ if [[ $parts == *,host,* ]]; then  # host microseconds of an eager call, unquant
     echo "host $n"; tail -4 "$OUT/host_$n.txt"
   done
   [ -n "${HOST_PROFILE:-}" ] && grep -A22 "Ordered by" "$OUT/host_${HOST_NAMES:-fp8_channel}.txt" | head -24 | cut -c1-150
+fi
+if [[ $parts == *,ab,* ]]; then
+  IFS=';' read -ra runs <<< "${AB_RUNS:-}"
+  i=0
+  for run in "${runs[@]}"; do
+    IFS='|' read -r cases names variants flags <<< "$run"
+    i=$((i + 1))
+    timeout "${AB_TIMEOUT:-240}" python3 benchmarks/config_ab.py --cases "$cases" --quant "$names" \
+      --variants "$variants" $flags > "$OUT/ab_$i.txt" 2>&1
+    echo "ab $i ($cases $names) rc=$?"; grep -E "^  [a-z0-9]+:" "$OUT/ab_$i.txt" | cut -c1-200
+    sed -n '/^case /,$p' "$OUT/ab_$i.txt"
+  done
 fi
 if [[ $parts == *,tune,* ]]; then
   for p in ${TUNE_PRESETS:-mixtral}; do for n in ${TUNE_NAMES:-fp8_channel}; do

@@ -716,8 +716,8 @@ def _decode_config(name, experts: int, hidden: int, inter: int, top_k: int, toke
 @pytest.mark.parametrize("name", ["w4a16", "w4a16_zp", "mxfp4", "w8a16", "fp8_w8a16"])
 def test_weight_only_heuristic_keeps_every_sm_busy_and_decodes_from_pointer_loads(name):
     """Weight-only decode tiles: pointer loads (tiles decoded in the dot's register layout), GEMM2 output
-    tiles narrowed until the grid has MIN_PROGRAMS programs (mixtral at one token: 2 experts x 4096 / 32),
-    256-wide K steps for GEMM2's long reductions except for fp8 and int4 weights, and symmetric int4's group
+    tiles narrowed until the grid has MIN_PROGRAMS programs (mixtral at one token: 2 experts x 4096 / 32,
+    still short of it: the reduction then in 4 parts), 256-wide K steps for GEMM2's long reductions except for fp8 and int4 weights, and symmetric int4's group
     scales on each step's partial product while the weights stream (K steps within a group of 128)."""
     from moe.backends.triton.config import MIN_PROGRAMS
 
@@ -726,8 +726,9 @@ def test_weight_only_heuristic_keeps_every_sm_busy_and_decodes_from_pointer_load
     assert cfg.gemm2.block_n == 32 and MIN_PROGRAMS > 2 * 4096 // 32  # the narrowest tile, still short of it
     assert cfg.gemm2.block_k == (128 if name in ("fp8_w8a16", "w4a16", "w4a16_zp") else 256)
     assert cfg.group_scales == ("accumulator" if name == "w4a16" else "weights")
+    assert (cfg.split_k, cfg.combine) == (4, "reduce")  # still short of MIN_PROGRAMS: GEMM2 in parts
     wide = _decode_config(name, 256, 7168, 2048, 8, 16)  # dsv3 at 16 tokens: enough programs, N = 2048
-    assert (wide.gemm2.block_n, wide.gemm2.block_k) == (128, 128)
+    assert (wide.gemm2.block_n, wide.gemm2.block_k, wide.split_k) == (128, 128, 1)
     prefill = _decode_config(name, 8, 4096, 14336, 2, 4096)
     assert prefill.gemm1.loads == "pointer" and prefill.block_m >= 64 and prefill.group_scales == "weights"
 

@@ -294,6 +294,32 @@ def test_w8a8_heuristic_sizes_tiles_by_their_bytes():
     assert fitted.gemm2.num_stages == 3 and fitted.gemm1.num_stages == 4
 
 
+def test_w8a8_decode_splits_short_gemm2_grids():
+    """W8A8 while the weights stream on a GEMM2 grid short of MIN_PROGRAMS (mixtral at one or two tokens:
+    64 or 128 programs of 128 columns) takes 32 x 256 / 64 x 256 tiles (128-deep for block scales) and two
+    parts; enough programs (dsv3 at one token: 8 experts x 7168 / 128), or a reduction too short for two
+    parts of two steps (qwen3's N = 768 at 256-deep steps), keep the tiles they had."""
+    import dataclasses
+
+    from moe.backends.triton.config import default_config
+    from moe.workload import PRESETS
+
+    def cfg(preset, name, m):
+        p = PRESETS[preset]
+        prob = ExpertsProblem("cuda", torch.bfloat16, m, p.num_experts, p.num_experts, p.hidden_size,
+                              p.intermediate_size, p.top_k)
+        return default_config(dataclasses.replace(prob, quant=moe.quant.named(name)))
+
+    for name, bk in (("fp8_channel", 256), ("int8_channel", 256), ("fp8_tensor", 256), ("fp8_block", 128)):
+        for m in (1, 2):
+            c = cfg("mixtral", name, m)
+            assert (c.gemm1.block_n, c.gemm1.block_k, c.gemm2.block_n, c.gemm2.block_k) == (32, bk, 64, bk)
+            assert (c.split_k, c.combine) == (2, "reduce")
+        assert cfg("mixtral", name, 16).split_k == 1 and cfg("dsv3", name, 1).split_k == 1
+    plain = cfg("qwen3", "fp8_channel", 1)
+    assert plain.split_k == 1 and plain.gemm2.block_n == 128
+
+
 # (scheme, GEMM2 block_k, gemm2_input, quantize_rows launches): with "load" dynamic schemes quantize GEMM2's
 # input as GEMM2 loads it (groups only when a K tile is one group); with "pass", and for static scales, a
 # pass between the GEMMs quantizes it (per tensor: from the amax GEMM1 gathered, no amax pass)

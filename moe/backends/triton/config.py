@@ -137,6 +137,8 @@ def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool =
         cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
     if _weight_only(problem):
         cfg = _weight_only_tiles(cfg, problem)
+    elif act is not None:
+        cfg = _w8a8_decode_tiles(cfg, problem)
     return fit_smem(cfg, elt, problem.activation.gated, input_elt=input_bytes(problem, cfg.gemm2_input))
 
 
@@ -230,7 +232,46 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
             bk = 256  # fewer, larger steps of a long reduction (each waits for its scales)
         if (bn, bk) != (tile.block_n, tile.block_k):
             update[name] = tile.model_copy(update={"block_n": bn, "block_k": bk})
-    return cfg.model_copy(update=update) if update else cfg
+    cfg = cfg.model_copy(update=update) if update else cfg
+    return _split_short_grids(cfg, problem, tiles, WEIGHT_ONLY_SPLIT)
+
+
+# GEMM2 grids shorter than MIN_PROGRAMS at the narrowest tile split their reduction (H200, 2026-12-02,
+# mixtral at one token, graphs, GEMM2 2 x 4096 / 32 programs, us at 1 / 2 / 4 / 8 parts: w4a16 201 / 150 /
+# 131 / 127, mxfp4 193 / 156 / 156 / 159, nvfp4 184 / 150 / 149 / 152, w8a16 143 / 134 / 128 / 130; bf16
+# 187). W8A8 (its GEMM2 tiles 128 wide: 64 programs there) takes the tuned fp8_channel file's decode tiles
+# with 2 parts: fp8_tensor 199 -> 128 us, int8_channel 251 -> 155, fp8_channel 224 -> 139 (heuristic tiles
+# -> these)
+WEIGHT_ONLY_SPLIT = 4
+W8A8_SPLIT = 2
+
+
+def _split_short_grids(cfg: KernelConfig, problem: ExpertsProblem, tiles: int, parts: int) -> KernelConfig:
+    """``cfg`` with GEMM2's reduction in ``parts`` when its grid has fewer than MIN_PROGRAMS programs (and
+    every part keeps two K steps or more)."""
+    g2 = cfg.gemm2
+    programs = tiles * -(-problem.hidden_size // g2.block_n)
+    steps = -(-problem.intermediate_size // g2.block_k)
+    while parts > 1 and steps < 2 * parts:
+        parts //= 2
+    if programs >= MIN_PROGRAMS or parts == 1:
+        return cfg
+    return cfg.model_copy(update={"split_k": parts, "combine": "reduce"})
+
+
+def _w8a8_decode_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConfig:
+    """W8A8 while the weights stream (up to 16 rows an expert) on a GEMM2 grid short of MIN_PROGRAMS:
+    GEMM1 32 x 256 and GEMM2 64 x 256 tiles (128-deep for block scales: a K step never straddles a scale
+    block) with GEMM2 in W8A8_SPLIT parts, where the reduction is long enough for them."""
+    pairs = problem.num_tokens * problem.top_k
+    tiles = min(problem.num_experts, pairs)
+    if pairs / max(1, tiles) > 16 or tiles * -(-problem.hidden_size // cfg.gemm2.block_n) >= MIN_PROGRAMS:
+        return cfg
+    bk = min(256, _block_k_of_scales(problem) or 256)
+    decode = cfg.model_copy(update={"gemm1": cfg.gemm1.model_copy(update={"block_n": 32, "block_k": bk}),
+                                    "gemm2": cfg.gemm2.model_copy(update={"block_n": 64, "block_k": bk})})
+    split = _split_short_grids(decode, problem, tiles, W8A8_SPLIT)
+    return split if split.split_k > 1 else cfg  # measured together only
 
 
 def _step_within(block_k: int, group: int) -> int | None:
