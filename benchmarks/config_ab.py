@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from moe.backends.triton import triton_experts
+from moe.backends.triton import prepared_scales, triton_experts
 from moe.backends.triton.config import (
     KernelConfig,
     default_config,
@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--quant", default="fp8_block")
     ap.add_argument("--variants", default="bk128")
     ap.add_argument("--profile", action="store_true", help="also each kernel's time (torch.profiler)")
+    ap.add_argument("--stored-scales", action="store_true",
+                    help="weight-only group scales as stored (not prepared: their loads wait every K step)")
     ap.add_argument("--no-pdl", action="store_true", help="chained launches off (the pdl option) for every row")
     ap.add_argument("--graph-max-m", type=int, default=256, help="time CUDA-graph replays up to this many tokens "
                                                                  "(default 256, as moe bench), eager calls above")
@@ -134,6 +136,8 @@ def main() -> None:
             q = quantize_workload(qn, p, w13, w2, b13, gen)
             prob = dataclasses.replace(prob0, quant=q.config)
             args = ExpertsArgs(x, q.w13, q.w2, w, ids, b13, b2, a13_scale=q.a13_scale, a2_scale=q.a2_scale)
+            if not a.stored_scales:  # the group scales in the kernels' layout, as a layer prepares them
+                args = dataclasses.replace(args, prepared=prepared_scales(args, prob))
             base = default_config(prob)
             for spec in ["heuristic", *(v for v in a.variants.split(",") if v)]:
                 cfg = base if spec == "heuristic" else variant(base, spec, prob)

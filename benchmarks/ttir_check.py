@@ -65,7 +65,8 @@ def make_ir(kernel, grid, device, *args, arch: int, **kwargs) -> None:
 
 
 def _hints(args: tuple) -> dict:
-    """The JIT's specialization: pointers and ints divisible by 16 get ``tt.divisibility`` 16."""
+    """The JIT's specialization: pointers and ints divisible by 16 get ``tt.divisibility`` 16 (ints equal
+    to 1 become constants: ``compile_asm``)."""
     attrs = {}
     for i, a in enumerate(args):
         aligned = a.data_ptr() % 16 == 0 if isinstance(a, torch.Tensor) else (
@@ -81,8 +82,10 @@ def compile_asm(kernel, grid, device, *args, arch: int, **kwargs) -> None:
     if not fn.fn.__name__.startswith("moe_gemm"):
         return
     consts = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
-    sig = {n: _sig(a) for n, a in zip(fn.arg_names, args, strict=False)} | {k: "constexpr" for k in consts}
-    src = ASTSource(fn, signature=sig, constexprs=consts, attrs=_hints(args))
+    # the JIT compiles an int argument equal to 1 as the constant 1 (unit strides: contiguity it can see)
+    ones = {n: 1 for n, a in zip(fn.arg_names, args, strict=False) if type(a) is int and a == 1}
+    sig = {n: _sig(a) for n, a in zip(fn.arg_names, args, strict=False)} | {k: "constexpr" for k in consts | ones}
+    src = ASTSource(fn, signature=sig, constexprs=consts | ones, attrs=_hints(args))
     opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     waits = re.findall(r"warp_group_dot_wait .*?pendings = (\d+)", ck.asm["ttgir"])

@@ -6,7 +6,7 @@ from .activations import apply_activation, interleaved_to_gate_up
 from .config import ActivationSpec, MoEConfig, RoutingConfig
 from .contract import Backend, ExpertsArgs, ExpertsProblem, PreparedWeights
 from .explain import explain
-from .functional import fused_experts
+from .functional import PreparedCache, fused_experts
 from .layer import FusedMoE, GatedMLP
 from .options import Options, options, override_options, reset_caches, set_options
 from .quant import QuantConfig, QuantizedWeight
@@ -40,6 +40,7 @@ __all__ = [
     "GatedMLP",
     "MoEConfig",
     "Options",
+    "PreparedCache",
     "PreparedWeights",
     "QuantConfig",
     "QuantizedWeight",

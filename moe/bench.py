@@ -44,7 +44,7 @@ import torch
 
 from .backends.torch_ref import torch_ref_experts
 from .contract import ExpertsArgs, ExpertsProblem
-from .functional import fused_experts
+from .functional import PreparedCache, fused_experts
 from .layer import FusedMoE
 from .quant import NAMES, named
 from .quant.schemes import FORMAT_MAX
@@ -480,11 +480,12 @@ def _skipped(p: Preset, m: int, name: str, mode: str, floor: float, note: str, e
 
 def _caller(p: Preset, case: _Case, name: str) -> Callable[[], torch.Tensor]:
     a, quant = case.args, None if case.quant == "none" else case.quant
+    cache = PreparedCache()  # the backend's arrangement of these weights, made at the first call as a layer does
 
     def call() -> torch.Tensor:
         return fused_experts(a.hidden_states, a.w13, a.w2, a.topk_weights, a.topk_ids, activation=p.activation,
                              w13_bias=a.w13_bias, w2_bias=a.w2_bias, quant=quant, a13_scale=a.a13_scale,
-                             a2_scale=a.a2_scale, backend=name)
+                             a2_scale=a.a2_scale, backend=name, prepared=cache)
 
     return call
 
@@ -550,9 +551,10 @@ def _bench_triton_kernels(p: Preset, m: int, args: ExpertsArgs, problem: Experts
                           floor: float, dev: torch.device) -> Row:
     """The Triton kernels alone, eager, with the routing aligned beforehand: how docs/performance.md times
     vLLM's Triton kernel up to 1024 tokens (mode "kernels")."""
-    from .backends.triton import choose_config, triton_experts
+    from .backends.triton import choose_config, prepared_scales, triton_experts
     from .kernels.align import align
 
+    args = dataclasses.replace(args, prepared=prepared_scales(args, problem))  # as the layer's, made once
     cfg = choose_config(problem, dev)
     al = align(args.topk_ids, problem.num_experts, cfg.block_m, args.expert_map) if m > 1 else None
     out = torch.empty_like(args.hidden_states)

@@ -15,9 +15,10 @@ Optional members:
 - ``schemes``: the quantization schemes it runs, as canonical keys (``QuantConfig.key()``: ``"none"``,
   ``"fp8_block"``, ...; ``"*"``: any, ``supports`` decides); the registry checks a call's scheme against it
   before ``supports``. A backend without it runs ``"none"`` only.
-- ``prepare(args, problem) -> PreparedWeights``: the backend's own arrangement of the weights (shuffled,
-  interleaved, transposed scales), made once per (backend, weights) by the layer that owns them and
-  passed back in ``args.prepared`` on every call (docs/extending.md states the memory rule).
+- ``prepare(args, problem) -> PreparedWeights | None``: the backend's own arrangement of the weights
+  (shuffled, interleaved, transposed scales), made once per (backend, weights) by the layer that owns them
+  and passed back in ``args.prepared`` on every call (docs/extending.md states the memory rule); None when
+  this problem needs none (the call then gets ``args.prepared`` None).
 - ``alignment_tile(args, problem) -> int | None``: the row tile of an :class:`Alignment` the backend
   would make for this call, or None when it makes none. ``FusedMoE.forward`` (``moe.functional.fused_moe``)
   then groups the pairs by expert in the routing kernel's own launch and passes the result in

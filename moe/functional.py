@@ -226,9 +226,10 @@ class PreparedCache:
         if key != self._key:
             self.release()  # the old copy goes before the new one is made
             made = prepare(args, problem)
-            if not isinstance(made, PreparedWeights) or made.backend != backend.name:  # type: ignore[attr-defined]
-                raise TypeError(f"backend {backend.name!r}: prepare() must return PreparedWeights for itself, "  # type: ignore[attr-defined]
-                                f"got {made!r}")
+            if made is not None and (not isinstance(made, PreparedWeights)
+                                     or made.backend != backend.name):  # type: ignore[attr-defined]
+                raise TypeError(f"backend {backend.name!r}: prepare() must return PreparedWeights for itself "  # type: ignore[attr-defined]
+                                f"(or None: nothing to prepare for this problem), got {made!r}")
             self._key, self.current = key, made
         return self.current
 

@@ -6,6 +6,7 @@ torch reference against the float64 oracle on the decoded weights."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 
 import numpy as np
@@ -529,6 +530,85 @@ def test_triton_weight_only_split_k(name, T):
                                                     group_scales=scales))
     ref = moe.fused_experts(x, q13, q2, weights, ids, backend="torch")
     assert_close(out, ref, scheme=name, what=f"triton {name} split_k=4")
+
+
+GROUP_SCALED = ["w4a16", "w4a16_zp", "mxfp4", "nvfp4"]
+
+
+@needs_triton
+@pytest.mark.parametrize("name", WEIGHT_ONLY)
+def test_triton_prepares_group_scales_in_its_own_layout(name):
+    """The Triton backend's prepared copy of group scales: the stored [E, rows, groups] shape over
+    [E, groups, rows] storage (each group's columns contiguous), int4 scales and zero points in fp32,
+    mxfp4's e8m0 bytes as the bf16 values the kernels build (byte 0 read as 0), nvfp4's e4m3 as they are;
+    equal values. Other schemes prepare nothing."""
+    from moe.backends.triton import prepared_scales
+    from moe.contract import ExpertsArgs
+    from moe.functional import _problem
+
+    x, _, _, q13, q2, weights, ids = _inputs(name, 3, K=256, N=256, seed=4)
+    args = ExpertsArgs(x, q13, q2, weights, ids)
+    made = prepared_scales(args, _problem(args, moe.ActivationSpec.parse("silu"), False, None))
+    if name not in GROUP_SCALED:
+        assert made is None
+        return
+    assert made.backend == "triton"
+    for wname, q in (("w13", q13), ("w2", q2)):
+        scale = made.tensors[f"{wname}_scale"]
+        _, rows, groups = q.scale.shape
+        assert scale.shape == q.scale.shape and scale.stride() == (rows * groups, 1, rows)
+        if name == "mxfp4":
+            want = torch.where(q.scale == 0, 0.0, torch.exp2(q.scale.float() - 127))
+            assert scale.dtype == torch.bfloat16 and torch.equal(scale.float(), want)
+        else:
+            assert scale.dtype == (torch.float32 if name.startswith("w4") else q.scale.dtype)
+            assert torch.equal(scale.float(), q.scale.float())
+        zero = made.tensors.get(f"{wname}_zero")
+        assert (zero is None) == (q.zero is None)
+        if zero is not None:
+            assert zero.dtype == torch.float32 and zero.stride() == scale.stride()
+            assert torch.equal(zero, q.zero.float())
+
+
+@needs_triton
+@pytest.mark.parametrize("name", GROUP_SCALED)
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_triton_with_prepared_scales_against_the_reference(name, split_k):
+    """The kernels on the prepared scales (both int4 scale placements, GEMM2 whole or in 2 parts),
+    NaN-poisoned, equal to the stored-scale run and within the reference's tolerance; gpt-oss's ragged
+    K = 2880 (no multiple of the K tile) for the e2m1 names."""
+    from moe.backends.triton import GemmTile, KernelConfig, prepared_scales, triton_experts
+    from moe.contract import ExpertsArgs
+    from moe.functional import _problem
+
+    K_ = 2880 if name in ("mxfp4", "nvfp4") else 256
+    x, _, _, q13, q2, weights, ids = _inputs(name, 5, K=K_, N=256, dtype=torch.bfloat16, seed=21)
+    args = ExpertsArgs(x, q13, q2, weights, ids)
+    problem = _problem(args, moe.ActivationSpec.parse("silu"), False, None)
+    prepared = dataclasses.replace(args, prepared=prepared_scales(args, problem))
+    ref = moe.fused_experts(x, q13, q2, weights, ids, backend="torch")
+    tile = GemmTile(block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=1)
+    for scales in (("weights", "accumulator") if name == "w4a16" else ("weights",)):
+        cfg = KernelConfig(block_m=16, gemm1=tile, gemm2=tile, group_scales=scales, split_k=split_k)
+        out = torch.full_like(x, float("nan"))
+        triton_experts(prepared, problem, out, cfg)
+        assert_close(out, ref, scheme=name, what=f"triton {name} prepared scales {scales}")
+        assert torch.equal(out, triton_experts(args, problem, torch.empty_like(x), cfg))
+
+
+@needs_triton
+def test_a_triton_layer_prepares_its_group_scales_once():
+    """FusedMoE on the Triton backend makes the prepared scales at its first call and keeps them; a bf16
+    layer on it prepares nothing (the cache holds None, the calls get no prepared copy)."""
+    layer = _layer("w4a16", backend="triton")
+    x, logits = torch.randn(3, K).to(torch.bfloat16), torch.randn(3, E)
+    first = layer(x, logits)
+    made = layer._prepared.current
+    assert made is not None and set(made.tensors) == {"w13_scale", "w2_scale"}
+    assert torch.equal(layer(x, logits), first) and layer._prepared.current is made
+    plain = _layer(None, backend="triton")
+    plain(x, logits)
+    assert plain._prepared.current is None
 
 
 @needs_triton

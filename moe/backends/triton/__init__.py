@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from ...contract import ExpertsArgs, ExpertsProblem
+from ...contract import ExpertsArgs, ExpertsProblem, PreparedWeights
 from ...kernels.align import MAX_EXPERTS, Alignment, align
 from ...kernels.combine import combine
 from ...kernels.host import cdiv, chains, device_index, interpreting, tensor_copies
@@ -127,21 +127,67 @@ def choose_config(problem: ExpertsProblem, device: torch.device) -> KernelConfig
     return cfg
 
 
-def _split(w: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-                                                      torch.Tensor | None]:
-    """(data, scale, zero, global scale) of a weight operand; scales and zero points contiguous (the kernels
-    index them by strides, zero points by the scales' strides: the same shape)."""
+def _split(w: torch.Tensor | QuantizedWeight, prepared: PreparedWeights | None, name: str
+           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(data, scale, zero, global scale) of weight operand ``name`` ("w13", "w2"): the prepared group
+    scales and zero points when there are (``prepared_scales``), else the stored ones, contiguous (the
+    kernels index them by strides, zero points by the scales' strides: the same layout)."""
     if not isinstance(w, QuantizedWeight):
         return w, None, None, None
+    if prepared is not None and f"{name}_scale" in prepared.tensors:
+        zero = prepared.tensors.get(f"{name}_zero")
+        return w.data, prepared.tensors[f"{name}_scale"], zero, w.global_scale
     contiguous = (t.contiguous() if t is not None else None for t in (w.scale, w.zero, w.global_scale))
     return (w.data, *contiguous)
 
 
-def _strides(t: torch.Tensor | None) -> tuple[int, int]:
-    """(expert or row stride, next stride) of a scale tensor; zeros where there is none."""
+def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
+    """(expert or row stride, next stride, the one after) of a scale tensor; zeros where there is none."""
     if t is None:
-        return 0, 0
-    return t.stride(0) if t.dim() else 0, t.stride(1) if t.dim() > 1 else 0
+        return 0, 0, 0
+    return tuple(t.stride(d) if t.dim() > d else 0 for d in range(3))
+
+
+def _group_scaled(problem: ExpertsProblem) -> bool:
+    """Weight-only int4, mxfp4 or nvfp4: group scales loaded every K step."""
+    w = problem.quant.weights
+    return w is not None and problem.quant.activations is None and w.format in ("int4", "mxfp4", "nvfp4")
+
+
+_unprepared_warned: list[bool] = []
+
+
+def _warn_unprepared() -> None:
+    if not _unprepared_warned:
+        _unprepared_warned.append(True)
+        warnings.warn("triton: weight-only group scales in their stored layout (fused_experts without prepared=): "
+                      "each K step waits for its scale loads; FusedMoE prepares them once, or pass "
+                      "prepared=moe.PreparedCache() (one per set of weights) to fused_experts",
+                      RuntimeWarning, stacklevel=4)
+
+
+def prepared_scales(args: ExpertsArgs, problem: ExpertsProblem) -> PreparedWeights | None:
+    """Weight-only group scales (int4, mxfp4, nvfp4) and zero points in the kernels' own layout, or None
+    for other schemes: [E, groups, rows] storage (a column's groups ``rows`` apart, the columns of a
+    group contiguous), as [E, rows, groups] views; int4's scales and zero points in fp32, mxfp4's e8m0
+    exponents as the bf16 values the kernels build from them. A K step's scale tile then holds contiguous
+    4-byte (or wider) runs a thread, which the compiler loads a pipeline stage ahead; the stored layout
+    (each column's groups contiguous) is loaded synchronously every step."""
+    if not _group_scaled(problem):
+        return None
+    w = problem.quant.weights
+    tensors = {}
+    for name in ("w13", "w2"):
+        q = getattr(args, name)
+        scale = q.scale
+        if w.format == "int4":
+            scale = scale.float()
+        elif w.format == "mxfp4":  # 2^(s - 127) with byte 0 read as 0, as the kernels decode it
+            scale = (scale.to(torch.int16) << 7).view(torch.bfloat16)
+        tensors[f"{name}_scale"] = scale.transpose(1, 2).contiguous().transpose(1, 2)
+        if q.zero is not None:
+            tensors[f"{name}_zero"] = q.zero.float().transpose(1, 2).contiguous().transpose(1, 2)
+    return PreparedWeights("triton", tensors)
 
 
 def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: KernelConfig, allow_tf32: bool,
@@ -151,7 +197,10 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     x = _row_major(args.hidden_states)
     dev, dtype = x.device, x.dtype
     _check_smem(cfg, problem, dev)
-    (w13, s13, z13, g13), (w2, s2, z2, g2s) = _split(args.w13), _split(args.w2)
+    if args.prepared is None and dev.type == "cuda" and _group_scaled(problem):
+        _warn_unprepared()
+    (w13, s13, z13, g13), (w2, s2, z2, g2s) = _split(args.w13, args.prepared, "w13"), _split(args.w2, args.prepared,
+                                                                                               "w2")
     w13, w2 = _row_major(w13), _row_major(w2)
     T, K, N, k = problem.num_tokens, problem.hidden_size, problem.intermediate_size, problem.top_k
     num_pairs = T * k
@@ -343,6 +392,10 @@ class TritonBackend:
         if problem.num_tokens <= 1 or problem.num_tokens > options().chunk_tokens:
             return None
         return choose_config(problem, args.hidden_states.device).block_m
+
+    def prepare(self, args: ExpertsArgs, problem: ExpertsProblem) -> PreparedWeights | None:
+        """Weight-only group scales in the kernels' layout (``prepared_scales``); None for other schemes."""
+        return prepared_scales(args, problem)
 
     def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:
         triton_experts(args, problem, out)

@@ -268,7 +268,7 @@ def _asm(w, LO_BF16: tl.constexpr, HI_BF16: tl.constexpr, LO_FP16: tl.constexpr,
 
 
 @triton.jit
-def _weight_scales(sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_BK: tl.constexpr,
+def _weight_scales(sw, sz, smask, stride_g, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_BK: tl.constexpr,
                    W_PACK: tl.constexpr, W16: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, dt):
     """Weight-only group/block scales (and zero points) of the K step at ``k0``, over a weight tile of
     BLOCK_K / W_PACK rows: [1, columns] when a group spans the step, else (groups divide the step: modes.py
@@ -276,12 +276,15 @@ def _weight_scales(sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W
     repeated W_BK / W_PACK times down). Made before the
     weight tile is loaded, so that in the dequantization ``s * (zero + v)`` the weights' own chain is the
     last operand: the compiler's layout hoisting walks that chain first and finds the weight load
-    (``sw``, ``sz``: each column's row of scales / zero points). Other schemes: ``sw`` as it is."""
+    (``sw``, ``sz``: each column's row of scales / zero points, ``smask`` the columns in range, ``stride_g``
+    the groups' stride: 1 as stored, the rows' count in the backend's prepared [E, groups, rows] copy,
+    whose contiguous columns the compiler loads a stage ahead). Other schemes: ``sw`` as it is."""
     if W_CODE > 0 and W_SCALE >= 4:
         if W_BK % BLOCK_K == 0:
-            s = _scale_values(tl.load(sw + k0 // W_BK), W16 and W_SCALE != 6, dt)[None, :]
+            g = (k0 // W_BK) * stride_g
+            s = _scale_values(tl.load(sw + g, mask=smask), W16 and W_SCALE != 6, dt)[None, :]
             if W_CODE == 3:  # noqa: SIM108  (as above)
-                z = -(_zero_values(tl.load(sz + k0 // W_BK), W16, dt)[None, :])
+                z = -(_zero_values(tl.load(sz + g, mask=smask), W16, dt)[None, :])
             else:
                 z = 0.0
         else:
@@ -290,10 +293,10 @@ def _weight_scales(sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W
             g = (k0 // BLOCK_K) * GROUPS + tl.arange(0, GROUPS)  # (a multiple of GROUPS, as the compiler sees)
             if not EVEN_K:  # past K: the last group. Unclamped, the groups of a step are contiguous, so the
                 g = tl.minimum(g, tl.cdiv(K, W_BK) - 1)  # compiler pipelines their load (4 bytes or more)
-            s = _scale_values(tl.load(sw[None, :] + g[:, None]), W16, dt)
+            s = _scale_values(tl.load(sw[None, :] + g[:, None] * stride_g, mask=smask[None, :]), W16, dt)
             s = tl.reshape(tl.broadcast_to(s[:, None, :], [GROUPS, ROWS, s.shape[1]]), [GROUPS * ROWS, s.shape[1]])
             if W_CODE == 3:
-                z = -_zero_values(tl.load(sz[None, :] + g[:, None]), W16, dt)
+                z = -_zero_values(tl.load(sz[None, :] + g[:, None] * stride_g, mask=smask[None, :]), W16, dt)
                 z = tl.reshape(tl.broadcast_to(z[:, None, :], [GROUPS, ROWS, z.shape[1]]),
                                [GROUPS * ROWS, z.shape[1]])
             else:
@@ -302,6 +305,18 @@ def _weight_scales(sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W
         s = sw
         z = sz
     return s, z
+
+
+@triton.jit
+def _scale_col(n, nmask, W_CODE: tl.constexpr):
+    """The scale row of output column ``n``: weight-only group scales as they are (their loads are masked,
+    and an unclamped column keeps its contiguity, which lets the compiler pipeline the load); block and
+    channel scales clamped to a column in range (their loads are not masked)."""
+    if W_CODE > 0:  # noqa: SIM108  (a constexpr branch: one of the two is compiled)
+        c = n
+    else:
+        c = tl.where(nmask, n, 0)
+    return c
 
 
 @triton.jit
@@ -386,7 +401,7 @@ def _step(acc, a, w, sa, sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.conste
 
 @triton.jit
 def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_gather, sa, ws_base, wz_base,
-                   stride_wsr, LOADS: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
+                   stride_wsr, stride_wsg, LOADS: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
                    W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_PACK: tl.constexpr, W16: tl.constexpr,
                    GATHER_QUANT: tl.constexpr, INT: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr,
                    INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -402,13 +417,14 @@ def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_ga
     wrow = n + (c // BLOCK_N) * N  # columns 0..BLOCK_N: gate rows, then the up rows
     gu_ptrs = w_base + wrow[None, :].to(tl.int64) * stride_wn + offs_kw[:, None]
     # block scales: the gate's block rows, then the up's (a block never straddles the two)
-    srow = ((c // BLOCK_N) * tl.cdiv(N, W_BN) + tl.where(cmask, n, 0) // W_BN) * stride_wsr
+    srow = ((c // BLOCK_N) * tl.cdiv(N, W_BN) + _scale_col(n, cmask, W_CODE) // W_BN) * stride_wsr
     sw, sz = ws_base + srow, wz_base + srow
     acc = _zeros(BLOCK_M, 2 * BLOCK_N, INT)
     for k0 in range(0, K, BLOCK_K):
         kmask = offs_k < K - k0
         a = _load_a(a_ptrs, kmask, rw, s_gather, EVEN_K, WEIGHT_ON_INPUT, GATHER_QUANT, INT, INTERP)
-        wsc, wz = _weight_scales(sw, sz, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, EVEN_K, a.dtype)
+        wsc, wz = _weight_scales(sw, sz, cmask, stride_wsg, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
+                                 EVEN_K, a.dtype)
         if LOADS == 1:
             gu = w_desc.load([expert, 0, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
         else:
@@ -421,7 +437,7 @@ def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_ga
 
 @triton.jit
 def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nmask, s_gather, sa, ws_base,
-                    wz_base, stride_wsr, GATED: tl.constexpr, LOADS: tl.constexpr, EVEN_K: tl.constexpr,
+                    wz_base, stride_wsr, stride_wsg, GATED: tl.constexpr, LOADS: tl.constexpr, EVEN_K: tl.constexpr,
                     WEIGHT_ON_INPUT: tl.constexpr, W_SCALE: tl.constexpr, W_CODE: tl.constexpr,
                     W_PACK: tl.constexpr, W16: tl.constexpr, GATHER_QUANT: tl.constexpr,
                     INT: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr, INTERP: tl.constexpr,
@@ -433,7 +449,7 @@ def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nma
     offs_n = n0 + tl.arange(0, BLOCK_N)
     g_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_kw[:, None]  # [BLOCK_K / W_PACK, BLOCK_N]
     u_ptrs = g_ptrs + N * stride_wn
-    brow = tl.where(nmask, offs_n, 0) // W_BN
+    brow = _scale_col(offs_n, nmask, W_CODE) // W_BN
     srow_g, srow_u = brow * stride_wsr, (tl.cdiv(N, W_BN) + brow) * stride_wsr
     sw_g, sw_u, sz_g, sz_u = ws_base + srow_g, ws_base + srow_u, wz_base + srow_g, wz_base + srow_u
     acc_g = _zeros(BLOCK_M, BLOCK_N, INT)
@@ -442,7 +458,8 @@ def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nma
         kmask = offs_k < K - k0
         kwmask = offs_kw < (K - k0) // W_PACK
         a = _load_a(a_ptrs, kmask, rw, s_gather, EVEN_K, WEIGHT_ON_INPUT, GATHER_QUANT, INT, INTERP)
-        wsc, wz = _weight_scales(sw_g, sz_g, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, EVEN_K, a.dtype)
+        wsc, wz = _weight_scales(sw_g, sz_g, nmask, stride_wsg, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
+                                 EVEN_K, a.dtype)
         if LOADS == 1:
             g = w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
         else:
@@ -450,7 +467,8 @@ def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nma
             g_ptrs += BLOCK_K // W_PACK
         acc_g = _step(acc_g, a, g, sa, wsc, wz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
         if GATED:
-            wsc, wz = _weight_scales(sw_u, sz_u, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, EVEN_K, a.dtype)
+            wsc, wz = _weight_scales(sw_u, sz_u, nmask, stride_wsg, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16,
+                                     BLOCK_K, EVEN_K, a.dtype)
             if LOADS == 1:
                 u = w_desc.load([expert, N + n0, k0]).reshape(BLOCK_N, BLOCK_K).T
             else:
@@ -496,7 +514,7 @@ def moe_gemm1(
     x_ptr, w_ptr, w_desc, bias_ptr, ws_ptr, wz_ptr, wg_ptr, as_ptr, amax_ptr, out_ptr,
     sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, topk_w_ptr,
     N, K, num_pairs, num_pid_m, num_global, num_local,
-    stride_xm, stride_we, stride_wn, stride_be, stride_wse, stride_wsr, stride_wge, stride_as, stride_om,
+    stride_xm, stride_we, stride_wn, stride_be, stride_wse, stride_wsr, stride_wsg, stride_wge, stride_as, stride_om,
     alpha, limit,
     TOP_K: tl.constexpr, ROUTE: tl.constexpr, HAS_MAP: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_PACK: tl.constexpr, W16: tl.constexpr,
@@ -539,13 +557,14 @@ def moe_gemm1(
     a_rows = _row_scales(as_ptr, token, valid, stride_as)
     if GATED and GATE_UP == 1:
         acc = _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_gather, a_rows, ws_base,
-                             wz_base, stride_wsr, LOADS, EVEN_K, WEIGHT_ON_INPUT, W_SCALE, W_CODE, W_PACK, W16,
-                             A_SCALE == 4, INT, W_BN, W_BK, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                             wz_base, stride_wsr, stride_wsg, LOADS, EVEN_K, WEIGHT_ON_INPUT, W_SCALE, W_CODE, W_PACK,
+                             W16, A_SCALE == 4, INT, W_BN, W_BK, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
     else:
         acc_g, acc_u = _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nmask, s_gather,
-                                       a_rows, ws_base, wz_base, stride_wsr, GATED, LOADS, EVEN_K, WEIGHT_ON_INPUT,
-                                       W_SCALE, W_CODE, W_PACK, W16, A_SCALE == 4, INT, W_BN, W_BK, INTERP, IEEE,
+                                       a_rows, ws_base, wz_base, stride_wsr, stride_wsg, GATED, LOADS, EVEN_K,
+                                       WEIGHT_ON_INPUT, W_SCALE, W_CODE, W_PACK, W16, A_SCALE == 4, INT, W_BN, W_BK,
+                                       INTERP, IEEE,
                                        BLOCK_M, BLOCK_N, BLOCK_K)
     acc_g = _epilogue_scale(acc_g, as_ptr, a_rows, expert, ws_base, wg_base, offs_n, nmask, stride_wsr, 0, W_SCALE,
                             A_SCALE, INT)
@@ -597,7 +616,7 @@ def _loaded_input_scales(as_ptr, a_rows, A_SCALE: tl.constexpr, INT: tl.constexp
 
 @triton.jit
 def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, N, k_lo, k_hi, stride_am, stride_wk,
-                sa, sw, sz, s_in, LOADS: tl.constexpr, EVEN_K: tl.constexpr, W_SCALE: tl.constexpr,
+                sa, sw, sz, stride_wsg, s_in, LOADS: tl.constexpr, EVEN_K: tl.constexpr, W_SCALE: tl.constexpr,
                 W_CODE: tl.constexpr, W_PACK: tl.constexpr, W16: tl.constexpr, INT: tl.constexpr, W_BK: tl.constexpr,
                 A_SCALE: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -617,8 +636,8 @@ def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, 
     no_rw = tl.full([BLOCK_M], 1.0, tl.float32)  # GEMM2 never scales its input
     acc = _zeros(BLOCK_M, BLOCK_N, INT)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        wsc, wz = _weight_scales(sw, sz, k0, N, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K, EVEN_K,
-                                 a_ptr.dtype.element_ty)
+        wsc, wz = _weight_scales(sw, sz, omask, stride_wsg, k0, N, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
+                                 EVEN_K, a_ptr.dtype.element_ty)
         if LOADS == 1:
             w = w_desc.load([expert, o0, k0]).reshape(BLOCK_N, BLOCK_K).T
             a = a_desc.load([first, k0])
@@ -642,7 +661,7 @@ def moe_gemm2(
     a_ptr, w_ptr, a_desc, w_desc, bias_ptr, ws_ptr, wz_ptr, wg_ptr, as_ptr, y_ptr,
     sorted_ptr, block_expert_ptr, total_ptr, ids_ptr, emap_ptr, topk_w_ptr,
     N, K, num_pairs, num_pid_m, num_global, num_local,
-    stride_am, stride_we, stride_wk, stride_be, stride_wse, stride_wsr, stride_wge, stride_as, stride_ym,
+    stride_am, stride_we, stride_wk, stride_be, stride_wse, stride_wsr, stride_wsg, stride_wge, stride_as, stride_ym,
     TOP_K: tl.constexpr, ROUTE: tl.constexpr, HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_PACK: tl.constexpr, W16: tl.constexpr,
     A_SCALE: tl.constexpr, INT: tl.constexpr, ATOMIC: tl.constexpr,
@@ -669,14 +688,15 @@ def moe_gemm2(
     first = _first_row(pid_m, ROUTE, BLOCK_M)
     ws_base = ws_ptr + expert.to(tl.int64) * stride_wse
     a_rows = _row_scales(as_ptr, (first + tl.arange(0, BLOCK_M)).to(tl.int64), valid, stride_as)
-    srow = (tl.where(omask, offs_o, 0) // W_BN) * stride_wsr  # block (group) scale rows of the output columns
+    srow = (_scale_col(offs_o, omask, W_CODE) // W_BN) * stride_wsr  # block (group) scale rows of the columns
     sw, sz = ws_base + srow, wz_ptr + expert.to(tl.int64) * stride_wse + srow
     s_in = _loaded_input_scales(as_ptr, a_rows, A_SCALE, INT)  # A_TOKEN_LOAD / A_TENSOR_LOAD, else 1
     chunk = tl.cdiv(tl.cdiv(N, BLOCK_K), SPLIT_K) * BLOCK_K  # a whole number of K steps a part
     k_lo = part * chunk
     acc = _gemm2_loop(a_ptr, a_desc, w_desc, w_ptr + expert.to(tl.int64) * stride_we, expert, first, valid, o0, omask,
-                      N, k_lo, tl.minimum(N, k_lo + chunk), stride_am, stride_wk, a_rows, sw, sz, s_in, LOADS, EVEN_K,
-                      W_SCALE, W_CODE, W_PACK, W16, INT, W_BK, A_SCALE, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                      N, k_lo, tl.minimum(N, k_lo + chunk), stride_am, stride_wk, a_rows, sw, sz, stride_wsg, s_in,
+                      LOADS, EVEN_K, W_SCALE, W_CODE, W_PACK, W16, INT, W_BK, A_SCALE, INTERP, IEEE, BLOCK_M,
+                      BLOCK_N, BLOCK_K)
     if A_SCALE >= 6:  # the input scales of a tile quantized as it was loaded
         acc = acc.to(tl.float32) * s_in
     acc = _epilogue_scale(acc, as_ptr, a_rows, expert, ws_base, wg_ptr + expert.to(tl.int64) * stride_wge, offs_o,

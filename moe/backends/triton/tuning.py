@@ -29,7 +29,7 @@ from ...workload import (
     random_weights,
     time_fn,
 )
-from . import triton_experts
+from . import prepared_scales, triton_experts
 from .config import (
     SMEM_BUDGET,
     GemmTile,
@@ -158,6 +158,7 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         prob = p.problem(dev, dtype, m)
         if q is not None:
             prob = dataclasses.replace(prob, quant=q.config)
+            args = dataclasses.replace(args, prepared=prepared_scales(args, prob))  # as a layer's, made once
         out = torch.empty_like(x)
         pairs = m * p.top_k
         rpe = pairs / max(1, min(p.num_experts, pairs))
