@@ -105,6 +105,21 @@ def test_gpu_int4_groups_of_32_and_64(group, zero_point):
         assert rel_error(out, _plain_reference(s)) <= QUANT_NOISE[name], f"groups of {group} T={T}"
 
 
+@pytest.mark.parametrize("name", ["w4a16", "w4a16_zp", "mxfp4", "nvfp4"])
+def test_gpu_prepared_group_scales(name):
+    """Group scales in the Triton backend's prepared layout (through a PreparedCache, as a layer makes them)
+    over the token-count list, with and without an expert map, NaN-poisoned, against the emulation."""
+    for T in TOKEN_COUNTS:
+        for emap in (False, True) if T in (3, 512) else (False,):
+            s = _setup(T, name, emap)
+            cache = moe.PreparedCache()
+            out = torch.full_like(s["x"], float("nan"))
+            moe.fused_experts(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], expert_map=s["expert_map"],
+                              backend="triton", out=out, prepared=cache)
+            assert cache.current is not None and {"w13_scale", "w2_scale"} <= set(cache.current.tensors)
+            assert_close(out, _call(s, name, "torch"), scheme=name, what=f"{name} prepared scales T={T}")
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "fp8_tensor_static"])
 def test_gpu_split_k_gemm2(name):
     """The decode configs with GEMM2's reduction in 4 parts (the combine adds their fp32 partial sums) at

@@ -797,15 +797,15 @@ def _decode_config(name, experts: int, hidden: int, inter: int, top_k: int, toke
 def test_weight_only_heuristic_keeps_every_sm_busy_and_decodes_from_pointer_loads(name):
     """Weight-only decode tiles: pointer loads (tiles decoded in the dot's register layout), GEMM2 output
     tiles narrowed until the grid has MIN_PROGRAMS programs (mixtral at one token: 2 experts x 4096 / 32,
-    still short of it: the reduction then in 4 parts), 256-wide K steps for GEMM2's long reductions except for fp8 and int4 weights, and symmetric int4's group
-    scales on each step's partial product while the weights stream (K steps within a group of 128)."""
+    still short of it: the reduction then in 4 parts), 256-wide K steps for GEMM2's long reductions except
+    for fp8 and int4 weights, and group scales on the weight tiles (where their prepared loads pipeline)."""
     from moe.backends.triton.config import MIN_PROGRAMS
 
     cfg = _decode_config(name, 8, 4096, 14336, 2, 1)
     assert (cfg.gemm1.loads, cfg.gemm2.loads) == ("pointer", "pointer")
     assert cfg.gemm2.block_n == 32 and MIN_PROGRAMS > 2 * 4096 // 32  # the narrowest tile, still short of it
     assert cfg.gemm2.block_k == (128 if name in ("fp8_w8a16", "w4a16", "w4a16_zp") else 256)
-    assert cfg.group_scales == ("accumulator" if name == "w4a16" else "weights")
+    assert cfg.group_scales == "weights"  # where the compiler pipelines the prepared scales' loads
     assert (cfg.split_k, cfg.combine) == (4, "reduce")  # still short of MIN_PROGRAMS: GEMM2 in parts
     wide = _decode_config(name, 256, 7168, 2048, 8, 16)  # dsv3 at 16 tokens: enough programs, N = 2048
     assert (wide.gemm2.block_n, wide.gemm2.block_k, wide.split_k) == (128, 128, 1)
@@ -845,8 +845,8 @@ def test_int4_group_scales_on_the_weights_or_the_partial_products(name, group_sc
 @pytest.mark.parametrize("zero_point", [False, True])
 def test_int4_groups_of_32_and_64_run_on_the_kernels(group, zero_point):
     """int4 with groups of 32 and 64 (through a QuantConfig; the names use 128) runs on the Triton backend,
-    NaN-poisoned, against the reference, and its heuristic K steps lie within a group for the scales on the
-    partial products (symmetric) while the weights stream."""
+    NaN-poisoned, against the reference, and its heuristic decode steps hold whole groups, their scales on
+    the weight tiles."""
     scheme = WeightScheme(format="int4", granularity="group", group_size=group, zero_point=zero_point)
     config = QuantConfig(weights=scheme)
     g = torch.Generator().manual_seed(group + zero_point)
@@ -862,8 +862,8 @@ def test_int4_groups_of_32_and_64_run_on_the_kernels(group, zero_point):
     ref = moe.fused_experts(x, q13, q2, weights, ids, backend="torch")
     assert_close(out, ref, scheme="w4a16_zp" if zero_point else "w4a16", what=f"int4 groups of {group}")
     cfg = _decode_config(config, 8, 4096, 14336, 2, 1)
-    assert cfg.group_scales == ("weights" if zero_point else "accumulator")
-    assert group % cfg.gemm1.block_k == 0 or zero_point
+    assert cfg.group_scales == "weights"  # a K step of whole groups: their scales a [groups, columns] tile
+    assert cfg.gemm1.block_k % group == 0 and cfg.gemm2.block_k % group == 0
 
 
 @needs_triton

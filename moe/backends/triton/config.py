@@ -203,22 +203,19 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
     register layout (it does not carry that through a tensor-descriptor load: the decoded tile would
     round-trip through shared memory), and while the weights stream (up to 16 rows per expert) output
     tiles narrow enough for every SM to have programs (mixtral at one token: 2 experts x 4096 / 128 =
-    64 GEMM2 programs on 132 SMs), wider K steps for long GEMM2 reductions, and symmetric int4 group
-    scales on each step's partial product (K steps within a group). H200, 2026-12-02, graphs: dsv3 at
-    16 tokens w4a16 1072 -> 1033 us with them, mixtral at one 216 -> 198 us; with zero points (their row
-    sums each step) and at prefill (wgmma waits on each partial product, like fp8_block's) they were
-    2-5x slower, so those keep the scales on the weights."""
+    64 GEMM2 programs on 132 SMs), wider K steps for long GEMM2 reductions, and GEMM2 in parts where its
+    grid stays short. Group scales stay on the weight tiles: there the compiler loads the backend's
+    prepared scales a stage ahead (``prepared_scales``), which it cannot do for scales of a partial
+    product (group_scales="accumulator", whose loads wait each step). H200, 2026-12-02, graphs, prepared
+    scales, w4a16 on the weights vs the partial products: mixtral at one token 125 vs 154 us, dsv3 at one
+    116 vs 167, at 16 tokens 1101 vs 1118 (on the stored scales the partial products had won: dsv3 at 16
+    tokens 1033 vs 1072 us)."""
     cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
     w = problem.quant.weights
     pairs = problem.num_tokens * problem.top_k
     rows_per_expert = pairs / max(1, min(problem.num_experts, pairs))
     if rows_per_expert > 16:
         return cfg
-    if w.format == "int4" and not w.zero_point:  # scales on each step's partial product: steps within a group
-        steps = {name: _step_within(getattr(cfg, name).block_k, w.group_size) for name in ("gemm1", "gemm2")}
-        if None not in steps.values():
-            cfg = cfg.model_copy(update={"group_scales": "accumulator", **{
-                name: getattr(cfg, name).model_copy(update={"block_k": bk}) for name, bk in steps.items()}})
     tiles = min(problem.num_experts, pairs)  # row tiles: one per expert hit
     update = {}
     for name, cols in (("gemm1", problem.intermediate_size), ("gemm2", problem.hidden_size)):
@@ -272,15 +269,6 @@ def _w8a8_decode_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
                                     "gemm2": cfg.gemm2.model_copy(update={"block_n": 64, "block_k": bk})})
     split = _split_short_grids(decode, problem, tiles, W8A8_SPLIT)
     return split if split.split_k > 1 else cfg  # measured together only
-
-
-def _step_within(block_k: int, group: int) -> int | None:
-    """The widest K step of at most ``block_k`` that divides ``group`` (a power of two, at least the 32
-    that packed weights need), or None."""
-    bk = block_k
-    while bk >= 32 and group % bk:
-        bk //= 2
-    return bk if bk >= 32 else None
 
 
 # GEMM2 reductions (the intermediate size N) from this long take 256-wide K steps while weight-only
