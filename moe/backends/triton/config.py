@@ -220,13 +220,13 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
     update = {}
     for name, cols in (("gemm1", problem.intermediate_size), ("gemm2", problem.hidden_size)):
         tile = getattr(cfg, name)
-        bn = tile.block_n
-        while bn > 32 and tiles * -(-cols // bn) < MIN_PROGRAMS:
-            bn //= 2
         bk = tile.block_k
         if name == "gemm2" and problem.intermediate_size >= LONG_REDUCTION and (
                 w.format in ("mxfp4", "nvfp4") or (w.format == "int8" and rows_per_expert <= 8)):
-            bk = 256  # fewer, larger steps of a long reduction (each waits for its scales)
+            bk = 256  # fewer, larger steps of a long reduction
+        bn = tile.block_n
+        while bn > 32 and tiles * -(-cols // bn) < MIN_PROGRAMS and _scales_pipeline(w, bn // 2, bk, tile.num_warps):
+            bn //= 2
         if (bn, bk) != (tile.block_n, tile.block_k):
             update[name] = tile.model_copy(update={"block_n": bn, "block_k": bk})
     cfg = cfg.model_copy(update=update) if update else cfg
@@ -241,6 +241,19 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
 # -> these)
 WEIGHT_ONLY_SPLIT = 4
 W8A8_SPLIT = 2
+
+
+def _scales_pipeline(w, block_n: int, block_k: int, warps: int) -> bool:
+    """Whether a K step's tile of prepared group scales (``prepared_scales``: [groups, block_n], the columns
+    contiguous; int4 fp32, mxfp4 bf16, nvfp4 e4m3) gives each thread 4 contiguous bytes or more, what the
+    compiler needs to load it a pipeline stage ahead (a tile smaller than the threads repeats one element
+    a thread). H200, 2026-12-02, dsv3 at one token, GEMM1 32 columns wide (mxfp4: [4, 32] bf16, 2 bytes a
+    thread) 143 us, 64 wide 76 us; bf16 112 us."""
+    if w.format not in ("int4", "mxfp4", "nvfp4"):
+        return True
+    size = {"int4": 4, "mxfp4": 2, "nvfp4": 1}[w.format]
+    elems = max(1, block_k // w.group_size) * block_n
+    return max(1, elems // (32 * warps)) * size >= 4
 
 
 def _split_short_grids(cfg: KernelConfig, problem: ExpertsProblem, tiles: int, parts: int) -> KernelConfig:
