@@ -25,6 +25,24 @@ def _args(case, dtype=torch.float32):
     return inp, args, prob
 
 
+def _w8a8_args(name, T, N):
+    """bf16 inputs (E = 4, K = 256) with the weights quantized by the W8A8 scheme ``name`` and, for a static
+    scheme, activation scales calibrated on them."""
+    import dataclasses
+
+    from moe.quant.calibration import calibrate_static_scales
+
+    inp, args, prob = _args(Case(T=T, E=4, K=256, N=N, k=2), torch.bfloat16)
+    cfg = moe.quant.named(name)
+    static = {}
+    if cfg.static_activations:
+        a13, a2 = calibrate_static_scales(inp["hidden_states"], inp["w13"], inp["topk_ids"], cfg.activations, "silu")
+        static = dict(a13_scale=a13, a2_scale=a2)
+    args = dataclasses.replace(args, w13=moe.quant.quantize(inp["w13"], cfg.weights, parts=2),
+                               w2=moe.quant.quantize(inp["w2"], cfg.weights), **static)
+    return args, dataclasses.replace(prob, quant=cfg)
+
+
 @pytest.mark.parametrize("act", ["silu", "relu2"])
 def test_scaled_weights_through_the_seam(act):
     """The seam's test scheme: weights times a per-(expert, part) fp32 scale, applied in the epilogue (gate
@@ -153,21 +171,11 @@ def test_split_k_gemm2_parts_add_up(T, split_k, dtype):
 def test_split_k_gemm2_with_w8a8_scales(name, gemm2_input):
     """Each part's partial sum carries the scales of its own K steps (blocks, groups) and the epilogue's
     (channels, tokens, the tensor): the sum equals the reference's emulation, N ragged against 128."""
-    import dataclasses
 
     from moe.backends.torch_ref import torch_ref_experts
     from moe.backends.triton import GemmTile, KernelConfig, triton_experts
-    from moe.quant.calibration import calibrate_static_scales
 
-    inp, args, prob = _args(Case(T=3, E=4, K=256, N=392, k=2), torch.bfloat16)
-    cfg = moe.quant.named(name)
-    static = {}
-    if cfg.static_activations:
-        a13, a2 = calibrate_static_scales(inp["hidden_states"], inp["w13"], inp["topk_ids"], cfg.activations, "silu")
-        static = dict(a13_scale=a13, a2_scale=a2)
-    args = dataclasses.replace(args, w13=moe.quant.quantize(inp["w13"], cfg.weights, parts=2),
-                               w2=moe.quant.quantize(inp["w2"], cfg.weights), **static)
-    prob = dataclasses.replace(prob, quant=cfg)
+    args, prob = _w8a8_args(name, 3, 392)
     tile = GemmTile(block_n=64, block_k=128, group_m=1, num_stages=1)
     out = torch.full_like(args.hidden_states, float("nan"))
     triton_experts(args, prob, out, KernelConfig(block_m=16, gemm1=tile, gemm2=tile, gemm2_input=gemm2_input,
@@ -337,22 +345,12 @@ def test_gemm2_input_quantized_by_a_pass_or_as_it_is_loaded(T, N, name, bk, gemm
     by the row's (tensor's) amax that GEMM1 gathered, or for fp8_block by the tile itself when it is one
     group; with "pass" one pass between the GEMMs. Either way the result equals the reference's
     emulation, N ragged against 128 included."""
-    import dataclasses
 
     import moe.backends.triton as tb
     from moe.backends.torch_ref import torch_ref_experts
     from moe.backends.triton import GemmTile, KernelConfig, triton_experts
-    from moe.quant.calibration import calibrate_static_scales
 
-    inp, args, prob = _args(Case(T=T, E=4, K=256, N=N, k=2), torch.bfloat16)
-    cfg = moe.quant.named(name)
-    static = {}
-    if cfg.static_activations:
-        a13, a2 = calibrate_static_scales(inp["hidden_states"], inp["w13"], inp["topk_ids"], cfg.activations, "silu")
-        static = dict(a13_scale=a13, a2_scale=a2)
-    args = dataclasses.replace(args, w13=moe.quant.quantize(inp["w13"], cfg.weights, parts=2),
-                               w2=moe.quant.quantize(inp["w2"], cfg.weights), **static)
-    prob = dataclasses.replace(prob, quant=cfg)
+    args, prob = _w8a8_args(name, T, N)
     calls = []
     real = tb.quantize_rows
     monkeypatch.setattr(tb, "quantize_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
