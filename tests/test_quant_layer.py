@@ -109,6 +109,40 @@ def test_quantize_releases_the_prepared_weights():
     assert released == [True]
 
 
+def test_prepared_cache_asks_a_backend_that_prepares_nothing_once():
+    """A backend whose prepare() returns None for a problem (nothing to prepare) is asked once for it: the
+    cache keeps None without comparing the weights on later calls; a new problem (another scheme, another
+    backend) asks again; a PreparedWeights of another backend is refused, naming the contract."""
+    from moe.contract import ExpertsArgs
+    from moe.functional import PreparedCache, _problem
+
+    class Counting:
+        name = "counting"
+
+        def __init__(self, made=None):
+            self.calls, self.made = 0, made
+
+        def prepare(self, args, problem):
+            self.calls += 1
+            return self.made
+
+    x = torch.randn(2, 64)
+    w13, w2 = torch.randn(4, 64, 64), torch.randn(4, 64, 32)
+    weights, ids = moe.fused_topk(torch.randn(2, 4), 2)
+    args = ExpertsArgs(x, w13, w2, weights, ids)
+    problem = _problem(args, moe.ActivationSpec.parse("silu"), False, None)
+    cache, backend = PreparedCache(), Counting()
+    for _ in range(3):
+        assert cache.get(backend, args, problem) is None
+    assert backend.calls == 1
+    other = Counting()
+    other.name = "counting_too"  # backends are told apart by name, as the registry does
+    assert cache.get(other, args, problem) is None and other.calls == 1
+    wrong = Counting(moe.PreparedWeights("someone_else", {}))
+    with pytest.raises(TypeError, match=r"prepare\(\) must return PreparedWeights for itself \(or None"):
+        PreparedCache().get(wrong, args, problem)
+
+
 def test_quantize_refuses_twice_static_and_unquantized():
     layer = moe.quant.quantize_(_layer(), "fp8_channel")
     with pytest.raises(ValueError, match=r"already quantized \(fp8_channel\)"):
