@@ -199,8 +199,8 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     _check_smem(cfg, problem, dev)
     if args.prepared is None and dev.type == "cuda" and _group_scaled(problem):
         _warn_unprepared()
-    (w13, s13, z13, g13), (w2, s2, z2, g2s) = _split(args.w13, args.prepared, "w13"), _split(args.w2, args.prepared,
-                                                                                               "w2")
+    w13, s13, z13, g13 = _split(args.w13, args.prepared, "w13")
+    w2, s2, z2, g2s = _split(args.w2, args.prepared, "w2")
     w13, w2 = _row_major(w13), _row_major(w2)
     T, K, N, k = problem.num_tokens, problem.hidden_size, problem.intermediate_size, problem.top_k
     num_pairs = T * k

@@ -564,8 +564,7 @@ def moe_gemm1(
         acc_g, acc_u = _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nmask, s_gather,
                                        a_rows, ws_base, wz_base, stride_wsr, stride_wsg, GATED, LOADS, EVEN_K,
                                        WEIGHT_ON_INPUT, W_SCALE, W_CODE, W_PACK, W16, A_SCALE == 4, INT, W_BN, W_BK,
-                                       INTERP, IEEE,
-                                       BLOCK_M, BLOCK_N, BLOCK_K)
+                                       INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     acc_g = _epilogue_scale(acc_g, as_ptr, a_rows, expert, ws_base, wg_base, offs_n, nmask, stride_wsr, 0, W_SCALE,
                             A_SCALE, INT)
     if GATED:
