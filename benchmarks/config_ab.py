@@ -6,11 +6,12 @@
 A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile (``g1bkN``, ``g2bkN`` one's), ``sN``
 their pipeline stages, ``wN`` their warps, ``bmN`` the row tile, ``g1nN`` / ``g2nN`` a GEMM's N tile, ``one``
 / ``two`` GEMM1's gate/up dots, ``load`` / ``pass`` how GEMM2's input is quantized, ``acc`` / ``wts`` where
-int4 group scales apply, ``splitN`` GEMM2's reduction in N parts (joined with ``_``), then ``fit_smem`` trims
-it to the shared-memory budget as the heuristic does. Prints microseconds per call (do_bench median) and the
-ratio to bf16 from the same run, table last. Up to ``--graph-max-m`` tokens (256) the times are CUDA-graph
-replays, as ``moe bench``'s rows there (``--no-pdl``: chained launches off): eager calls at one token measure
-mostly host time (H200, 2026-12-02: the same mixtral config 155 and 216 us eager in two calls).
+int4 group scales apply, ``splitN`` GEMM2's reduction in N parts, ``pairs`` / ``scalar`` the 4-bit scale
+multiplies (joined with ``_``), then ``fit_smem`` trims it to the shared-memory budget as the heuristic does.
+Prints microseconds per call (do_bench median) and the ratio to bf16 from the same run, table last. Up to
+``--graph-max-m`` tokens (256) the times are CUDA-graph replays, as ``moe bench``'s rows there (``--no-pdl``:
+chained launches off): eager calls at one token measure mostly host time (H200, 2026-12-02: the same mixtral
+config 155 and 216 us eager in two calls).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
         if part in ("load", "pass"):
             cfg = cfg.model_copy(update={"gemm2_input": part})
             continue
+        if part in ("pairs", "scalar"):  # 4-bit scale multiplies two elements an instruction, or one
+            cfg = cfg.model_copy(update={"dequant_math": part})
+            continue
         if part in ("acc", "wts"):  # int4 group scales on the partial products / on the weight tiles
             cfg = cfg.model_copy(update={"group_scales": "accumulator" if part == "acc" else "weights"})
             continue
@@ -77,7 +81,7 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
         else:
             raise SystemExit(f"--variants: unknown part {part!r} "
                              "(bkN, g1bkN, g2bkN, sN, wN, bmN, g1nN, g2nN, splitN, g1tma, g2tma, g1ptr, g2ptr, "
-                             "one, two, load, pass, acc, wts)")
+                             "one, two, load, pass, acc, wts, pairs, scalar)")
     return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob, cfg.gemm2_input))
 
 

@@ -16,27 +16,37 @@ from moe.backends.triton import _gemm
 _COMMON_PTRS = {"sorted_ptr": "*i32", "block_expert_ptr": "*i32", "total_ptr": "*i32", "ids_ptr": "*i32",
                 "emap_ptr": "*i32", "topk_w_ptr": "*fp32", "as_ptr": "*fp32", "wg_ptr": "*fp32", "amax_ptr": "*fp32",
                 "alpha": "fp32", "limit": "fp32"}
-# (name, kernel, activation dtype, weight dtype, scale dtype, W_SCALE, W_CODE, W_BK, one dot)
+# (name, kernel, activation dtype, weight dtype, scale dtype, W_SCALE, W_CODE, W_BK, one dot, W16: 1 scalar
+# scale multiplies, 2 packed pairs)
 VARIANTS = [
-    ("w4a16_zp gemm1 bf16", _gemm.moe_gemm1, "bf16", "u8", "bf16", _gemm.WEIGHT_BLOCK, _gemm.W_INT4_ZP, 128, False),
-    ("mxfp4 gemm1 bf16 one-dot", _gemm.moe_gemm1, "bf16", "u8", "u8", _gemm.WEIGHT_BLOCK, _gemm.W_E2M1, 32, True),
-    ("nvfp4 gemm2 fp16", _gemm.moe_gemm2, "fp16", "u8", "fp8e4nv", _gemm.WEIGHT_BLOCK_GLOBAL, _gemm.W_E2M1, 16, False),
-    ("w8a16 gemm2 bf16", _gemm.moe_gemm2, "bf16", "i8", "fp32", _gemm.CHANNEL_SCALE, _gemm.W_CONVERT, 1, False),
+    ("w4a16_zp gemm1 bf16", _gemm.moe_gemm1, "bf16", "u8", "bf16", _gemm.WEIGHT_BLOCK, _gemm.W_INT4_ZP, 128, False, 1),
+    ("mxfp4 gemm1 bf16 one-dot", _gemm.moe_gemm1, "bf16", "u8", "u8", _gemm.WEIGHT_BLOCK, _gemm.W_E2M1, 32, True, 1),
+    ("nvfp4 gemm2 fp16", _gemm.moe_gemm2, "fp16", "u8", "fp8e4nv", _gemm.WEIGHT_BLOCK_GLOBAL, _gemm.W_E2M1, 16, False,
+     1),
+    ("w8a16 gemm2 bf16", _gemm.moe_gemm2, "bf16", "i8", "fp32", _gemm.CHANNEL_SCALE, _gemm.W_CONVERT, 1, False, 1),
+    ("w4a16_zp gemm1 bf16 pairs", _gemm.moe_gemm1, "bf16", "u8", "fp32", _gemm.WEIGHT_BLOCK, _gemm.W_INT4_ZP, 128,
+     False, 2),
+    ("w4a16 gemm2 fp16 pairs", _gemm.moe_gemm2, "fp16", "u8", "fp32", _gemm.WEIGHT_BLOCK, _gemm.W_INT4, 128, False, 2),
+    ("mxfp4 gemm1 bf16 one-dot pairs", _gemm.moe_gemm1, "bf16", "u8", "bf16", _gemm.WEIGHT_BLOCK, _gemm.W_E2M1, 32,
+     True, 2),
+    ("nvfp4 gemm2 bf16 pairs", _gemm.moe_gemm2, "bf16", "u8", "fp8e4nv", _gemm.WEIGHT_BLOCK_GLOBAL, _gemm.W_E2M1, 16,
+     False, 2),
 ]
 
 
-def compile_variant(kernel, dt, wdt, sdt, w_scale, code, w_bk, one_dot) -> None:
+def compile_variant(kernel, dt, wdt, sdt, w_scale, code, w_bk, one_dot, w16) -> None:
     consts = dict(TOP_K=2, ROUTE=_gemm.SORTED, HAS_MAP=False, WEIGHT_ON_INPUT=False, W_SCALE=w_scale, W_CODE=code,
-                  W_PACK=1 if code == _gemm.W_CONVERT else 2, W16=True, INT=False, BLOCK_M=16, W_BN=1, W_BK=w_bk,
+                  W_PACK=1 if code == _gemm.W_CONVERT else 2, W16=w16, INT=False, BLOCK_M=16, W_BN=1, W_BK=w_bk,
                   INTERP=False, IEEE=False, PDL=False, HAS_BIAS=True, A_SCALE=_gemm.A_NONE, BLOCK_N=64,
                   BLOCK_K=64, GROUP_M=8, EVEN_K=False, LOADS=_gemm.POINTER)
     if kernel is _gemm.moe_gemm1:
         consts |= dict(ACT=_gemm.SILU, GATED=True, OUT_AMAX=False, GATE_UP=_gemm.ONE_DOT if one_dot else _gemm.TWO_DOTS)
     else:
-        consts |= dict(ATOMIC=False)
+        consts |= dict(ATOMIC=False, SPLIT_K=1)
     types = _COMMON_PTRS | {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "a_desc": f"*{dt}", "out_ptr": f"*{dt}",
                             "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "w_ptr": f"*{wdt}", "w_desc": f"*{wdt}",
-                            "ws_ptr": f"*{sdt}", "wz_ptr": "*u8" if code == _gemm.W_INT4_ZP else f"*{sdt}"}
+                            "ws_ptr": f"*{sdt}",
+                            "wz_ptr": ("*u8" if w16 == 1 else "*fp32") if code == _gemm.W_INT4_ZP else f"*{sdt}"}
     signature = {p: "constexpr" if p in consts else types.get(p, "i32")
                  for p in inspect.signature(kernel.fn).parameters}
     triton.compile(ASTSource(kernel, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32))

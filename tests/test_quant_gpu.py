@@ -5,6 +5,8 @@ quantization noise); CUDA-graph replay with new routing; and no bf16 copy of the
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -118,6 +120,28 @@ def test_gpu_prepared_group_scales(name):
                               backend="triton", out=out, prepared=cache)
             assert cache.current is not None and {"w13_scale", "w2_scale"} <= set(cache.current.tensors)
             assert_close(out, _call(s, name, "torch"), scheme=name, what=f"{name} prepared scales T={T}")
+
+
+@pytest.mark.parametrize("name", ["w4a16", "w4a16_zp", "mxfp4", "nvfp4"])
+def test_gpu_dequant_pairs_give_the_scalar_bits(name):
+    """``dequant_math="pairs"`` (the scale multiply and zero-point add of the 4-bit tiles as packed fmas)
+    over the token-count list, on the prepared scales: bitwise equal to the scalar multiplies, NaN-poisoned,
+    and within the emulation's tolerance."""
+    from moe.backends.triton import prepared_scales, triton_experts
+    from moe.backends.triton.config import default_config
+    from moe.functional import _problem
+
+    for T in TOKEN_COUNTS:
+        s = _setup(T, name, T == 3)
+        args = ExpertsArgs(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], expert_map=s["expert_map"])
+        prob = _problem(args, moe.ActivationSpec.parse("silu"), False, name)
+        args = dataclasses.replace(args, prepared=prepared_scales(args, prob))
+        cfg = default_config(prob)
+        scalar = triton_experts(args, prob, torch.empty_like(s["x"]), cfg)
+        out = torch.full_like(s["x"], float("nan"))
+        triton_experts(args, prob, out, cfg.model_copy(update={"dequant_math": "pairs"}))
+        assert torch.equal(out, scalar), f"{name} T={T}: pairs differ from the scalar multiplies"
+        assert_close(out, _call(s, name, "torch"), scheme=name, what=f"{name} pairs T={T}")
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "fp8_tensor_static"])

@@ -644,12 +644,13 @@ def test_the_kernels_bit_constants():
     assert torch.equal(as_float(s << 7, torch.bfloat16, torch.int16), 2.0 ** (s.double() - 127))
 
 
-def _run_ptx(program: str, word: int) -> tuple[int, int]:
-    """A host emulation of the few PTX instructions of ``_nibble_asm``'s programs: ``$2`` in, ``$0``/``$1`` out
-    (32-bit words; fma on pairs of 16-bit floats, rounded to nearest even)."""
+def _run_ptx(program: str, word: int, inputs: dict[str, int] | None = None) -> tuple[int, int | None]:
+    """A host emulation of the few PTX instructions of the kernels' inline assembly (``_nibble_asm``: ``$2``
+    in, ``$0``/``$1`` out; ``_pairs_asm``: ``inputs`` in, ``$0`` out): 32-bit words, fma on pairs of 16-bit
+    floats rounded to nearest even."""
     import struct
 
-    regs = {"$2": word}
+    regs = {"$2": word} if inputs is None else dict(inputs)
 
     def val(tok):
         return regs[tok] if tok in regs else int(tok, 16) if tok.startswith("0x") else int(tok)
@@ -692,7 +693,39 @@ def _run_ptx(program: str, word: int) -> tuple[int, int]:
             regs[a[0]] = pack([x[i] * m[i] + c[i] for i in range(2)], fmt)
         else:
             raise AssertionError(f"no emulation of {op}")
-    return regs["$0"], regs["$1"]
+    return regs["$0"], regs.get("$1")
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_the_gpu_inline_asm_scales_pairs_to_the_scalar_bits(dtype, zero_point):
+    """``dequant_math="pairs"``: the packed fmas of ``_pairs_asm`` (emulated on the host) give the bits of the
+    scalar ``s * (z + v)`` / ``s * v`` in the 16-bit dtype, both halves of the word, over decoded codes
+    (int4 and e2m1 values, zeros of both signs), small negated zero points and random scales; a changed
+    constant or operand order fails."""
+    from moe.backends.triton._gemm import _pairs_asm
+
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    g = torch.Generator().manual_seed(3)
+    n = 4096
+    codes = torch.tensor([*range(-8, 8), 0.5, 1.5, 3.0, 6.0, -0.5, -6.0, -0.0], dtype=torch.float32)
+    v = codes[torch.randint(len(codes), (n, 2), generator=g)].to(dt)
+    s = (torch.rand(n, 2, generator=g) * 4 - 2).mul(torch.exp2(torch.randint(-6, 7, (n, 2), generator=g))).to(dt)
+    z = (-torch.randint(0, 16, (n, 2), generator=g).float()).to(dt)
+    want = s * (z + v) if zero_point else s * v
+
+    def word(t):
+        h = t.view(torch.int16).to(torch.int64) & 0xFFFF
+        return h[:, 0] | h[:, 1] << 16
+
+    ws, wz, wv, ww = word(s), word(z), word(v), word(want)
+    program = _pairs_asm(zero_point, dtype)
+    for i in range(n):
+        inputs = {"$1": int(ws[i]), "$2": int(wz[i]), "$3": int(wv[i])} if zero_point else {
+            "$1": int(ws[i]), "$2": int(wv[i])}
+        got, _ = _run_ptx(program, 0, inputs)
+        assert got == int(ww[i]), (f"{dtype} pair {i}: s={s[i].tolist()} z={z[i].tolist()} v={v[i].tolist()}: "
+                                   f"{got:#010x} != {int(ww[i]):#010x}")
 
 
 @pytest.mark.parametrize("code", ["int4", "int4_zp", "e2m1"])
@@ -730,7 +763,8 @@ def test_the_gpu_inline_asm_decodes_every_byte(code, dtype):
 
 def test_the_16bit_decode_path_compiles_for_sm90():
     """The GPU's bf16/fp16 decode (W16) does not run under the interpreter: compile it for sm90 (a cubin,
-    through Triton's ptxas), in a process without TRITON_INTERPRET."""
+    through Triton's ptxas), in a process without TRITON_INTERPRET, with the scale multiplies scalar and in
+    packed pairs (``dequant_math="pairs"``, the prepared scales' dtypes)."""
     import importlib.util
     import os
     import subprocess
@@ -745,7 +779,7 @@ def test_the_16bit_decode_path_compiles_for_sm90():
     run = subprocess.run([sys.executable, str(root / "tests" / "sm90_compile.py")], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
-    assert run.stdout.count(": ok") == 4, run.stdout
+    assert run.stdout.count(": ok") == 8, run.stdout
 
 
 # ---------------------------------------------------------------- moe bench --quant

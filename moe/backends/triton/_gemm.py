@@ -232,6 +232,21 @@ _E2M1_LO_BF16, _E2M1_HI_BF16 = _ASM[False, "e2m1", "bf16"], _ASM[True, "e2m1", "
 _E2M1_LO_FP16, _E2M1_HI_FP16 = _ASM[False, "e2m1", "fp16"], _ASM[True, "e2m1", "fp16"]
 
 
+def _pairs_asm(zero_point: bool, dtype: str) -> str:
+    """PTX of ``_dequant_pairs`` (``pack=2``: two 16-bit values a register; ``$1`` the scales, then ``$2`` the
+    negated zero points and ``$3`` the values, or ``$2`` the values): ``t = v * 1 + z``, then ``s * t + (-0)``
+    (packed 1.0: 0x3F80 bf16, 0x3C00 fp16; -0: 0x8000 in both)."""
+    op, one = ("fma.rn.bf16x2", "0x3F803F80") if dtype == "bf16" else ("fma.rn.f16x2", "0x3C003C00")
+    if zero_point:  # (packed operands take registers, not immediates)
+        return (f"{{ .reg .b32 t, u, m; mov.b32 u, {one}; mov.b32 m, 0x80008000; {op} t, $3, u, $2; "
+                f"{op} $0, $1, t, m; }}")
+    return f"{{ .reg .b32 m; mov.b32 m, 0x80008000; {op} $0, $1, $2, m; }}"
+
+
+_SCALE_BF16, _SCALE_FP16 = tl.constexpr(_pairs_asm(False, "bf16")), tl.constexpr(_pairs_asm(False, "fp16"))
+_ZP_SCALE_BF16, _ZP_SCALE_FP16 = tl.constexpr(_pairs_asm(True, "bf16")), tl.constexpr(_pairs_asm(True, "fp16"))
+
+
 @triton.jit
 def _nibbles_packed(w, HIGH: tl.constexpr, W_CODE: tl.constexpr, dt):
     """GPU, 16-bit activations: the low or high nibble of each byte of ``w`` as its code's value in dt
@@ -337,14 +352,37 @@ def _to_operand(v, dt, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _dequant_pairs(s, z, v, ZP: tl.constexpr):
+    """``s * (z + v)`` (``s * v`` without zero points) for a 16-bit tile ``v``, two elements an instruction:
+    packed fmas in inline assembly (``fma.rn.bf16x2`` / ``f16x2``, on every GPU these kernels decode on),
+    ``z + v`` as ``v * 1 + z`` and the product as ``s * t + (-0)``, each rounded once to nearest even: the bits
+    of the scalar ``z + v`` and ``s * t`` (a -0 addend keeps a product's sign of zero). Pure, so the
+    compiler still moves the dot's layout conversion above it (checked in the sm_90 TTGIR)."""
+    s = tl.broadcast_to(s, v.shape).to(v.dtype)
+    if ZP:
+        z = tl.broadcast_to(z, v.shape).to(v.dtype)
+        if v.dtype == tl.bfloat16:
+            r = tl.inline_asm_elementwise(_ZP_SCALE_BF16, "=r,r,r,r", [s, z, v], dtype=v.dtype, is_pure=True, pack=2)
+        else:
+            r = tl.inline_asm_elementwise(_ZP_SCALE_FP16, "=r,r,r,r", [s, z, v], dtype=v.dtype, is_pure=True, pack=2)
+    else:
+        if v.dtype == tl.bfloat16:
+            r = tl.inline_asm_elementwise(_SCALE_BF16, "=r,r,r", [s, v], dtype=v.dtype, is_pure=True, pack=2)
+        else:
+            r = tl.inline_asm_elementwise(_SCALE_FP16, "=r,r,r", [s, v], dtype=v.dtype, is_pure=True, pack=2)
+    return r
+
+
+@triton.jit
 def _dequant_step(acc, a, w, s, z, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W16: tl.constexpr,
-                  INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+                  INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr):
     """A weight-only K step: the stored weight tile dequantized to the activation dtype, then the dot;
     ``s``/``z``: the step's scale and negated zero-point tiles (``_weight_scales``; unused without group
     or block scales and zero points). 8-bit (W_CONVERT): ``w`` [BLOCK_K, columns] converted. 4-bit: ``w`` is
     [BLOCK_K / 2, columns] bytes; the low nibbles (even k) dot the input's even columns, the high (odd k)
     its odd ones. W16 (GPU, 16-bit activations): dequantized in that dtype, the 4-bit codes by
-    ``_nibbles_packed``; otherwise in float32 by ``_nibble_values``."""
+    ``_nibbles_packed``, their scales (and zero points) with PAIRS by ``_dequant_pairs``; otherwise in
+    float32 by ``_nibble_values``."""
     dt = a.dtype
     if W_CODE == 1:
         if W16 and w.dtype == tl.int8:  # noqa: SIM108  (as above)
@@ -371,11 +409,15 @@ def _dequant_step(acc, a, w, s, z, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, 
                 part = part + tl.sum(a.to(tl.float32), axis=1)[:, None] * z.to(tl.float32)
             acc = acc + part * s.to(tl.float32)
         else:
-            if W_CODE == 3:
-                lo = z + lo
-                hi = z + hi
-            lo = s * lo
-            hi = s * hi
+            if PAIRS:  # the same bits, two elements an instruction
+                lo = _dequant_pairs(s, z, lo, W_CODE == 3)
+                hi = _dequant_pairs(s, z, hi, W_CODE == 3)
+            else:
+                if W_CODE == 3:
+                    lo = z + lo
+                    hi = z + hi
+                lo = s * lo
+                hi = s * hi
             acc = dot(a_even, _to_operand(lo, dt, INTERP), acc, INTERP, IEEE, False)
             acc = dot(a_odd, _to_operand(hi, dt, INTERP), acc, INTERP, IEEE, False)
     return acc
@@ -389,7 +431,7 @@ def _step(acc, a, w, sa, sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.conste
     weight-only step (W_CODE > 0) that dequantizes ``w`` first (``sw``/``sz``: then the step's scale and
     zero-point tiles from ``_weight_scales``)."""
     if W_CODE > 0:  # if / else, not early returns: a return does not stop the other branches compiling
-        acc = _dequant_step(acc, a, w, sw, sz, W_SCALE, W_CODE, W16, INTERP, IEEE, BLOCK_K)
+        acc = _dequant_step(acc, a, w, sw, sz, W_SCALE, W_CODE, W16, INTERP, IEEE, BLOCK_K, W16 == 2)
     elif W_SCALE == 3:
         kb = k0 // W_BK
         part = dot(a, w, tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE, False)

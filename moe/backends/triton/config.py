@@ -53,6 +53,11 @@ class KernelConfig(Frozen):
     # output tiles stream long rows of weights (mixtral at one token: 2 experts x 4096 / block_n). Needs
     # combine="reduce"
     split_k: Literal[1, 2, 4, 8] = 1
+    # weight-only 4-bit tiles on the GPU with 16-bit activations: their scale multiply (and zero-point add)
+    # one element a bf16/fp16 instruction as Triton emits it ("scalar"), or two a packed fma in inline
+    # assembly ("pairs": the same bits; the sm_90 PTX of an mxfp4 GEMM1 852 -> 612 instructions). "pairs" has
+    # not run on a GPU yet, so it is not the default
+    dequant_math: Literal["scalar", "pairs"] = "scalar"
 
     @model_validator(mode="after")
     def _split_needs_reduce(self) -> KernelConfig:

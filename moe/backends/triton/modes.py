@@ -149,6 +149,8 @@ def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2
     # bf16/fp16 activations build the weights in their own 16-bit dtype on the GPU (two per 32-bit
     # instruction); fp32 activations, and the interpreter (whose bf16 arithmetic is not IEEE), in fp32
     w16 = code != _gemm.W_NATIVE and not interp and p.dtype != torch.float32
+    if w16 and packed and cfg.dequant_math == "pairs":
+        w16 = 2  # the scales' multiply two elements an instruction (_dequant_pairs)
     common = dict(TOP_K=p.top_k, ROUTE=_gemm.DIRECT if direct else _gemm.SORTED, HAS_MAP=p.has_expert_map,
                   WEIGHT_ON_INPUT=p.apply_router_weight_on_input, W_SCALE=w_scale, W_CODE=code,
                   W_PACK=2 if packed else 1, W16=w16,
