@@ -761,6 +761,30 @@ def test_the_gpu_inline_asm_decodes_every_byte(code, dtype):
                 assert got[other] == value(n2)
 
 
+@needs_triton
+@pytest.mark.parametrize("name", ["w4a16", "mxfp4", "w8a16"])
+def test_the_16bit_decode_runs_on_nvidia_targets_only(name):
+    """The 16-bit decode (W16) is PTX inline assembly: NVIDIA targets take it (packed pairs for 4-bit tiles
+    with dequant_math="pairs"), ROCm targets and fp32 activations the plain-Triton fp32 decode."""
+    import dataclasses
+
+    from moe.backends.triton import config, modes
+    from moe.contract import ExpertsProblem
+    from moe.target import TARGETS
+
+    def w16(target, dtype=torch.bfloat16, math="scalar"):
+        p = ExpertsProblem("cuda", dtype, 4, 8, 8, 256, 256, 2, target=TARGETS[target])
+        p = dataclasses.replace(p, quant=named(name))
+        cfg = config.default_config(p).model_copy(update={"dequant_math": math})
+        m1, m2 = modes.gemm_modes(cfg, p, direct=False, tma1=False, tma2=False, pdl=False, interp=False, ieee=False)
+        assert m1["W16"] == m2["W16"]
+        return m1["W16"]
+
+    assert w16("h200") == 1 and w16("a100") == 1
+    assert w16("h200", math="pairs") == (1 if name == "w8a16" else 2)
+    assert not w16("mi300x") and not w16("mi300x", math="pairs") and not w16("h200", torch.float32)
+
+
 def test_the_16bit_decode_path_compiles_for_sm90():
     """The GPU's bf16/fp16 decode (W16) does not run under the interpreter: compile it for sm90 (a cubin,
     through Triton's ptxas), in a process without TRITON_INTERPRET, with the scale multiplies scalar and in

@@ -146,9 +146,11 @@ def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2
     if packed and min(g1.block_k, g2.block_k) < 32:
         raise ValueError(f"triton: packed 4-bit weights need block_k >= 32 (each of the two nibble dots is "
                          f"block_k / 2 deep), got gemm1 {g1.block_k}, gemm2 {g2.block_k}")
-    # bf16/fp16 activations build the weights in their own 16-bit dtype on the GPU (two per 32-bit
-    # instruction); fp32 activations, and the interpreter (whose bf16 arithmetic is not IEEE), in fp32
-    w16 = code != _gemm.W_NATIVE and not interp and p.dtype != torch.float32
+    # bf16/fp16 activations build the weights in their own 16-bit dtype on NVIDIA GPUs (two per 32-bit
+    # instruction, in PTX inline assembly); fp32 activations, the interpreter (whose bf16 arithmetic is not
+    # IEEE) and ROCm GPUs (no PTX) in fp32, in plain Triton
+    nvidia = p.target is None or p.target.vendor == "cuda"
+    w16 = code != _gemm.W_NATIVE and not interp and p.dtype != torch.float32 and nvidia
     if w16 and packed and cfg.dequant_math == "pairs":
         w16 = 2  # the scales' multiply two elements an instruction (_dequant_pairs)
     common = dict(TOP_K=p.top_k, ROUTE=_gemm.DIRECT if direct else _gemm.SORTED, HAS_MAP=p.has_expert_map,
