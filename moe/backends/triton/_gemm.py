@@ -297,9 +297,9 @@ def _weight_scales(sw, sz, smask, stride_g, k0, K, W_SCALE: tl.constexpr, W_CODE
     if W_CODE > 0 and W_SCALE >= 4:
         if W_BK % BLOCK_K == 0:
             g = (k0 // W_BK) * stride_g
-            s = _scale_values(tl.load(sw + g, mask=smask), W16 and W_SCALE != 6, dt)[None, :]
+            s = _scale_values(tl.load(sw + g, mask=smask, other=0.0), W16 and W_SCALE != 6, dt)[None, :]
             if W_CODE == 3:  # noqa: SIM108  (as above)
-                z = -(_zero_values(tl.load(sz + g, mask=smask), W16, dt)[None, :])
+                z = -(_zero_values(tl.load(sz + g, mask=smask, other=0.0), W16, dt)[None, :])
             else:
                 z = 0.0
         else:
@@ -308,10 +308,10 @@ def _weight_scales(sw, sz, smask, stride_g, k0, K, W_SCALE: tl.constexpr, W_CODE
             g = (k0 // BLOCK_K) * GROUPS + tl.arange(0, GROUPS)  # (a multiple of GROUPS, as the compiler sees)
             if not EVEN_K:  # past K: the last group. Unclamped, the groups of a step are contiguous, so the
                 g = tl.minimum(g, tl.cdiv(K, W_BK) - 1)  # compiler pipelines their load (4 bytes or more)
-            s = _scale_values(tl.load(sw[None, :] + g[:, None] * stride_g, mask=smask[None, :]), W16, dt)
+            s = _scale_values(tl.load(sw[None, :] + g[:, None] * stride_g, mask=smask[None, :], other=0.0), W16, dt)
             s = tl.reshape(tl.broadcast_to(s[:, None, :], [GROUPS, ROWS, s.shape[1]]), [GROUPS * ROWS, s.shape[1]])
             if W_CODE == 3:
-                z = -_zero_values(tl.load(sz[None, :] + g[:, None] * stride_g, mask=smask[None, :]), W16, dt)
+                z = -_zero_values(tl.load(sz[None, :] + g[:, None] * stride_g, mask=smask[None, :], other=0.0), W16, dt)
                 z = tl.reshape(tl.broadcast_to(z[:, None, :], [GROUPS, ROWS, z.shape[1]]),
                                [GROUPS * ROWS, z.shape[1]])
             else:
