@@ -214,17 +214,16 @@ class PreparedCache:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self.current: PreparedWeights | None = None
-        self._nothing: tuple | None = None  # (backend, problem) whose prepare() made nothing: skip the key
 
     def release(self) -> None:
-        self._key, self.current, self._nothing = None, None, None
+        self._key, self.current = None, None
 
     def get(self, backend: object, args: ExpertsArgs, problem: ExpertsProblem) -> PreparedWeights | None:
         prepare = getattr(backend, "prepare", None)
         if prepare is None:
             return None
-        if self._nothing is not None and self._nothing == (backend.name, problem):  # type: ignore[attr-defined]
-            return None  # None depends on the problem alone (the contract): no identities to compare
+        if self.current is None and self._key is not None and self._key[:2] == (backend.name, problem):  # type: ignore[attr-defined]
+            return None  # prepared nothing for this problem, which depends on it alone: no identities to compare
         key = (backend.name, problem, *(_identity(getattr(args, f)) for f in ("w13", "w2", "w13_bias", "w2_bias")))  # type: ignore[attr-defined]
         if key != self._key:
             self.release()  # the old copy goes before the new one is made
@@ -234,7 +233,6 @@ class PreparedCache:
                 raise TypeError(f"backend {backend.name!r}: prepare() must return PreparedWeights for itself "  # type: ignore[attr-defined]
                                 f"(or None: nothing to prepare for this problem), got {made!r}")
             self._key, self.current = key, made
-            self._nothing = (backend.name, problem) if made is None else None  # type: ignore[attr-defined]
         return self.current
 
 

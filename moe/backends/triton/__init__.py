@@ -22,7 +22,15 @@ from ...kernels.launch import _smem_limit, launch
 from ...kernels.quant import RowLayout, quantize_rows
 from ...options import options, options_version, register_cache
 from ...quant import QuantConfig, QuantizedWeight, WeightScheme
-from .config import BATCH_INVARIANT_CONFIG, GemmTile, KernelConfig, default_config, input_bytes, operand_bytes
+from .config import (
+    BATCH_INVARIANT_CONFIG,
+    PREPARED_SCALE_DTYPES,
+    GemmTile,
+    KernelConfig,
+    default_config,
+    input_bytes,
+    operand_bytes,
+)
 
 __all__ = ["BACKEND", "GemmTile", "KernelConfig", "choose_config", "default_config", "triton_experts"]
 
@@ -151,7 +159,7 @@ def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
 def _group_scaled(problem: ExpertsProblem) -> bool:
     """Weight-only int4, mxfp4 or nvfp4: group scales loaded every K step."""
     w = problem.quant.weights
-    return w is not None and problem.quant.activations is None and w.format in ("int4", "mxfp4", "nvfp4")
+    return w is not None and problem.quant.activations is None and w.format in PREPARED_SCALE_DTYPES
 
 
 _unprepared_warned: list[bool] = []
@@ -175,18 +183,16 @@ def prepared_scales(args: ExpertsArgs, problem: ExpertsProblem) -> PreparedWeigh
     (each column's groups contiguous) is loaded synchronously every step."""
     if not _group_scaled(problem):
         return None
-    w = problem.quant.weights
+    fmt = problem.quant.weights.format
+    dtype = PREPARED_SCALE_DTYPES[fmt]
     tensors = {}
     for name in ("w13", "w2"):
         q = getattr(args, name)
-        scale = q.scale
-        if w.format == "int4":
-            scale = scale.float()
-        elif w.format == "mxfp4":  # 2^(s - 127) with byte 0 read as 0, as the kernels decode it
-            scale = (scale.to(torch.int16) << 7).view(torch.bfloat16)
+        # mxfp4: 2^(s - 127) with byte 0 read as 0, as the kernels decode it
+        scale = (q.scale.to(torch.int16) << 7).view(dtype) if fmt == "mxfp4" else q.scale.to(dtype)
         tensors[f"{name}_scale"] = scale.transpose(1, 2).contiguous().transpose(1, 2)
         if q.zero is not None:
-            tensors[f"{name}_zero"] = q.zero.float().transpose(1, 2).contiguous().transpose(1, 2)
+            tensors[f"{name}_zero"] = q.zero.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
     return PreparedWeights("triton", tensors)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 
 from ...contract import ExpertsProblem
@@ -55,7 +56,7 @@ class KernelConfig(Frozen):
     split_k: Literal[1, 2, 4, 8] = 1
     # weight-only 4-bit tiles on the GPU with 16-bit activations: their scale multiply (and zero-point add)
     # one element a bf16/fp16 instruction as Triton emits it ("scalar"), or two a packed fma in inline
-    # assembly ("pairs": the same bits; the sm_90 PTX of an mxfp4 GEMM1 852 -> 612 instructions). "pairs" has
+    # assembly ("pairs": the same bits; the sm_90 PTX of an mxfp4 GEMM1 852 -> 548 instructions). "pairs" has
     # not run on a GPU yet, so it is not the default
     dequant_math: Literal["scalar", "pairs"] = "scalar"
 
@@ -162,8 +163,7 @@ def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfi
     if interpret:  # few, wide programs: the interpreter's cost is per operation, not per element
         tile = GemmTile(block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=1)
         return KernelConfig(block_m=16, gemm1=tile, gemm2=tile)
-    pairs = problem.num_tokens * problem.top_k
-    rows_per_expert = pairs / max(1, min(problem.num_experts, pairs))
+    _, rows_per_expert = _row_tiles(problem)
     short_reduction = problem.intermediate_size <= 1024  # the second GEMM reduces over N
     if rows_per_expert <= 16:
         g1 = GemmTile(block_n=64, block_k=128, group_m=64, num_warps=4, num_stages=5)
@@ -195,6 +195,18 @@ def _by_rows_per_expert(problem: ExpertsProblem, interpret: bool) -> KernelConfi
     return KernelConfig(block_m=128, gemm1=g1, gemm2=g2, gate_up="one_dot")
 
 
+def _row_tiles(problem: ExpertsProblem) -> tuple[int, float]:
+    """(row tiles while the weights stream: one per expert hit, at most; rows per expert hit)."""
+    pairs = problem.num_tokens * problem.top_k
+    tiles = min(problem.num_experts, pairs)
+    return tiles, pairs / max(1, tiles)
+
+
+def _gemm2_programs(problem: ExpertsProblem, tiles: int, cfg: KernelConfig) -> int:
+    """GEMM2's grid for ``tiles`` row tiles before any split: its output columns (K) by cfg's tile."""
+    return tiles * -(-problem.hidden_size // cfg.gemm2.block_n)
+
+
 def _weight_only(problem: ExpertsProblem) -> bool:
     return problem.quant.weights is not None and problem.quant.activations is None
 
@@ -217,11 +229,9 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
     tokens 1033 vs 1072 us)."""
     cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
     w = problem.quant.weights
-    pairs = problem.num_tokens * problem.top_k
-    rows_per_expert = pairs / max(1, min(problem.num_experts, pairs))
+    tiles, rows_per_expert = _row_tiles(problem)
     if rows_per_expert > 16:
         return cfg
-    tiles = min(problem.num_experts, pairs)  # row tiles: one per expert hit
     update = {}
     for name, cols in (("gemm1", problem.intermediate_size), ("gemm2", problem.hidden_size)):
         tile = getattr(cfg, name)
@@ -248,15 +258,21 @@ WEIGHT_ONLY_SPLIT = 4
 W8A8_SPLIT = 2
 
 
+# The dtype of each group-scaled weight-only format's scales in the Triton backend's prepared copy
+# (``prepared_scales``): int4's bf16/fp16/fp32 scales (and zero points) as fp32, mxfp4's e8m0 exponents as the
+# bf16 values the kernels build from them, nvfp4's e4m3 as they are
+PREPARED_SCALE_DTYPES = {"int4": torch.float32, "mxfp4": torch.bfloat16, "nvfp4": torch.float8_e4m3fn}
+
+
 def _scales_pipeline(w, block_n: int, block_k: int, warps: int) -> bool:
     """Whether a K step's tile of prepared group scales (``prepared_scales``: [groups, block_n], the columns
     contiguous; int4 fp32, mxfp4 bf16, nvfp4 e4m3) gives each thread 4 contiguous bytes or more, what the
     compiler needs to load it a pipeline stage ahead (a tile smaller than the threads repeats one element
     a thread). H200, 2026-12-02, dsv3 at one token, GEMM1 32 columns wide (mxfp4: [4, 32] bf16, 2 bytes a
     thread) 143 us, 64 wide 76 us; bf16 112 us."""
-    if w.format not in ("int4", "mxfp4", "nvfp4"):
+    if w.format not in PREPARED_SCALE_DTYPES:
         return True
-    size = {"int4": 4, "mxfp4": 2, "nvfp4": 1}[w.format]
+    size = PREPARED_SCALE_DTYPES[w.format].itemsize
     elems = max(1, block_k // w.group_size) * block_n
     return max(1, elems // (32 * warps)) * size >= 4
 
@@ -264,12 +280,10 @@ def _scales_pipeline(w, block_n: int, block_k: int, warps: int) -> bool:
 def _split_short_grids(cfg: KernelConfig, problem: ExpertsProblem, tiles: int, parts: int) -> KernelConfig:
     """``cfg`` with GEMM2's reduction in ``parts`` when its grid has fewer than MIN_PROGRAMS programs (and
     every part keeps two K steps or more)."""
-    g2 = cfg.gemm2
-    programs = tiles * -(-problem.hidden_size // g2.block_n)
-    steps = -(-problem.intermediate_size // g2.block_k)
+    steps = -(-problem.intermediate_size // cfg.gemm2.block_k)
     while parts > 1 and steps < 2 * parts:
         parts //= 2
-    if programs >= MIN_PROGRAMS or parts == 1:
+    if _gemm2_programs(problem, tiles, cfg) >= MIN_PROGRAMS or parts == 1:
         return cfg
     return cfg.model_copy(update={"split_k": parts, "combine": "reduce"})
 
@@ -278,9 +292,8 @@ def _w8a8_decode_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
     """W8A8 while the weights stream (up to 16 rows an expert) on a GEMM2 grid short of MIN_PROGRAMS:
     GEMM1 32 x 256 and GEMM2 64 x 256 tiles (128-deep for block scales: a K step never straddles a scale
     block) with GEMM2 in W8A8_SPLIT parts, where the reduction is long enough for them."""
-    pairs = problem.num_tokens * problem.top_k
-    tiles = min(problem.num_experts, pairs)
-    if pairs / max(1, tiles) > 16 or tiles * -(-problem.hidden_size // cfg.gemm2.block_n) >= MIN_PROGRAMS:
+    tiles, rows_per_expert = _row_tiles(problem)
+    if rows_per_expert > 16 or _gemm2_programs(problem, tiles, cfg) >= MIN_PROGRAMS:
         return cfg
     bk = min(256, _block_k_of_scales(problem) or 256)
     decode = cfg.model_copy(update={"gemm1": cfg.gemm1.model_copy(update={"block_n": 32, "block_k": bk}),
