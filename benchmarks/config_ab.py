@@ -4,8 +4,9 @@
         --variants bk128,bk128_s3
 
 A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile (``g1bkN``, ``g2bkN`` one's), ``sN``
-their pipeline stages, ``wN`` their warps, ``bmN`` the row tile, ``g1nN`` / ``g2nN`` a GEMM's N tile, ``one``
-/ ``two`` GEMM1's gate/up dots, ``load`` / ``pass`` how GEMM2's input is quantized, ``acc`` / ``wts`` where
+their pipeline stages, ``wN`` their warps (``g1sN``, ``g1wN``, ... one GEMM's), ``bmN`` the row tile, ``g1nN`` /
+``g2nN`` a GEMM's N tile, ``one`` / ``two`` GEMM1's gate/up dots, ``load`` / ``pass`` how GEMM2's input is
+quantized, ``acc`` / ``wts`` where
 int4 group scales apply, ``splitN`` GEMM2's reduction in N parts, ``pairs`` / ``scalar`` the 4-bit scale
 multiplies (joined with ``_``), then ``fit_smem`` trims it to the shared-memory budget as the heuristic does.
 Prints microseconds per call (do_bench median) and the ratio to bf16 from the same run, table last. Up to
@@ -75,12 +76,14 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
             cfg = cfg.model_copy(update={"block_m": val})
         elif key == "split":  # GEMM2's reduction in parts, added up by the combine
             cfg = cfg.model_copy(update={"split_k": val, "combine": "reduce"})
-        elif key in ("g1bk", "g2bk", "g1n", "g2n"):
-            gemm, field = f"gemm{key[1]}", ("block_n" if key.endswith("n") else "block_k")
+        elif key in ("g1bk", "g2bk", "g1n", "g2n", "g1w", "g2w", "g1s", "g2s"):
+            gemm = f"gemm{key[1]}"
+            field = {"bk": "block_k", "n": "block_n", "w": "num_warps", "s": "num_stages"}[key[2:]]
             cfg = cfg.model_copy(update={gemm: getattr(cfg, gemm).model_copy(update={field: val})})
         else:
             raise SystemExit(f"--variants: unknown part {part!r} "
-                             "(bkN, g1bkN, g2bkN, sN, wN, bmN, g1nN, g2nN, splitN, g1tma, g2tma, g1ptr, g2ptr, "
+                             "(bkN, g1bkN, g2bkN, sN, wN, bmN, g1nN, g2nN, g1wN, g2wN, g1sN, g2sN, splitN, "
+                             "g1tma, g2tma, g1ptr, g2ptr, "
                              "one, two, load, pass, acc, wts, pairs, scalar)")
     return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob, cfg.gemm2_input))
 
@@ -92,6 +95,15 @@ def _profile(args: ExpertsArgs, prob, out: torch.Tensor, cfg: KernelConfig | Non
 
     times = kernel_times(lambda: triton_experts(args, prob, out, cfg))
     print(f"  {label}: " + ", ".join(f"{k[:24]} {v:.0f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])))
+
+
+def _ncu(args: ExpertsArgs, prob, out: torch.Tensor, cfg: KernelConfig | None) -> None:
+    """One eager call inside the profiler range that ``ncu --profile-from-start off`` measures."""
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    triton_experts(args, prob, out, cfg)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
 
 
 def _us(args: ExpertsArgs, prob, out: torch.Tensor, cfg: KernelConfig | None, dev: torch.device,
@@ -110,6 +122,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also each kernel's time (torch.profiler)")
     ap.add_argument("--stored-scales", action="store_true",
                     help="weight-only group scales as stored (not prepared: their loads wait every K step)")
+    ap.add_argument("--ncu", action="store_true", help="one eager call of each row between cudaProfilerStart and "
+                                                   "Stop, for `ncu --profile-from-start off` (stall reasons, DRAM)")
     ap.add_argument("--no-pdl", action="store_true", help="chained launches off (the pdl option) for every row")
     ap.add_argument("--graph-max-m", type=int, default=256, help="time CUDA-graph replays up to this many tokens "
                                                                  "(default 256, as moe bench), eager calls above")
@@ -136,6 +150,8 @@ def main() -> None:
         rows.append((case, "bf16", "heuristic", bf16, 1.0))
         if a.profile:
             _profile(args0, prob0, out, None, f"{case} bf16")
+        if a.ncu:
+            _ncu(args0, prob0, out, None)
         for qn in a.quant.split(","):
             q = quantize_workload(qn, p, w13, w2, b13, gen)
             prob = dataclasses.replace(prob0, quant=q.config)
@@ -153,6 +169,8 @@ def main() -> None:
                 print(f"{case} {qn} {spec} {t:.1f} us {cfg.model_dump_json()}", flush=True)
                 if a.profile:
                     _profile(args, prob, out, cfg, f"{case} {qn} {spec}")
+                if a.ncu:
+                    _ncu(args, prob, out, cfg)
                 rows.append((case, qn, spec, t, bf16 / t))
             del q
     print(f"\n{'case':<12} {'quant':<12} {'variant':<14} {'us':>9} {'vs bf16':>8}")

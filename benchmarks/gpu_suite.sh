@@ -52,8 +52,10 @@ if [[ $parts == *,host,* ]]; then
   timeout 240 python3 benchmarks/host_overhead.py > "$OUT/host.txt" 2>&1; echo "host rc=$?"; tail -8 "$OUT/host.txt"
 fi
 if [[ $parts == *,layer,* ]]; then
-  timeout 540 python3 benchmarks/layer_profile.py --preset "${LAYER_PRESET:-qwen3}" --m "${LAYER_M:-16,256,1024}" \
-    > "$OUT/layer.txt" 2>&1; echo "layer rc=$?"; sed -n '/^| preset/,$p' "$OUT/layer.txt"
+  for lp in ${LAYER_PRESET:-qwen3}; do  # LAYER_PRESET: one preset or several, space-separated
+    timeout "${LAYER_TIMEOUT:-540}" python3 benchmarks/layer_profile.py --preset "$lp" --m "${LAYER_M:-16,256,1024}" \
+      > "$OUT/layer_$lp.txt" 2>&1; echo "layer $lp rc=$?"; sed -n '/^| preset/,$p' "$OUT/layer_$lp.txt"
+  done
 fi
 if [[ $parts == *,bench,* ]]; then
   # SM clock, power, temperature and the driver's clock-limit reasons while the benchmark runs

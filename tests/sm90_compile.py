@@ -17,7 +17,7 @@ _COMMON_PTRS = {"sorted_ptr": "*i32", "block_expert_ptr": "*i32", "total_ptr": "
                 "emap_ptr": "*i32", "topk_w_ptr": "*fp32", "as_ptr": "*fp32", "wg_ptr": "*fp32", "amax_ptr": "*fp32",
                 "alpha": "fp32", "limit": "fp32"}
 # (name, kernel, activation dtype, weight dtype, scale dtype, W_SCALE, W_CODE, W_BK, one dot, W16: 1 scalar
-# scale multiplies, 2 packed pairs)
+# scale multiplies, | 2 packed pairs, | 4 the nibble decode in mask order)
 VARIANTS = [
     ("w4a16_zp gemm1 bf16", _gemm.moe_gemm1, "bf16", "u8", "bf16", _gemm.WEIGHT_BLOCK, _gemm.W_INT4_ZP, 128, False, 1),
     ("mxfp4 gemm1 bf16 one-dot", _gemm.moe_gemm1, "bf16", "u8", "u8", _gemm.WEIGHT_BLOCK, _gemm.W_E2M1, 32, True, 1),
@@ -31,6 +31,12 @@ VARIANTS = [
      True, 2),
     ("nvfp4 gemm2 bf16 pairs", _gemm.moe_gemm2, "bf16", "u8", "fp8e4nv", _gemm.WEIGHT_BLOCK_GLOBAL, _gemm.W_E2M1, 16,
      False, 2),
+    ("w4a16_zp gemm1 bf16 masks", _gemm.moe_gemm1, "bf16", "u8", "bf16", _gemm.WEIGHT_BLOCK, _gemm.W_INT4_ZP, 128,
+     False, 5),
+    ("mxfp4 gemm1 bf16 one-dot pairs masks", _gemm.moe_gemm1, "bf16", "u8", "bf16", _gemm.WEIGHT_BLOCK, _gemm.W_E2M1,
+     32, True, 7),
+    ("nvfp4 gemm2 fp16 masks", _gemm.moe_gemm2, "fp16", "u8", "fp8e4nv", _gemm.WEIGHT_BLOCK_GLOBAL, _gemm.W_E2M1, 16,
+     False, 5),
 ]
 
 
@@ -46,7 +52,7 @@ def compile_variant(kernel, dt, wdt, sdt, w_scale, code, w_bk, one_dot, w16) -> 
     types = _COMMON_PTRS | {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "a_desc": f"*{dt}", "out_ptr": f"*{dt}",
                             "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "w_ptr": f"*{wdt}", "w_desc": f"*{wdt}",
                             "ws_ptr": f"*{sdt}",
-                            "wz_ptr": ("*u8" if w16 == 1 else "*fp32") if code == _gemm.W_INT4_ZP else f"*{sdt}"}
+                            "wz_ptr": ("*fp32" if w16 & 2 else "*u8") if code == _gemm.W_INT4_ZP else f"*{sdt}"}
     signature = {p: "constexpr" if p in consts else types.get(p, "i32")
                  for p in inspect.signature(kernel.fn).parameters}
     triton.compile(ASTSource(kernel, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32))

@@ -137,11 +137,35 @@ def test_gpu_dequant_pairs_give_the_scalar_bits(name):
         prob = _problem(args, moe.ActivationSpec.parse("silu"), False, name)
         args = dataclasses.replace(args, prepared=prepared_scales(args, prob))
         cfg = default_config(prob)
-        scalar = triton_experts(args, prob, torch.empty_like(s["x"]), cfg)
+        scalar = triton_experts(args, prob, torch.empty_like(s["x"]), cfg.model_copy(update={"dequant_math": "scalar"}))
         out = torch.full_like(s["x"], float("nan"))
         triton_experts(args, prob, out, cfg.model_copy(update={"dequant_math": "pairs"}))
         assert torch.equal(out, scalar), f"{name} T={T}: pairs differ from the scalar multiplies"
         assert_close(out, _call(s, name, "torch"), scheme=name, what=f"{name} pairs T={T}")
+
+
+@pytest.mark.parametrize("order", ["bytes", "masks"])
+@pytest.mark.parametrize("name", ["w4a16", "w4a16_zp", "mxfp4", "nvfp4"])
+def test_gpu_decode_orders(name, order):
+    """Both orders of the 4-bit decode's values (``decode_order``: byte order, or the mask order with the
+    input's columns permuted alike) over the token-count list, with scalar and paired scale multiplies,
+    the one-dot gate/up tile too, NaN-poisoned, against the emulation."""
+    from moe.backends.triton import prepared_scales, triton_experts
+    from moe.backends.triton.config import default_config
+    from moe.functional import _problem
+
+    for T in TOKEN_COUNTS:
+        s = _setup(T, name, T == 3)
+        args = ExpertsArgs(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], expert_map=s["expert_map"])
+        prob = _problem(args, moe.ActivationSpec.parse("silu"), False, name)
+        args = dataclasses.replace(args, prepared=prepared_scales(args, prob))
+        ref = _call(s, name, "torch")
+        for math, gate_up in (("scalar", "two_dots"), ("pairs", "one_dot")):
+            cfg = default_config(prob).model_copy(update={"decode_order": order, "dequant_math": math,
+                                                          "gate_up": gate_up})
+            out = torch.full_like(s["x"], float("nan"))
+            triton_experts(args, prob, out, cfg)
+            assert_close(out, ref, scheme=name, what=f"{name} decode_order={order} {math} {gate_up} T={T}")
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "fp8_tensor_static"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import re
 
 import numpy as np
@@ -733,8 +734,12 @@ def test_the_gpu_inline_asm_scales_pairs_to_the_scalar_bits(dtype, zero_point):
 def test_the_gpu_inline_asm_decodes_every_byte(code, dtype):
     """The GPU's 16-bit decode does not run under the interpreter: emulate its PTX on the host for every
     byte in every position of the 32-bit word, low and high nibbles, and compare with the codes' values
-    (int4 ``q - 8``; ``q`` where zero points follow; e2m1, the subnormal 0.5 and -0 included)."""
-    from moe.backends.triton._gemm import _nibble_asm
+    (int4 ``q - 8``; ``q`` where zero points follow; e2m1, the subnormal 0.5 and -0 included), each byte's
+    value at its place: in byte order, or in ``NIBBLE_ORDER`` (decode_order="masks", the results' order the
+    kernels permute the input's columns to)."""
+    from moe.backends.triton._gemm import NIBBLE_ORDER, _nibble_asm
+
+    assert sorted(NIBBLE_ORDER) == [0, 1, 2, 3]
 
     def value(q):
         return {"int4": q - 8.0, "int4_zp": float(q), "e2m1": float(_e2m1(np.array([q]))[0])}[code]
@@ -744,8 +749,9 @@ def test_the_gpu_inline_asm_decodes_every_byte(code, dtype):
         dt = torch.bfloat16 if fmt == "bf16" else torch.float16
         return [float(torch.tensor([h - 65536 if h >= 32768 else h], dtype=torch.int16).view(dt)) for h in (lo, hi)]
 
-    for high in (False, True):
-        program = _nibble_asm(high, code, dtype)
+    for high, masks in itertools.product((False, True), (False, True)):
+        order = NIBBLE_ORDER if masks else (0, 1, 2, 3)
+        program = _nibble_asm(high, code, dtype, masks)
         for b in range(256):
             for pos in range(4):
                 word = b << (8 * pos) | (0x5A << (8 * ((pos + 1) % 4)))  # a neighbour byte that must not leak in
@@ -753,12 +759,12 @@ def test_the_gpu_inline_asm_decodes_every_byte(code, dtype):
                 got = unpack(r0, dtype) + unpack(r1, dtype)
                 nibble = (b >> 4) if high else (b & 0xF)
                 want = value(nibble)
-                assert got[pos] == want and (want != 0 or np.signbit(got[pos]) == np.signbit(want)), (
+                at = order.index(pos)
+                assert got[at] == want and (want != 0 or np.signbit(got[at]) == np.signbit(want)), (
                     f"{code} {dtype} {'high' if high else 'low'} nibble of byte {b:#04x} at position {pos}: "
-                    f"{got[pos]} != {want}")
-                other = (pos + 1) % 4
+                    f"{got[at]} != {want}")
                 n2 = (0x5A >> 4) if high else (0x5A & 0xF)
-                assert got[other] == value(n2)
+                assert got[order.index((pos + 1) % 4)] == value(n2)
 
 
 @needs_triton
@@ -772,23 +778,27 @@ def test_the_16bit_decode_runs_on_nvidia_targets_only(name):
     from moe.contract import ExpertsProblem
     from moe.target import TARGETS
 
-    def w16(target, dtype=torch.bfloat16, math="scalar"):
+    def w16(target, dtype=torch.bfloat16, math="scalar", order="bytes"):
         p = ExpertsProblem("cuda", dtype, 4, 8, 8, 256, 256, 2, target=TARGETS[target])
         p = dataclasses.replace(p, quant=named(name))
-        cfg = config.default_config(p).model_copy(update={"dequant_math": math})
+        cfg = config.default_config(p).model_copy(update={"dequant_math": math, "decode_order": order})
         m1, m2 = modes.gemm_modes(cfg, p, direct=False, tma1=False, tma2=False, pdl=False, interp=False, ieee=False)
         assert m1["W16"] == m2["W16"]
         return m1["W16"]
 
+    # bit 1: the 16-bit decode; 4-bit tiles only: bit 2 the packed scale multiplies, bit 4 the mask order
+    packed = name != "w8a16"
     assert w16("h200") == 1 and w16("a100") == 1
-    assert w16("h200", math="pairs") == (1 if name == "w8a16" else 2)
-    assert not w16("mi300x") and not w16("mi300x", math="pairs") and not w16("h200", torch.float32)
+    assert w16("h200", math="pairs") == (3 if packed else 1)
+    assert w16("h200", order="masks") == (5 if packed else 1)
+    assert w16("h200", math="pairs", order="masks") == (7 if packed else 1)
+    assert not w16("mi300x") and not w16("mi300x", math="pairs", order="masks") and not w16("h200", torch.float32)
 
 
 def test_the_16bit_decode_path_compiles_for_sm90():
     """The GPU's bf16/fp16 decode (W16) does not run under the interpreter: compile it for sm90 (a cubin,
     through Triton's ptxas), in a process without TRITON_INTERPRET, with the scale multiplies scalar and in
-    packed pairs (``dequant_math="pairs"``, the prepared scales' dtypes)."""
+    packed pairs (``dequant_math="pairs"``, the prepared scales' dtypes), the decode in byte and mask order."""
     import importlib.util
     import os
     import subprocess
@@ -803,7 +813,7 @@ def test_the_16bit_decode_path_compiles_for_sm90():
     run = subprocess.run([sys.executable, str(root / "tests" / "sm90_compile.py")], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
-    assert run.stdout.count(": ok") == 8, run.stdout
+    assert run.stdout.count(": ok") == 11, run.stdout
 
 
 # ---------------------------------------------------------------- moe bench --quant
@@ -869,6 +879,12 @@ def test_weight_only_heuristic_keeps_every_sm_busy_and_decodes_from_pointer_load
     assert (wide.gemm2.block_n, wide.gemm2.block_k, wide.split_k) == (128, 128, 1)
     prefill = _decode_config(name, 8, 4096, 14336, 2, 4096)
     assert prefill.gemm1.loads == "pointer" and prefill.block_m >= 64 and prefill.group_scales == "weights"
+    # packed scale multiplies where they measured faster (mxfp4's decode tiles), else scalar
+    assert (cfg.dequant_math, wide.dequant_math) == (("pairs",) * 2 if name == "mxfp4" else ("scalar",) * 2)
+    assert prefill.dequant_math == "scalar"
+    # the nibble decode's mask order on 4-bit decode tiles below a long GEMM2 reduction (mixtral's 14336)
+    assert cfg.decode_order == "bytes" and prefill.decode_order == "bytes"
+    assert wide.decode_order == ("masks" if name in ("w4a16", "w4a16_zp", "mxfp4") else "bytes")
 
 
 @needs_triton

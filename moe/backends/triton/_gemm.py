@@ -195,9 +195,12 @@ def _scale_values(s, W16: tl.constexpr, dt):
     return v
 
 
-def _nibble_asm(high: bool, code: str, dtype: str) -> str:
+def _nibble_asm(high: bool, code: str, dtype: str, masks: bool = True) -> str:
     """PTX for one pure unary inline-asm op (``pack=4``): four bytes in ``$2`` -> the low (even k) or high
-    (odd k) nibble of each as a 16-bit value, two to a register (``$0``: bytes 0 and 1, ``$1``: 2 and 3).
+    (odd k) nibble of each as a 16-bit value, two to a register: ``masks``, the pairs one mask selects
+    (``$0``: bytes 0 and 2, ``$1``: 1 and 3; the op's four results are bytes ``NIBBLE_ORDER``, and
+    ``_nibble_inputs`` puts the input's columns in that order), else in byte order (``$0``: bytes 0 and 1,
+    ``$1``: 2 and 3, a byte permute a register pair).
     Codes are placed in the bits of a 16-bit float and fixed with one packed fma per two elements:
     int4 into the mantissa of 128.0 (bf16) / 1024.0 (fp16), minus that (and 8 unless zero points
     follow); e2m1 magnitude bits into exponent and mantissa, the sign to bit 15, times 2^126 (bf16) /
@@ -218,18 +221,30 @@ def _nibble_asm(high: bool, code: str, dtype: str) -> str:
                ("fp16", "int4"): "0xE408E408", ("fp16", "int4_zp"): "0xE400E400"}[(dtype, code)]  # -1032, -1024
         place = "".join(f"shr.u32 t{i}, $2, {sh}; lop3.b32 t{i}, t{i}, 0x000F000F, {magic}, 0xEA; "
                         for i, sh in ((0, sa), (1, sb)))
-    return ("{ .reg .b32 t0, t1, s0, s1, m, c; " + place + f"prmt.b32 $0, t0, t1, 0x5410; prmt.b32 $1, t0, t1, 0x7632; "
+    order = ("mov.b32 $0, t0; mov.b32 $1, t1; " if masks else
+             "prmt.b32 $0, t0, t1, 0x5410; prmt.b32 $1, t0, t1, 0x7632; ")
+    return ("{ .reg .b32 t0, t1, s0, s1, m, c; " + place + order +
             f"mov.b32 m, {mul}; mov.b32 c, {add}; {fma} $0, $0, m, c; {fma} $1, $1, m, c; }}")
 
 
-_ASM = {(h, c, d): tl.constexpr(_nibble_asm(h, c, d)) for h in (False, True) for c in ("int4", "int4_zp", "e2m1")
-        for d in ("bf16", "fp16")}
-_INT4_LO_BF16, _INT4_HI_BF16 = _ASM[False, "int4", "bf16"], _ASM[True, "int4", "bf16"]
-_INT4_LO_FP16, _INT4_HI_FP16 = _ASM[False, "int4", "fp16"], _ASM[True, "int4", "fp16"]
-_ZP_LO_BF16, _ZP_HI_BF16 = _ASM[False, "int4_zp", "bf16"], _ASM[True, "int4_zp", "bf16"]
-_ZP_LO_FP16, _ZP_HI_FP16 = _ASM[False, "int4_zp", "fp16"], _ASM[True, "int4_zp", "fp16"]
-_E2M1_LO_BF16, _E2M1_HI_BF16 = _ASM[False, "e2m1", "bf16"], _ASM[True, "e2m1", "bf16"]
-_E2M1_LO_FP16, _E2M1_HI_FP16 = _ASM[False, "e2m1", "fp16"], _ASM[True, "e2m1", "fp16"]
+# the bytes whose nibbles ``_nibble_asm``'s four results are, in order (pairs a and b)
+NIBBLE_ORDER = (0, 2, 1, 3)
+
+
+_ASM = {(h, c, d, m): tl.constexpr(_nibble_asm(h, c, d, m)) for h in (False, True)
+        for c in ("int4", "int4_zp", "e2m1") for d in ("bf16", "fp16") for m in (False, True)}
+_INT4_LO_BF16, _INT4_HI_BF16 = _ASM[False, "int4", "bf16", False], _ASM[True, "int4", "bf16", False]
+_INT4_LO_FP16, _INT4_HI_FP16 = _ASM[False, "int4", "fp16", False], _ASM[True, "int4", "fp16", False]
+_ZP_LO_BF16, _ZP_HI_BF16 = _ASM[False, "int4_zp", "bf16", False], _ASM[True, "int4_zp", "bf16", False]
+_ZP_LO_FP16, _ZP_HI_FP16 = _ASM[False, "int4_zp", "fp16", False], _ASM[True, "int4_zp", "fp16", False]
+_E2M1_LO_BF16, _E2M1_HI_BF16 = _ASM[False, "e2m1", "bf16", False], _ASM[True, "e2m1", "bf16", False]
+_E2M1_LO_FP16, _E2M1_HI_FP16 = _ASM[False, "e2m1", "fp16", False], _ASM[True, "e2m1", "fp16", False]
+_MINT4_LO_BF16, _MINT4_HI_BF16 = _ASM[False, "int4", "bf16", True], _ASM[True, "int4", "bf16", True]
+_MINT4_LO_FP16, _MINT4_HI_FP16 = _ASM[False, "int4", "fp16", True], _ASM[True, "int4", "fp16", True]
+_MZP_LO_BF16, _MZP_HI_BF16 = _ASM[False, "int4_zp", "bf16", True], _ASM[True, "int4_zp", "bf16", True]
+_MZP_LO_FP16, _MZP_HI_FP16 = _ASM[False, "int4_zp", "fp16", True], _ASM[True, "int4_zp", "fp16", True]
+_ME2M1_LO_BF16, _ME2M1_HI_BF16 = _ASM[False, "e2m1", "bf16", True], _ASM[True, "e2m1", "bf16", True]
+_ME2M1_LO_FP16, _ME2M1_HI_FP16 = _ASM[False, "e2m1", "fp16", True], _ASM[True, "e2m1", "fp16", True]
 
 
 def _pairs_asm(zero_point: bool, dtype: str) -> str:
@@ -248,18 +263,26 @@ _ZP_SCALE_BF16, _ZP_SCALE_FP16 = tl.constexpr(_pairs_asm(True, "bf16")), tl.cons
 
 
 @triton.jit
-def _nibbles_packed(w, HIGH: tl.constexpr, W_CODE: tl.constexpr, dt):
+def _nibbles_packed(w, HIGH: tl.constexpr, W_CODE: tl.constexpr, MASKS: tl.constexpr, dt):
     """GPU, 16-bit activations: the low or high nibble of each byte of ``w`` as its code's value in dt
     (int4 ``q - 8``, or ``q`` where zero points follow; e2m1), by one pure unary inline-asm op over four
     bytes a register (``_nibble_asm``). Being pure and unary, the compiler moves the conversion to the
     dot-operand layout above it, onto the loaded bytes: the tile is decoded in registers, in the layout
     the dot reads, with no shared-memory round trip of the decoded values."""
-    if W_CODE == 4:
-        v = _asm(w, _E2M1_LO_BF16, _E2M1_HI_BF16, _E2M1_LO_FP16, _E2M1_HI_FP16, HIGH, dt)
-    elif W_CODE == 3:
-        v = _asm(w, _ZP_LO_BF16, _ZP_HI_BF16, _ZP_LO_FP16, _ZP_HI_FP16, HIGH, dt)
+    if MASKS:  # the results in mask order (NIBBLE_ORDER)
+        if W_CODE == 4:
+            v = _asm(w, _ME2M1_LO_BF16, _ME2M1_HI_BF16, _ME2M1_LO_FP16, _ME2M1_HI_FP16, HIGH, dt)
+        elif W_CODE == 3:
+            v = _asm(w, _MZP_LO_BF16, _MZP_HI_BF16, _MZP_LO_FP16, _MZP_HI_FP16, HIGH, dt)
+        else:
+            v = _asm(w, _MINT4_LO_BF16, _MINT4_HI_BF16, _MINT4_LO_FP16, _MINT4_HI_FP16, HIGH, dt)
     else:
-        v = _asm(w, _INT4_LO_BF16, _INT4_HI_BF16, _INT4_LO_FP16, _INT4_HI_FP16, HIGH, dt)
+        if W_CODE == 4:
+            v = _asm(w, _E2M1_LO_BF16, _E2M1_HI_BF16, _E2M1_LO_FP16, _E2M1_HI_FP16, HIGH, dt)
+        elif W_CODE == 3:
+            v = _asm(w, _ZP_LO_BF16, _ZP_HI_BF16, _ZP_LO_FP16, _ZP_HI_FP16, HIGH, dt)
+        else:
+            v = _asm(w, _INT4_LO_BF16, _INT4_HI_BF16, _INT4_LO_FP16, _INT4_HI_FP16, HIGH, dt)
     return v
 
 
@@ -374,6 +397,21 @@ def _dequant_pairs(s, z, v, ZP: tl.constexpr):
 
 
 @triton.jit
+def _nibble_inputs(a, HALF: tl.constexpr, MASKS: tl.constexpr):
+    """The input tile's columns for the two nibble dots: even k (the low nibbles), odd k (the high). MASKS: in
+    the order of ``_nibble_asm``'s results, whose four values of a 32-bit word are bytes 0, 2, 1, 3: the
+    thread's four consecutive rows of a decoded tile in the dot's layout (its operand width is four for
+    8-bit sources), so rows 4g + 2i + j hold bytes 4g + 2j + i, and the input's columns are swapped alike
+    (a permute in the tile's index space, which the split of the even and odd columns absorbs)."""
+    if MASKS:
+        a = tl.reshape(a, [a.shape[0], HALF // 4, 2, 2, 2])  # column 8g + 4j + 2i + parity
+        a = tl.reshape(tl.permute(a, (0, 1, 3, 2, 4)), [a.shape[0], HALF, 2])  # row 4g + 2i + j
+    else:
+        a = tl.reshape(a, [a.shape[0], HALF, 2])
+    return tl.split(a)
+
+
+@triton.jit
 def _dequant_step(acc, a, w, s, z, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W16: tl.constexpr,
                   INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr):
     """A weight-only K step: the stored weight tile dequantized to the activation dtype, then the dot;
@@ -394,13 +432,14 @@ def _dequant_step(acc, a, w, s, z, W_SCALE: tl.constexpr, W_CODE: tl.constexpr, 
         acc = dot(a, _to_operand(v, dt, INTERP), acc, INTERP, IEEE, False)
     else:
         HALF: tl.constexpr = BLOCK_K // 2
+        MASKS: tl.constexpr = (W16 & 4) != 0
         if W16:
-            lo = _nibbles_packed(w, False, W_CODE, dt)
-            hi = _nibbles_packed(w, True, W_CODE, dt)
+            lo = _nibbles_packed(w, False, W_CODE, MASKS, dt)
+            hi = _nibbles_packed(w, True, W_CODE, MASKS, dt)
         else:
             lo = _nibble_values(w & 0xF, W_CODE)
             hi = _nibble_values(w >> 4, W_CODE)
-        a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], HALF, 2]))
+        a_even, a_odd = _nibble_inputs(a, HALF, MASKS)
         if W_SCALE == 6:  # the group's scale (and zero point) on the step's partial product
             part = dot(a_even, _to_operand(lo, dt, INTERP), tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE,
                        False)
@@ -431,7 +470,7 @@ def _step(acc, a, w, sa, sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.conste
     weight-only step (W_CODE > 0) that dequantizes ``w`` first (``sw``/``sz``: then the step's scale and
     zero-point tiles from ``_weight_scales``)."""
     if W_CODE > 0:  # if / else, not early returns: a return does not stop the other branches compiling
-        acc = _dequant_step(acc, a, w, sw, sz, W_SCALE, W_CODE, W16, INTERP, IEEE, BLOCK_K, W16 == 2)
+        acc = _dequant_step(acc, a, w, sw, sz, W_SCALE, W_CODE, W16, INTERP, IEEE, BLOCK_K, (W16 & 2) != 0)
     elif W_SCALE == 3:
         kb = k0 // W_BK
         part = dot(a, w, tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE, False)

@@ -56,9 +56,14 @@ class KernelConfig(Frozen):
     split_k: Literal[1, 2, 4, 8] = 1
     # weight-only 4-bit tiles on the GPU with 16-bit activations: their scale multiply (and zero-point add)
     # one element a bf16/fp16 instruction as Triton emits it ("scalar"), or two a packed fma in inline
-    # assembly ("pairs": the same bits; the sm_90 PTX of an mxfp4 GEMM1 852 -> 548 instructions). "pairs" has
-    # not run on a GPU yet, so it is not the default
+    # assembly ("pairs": the same bits; the sm_90 PTX of an mxfp4 GEMM1 852 -> 548 instructions). The heuristic
+    # takes "pairs" where it measured faster (PAIRED_DEQUANT)
     dequant_math: Literal["scalar", "pairs"] = "scalar"
+    # the same tiles' nibble decode: its four values of a 32-bit word put back in byte order (a byte permute
+    # a register pair: "bytes"), or left in the order one mask selects them (bytes 0, 2, 1, 3: "masks"), the
+    # input's columns permuted alike inside the tile (the sm_90 SASS of w4a16's decode loops 10-15% shorter;
+    # faster on some shapes, slower on others and at 64-row tiles: docs/performance.md)
+    decode_order: Literal["bytes", "masks"] = "bytes"
 
     @model_validator(mode="after")
     def _split_needs_reduce(self) -> KernelConfig:
@@ -244,8 +249,27 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
             bn //= 2
         if (bn, bk) != (tile.block_n, tile.block_k):
             update[name] = tile.model_copy(update={"block_n": bn, "block_k": bk})
+    if w.format in PAIRED_DEQUANT:
+        update["dequant_math"] = "pairs"
+    if w.format in ("int4", "mxfp4", "nvfp4") and problem.intermediate_size < LONG_REDUCTION:
+        update["decode_order"] = "masks"  # measured: the comment of PAIRED_DEQUANT
     cfg = cfg.model_copy(update=update) if update else cfg
     return _split_short_grids(cfg, problem, tiles, WEIGHT_ONLY_SPLIT)
+
+
+# Formats whose decode tiles (up to 16 rows an expert) multiply their scales two elements a packed fma
+# (dequant_math="pairs"; the same bits). H200, 2026-12-02, graphs, scalar -> pairs, us: mxfp4 mixtral at
+# 1 / 16 tokens 140.3 -> 139.4 / 455.7 -> 409.9, dsv3 131.2 -> 125.8 / 1426.0 -> 1269.6; nvfp4 within 1.5%
+# either way (141.9 -> 140.0, 430.7 -> 429.6, 126.5 -> 125.1, 1375.1 -> 1379.4), w4a16 and w4a16_zp slower
+# at mixtral's one token (122.0 -> 128.1, 134.8 -> 140.6): ptxas already pairs their scalar multiplies.
+# The 4-bit decode tiles leave the nibble decode's values in mask order (decode_order="masks") unless GEMM2's
+# reduction is long (LONG_REDUCTION): H200, 2026-12-02, graphs, "bytes" -> "masks" (mxfp4 with pairs on both
+# sides), us: dsv3 at 1 / 16 tokens w4a16 115.0 -> 116.7 / 1065.3 -> 1052.1, w4a16_zp
+# 128.0 -> 127.5 / 1189.9 -> 1152.3, nvfp4 126.8 -> 120.5 / 1335.2 -> 1264.9, mxfp4 125.8 -> 119.6 /
+# 1269.6 -> 1183.8; gptoss120b mxfp4 (scalar -> pairs and masks) 78.9 -> 72.7 / 551.9 -> 477.0; but mixtral
+# (a 14336-long reduction) slower: w4a16 119.6 -> 132.2 / 364.0 -> 385.7, mxfp4 at 16 tokens 409.9 -> 429.4;
+# and 64-row tiles (the wgmma path) far slower (mixtral at 4096 tokens, w4a16 7145 -> 9636 us)
+PAIRED_DEQUANT = ("mxfp4",)
 
 
 # GEMM2 grids shorter than MIN_PROGRAMS at the narrowest tile split their reduction (H200, 2026-12-02,

@@ -150,9 +150,9 @@ def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2
     # instruction, in PTX inline assembly); fp32 activations, the interpreter (whose bf16 arithmetic is not
     # IEEE) and ROCm GPUs (no PTX) in fp32, in plain Triton
     nvidia = p.target is None or p.target.vendor == "cuda"
-    w16 = code != _gemm.W_NATIVE and not interp and p.dtype != torch.float32 and nvidia
-    if w16 and packed and cfg.dequant_math == "pairs":
-        w16 = 2  # the scales' multiply two elements an instruction (_dequant_pairs)
+    w16 = int(code != _gemm.W_NATIVE and not interp and p.dtype != torch.float32 and nvidia)
+    if w16 and packed:  # bit 2: the scales' multiply two elements an instruction (_dequant_pairs); bit 4: the
+        w16 |= (2 if cfg.dequant_math == "pairs" else 0) | (4 if cfg.decode_order == "masks" else 0)  # mask order
     common = dict(TOP_K=p.top_k, ROUTE=_gemm.DIRECT if direct else _gemm.SORTED, HAS_MAP=p.has_expert_map,
                   WEIGHT_ON_INPUT=p.apply_router_weight_on_input, W_SCALE=w_scale, W_CODE=code,
                   W_PACK=2 if packed else 1, W16=w16,
