@@ -244,3 +244,15 @@ def test_tuner_never_proposes_k_tiles_that_straddle_a_scale_block():
         best = cands[0]
         for gemm in ("gemm1", "gemm2"):
             assert all(128 % getattr(c, gemm).block_k == 0 for c in tuning.refinements(best, rpe, 1, True, gemm, 128))
+
+
+def test_tuner_tries_the_other_4bit_decode_choices():
+    """The 4-bit decode stage: the winner's three other (order, scale multiply) pairs, nothing else changed."""
+    from moe.backends.triton import tuning
+    from moe.backends.triton.config import KernelConfig
+
+    best = KernelConfig(decode_order="masks", dequant_math="pairs", split_k=2)
+    variants = tuning.decode_variants(best)
+    assert {(c.decode_order, c.dequant_math) for c in variants} == {("bytes", "scalar"), ("bytes", "pairs"),
+                                                                    ("masks", "scalar")}
+    assert all(c.model_copy(update={"decode_order": "masks", "dequant_math": "pairs"}) == best for c in variants)

@@ -100,6 +100,14 @@ def split_variants(best: KernelConfig) -> list[KernelConfig]:
     return [best.model_copy(update={"split_k": n, "combine": "reduce"}) for n in (2, 4, 8) if n != best.split_k]
 
 
+def decode_variants(best: KernelConfig) -> list[KernelConfig]:
+    """The winner with the 4-bit decode's other choices: byte or mask order (``decode_order``), scalar or
+    paired scale multiplies (``dequant_math``)."""
+    return [best.model_copy(update={"decode_order": order, "dequant_math": math})
+            for order in ("bytes", "masks") for math in ("scalar", "pairs")
+            if (order, math) != (best.decode_order, best.dequant_math)]
+
+
 def _search(timed, cands: list[KernelConfig], best: list, label: str, limit: int | None) -> None:
     """Time ``cands`` and keep the fastest in ``best`` ([time_us, config], updated in place)."""
     for i, cfg in enumerate(cands[:limit]):
@@ -119,6 +127,11 @@ def _int4_weight_only(prob) -> bool:
     return w is not None and prob.quant.activations is None and w.format == "int4"
 
 
+def _four_bit_weight_only(prob) -> bool:
+    w = prob.quant.weights
+    return w is not None and prob.quant.activations is None and w.format in ("int4", "mxfp4", "nvfp4")
+
+
 def _other_group_scales(cfg: KernelConfig, group: int) -> KernelConfig:
     """``cfg`` with int4 group scales in the other place; on the partial products with K steps of at most
     one group."""
@@ -134,8 +147,9 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
           quant: str | None = None) -> list[dict]:
     """For each token count: the heuristic, then a joint search (same tile for both GEMMs), then the
     second GEMM's tile, then the first's, then the winner with its loads switched (and, for dynamic W8A8,
-    GEMM2's input choice; for int4 weight-only, its group scales' place; while the weights stream, GEMM2
-    split in parts), each keeping the best so far.
+    GEMM2's input choice; for int4 weight-only, its group scales' place; for 4-bit weight-only, the
+    decode's order and scale multiplies; while the weights stream, GEMM2 split in parts), each keeping the
+    best so far.
     ``quant``: a name of ``moe.quant.NAMES``; the weights are quantized once (static activation
     scales calibrated as ``moe bench`` does) and the configs timed on the quantized call."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
@@ -188,6 +202,8 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         if q is not None and _int4_weight_only(prob):  # the group scales: on the weights, or the partial products
             _search(timed, [_other_group_scales(best[1], prob.quant.weights.group_size)], best,
                     f"{label} group scales", None)
+        if q is not None and _four_bit_weight_only(prob):  # the decode's order and scale multiplies
+            _search(timed, decode_variants(best[1]), best, f"{label} decode", None)
         if rpe <= 16:  # while the weights stream: GEMM2's reduction in parts, more programs in flight
             _search(timed, split_variants(best[1]), best, f"{label} split", None)
         row.update(best_us=best[0], best=best[1].model_dump())
