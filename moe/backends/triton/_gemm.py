@@ -195,7 +195,7 @@ def _scale_values(s, W16: tl.constexpr, dt):
     return v
 
 
-def _nibble_asm(high: bool, code: str, dtype: str, masks: bool = True) -> str:
+def _nibble_asm(high: bool, code: str, dtype: str, masks: bool) -> str:
     """PTX for one pure unary inline-asm op (``pack=4``): four bytes in ``$2`` -> the low (even k) or high
     (odd k) nibble of each as a 16-bit value, two to a register: ``masks``, the pairs one mask selects
     (``$0``: bytes 0 and 2, ``$1``: 1 and 3; the op's four results are bytes ``NIBBLE_ORDER``, and

@@ -251,7 +251,7 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
             update[name] = tile.model_copy(update={"block_n": bn, "block_k": bk})
     if w.format in PAIRED_DEQUANT:
         update["dequant_math"] = "pairs"
-    if w.format in ("int4", "mxfp4", "nvfp4") and problem.intermediate_size < LONG_REDUCTION:
+    if w.packed and problem.intermediate_size < LONG_REDUCTION:
         update["decode_order"] = "masks"  # measured: the comment of PAIRED_DEQUANT
     cfg = cfg.model_copy(update=update) if update else cfg
     return _split_short_grids(cfg, problem, tiles, WEIGHT_ONLY_SPLIT)

@@ -129,7 +129,7 @@ def _int4_weight_only(prob) -> bool:
 
 def _four_bit_weight_only(prob) -> bool:
     w = prob.quant.weights
-    return w is not None and prob.quant.activations is None and w.format in ("int4", "mxfp4", "nvfp4")
+    return w is not None and prob.quant.activations is None and w.packed
 
 
 def _other_group_scales(cfg: KernelConfig, group: int) -> KernelConfig:
