@@ -26,8 +26,6 @@ import sys
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -47,17 +45,14 @@ def loop_counts(sass: str) -> tuple[int, collections.Counter]:
 
 def compile_gemm(kernel, grid, device, *args, dump: str | None = None, **kwargs) -> None:
     """A launch of the backend turned into an sm_90a compile of its GEMMs (others are skipped)."""
-    from ttir_check import _OPTIONS, _hints, _sig  # (ttir_check turns the interpreter off: imported here)
+    from ttir_check import _OPTIONS, compile_launch  # (ttir_check turns the interpreter off: imported here)
 
     name = kernel.fn.__name__
     if not name.startswith("moe_gemm"):
         return
+    ck = compile_launch(kernel, args, kwargs, 90)
     consts = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
-    ones = {n: 1 for n, a in zip(kernel.arg_names, args, strict=False) if type(a) is int and a == 1}
-    sig = {n: _sig(a) for n, a in zip(kernel.arg_names, args, strict=False)} | {k: "constexpr" for k in consts | ones}
-    src = ASTSource(kernel, signature=sig, constexprs=consts | ones, attrs=_hints(args))
     opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     ptx = f"/tmp/sass_loop_{os.getpid()}.ptx"
     with open(ptx, "w") as f:
         f.write(ck.asm["ptx"])

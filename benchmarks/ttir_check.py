@@ -76,18 +76,23 @@ def _hints(args: tuple) -> dict:
     return attrs
 
 
-def compile_asm(kernel, grid, device, *args, arch: int, **kwargs) -> None:
-    """The whole compile of a GEMM launch for sm_``arch``: shared memory, wgmma waits, registers."""
-    fn = kernel
-    if not fn.fn.__name__.startswith("moe_gemm"):
-        return
+def compile_launch(fn, args: tuple, kwargs: dict, arch: int):
+    """A launch's whole compile for sm_``arch`` (a CompiledKernel), specialized as the JIT would."""
     consts = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
     # the JIT compiles an int argument equal to 1 as the constant 1 (unit strides: contiguity it can see)
     ones = {n: 1 for n, a in zip(fn.arg_names, args, strict=False) if type(a) is int and a == 1}
     sig = {n: _sig(a) for n, a in zip(fn.arg_names, args, strict=False)} | {k: "constexpr" for k in consts | ones}
     src = ASTSource(fn, signature=sig, constexprs=consts | ones, attrs=_hints(args))
     opts = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def compile_asm(kernel, grid, device, *args, arch: int, **kwargs) -> None:
+    """The whole compile of a GEMM launch for sm_``arch``: shared memory, wgmma waits, registers."""
+    fn = kernel
+    if not fn.fn.__name__.startswith("moe_gemm"):
+        return
+    ck = compile_launch(fn, args, kwargs, arch)
     waits = re.findall(r"warp_group_dot_wait .*?pendings = (\d+)", ck.asm["ttgir"])
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     regs = ""
