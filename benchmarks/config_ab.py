@@ -6,9 +6,9 @@
 A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile (``g1bkN``, ``g2bkN`` one's), ``sN``
 their pipeline stages, ``wN`` their warps (``g1sN``, ``g1wN``, ... one GEMM's), ``bmN`` the row tile, ``g1nN`` /
 ``g2nN`` a GEMM's N tile, ``one`` / ``two`` GEMM1's gate/up dots, ``load`` / ``pass`` how GEMM2's input is
-quantized, ``acc`` / ``wts`` where
-int4 group scales apply, ``splitN`` GEMM2's reduction in N parts, ``pairs`` / ``scalar`` the 4-bit scale
-multiplies (joined with ``_``), then ``fit_smem`` trims it to the shared-memory budget as the heuristic does.
+quantized, ``acc`` / ``wts`` where int4 group scales apply, ``masks`` / ``bytes`` the 4-bit decode order,
+``splitN`` GEMM2's reduction in N parts, ``pairs`` / ``scalar`` the 4-bit scale multiplies (joined with
+``_``), then ``fit_smem`` trims it to the shared-memory budget as the heuristic does.
 Prints microseconds per call (do_bench median) and the ratio to bf16 from the same run, table last. Up to
 ``--graph-max-m`` tokens (256) the times are CUDA-graph replays, as ``moe bench``'s rows there (``--no-pdl``:
 chained launches off): eager calls at one token measure mostly host time (H200, 2026-12-02: the same mixtral
@@ -55,6 +55,9 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
             continue
         if part in ("pairs", "scalar"):  # 4-bit scale multiplies two elements an instruction, or one
             cfg = cfg.model_copy(update={"dequant_math": part})
+            continue
+        if part in ("masks", "bytes"):  # the 4-bit decode tile's order (KernelConfig.decode_order)
+            cfg = cfg.model_copy(update={"decode_order": part})
             continue
         if part in ("acc", "wts"):  # int4 group scales on the partial products / on the weight tiles
             cfg = cfg.model_copy(update={"group_scales": "accumulator" if part == "acc" else "weights"})

@@ -168,6 +168,31 @@ def test_gpu_decode_orders(name, order):
             assert_close(out, ref, scheme=name, what=f"{name} decode_order={order} {math} {gate_up} T={T}")
 
 
+@pytest.mark.parametrize("name", ["w4a16", "w4a16_zp"])
+def test_gpu_group_scales_on_the_partial_products(name):
+    """int4 group scales on each K step's partial product (``group_scales="accumulator"``: the scales loaded
+    a step ahead, zero points through the input's row sums) over the token-count list, stored and prepared
+    scales, both gate/up tiles, NaN-poisoned, against the emulation."""
+    from moe.backends.triton import prepared_scales, triton_experts
+    from moe.backends.triton.config import default_config
+    from moe.functional import _problem
+
+    for T in TOKEN_COUNTS:
+        s = _setup(T, name, T == 3)
+        args = ExpertsArgs(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], expert_map=s["expert_map"])
+        prob = _problem(args, moe.ActivationSpec.parse("silu"), False, name)
+        ref = _call(s, name, "torch")
+        cfg = default_config(prob)
+        tiles = {g: getattr(cfg, g).model_copy(update={"block_k": min(getattr(cfg, g).block_k, 128)})
+                 for g in ("gemm1", "gemm2")}
+        for prepared, gate_up in ((False, "two_dots"), (True, "one_dot"), (True, "two_dots")):
+            run = dataclasses.replace(args, prepared=prepared_scales(args, prob)) if prepared else args
+            out = torch.full_like(s["x"], float("nan"))
+            triton_experts(run, prob, out, cfg.model_copy(update={"group_scales": "accumulator", "gate_up": gate_up,
+                                                                  **tiles}))
+            assert_close(out, ref, scheme=name, what=f"{name} accumulator scales prepared={prepared} {gate_up} T={T}")
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "fp8_tensor_static"])
 def test_gpu_split_k_gemm2(name):
     """The decode configs with GEMM2's reduction in 4 parts (the combine adds their fp32 partial sums) at

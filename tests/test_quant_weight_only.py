@@ -889,11 +889,13 @@ def test_weight_only_heuristic_keeps_every_sm_busy_and_decodes_from_pointer_load
 
 @needs_triton
 @pytest.mark.parametrize("name", ["w4a16", "w4a16_zp"])
-@pytest.mark.parametrize("group_scales", ["weights", "accumulator"])
-def test_int4_group_scales_on_the_weights_or_the_partial_products(name, group_scales):
+@pytest.mark.parametrize("group_scales,gate_up", [("weights", "two_dots"), ("accumulator", "two_dots"),
+                                                  ("accumulator", "one_dot")])
+def test_int4_group_scales_on_the_weights_or_the_partial_products(name, group_scales, gate_up):
     """Both places for int4 group scales (zero points on the partial products through the input's row
-    sums) match the reference, NaN-poisoned, with 64-wide K steps inside groups of 128; a K step wider
-    than a group is refused for the partial products, naming the fix."""
+    sums) match the reference, NaN-poisoned, with 64-wide K steps inside groups of 128 (the partial
+    products' scales are loaded a step ahead: four steps, the last one's clamped), in both GEMM1 loops; a
+    K step wider than a group is refused for the partial products, naming the fix."""
     from moe.backends.triton import GemmTile, KernelConfig, triton_experts
     from moe.contract import ExpertsArgs
     from moe.functional import _problem
@@ -903,9 +905,10 @@ def test_int4_group_scales_on_the_weights_or_the_partial_products(name, group_sc
     problem = _problem(args, moe.ActivationSpec.parse("silu"), False, None)
     tile = GemmTile(block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=1)
     out = torch.full_like(x, float("nan"))
-    triton_experts(args, problem, out, KernelConfig(block_m=16, gemm1=tile, gemm2=tile, group_scales=group_scales))
+    triton_experts(args, problem, out, KernelConfig(block_m=16, gemm1=tile, gemm2=tile, group_scales=group_scales,
+                                                    gate_up=gate_up))
     ref = moe.fused_experts(x, q13, q2, weights, ids, backend="torch")
-    assert_close(out, ref, scheme=name, what=f"triton {name} group_scales={group_scales}")
+    assert_close(out, ref, scheme=name, what=f"triton {name} group_scales={group_scales} {gate_up}")
     if group_scales == "accumulator":
         wide = tile.model_copy(update={"block_k": 256})
         with pytest.raises(ValueError, match=r"gemm1.block_k=256 must divide the group size 128; use block_k <= "
