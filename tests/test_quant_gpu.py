@@ -170,8 +170,8 @@ def test_gpu_decode_orders(name, order):
 
 @pytest.mark.parametrize("name", ["w4a16", "w4a16_zp"])
 def test_gpu_group_scales_on_the_partial_products(name):
-    """int4 group scales on each K step's partial product (``group_scales="accumulator"``: the scales loaded
-    a step ahead, zero points through the input's row sums) over the token-count list, stored and prepared
+    """int4 group scales on each K step's partial product (``group_scales="accumulator"``, zero points
+    through the input's row sums) over the token-count list, stored and prepared
     scales, both gate/up tiles, NaN-poisoned, against the emulation."""
     from moe.backends.triton import prepared_scales, triton_experts
     from moe.backends.triton.config import default_config

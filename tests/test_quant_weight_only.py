@@ -893,9 +893,8 @@ def test_weight_only_heuristic_keeps_every_sm_busy_and_decodes_from_pointer_load
                                                   ("accumulator", "one_dot")])
 def test_int4_group_scales_on_the_weights_or_the_partial_products(name, group_scales, gate_up):
     """Both places for int4 group scales (zero points on the partial products through the input's row
-    sums) match the reference, NaN-poisoned, with 64-wide K steps inside groups of 128 (the partial
-    products' scales are loaded a step ahead: four steps, the last one's clamped), in both GEMM1 loops; a
-    K step wider than a group is refused for the partial products, naming the fix."""
+    sums) match the reference, NaN-poisoned, with 64-wide K steps inside groups of 128 (four steps), in
+    both GEMM1 loops; a K step wider than a group is refused for the partial products, naming the fix."""
     from moe.backends.triton import GemmTile, KernelConfig, triton_experts
     from moe.contract import ExpertsArgs
     from moe.functional import _problem

@@ -346,17 +346,6 @@ def _weight_scales(sw, sz, smask, stride_g, k0, K, W_SCALE: tl.constexpr, W_CODE
 
 
 @triton.jit
-def _next_scales(sw, sz, smask, stride_g, k0, hi, K, W_CODE: tl.constexpr, W_BK: tl.constexpr, W_PACK: tl.constexpr,
-                 W16: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, dt):
-    """The partial products' scales and zero points (WEIGHT_GROUP_ACC) of the step after ``k0``, the last one
-    below ``hi`` at the end: the loops load them a step before they use them, since the compiler pipelines
-    the loads that feed a dot, not these, which it made each step wait for (H200, 2026-12-02:
-    docs/performance.md)."""
-    return _weight_scales(sw, sz, smask, stride_g, tl.minimum(k0 + BLOCK_K, hi - 1), K, 6, W_CODE, W_BK, W_PACK,
-                          W16, BLOCK_K, EVEN_K, dt)
-
-
-@triton.jit
 def _scale_col(n, nmask, W_CODE: tl.constexpr):
     """The scale row of output column ``n``: weight-only group scales as they are (their loads are masked,
     and an unclamped column keeps its contiguity, which lets the compiler pipeline the load); block and
@@ -512,19 +501,11 @@ def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_ga
     srow = ((c // BLOCK_N) * tl.cdiv(N, W_BN) + _scale_col(n, cmask, W_CODE) // W_BN) * stride_wsr
     sw, sz = ws_base + srow, wz_base + srow
     acc = _zeros(BLOCK_M, 2 * BLOCK_N, INT)
-    if W_SCALE == 6:  # the partial products' scales, loaded a step ahead (_next_scales)
-        nsc, nz = _weight_scales(sw, sz, cmask, stride_wsg, 0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
-                                 EVEN_K, a_ptrs.dtype.element_ty)
     for k0 in range(0, K, BLOCK_K):
         kmask = offs_k < K - k0
         a = _load_a(a_ptrs, kmask, rw, s_gather, EVEN_K, WEIGHT_ON_INPUT, GATHER_QUANT, INT, INTERP)
-        if W_SCALE == 6:
-            wsc, wz = nsc, nz
-            nsc, nz = _next_scales(sw, sz, cmask, stride_wsg, k0, K, K, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
-                                   EVEN_K, a.dtype)
-        else:
-            wsc, wz = _weight_scales(sw, sz, cmask, stride_wsg, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
-                                     EVEN_K, a.dtype)
+        wsc, wz = _weight_scales(sw, sz, cmask, stride_wsg, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
+                                 EVEN_K, a.dtype)
         if LOADS == 1:
             gu = w_desc.load([expert, 0, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K).T
         else:
@@ -554,25 +535,12 @@ def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nma
     sw_g, sw_u, sz_g, sz_u = ws_base + srow_g, ws_base + srow_u, wz_base + srow_g, wz_base + srow_u
     acc_g = _zeros(BLOCK_M, BLOCK_N, INT)
     acc_u = _zeros(BLOCK_M, BLOCK_N, INT)
-    if W_SCALE == 6:  # the partial products' scales, loaded a step ahead (_next_scales)
-        nsc_g, nz_g = _weight_scales(sw_g, sz_g, nmask, stride_wsg, 0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16,
-                                     BLOCK_K, EVEN_K, a_ptrs.dtype.element_ty)
-        nsc_u, nz_u = _weight_scales(sw_u, sz_u, nmask, stride_wsg, 0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16,
-                                     BLOCK_K, EVEN_K, a_ptrs.dtype.element_ty)
     for k0 in range(0, K, BLOCK_K):
         kmask = offs_k < K - k0
         kwmask = offs_kw < (K - k0) // W_PACK
         a = _load_a(a_ptrs, kmask, rw, s_gather, EVEN_K, WEIGHT_ON_INPUT, GATHER_QUANT, INT, INTERP)
-        if W_SCALE == 6:
-            wsc, wz, wsc_u, wz_u = nsc_g, nz_g, nsc_u, nz_u
-            nsc_g, nz_g = _next_scales(sw_g, sz_g, nmask, stride_wsg, k0, K, K, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
-                                       EVEN_K, a.dtype)
-            if GATED:
-                nsc_u, nz_u = _next_scales(sw_u, sz_u, nmask, stride_wsg, k0, K, K, W_CODE, W_BK, W_PACK, W16,
-                                           BLOCK_K, EVEN_K, a.dtype)
-        else:
-            wsc, wz = _weight_scales(sw_g, sz_g, nmask, stride_wsg, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16,
-                                     BLOCK_K, EVEN_K, a.dtype)
+        wsc, wz = _weight_scales(sw_g, sz_g, nmask, stride_wsg, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
+                                 EVEN_K, a.dtype)
         if LOADS == 1:
             g = w_desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
         else:
@@ -580,11 +548,8 @@ def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nma
             g_ptrs += BLOCK_K // W_PACK
         acc_g = _step(acc_g, a, g, sa, wsc, wz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
         if GATED:
-            if W_SCALE == 6:
-                wsc, wz = wsc_u, wz_u
-            else:
-                wsc, wz = _weight_scales(sw_u, sz_u, nmask, stride_wsg, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16,
-                                         BLOCK_K, EVEN_K, a.dtype)
+            wsc, wz = _weight_scales(sw_u, sz_u, nmask, stride_wsg, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16,
+                                     BLOCK_K, EVEN_K, a.dtype)
             if LOADS == 1:
                 u = w_desc.load([expert, N + n0, k0]).reshape(BLOCK_N, BLOCK_K).T
             else:
@@ -750,17 +715,9 @@ def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, 
     w_ptrs = w_base + offs_o[None, :].to(tl.int64) * stride_wk + (k_lo // W_PACK + offs_kw)[:, None]
     no_rw = tl.full([BLOCK_M], 1.0, tl.float32)  # GEMM2 never scales its input
     acc = _zeros(BLOCK_M, BLOCK_N, INT)
-    if W_SCALE == 6:  # the partial products' scales, loaded a step ahead (_next_scales)
-        nsc, nz = _weight_scales(sw, sz, omask, stride_wsg, k_lo, N, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
-                                 EVEN_K, a_ptr.dtype.element_ty)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if W_SCALE == 6:
-            wsc, wz = nsc, nz
-            nsc, nz = _next_scales(sw, sz, omask, stride_wsg, k0, k_hi, N, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
-                                   EVEN_K, a_ptr.dtype.element_ty)
-        else:
-            wsc, wz = _weight_scales(sw, sz, omask, stride_wsg, k0, N, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
-                                     EVEN_K, a_ptr.dtype.element_ty)
+        wsc, wz = _weight_scales(sw, sz, omask, stride_wsg, k0, N, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
+                                 EVEN_K, a_ptr.dtype.element_ty)
         if LOADS == 1:
             w = w_desc.load([expert, o0, k0]).reshape(BLOCK_N, BLOCK_K).T
             a = a_desc.load([first, k0])

@@ -231,7 +231,9 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
     product (group_scales="accumulator", whose loads wait each step). H200, 2026-12-02, graphs, prepared
     scales, w4a16 on the weights vs the partial products: mixtral at one token 125 vs 154 us, dsv3 at one
     116 vs 167, at 16 tokens 1101 vs 1118 (on the stored scales the partial products had won: dsv3 at 16
-    tokens 1033 vs 1072 us)."""
+    tokens 1033 vs 1072 us). Loading those scales a step ahead by hand (fewer instructions: mixtral GEMM1's
+    loop 459 -> 419) did not change the order: mixtral at one token 120 vs 162 us, dsv3 at one 114 vs 139,
+    at 16 tokens 1006 vs 1114 (a later call, same card), so the kernels keep the plain loads."""
     cfg = with_loads(cfg, gemm1="pointer", gemm2="pointer")
     w = problem.quant.weights
     tiles, rows_per_expert = _row_tiles(problem)
