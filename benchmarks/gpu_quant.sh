@@ -3,6 +3,7 @@
 # back as $OUT/tuned_quant.tar) and `moe bench --quant` (each name beside bf16 from the same run).
 #   PARTS=tests,tune,bench NAMES=fp8_block,... PRESETS=mixtral,... MS=1,16,64 TUNE_MS=1 TUNE_PRESETS=mixtral
 #   TUNE_TIMEOUT=120 BACKENDS=triton,torch_grouped bash benchmarks/gpu_quant.sh
+# MS="1,16,64,256;4096": one bench run per ';'-separated group of token counts, each under BENCH_TIMEOUT
 # PARTS=ab: config A/Bs (benchmarks/config_ab.py), AB_RUNS="cases|names|variants|flags;..." e.g.
 #   AB_RUNS="mixtral:1|w4a16,mxfp4||--profile;mixtral:1|w4a16|split2,split4|"
 # PYTEST_M: the tests' marker expression (default "gpu and quant")
@@ -48,9 +49,12 @@ if [[ $parts == *,tune,* ]]; then
 fi
 if [[ $parts == *,bench,* ]]; then
   for p in ${presets//,/ }; do  # every name in one run: the bf16 rows measured once
-    timeout "${BENCH_TIMEOUT:-300}" python3 -m moe bench --preset "$p" --m "$ms" --quant "$names" \
-      --backends "${BACKENDS:-triton}" --json "$OUT/bench_$p.json" --no-progress > "$OUT/bench_$p.txt" 2>&1
-    echo "bench $p rc=$?"
+    IFS=';' read -ra groups <<< "$ms"  # MS="1,16;4096": one run per group (a timeout loses only its own)
+    for i in "${!groups[@]}"; do
+      timeout "${BENCH_TIMEOUT:-300}" python3 -m moe bench --preset "$p" --m "${groups[$i]}" --quant "$names" \
+        --backends "${BACKENDS:-triton}" --json "$OUT/bench_${p}_$i.json" --no-progress > "$OUT/bench_${p}_$i.txt" 2>&1
+      echo "bench $p ${groups[$i]} rc=$?"
+    done
   done
   python3 benchmarks/quant_table.py "$OUT"/bench_*.json
 fi
