@@ -4,11 +4,11 @@
         --variants bk128,bk128_s3
 
 A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile (``g1bkN``, ``g2bkN`` one's), ``sN``
-their pipeline stages, ``wN`` their warps (``g1sN``, ``g1wN``, ... one GEMM's), ``bmN`` the row tile, ``g1nN`` /
-``g2nN`` a GEMM's N tile, ``one`` / ``two`` GEMM1's gate/up dots, ``load`` / ``pass`` how GEMM2's input is
-quantized, ``acc`` / ``wts`` where int4 group scales apply, ``masks`` / ``bytes`` the 4-bit decode order,
-``splitN`` GEMM2's reduction in N parts, ``pairs`` / ``scalar`` the 4-bit scale multiplies (joined with
-``_``), then ``fit_smem`` trims it to the shared-memory budget as the heuristic does.
+their pipeline stages, ``wN`` their warps, ``gmN`` their group_m (``g1sN``, ``g1gmN``, ... one GEMM's), ``bmN``
+the row tile, ``g1nN`` / ``g2nN`` a GEMM's N tile, ``one`` / ``two`` GEMM1's gate/up dots, ``load`` / ``pass``
+how GEMM2's input is quantized, ``acc`` / ``wts`` where int4 group scales apply, ``masks`` / ``bytes`` the
+4-bit decode order, ``splitN`` GEMM2's reduction in N parts, ``pairs`` / ``scalar`` the 4-bit scale multiplies
+(joined with ``_``), then ``fit_smem`` trims it to the shared-memory budget as the heuristic does.
 Prints microseconds per call (do_bench median) and the ratio to bf16 from the same run, table last. Up to
 ``--graph-max-m`` tokens (256) the times are CUDA-graph replays, as ``moe bench``'s rows there (``--no-pdl``:
 chained launches off): eager calls at one token measure mostly host time (H200, 2026-12-02: the same mixtral
@@ -70,8 +70,8 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
             continue
         key, val = re.fullmatch(r"([a-z0-9]*?[a-z])(\d+)", part).groups()
         val = int(val)
-        if key in ("bk", "s", "w"):
-            field = {"bk": "block_k", "s": "num_stages", "w": "num_warps"}[key]
+        if key in ("bk", "s", "w", "gm"):
+            field = {"bk": "block_k", "s": "num_stages", "w": "num_warps", "gm": "group_m"}[key]
             cfg = cfg.model_copy(
                 update={g: getattr(cfg, g).model_copy(update={field: val}) for g in ("gemm1", "gemm2")}
             )
@@ -79,13 +79,14 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
             cfg = cfg.model_copy(update={"block_m": val})
         elif key == "split":  # GEMM2's reduction in parts, added up by the combine
             cfg = cfg.model_copy(update={"split_k": val, "combine": "reduce"})
-        elif key in ("g1bk", "g2bk", "g1n", "g2n", "g1w", "g2w", "g1s", "g2s"):
+        elif key in ("g1bk", "g2bk", "g1n", "g2n", "g1w", "g2w", "g1s", "g2s", "g1gm", "g2gm"):
             gemm = f"gemm{key[1]}"
-            field = {"bk": "block_k", "n": "block_n", "w": "num_warps", "s": "num_stages"}[key[2:]]
+            field = {"bk": "block_k", "n": "block_n", "w": "num_warps", "s": "num_stages", "gm": "group_m"}[key[2:]]
             cfg = cfg.model_copy(update={gemm: getattr(cfg, gemm).model_copy(update={field: val})})
         else:
             raise SystemExit(f"--variants: unknown part {part!r} "
-                             "(bkN, g1bkN, g2bkN, sN, wN, bmN, g1nN, g2nN, g1wN, g2wN, g1sN, g2sN, splitN, "
+                             "(bkN, g1bkN, g2bkN, sN, wN, gmN, g1gmN, g2gmN, bmN, g1nN, g2nN, g1wN, g2wN, g1sN, g2sN, "
+                             "splitN, "
                              "g1tma, g2tma, g1ptr, g2ptr, "
                              "one, two, load, pass, acc, wts, pairs, scalar)")
     return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob, cfg.gemm2_input))
