@@ -168,6 +168,34 @@ def test_gpu_decode_orders(name, order):
             assert_close(out, ref, scheme=name, what=f"{name} decode_order={order} {math} {gate_up} T={T}")
 
 
+@pytest.mark.parametrize("name", ["w4a16", "w4a16_zp", "mxfp4", "nvfp4"])
+def test_gpu_weight_only_decode_tiles(name):
+    """The heuristic's measured 4-bit decode tiles, set explicitly (its rules key on model sizes larger than
+    the test's): e2m1's 128-wide tiles with GEMM2 256 deep in 4 stages and 4 parts (WIDE_E2M1_TILES), and
+    symmetric int4's 256-deep GEMM1 steps in 4 stages beside a 32-wide GEMM2 in 2 parts
+    (DEEP_INT4_GEMM1_ROWS), over the token-count list, NaN-poisoned, against the emulation."""
+    from moe.backends.triton import GemmTile, prepared_scales, triton_experts
+    from moe.backends.triton.config import default_config
+    from moe.functional import _problem
+
+    tiles = {"wide": (GemmTile(block_n=128, block_k=128, group_m=64, num_stages=5),
+                      GemmTile(block_n=128, block_k=256, group_m=64, num_stages=4), 4),
+             "deep": (GemmTile(block_n=64, block_k=256, group_m=64, num_stages=4),
+                      GemmTile(block_n=32, block_k=128, group_m=64, num_stages=5), 2)}
+    for T in TOKEN_COUNTS:
+        s = _setup(T, name, T == 3)
+        args = ExpertsArgs(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], expert_map=s["expert_map"])
+        prob = _problem(args, moe.ActivationSpec.parse("silu"), False, name)
+        args = dataclasses.replace(args, prepared=prepared_scales(args, prob))
+        ref = _call(s, name, "torch")
+        for label, (g1, g2, parts) in tiles.items():
+            cfg = default_config(prob).model_copy(update={"block_m": 16, "gemm1": g1, "gemm2": g2, "split_k": parts,
+                                                          "combine": "reduce"})
+            out = torch.full_like(s["x"], float("nan"))
+            triton_experts(args, prob, out, cfg)
+            assert_close(out, ref, scheme=name, what=f"{name} {label} decode tiles T={T}")
+
+
 @pytest.mark.parametrize("name", ["w4a16", "w4a16_zp"])
 def test_gpu_group_scales_on_the_partial_products(name):
     """int4 group scales on each K step's partial product (``group_scales="accumulator"``, zero points

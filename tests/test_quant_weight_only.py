@@ -861,18 +861,26 @@ def _decode_config(name, experts: int, hidden: int, inter: int, top_k: int, toke
     return default_config(dataclasses.replace(prob, quant=named(name) if isinstance(name, str) else name))
 
 
-@pytest.mark.parametrize("name", ["w4a16", "w4a16_zp", "mxfp4", "w8a16", "fp8_w8a16"])
+@pytest.mark.parametrize("name", ["w4a16", "w4a16_zp", "mxfp4", "nvfp4", "w8a16", "fp8_w8a16"])
 def test_weight_only_heuristic_keeps_every_sm_busy_and_decodes_from_pointer_loads(name):
     """Weight-only decode tiles: pointer loads (tiles decoded in the dot's register layout), GEMM2 output
     tiles narrowed until the grid has MIN_PROGRAMS programs (mixtral at one token: 2 experts x 4096 / 32,
-    still short of it: the reduction then in 4 parts), 256-wide K steps for GEMM2's long reductions except
-    for fp8 and int4 weights, and group scales on the weight tiles (where their prepared loads pipeline)."""
+    still short of it: the reduction then in 4 parts) except e2m1's 128-wide tiles below a long reduction,
+    256-wide K steps for GEMM2's long reductions except for fp8 and int4 weights and for symmetric int4's
+    GEMM1 at one or two rows an expert, and group scales on the weight tiles (where their prepared loads
+    pipeline)."""
     from moe.backends.triton.config import MIN_PROGRAMS
 
     cfg = _decode_config(name, 8, 4096, 14336, 2, 1)
     assert (cfg.gemm1.loads, cfg.gemm2.loads) == ("pointer", "pointer")
-    assert cfg.gemm2.block_n == 32 and MIN_PROGRAMS > 2 * 4096 // 32  # the narrowest tile, still short of it
+    if name in ("mxfp4", "nvfp4"):  # WIDE_E2M1_TILES: 128 wide in both GEMMs, GEMM2 in 4 stages
+        assert (cfg.gemm1.block_n, cfg.gemm2.block_n, cfg.gemm2.num_stages) == (128, 128, 4)
+    else:
+        assert cfg.gemm2.block_n == 32 and MIN_PROGRAMS > 2 * 4096 // 32  # the narrowest tile, still short of it
     assert cfg.gemm2.block_k == (128 if name in ("fp8_w8a16", "w4a16", "w4a16_zp") else 256)
+    # DEEP_INT4_GEMM1_ROWS: symmetric int4's GEMM1 in 256-deep steps, 4 stages, at one row an expert, not at 4
+    assert (cfg.gemm1.block_k, cfg.gemm1.num_stages) == ((256, 4) if name == "w4a16" else (128, 5))
+    assert _decode_config(name, 8, 4096, 14336, 2, 16).gemm1.block_k == 128
     assert cfg.group_scales == "weights"  # where the compiler pipelines the prepared scales' loads
     assert (cfg.split_k, cfg.combine) == (4, "reduce")  # still short of MIN_PROGRAMS: GEMM2 in parts
     wide = _decode_config(name, 256, 7168, 2048, 8, 16)  # dsv3 at 16 tokens: enough programs, N = 2048
@@ -884,7 +892,7 @@ def test_weight_only_heuristic_keeps_every_sm_busy_and_decodes_from_pointer_load
     assert prefill.dequant_math == "scalar"
     # the nibble decode's mask order on 4-bit decode tiles below a long GEMM2 reduction (mixtral's 14336)
     assert cfg.decode_order == "bytes" and prefill.decode_order == "bytes"
-    assert wide.decode_order == ("masks" if name in ("w4a16", "w4a16_zp", "mxfp4") else "bytes")
+    assert wide.decode_order == ("masks" if name in ("w4a16", "w4a16_zp", "mxfp4", "nvfp4") else "bytes")
 
 
 @needs_triton
@@ -914,6 +922,36 @@ def test_int4_group_scales_on_the_weights_or_the_partial_products(name, group_sc
                                              r"128 or group_scales='weights'"):
             triton_experts(args, problem, out, KernelConfig(block_m=16, gemm1=wide, gemm2=tile,
                                                             group_scales="accumulator"))
+
+
+@needs_triton
+def test_weight_only_tiles_asking_for_tma_loads_warn_and_load_by_pointers(monkeypatch):
+    """A weight-only config asking for tensor-descriptor loads (as old tuned files may) runs its decoded tiles
+    from pointer loads, with one warning that says so, and the pointer-load result bit for bit."""
+    import warnings
+
+    import moe.backends.triton as triton_backend
+    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
+
+    monkeypatch.setattr(triton_backend, "_tma_warned", set())  # the warning is once a process
+    from moe.contract import ExpertsArgs
+    from moe.functional import _problem
+
+    x, _, _, q13, q2, weights, ids = _inputs("mxfp4", 5, K=256, dtype=torch.bfloat16, seed=3)
+    args = ExpertsArgs(x, q13, q2, weights, ids)
+    problem = _problem(args, moe.ActivationSpec.parse("silu"), False, None)
+    outs = {}
+    for loads in ("pointer", "tma"):
+        tile = GemmTile(block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=1, loads=loads)
+        outs[loads] = torch.full_like(x, float("nan"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            triton_experts(args, problem, outs[loads], KernelConfig(block_m=16, gemm1=tile, gemm2=tile))
+        said = [str(w.message) for w in caught if "loads='tma'" in str(w.message)]
+        assert (loads == "tma") == any("decoded in registers from pointer loads" in m for m in said), said
+    assert torch.equal(outs["tma"], outs["pointer"])
+    assert_close(outs["tma"], moe.fused_experts(x, q13, q2, weights, ids, backend="torch"), scheme="mxfp4",
+                 what="mxfp4 with loads='tma' asked")
 
 
 @needs_triton

@@ -242,9 +242,9 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
         y = torch.empty(splits * num_pairs, K, dtype=dtype if splits == 1 else torch.float32, device=dev)
     g1, g2 = cfg.gemm1, cfg.gemm2
     native = modes.weight_code(problem) == _gemm.W_NATIVE  # weight-only codes load their tiles by pointers
-    tma1 = native and _use_tma(g1, (w13,), dev, interp)
+    tma1 = _use_tma(g1, (w13,), dev, interp, native)
     # GEMM2's input through descriptors: the activated rows, or their 1-byte quantized copy (16-byte rows)
-    tma2 = native and _use_tma(g2, (w2, inter), dev, interp) and (act is None or N % 16 == 0)
+    tma2 = _use_tma(g2, (w2, inter), dev, interp, native) and (act is None or N % 16 == 0)
     ieee = dtype == torch.float32 and not allow_tf32 and act is None  # fp32 dots (quantized inputs: 8-bit dots)
     mode1, mode2 = modes.gemm_modes(cfg, problem, direct=direct, tma1=tma1, tma2=tma2, pdl=pdl, interp=interp,
                                     ieee=ieee, static1=static1, static2=static2)
@@ -310,17 +310,21 @@ def _w13_descriptor(w13: torch.Tensor, tile: GemmTile, n: int, one_dot: bool):
 _tma_warned: set[str] = set()
 
 
-def _use_tma(tile: GemmTile, tensors: tuple[torch.Tensor, ...], device: torch.device, interp: bool) -> bool:
-    """Whether a GEMM loads through tensor descriptors: its config asks for it, the device has a tensor
-    memory accelerator (or this is the interpreter) and the operands meet the descriptor rules (16-byte
-    aligned base and row strides). A config asking for it on a device or tensors that do not qualify runs
-    with pointer loads, with one warning naming the reason."""
+def _use_tma(tile: GemmTile, tensors: tuple[torch.Tensor, ...], device: torch.device, interp: bool,
+             native: bool = True) -> bool:
+    """Whether a GEMM loads through tensor descriptors: its config asks for it, the weights are read as
+    stored (``native``: not a weight-only code, whose tiles are decoded in registers from pointer loads),
+    the device has a tensor memory accelerator (or this is the interpreter) and the operands meet the
+    descriptor rules (16-byte aligned base and row strides). A config asking for it where one of these
+    fails runs with pointer loads, with one warning naming the reason."""
     if tile.loads != "tma":
         return False
     reason = None
-    if not tensor_copies(device):
+    if not native:
+        reason = "weight-only weights are decoded in registers from pointer loads"
+    elif not tensor_copies(device):
         reason = "the device has no tensor memory accelerator (TMA)"
-    for t in tensors:
+    for t in tensors if reason is None else ():
         if t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
             reason = f"a {tuple(t.shape)} operand is not 16-byte aligned (base or row stride)"
     if reason is None:

@@ -239,24 +239,52 @@ def _weight_only_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConf
     tiles, rows_per_expert = _row_tiles(problem)
     if rows_per_expert > 16:
         return cfg
-    update = {}
-    for name, cols in (("gemm1", problem.intermediate_size), ("gemm2", problem.hidden_size)):
-        tile = getattr(cfg, name)
-        bk = tile.block_k
-        if name == "gemm2" and problem.intermediate_size >= LONG_REDUCTION and (
-                w.format in ("mxfp4", "nvfp4") or (w.format == "int8" and rows_per_expert <= 8)):
-            bk = 256  # fewer, larger steps of a long reduction
-        bn = tile.block_n
-        while bn > 32 and tiles * -(-cols // bn) < MIN_PROGRAMS and _scales_pipeline(w, bn // 2, bk, tile.num_warps):
-            bn //= 2
-        if (bn, bk) != (tile.block_n, tile.block_k):
-            update[name] = tile.model_copy(update={"block_n": bn, "block_k": bk})
+    update = {name: tile for name in ("gemm1", "gemm2")
+              if (tile := _weight_only_decode_tile(name, getattr(cfg, name), problem)) != getattr(cfg, name)}
     if w.format in PAIRED_DEQUANT:
         update["dequant_math"] = "pairs"
     if w.packed and problem.intermediate_size < LONG_REDUCTION:
         update["decode_order"] = "masks"  # measured: the comment of PAIRED_DEQUANT
     cfg = cfg.model_copy(update=update) if update else cfg
     return _split_short_grids(cfg, problem, tiles, WEIGHT_ONLY_SPLIT)
+
+
+def _weight_only_decode_tile(name: str, tile: GemmTile, problem: ExpertsProblem) -> GemmTile:
+    """One GEMM's tile while weight-only weights stream (up to 16 rows an expert): the measured rules
+    below, then its output columns narrowed until the grid has MIN_PROGRAMS programs."""
+    w = problem.quant.weights
+    tiles, rows_per_expert = _row_tiles(problem)
+    cols = problem.intermediate_size if name == "gemm1" else problem.hidden_size
+    long = problem.intermediate_size >= LONG_REDUCTION
+    update = {}
+    e2m1 = w.format in ("mxfp4", "nvfp4")
+    if name == "gemm2" and long and (e2m1 or (w.format == "int8" and rows_per_expert <= 8)):
+        update["block_k"] = 256  # fewer, larger steps of a long reduction
+    if name == "gemm1" and w.format == "int4" and not w.zero_point and rows_per_expert <= DEEP_INT4_GEMM1_ROWS:
+        update.update(block_k=256, num_stages=4)
+    if long and e2m1:
+        update["block_n"] = 128  # WIDE_E2M1_TILES: no narrowing
+        if name == "gemm2":
+            update["num_stages"] = 4
+        return tile.model_copy(update=update)
+    bn, bk = tile.block_n, update.get("block_k", tile.block_k)
+    while bn > 32 and tiles * -(-cols // bn) < MIN_PROGRAMS and _scales_pipeline(w, bn // 2, bk, tile.num_warps):
+        bn //= 2
+    return tile.model_copy(update={**update, "block_n": bn})
+
+
+# Symmetric int4 GEMM1 tiles take 256-deep K steps in 4 stages up to this many rows an expert (H200,
+# 2026-12-03, graphs, us, heuristic -> g1 bk256 s4: w4a16 mixtral at one token 122.4 -> 114.8, dsv3 117.2 ->
+# 111.6, qwen3 31.5 -> 29.8, dsv3 at 16 tokens (one row an expert) 1078 -> 1063; mixtral at 16 tokens (4 rows)
+# 364.1 -> 368.6, so not there; w4a16_zp mixed (mixtral at one token 134.8 -> 125.2, dsv3 128.8 -> 143.3,
+# at 16 tokens 1155 -> 1216), so not with zero points)
+DEEP_INT4_GEMM1_ROWS = 2
+
+# WIDE_E2M1_TILES: e2m1 weights (mxfp4, nvfp4) below a long GEMM2 reduction (LONG_REDUCTION: mixtral) keep
+# 128-wide output tiles in both GEMMs, GEMM2 in 4 stages, instead of narrowing them (H200, 2026-12-03,
+# graphs, us, heuristic -> both 128 wide: mxfp4 mixtral at 1 / 16 tokens 139.9 -> 123.3 / 413.1 -> 411.8,
+# nvfp4 142.1 -> 126.5 / 431.4 -> 404.6; GEMM1 alone 128 wide 132.8 (mxfp4 at one token), GEMM2 alone 132.3;
+# at dsv3 the same tiles were slower: mxfp4 at one token 120.0 -> 138.2)
 
 
 # Formats whose decode tiles (up to 16 rows an expert) multiply their scales two elements a packed fma

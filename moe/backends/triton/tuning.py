@@ -146,7 +146,8 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
           dtype: torch.dtype = torch.bfloat16, on_result=None, atomic: bool = False,
           quant: str | None = None) -> list[dict]:
     """For each token count: the heuristic, then a joint search (same tile for both GEMMs), then the
-    second GEMM's tile, then the first's, then the winner with its loads switched (and, for dynamic W8A8,
+    second GEMM's tile, then the first's, then the winner with its loads switched (not for weight-only
+    schemes, whose tiles are decoded from pointer loads; for dynamic W8A8,
     GEMM2's input choice; for int4 weight-only, its group scales' place; for 4-bit weight-only, the
     decode's order and scale multiplies; while the weights stream, GEMM2 split in parts), each keeping the
     best so far.
@@ -193,8 +194,10 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         _search(timed, candidates(rpe, elt, gated, k_block, in_elt), best, f"{label} joint", limit)
         for gemm in ("gemm2", "gemm1"):
             _search(timed, refinements(best[1], rpe, elt, gated, gemm, k_block, in_elt), best, f"{label} {gemm}", limit)
-        _search(timed, load_variants(best[1]), best, f"{label} loads", None)
-        if q is not None and not q.config.static_activations:  # GEMM2's input: quantized by a pass, or loading
+        if q is None or q.config.activations is not None:  # weight-only tiles are decoded from pointer loads
+            _search(timed, load_variants(best[1]), best, f"{label} loads", None)
+        act = q.config.activations if q is not None else None
+        if act is not None and not act.static:  # dynamic W8A8: GEMM2's input quantized by a pass, or loading
             flip = {"pass": "load", "load": "pass"}[best[1].gemm2_input]
             other = fit_smem(best[1].model_copy(update={"gemm2_input": flip}), elt, gated,
                              input_elt=input_bytes(prob, flip))  # loading holds 2-byte input tiles
