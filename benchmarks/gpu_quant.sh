@@ -31,11 +31,11 @@ if [[ $parts == *,ab,* ]]; then
   IFS=';' read -ra runs <<< "${AB_RUNS:-}"
   i=0
   for run in "${runs[@]}"; do
-    IFS='|' read -r cases names variants flags <<< "$run"
+    IFS='|' read -r cases ab_names variants flags <<< "$run"  # not $names: the bench below reads it
     i=$((i + 1))
-    timeout "${AB_TIMEOUT:-240}" python3 benchmarks/config_ab.py --cases "$cases" --quant "$names" \
+    timeout "${AB_TIMEOUT:-240}" python3 benchmarks/config_ab.py --cases "$cases" --quant "$ab_names" \
       --variants "$variants" $flags > "$OUT/ab_$i.txt" 2>&1
-    echo "ab $i ($cases $names) rc=$?"; grep -E "^  [a-z0-9]+:" "$OUT/ab_$i.txt" | cut -c1-200
+    echo "ab $i ($cases $ab_names) rc=$?"; grep -E "^  [a-z0-9]+:" "$OUT/ab_$i.txt" | cut -c1-200
     sed -n '/^case /,$p' "$OUT/ab_$i.txt"
   done
 fi

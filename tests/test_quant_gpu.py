@@ -171,7 +171,7 @@ def test_gpu_decode_orders(name, order):
 @pytest.mark.parametrize("name", ["w4a16", "w4a16_zp", "mxfp4", "nvfp4"])
 def test_gpu_weight_only_decode_tiles(name):
     """The heuristic's measured 4-bit decode tiles, set explicitly (its rules key on model sizes larger than
-    the test's): e2m1's 128-wide tiles with GEMM2 256 deep in 4 stages and 4 parts (WIDE_E2M1_TILES), and
+    the test's): e2m1's 128-wide tiles with GEMM2 256 deep in 4 stages and 4 parts (WIDE_E2M1_ROWS), and
     symmetric int4's 256-deep GEMM1 steps in 4 stages beside a 32-wide GEMM2 in 2 parts
     (DEEP_INT4_GEMM1_ROWS), over the token-count list, NaN-poisoned, against the emulation."""
     from moe.backends.triton import GemmTile, prepared_scales, triton_experts

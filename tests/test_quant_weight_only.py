@@ -873,7 +873,7 @@ def test_weight_only_heuristic_keeps_every_sm_busy_and_decodes_from_pointer_load
 
     cfg = _decode_config(name, 8, 4096, 14336, 2, 1)
     assert (cfg.gemm1.loads, cfg.gemm2.loads) == ("pointer", "pointer")
-    if name in ("mxfp4", "nvfp4"):  # WIDE_E2M1_TILES: 128 wide in both GEMMs, GEMM2 in 4 stages
+    if name in ("mxfp4", "nvfp4"):  # WIDE_E2M1_ROWS: 128 wide in both GEMMs, GEMM2 in 4 stages
         assert (cfg.gemm1.block_n, cfg.gemm2.block_n, cfg.gemm2.num_stages) == (128, 128, 4)
     else:
         assert cfg.gemm2.block_n == 32 and MIN_PROGRAMS > 2 * 4096 // 32  # the narrowest tile, still short of it
@@ -881,6 +881,9 @@ def test_weight_only_heuristic_keeps_every_sm_busy_and_decodes_from_pointer_load
     # DEEP_INT4_GEMM1_ROWS: symmetric int4's GEMM1 in 256-deep steps, 4 stages, at one row an expert, not at 4
     assert (cfg.gemm1.block_k, cfg.gemm1.num_stages) == ((256, 4) if name == "w4a16" else (128, 5))
     assert _decode_config(name, 8, 4096, 14336, 2, 16).gemm1.block_k == 128
+    if name in ("mxfp4", "nvfp4"):  # the wide tiles up to 4 rows an expert; at 16 narrowed again
+        assert _decode_config(name, 8, 4096, 14336, 2, 16).gemm2.block_n == 128
+        assert _decode_config(name, 8, 4096, 14336, 2, 64).gemm2.block_n == 64
     assert cfg.group_scales == "weights"  # where the compiler pipelines the prepared scales' loads
     assert (cfg.split_k, cfg.combine) == (4, "reduce")  # still short of MIN_PROGRAMS: GEMM2 in parts
     wide = _decode_config(name, 256, 7168, 2048, 8, 16)  # dsv3 at 16 tokens: enough programs, N = 2048

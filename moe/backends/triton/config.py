@@ -262,8 +262,8 @@ def _weight_only_decode_tile(name: str, tile: GemmTile, problem: ExpertsProblem)
         update["block_k"] = 256  # fewer, larger steps of a long reduction
     if name == "gemm1" and w.format == "int4" and not w.zero_point and rows_per_expert <= DEEP_INT4_GEMM1_ROWS:
         update.update(block_k=256, num_stages=4)
-    if long and e2m1:
-        update["block_n"] = 128  # WIDE_E2M1_TILES: no narrowing
+    if long and e2m1 and rows_per_expert <= WIDE_E2M1_ROWS:
+        update["block_n"] = 128  # no narrowing
         if name == "gemm2":
             update["num_stages"] = 4
         return tile.model_copy(update=update)
@@ -280,11 +280,13 @@ def _weight_only_decode_tile(name: str, tile: GemmTile, problem: ExpertsProblem)
 # at 16 tokens 1155 -> 1216), so not with zero points)
 DEEP_INT4_GEMM1_ROWS = 2
 
-# WIDE_E2M1_TILES: e2m1 weights (mxfp4, nvfp4) below a long GEMM2 reduction (LONG_REDUCTION: mixtral) keep
-# 128-wide output tiles in both GEMMs, GEMM2 in 4 stages, instead of narrowing them (H200, 2026-12-03,
-# graphs, us, heuristic -> both 128 wide: mxfp4 mixtral at 1 / 16 tokens 139.9 -> 123.3 / 413.1 -> 411.8,
-# nvfp4 142.1 -> 126.5 / 431.4 -> 404.6; GEMM1 alone 128 wide 132.8 (mxfp4 at one token), GEMM2 alone 132.3;
-# at dsv3 the same tiles were slower: mxfp4 at one token 120.0 -> 138.2)
+# e2m1 weights (mxfp4, nvfp4) below a long GEMM2 reduction (LONG_REDUCTION: mixtral) keep 128-wide output
+# tiles in both GEMMs, GEMM2 in 4 stages, instead of narrowing them, up to this many rows an expert (H200,
+# 2026-12-03, graphs, us, heuristic -> both 128 wide: mxfp4 mixtral at 1 / 16 tokens 139.9 -> 123.3 /
+# 413.1 -> 411.8, nvfp4 142.1 -> 126.5 / 431.4 -> 404.6; GEMM1 alone 128 wide 132.8 (mxfp4 at one token),
+# GEMM2 alone 132.3; at dsv3 the same tiles were slower: mxfp4 at one token 120.0 -> 138.2; and at mixtral's
+# 64 tokens, 16 rows an expert, too: mxfp4 502 -> 566, nvfp4 543 -> 572, a later call)
+WIDE_E2M1_ROWS = 4
 
 
 # Formats whose decode tiles (up to 16 rows an expert) multiply their scales two elements a packed fma
