@@ -122,26 +122,37 @@ def test_gpu_prepared_group_scales(name):
             assert_close(out, _call(s, name, "torch"), scheme=name, what=f"{name} prepared scales T={T}")
 
 
+def _direct_case(T: int, name: str, prepared: bool = True):
+    """One token count's direct Triton call for ``name`` (an expert map at 3 tokens): the setup, its
+    ExpertsArgs (with the backend's prepared group scales unless ``prepared=False``), the problem, and the
+    emulation's result."""
+    from moe.backends.triton import prepared_scales
+    from moe.functional import _problem
+
+    s = _setup(T, name, T == 3)
+    args = ExpertsArgs(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], expert_map=s["expert_map"])
+    prob = _problem(args, moe.ActivationSpec.parse("silu"), False, name)
+    if prepared:
+        args = dataclasses.replace(args, prepared=prepared_scales(args, prob))
+    return s, args, prob, _call(s, name, "torch")
+
+
 @pytest.mark.parametrize("name", ["w4a16", "w4a16_zp", "mxfp4", "nvfp4"])
 def test_gpu_dequant_pairs_give_the_scalar_bits(name):
     """``dequant_math="pairs"`` (the scale multiply and zero-point add of the 4-bit tiles as packed fmas)
     over the token-count list, on the prepared scales: bitwise equal to the scalar multiplies, NaN-poisoned,
     and within the emulation's tolerance."""
-    from moe.backends.triton import prepared_scales, triton_experts
+    from moe.backends.triton import triton_experts
     from moe.backends.triton.config import default_config
-    from moe.functional import _problem
 
     for T in TOKEN_COUNTS:
-        s = _setup(T, name, T == 3)
-        args = ExpertsArgs(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], expert_map=s["expert_map"])
-        prob = _problem(args, moe.ActivationSpec.parse("silu"), False, name)
-        args = dataclasses.replace(args, prepared=prepared_scales(args, prob))
+        s, args, prob, ref = _direct_case(T, name)
         cfg = default_config(prob)
         scalar = triton_experts(args, prob, torch.empty_like(s["x"]), cfg.model_copy(update={"dequant_math": "scalar"}))
         out = torch.full_like(s["x"], float("nan"))
         triton_experts(args, prob, out, cfg.model_copy(update={"dequant_math": "pairs"}))
         assert torch.equal(out, scalar), f"{name} T={T}: pairs differ from the scalar multiplies"
-        assert_close(out, _call(s, name, "torch"), scheme=name, what=f"{name} pairs T={T}")
+        assert_close(out, ref, scheme=name, what=f"{name} pairs T={T}")
 
 
 @pytest.mark.parametrize("order", ["bytes", "masks"])
@@ -150,16 +161,11 @@ def test_gpu_decode_orders(name, order):
     """Both orders of the 4-bit decode's values (``decode_order``: byte order, or the mask order with the
     input's columns permuted alike) over the token-count list, with scalar and paired scale multiplies,
     the one-dot gate/up tile too, NaN-poisoned, against the emulation."""
-    from moe.backends.triton import prepared_scales, triton_experts
+    from moe.backends.triton import triton_experts
     from moe.backends.triton.config import default_config
-    from moe.functional import _problem
 
     for T in TOKEN_COUNTS:
-        s = _setup(T, name, T == 3)
-        args = ExpertsArgs(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], expert_map=s["expert_map"])
-        prob = _problem(args, moe.ActivationSpec.parse("silu"), False, name)
-        args = dataclasses.replace(args, prepared=prepared_scales(args, prob))
-        ref = _call(s, name, "torch")
+        s, args, prob, ref = _direct_case(T, name)
         for math, gate_up in (("scalar", "two_dots"), ("pairs", "one_dot")):
             cfg = default_config(prob).model_copy(update={"decode_order": order, "dequant_math": math,
                                                           "gate_up": gate_up})
@@ -174,20 +180,15 @@ def test_gpu_weight_only_decode_tiles(name):
     the test's): e2m1's 128-wide tiles with GEMM2 256 deep in 4 stages and 4 parts (WIDE_E2M1_ROWS), and
     symmetric int4's 256-deep GEMM1 steps in 4 stages beside a 32-wide GEMM2 in 2 parts
     (DEEP_INT4_GEMM1_ROWS), over the token-count list, NaN-poisoned, against the emulation."""
-    from moe.backends.triton import GemmTile, prepared_scales, triton_experts
+    from moe.backends.triton import GemmTile, triton_experts
     from moe.backends.triton.config import default_config
-    from moe.functional import _problem
 
     tiles = {"wide": (GemmTile(block_n=128, block_k=128, group_m=64, num_stages=5),
                       GemmTile(block_n=128, block_k=256, group_m=64, num_stages=4), 4),
              "deep": (GemmTile(block_n=64, block_k=256, group_m=64, num_stages=4),
                       GemmTile(block_n=32, block_k=128, group_m=64, num_stages=5), 2)}
     for T in TOKEN_COUNTS:
-        s = _setup(T, name, T == 3)
-        args = ExpertsArgs(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], expert_map=s["expert_map"])
-        prob = _problem(args, moe.ActivationSpec.parse("silu"), False, name)
-        args = dataclasses.replace(args, prepared=prepared_scales(args, prob))
-        ref = _call(s, name, "torch")
+        s, args, prob, ref = _direct_case(T, name)
         for label, (g1, g2, parts) in tiles.items():
             cfg = default_config(prob).model_copy(update={"block_m": 16, "gemm1": g1, "gemm2": g2, "split_k": parts,
                                                           "combine": "reduce"})
@@ -203,13 +204,9 @@ def test_gpu_group_scales_on_the_partial_products(name):
     scales, both gate/up tiles, NaN-poisoned, against the emulation."""
     from moe.backends.triton import prepared_scales, triton_experts
     from moe.backends.triton.config import default_config
-    from moe.functional import _problem
 
     for T in TOKEN_COUNTS:
-        s = _setup(T, name, T == 3)
-        args = ExpertsArgs(s["x"], s["q13"], s["q2"], s["weights"], s["ids"], expert_map=s["expert_map"])
-        prob = _problem(args, moe.ActivationSpec.parse("silu"), False, name)
-        ref = _call(s, name, "torch")
+        s, args, prob, ref = _direct_case(T, name, prepared=False)
         cfg = default_config(prob)
         tiles = {g: getattr(cfg, g).model_copy(update={"block_k": min(getattr(cfg, g).block_k, 128)})
                  for g in ("gemm1", "gemm2")}
