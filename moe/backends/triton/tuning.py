@@ -194,9 +194,9 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         _search(timed, candidates(rpe, elt, gated, k_block, in_elt), best, f"{label} joint", limit)
         for gemm in ("gemm2", "gemm1"):
             _search(timed, refinements(best[1], rpe, elt, gated, gemm, k_block, in_elt), best, f"{label} {gemm}", limit)
-        if q is None or q.config.activations is not None:  # weight-only tiles are decoded from pointer loads
-            _search(timed, load_variants(best[1]), best, f"{label} loads", None)
         act = q.config.activations if q is not None else None
+        if q is None or act is not None:  # not weight-only, whose tiles are decoded from pointer loads
+            _search(timed, load_variants(best[1]), best, f"{label} loads", None)
         if act is not None and not act.static:  # dynamic W8A8: GEMM2's input quantized by a pass, or loading
             flip = {"pass": "load", "load": "pass"}[best[1].gemm2_input]
             other = fit_smem(best[1].model_copy(update={"gemm2_input": flip}), elt, gated,
