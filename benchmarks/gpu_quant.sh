@@ -6,6 +6,7 @@
 # MS="1,16,64,256;4096": one bench run per ';'-separated group of token counts, each under BENCH_TIMEOUT
 # PARTS=ab: config A/Bs (benchmarks/config_ab.py), AB_RUNS="cases|names|variants|flags;..." e.g.
 #   AB_RUNS="mixtral:1|w4a16,mxfp4||--profile;mixtral:1|w4a16|split2,split4|"
+# PARTS=select: selection tables, SELECT_PRESETS / SELECT_NAMES (space-separated), SELECT_MS, SELECT_BACKENDS
 # PYTEST_M: the tests' marker expression (default "gpu and quant")
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
@@ -46,6 +47,15 @@ if [[ $parts == *,tune,* ]]; then
   done; done
   tar -cf "$OUT/tuned_quant.tar" configs/triton/*quant=*.json 2>/dev/null
   grep -vE "^\s*$" "$OUT/tune.err" | grep -iE "error|skip" | cut -c1-200 | sort | uniq -c | head -5
+fi
+if [[ $parts == *,select,* ]]; then  # backend selection tables (moe tune --backends): what auto reads
+  for p in ${SELECT_PRESETS:-dsv3}; do for n in ${SELECT_NAMES:-fp8_block}; do
+    timeout "${SELECT_TIMEOUT:-240}" python3 -m moe tune --preset "$p" --quant "$n" --m "${SELECT_MS:-4096,16384}" \
+      --backends "${SELECT_BACKENDS:-triton,deep_gemm}" --out configs/selection 2>>"$OUT/select.err" | tee -a "$OUT/select.txt"
+    echo "select $p $n rc=$?"
+  done; done
+  tar -cf "$OUT/selection.tar" configs/selection/*.json 2>/dev/null
+  grep -iE "error|fail" "$OUT/select.err" | cut -c1-200 | sort | uniq -c | head -5
 fi
 if [[ $parts == *,bench,* ]]; then
   for p in ${presets//,/ }; do  # every name in one run: the bf16 rows measured once
