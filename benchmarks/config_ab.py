@@ -6,10 +6,9 @@
 A variant edits the heuristic's config: ``bkN`` sets both GEMMs' K tile (``g1bkN``, ``g2bkN`` one's), ``sN``
 their pipeline stages, ``wN`` their warps, ``gmN`` their group_m (``g1sN``, ``g1gmN``, ... one GEMM's), ``bmN``
 the row tile, ``g1nN`` / ``g2nN`` a GEMM's N tile, ``one`` / ``two`` GEMM1's gate/up dots, ``load`` / ``pass``
-how GEMM2's input is quantized (``g1load`` / ``g1pass`` GEMM1's), ``acc`` / ``wts`` where int4 group scales
-apply, ``masks`` / ``bytes`` the 4-bit decode order, ``splitN`` GEMM2's reduction in N parts, ``pairs`` /
-``scalar`` the 4-bit scale multiplies (joined with ``_``), then ``fit_smem`` trims it to the shared-memory
-budget as the heuristic does.
+how GEMM2's input is quantized, ``acc`` / ``wts`` where int4 group scales apply, ``masks`` / ``bytes`` the
+4-bit decode order, ``splitN`` GEMM2's reduction in N parts, ``pairs`` / ``scalar`` the 4-bit scale multiplies
+(joined with ``_``), then ``fit_smem`` trims it to the shared-memory budget as the heuristic does.
 Prints microseconds per call (do_bench median) and the ratio to bf16 from the same run, table last. Up to
 ``--graph-max-m`` tokens (256) the times are CUDA-graph replays, as ``moe bench``'s rows there (``--no-pdl``:
 chained launches off): eager calls at one token measure mostly host time (H200, 2026-12-02: the same mixtral
@@ -54,9 +53,6 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
         if part in ("load", "pass"):
             cfg = cfg.model_copy(update={"gemm2_input": part})
             continue
-        if part in ("g1load", "g1pass"):  # GEMM1's input quantized as it loads it, or by a pass before it
-            cfg = cfg.model_copy(update={"gemm1_input": part[2:]})
-            continue
         if part in ("pairs", "scalar"):  # 4-bit scale multiplies two elements an instruction, or one
             cfg = cfg.model_copy(update={"dequant_math": part})
             continue
@@ -92,8 +88,8 @@ def variant(base: KernelConfig, spec: str, prob) -> KernelConfig:
                              "(bkN, g1bkN, g2bkN, sN, wN, gmN, g1gmN, g2gmN, bmN, g1nN, g2nN, g1wN, g2wN, g1sN, g2sN, "
                              "splitN, "
                              "g1tma, g2tma, g1ptr, g2ptr, "
-                             "one, two, load, pass, g1load, g1pass, acc, wts, pairs, scalar)")
-    return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob, cfg))
+                             "one, two, load, pass, acc, wts, pairs, scalar)")
+    return fit_smem(cfg, operand_bytes(prob), prob.activation.gated, input_elt=input_bytes(prob, cfg.gemm2_input))
 
 
 def _profile(args: ExpertsArgs, prob, out: torch.Tensor, cfg: KernelConfig | None, label: str) -> None:

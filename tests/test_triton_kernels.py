@@ -25,14 +25,14 @@ def _args(case, dtype=torch.float32):
     return inp, args, prob
 
 
-def _w8a8_args(name, T, N, K=256):
-    """bf16 inputs (E = 4, K = 256 unless given) with the weights quantized by the W8A8 scheme ``name`` and, for a static
+def _w8a8_args(name, T, N):
+    """bf16 inputs (E = 4, K = 256) with the weights quantized by the W8A8 scheme ``name`` and, for a static
     scheme, activation scales calibrated on them."""
     import dataclasses
 
     from moe.quant.calibration import calibrate_static_scales
 
-    inp, args, prob = _args(Case(T=T, E=4, K=K, N=N, k=2), torch.bfloat16)
+    inp, args, prob = _args(Case(T=T, E=4, K=256, N=N, k=2), torch.bfloat16)
     cfg = moe.quant.named(name)
     static = {}
     if cfg.static_activations:
@@ -360,35 +360,3 @@ def test_gemm2_input_quantized_by_a_pass_or_as_it_is_loaded(T, N, name, bk, gemm
     triton_experts(args, prob, out, kcfg)
     assert len(calls) == launches
     assert_close(out, torch_ref_experts(args, prob), scheme=name, what=f"{name} GEMM2 block_k={bk}")
-
-
-# (scheme, tokens, K, GEMM1 block_k, quantize_rows launches with gemm1_input="load"): GEMM1 loads per token at
-# any count, per tensor for one token only, per group when a K tile is one group (K = 320: a last partial
-# tile); elsewhere (and for static scales) the pass before GEMM1 runs. GEMM2 quantizes its own input as it
-# loads it, except fp8_block's, whose 64-wide GEMM2 tile is not one group: one pass between the GEMMs
-_GEMM1_LOADS = [("fp8_channel", 1, 256, 64, 0), ("fp8_channel", 9, 320, 64, 0), ("int8_channel", 9, 256, 128, 0),
-                ("fp8_tensor", 1, 256, 64, 0), ("fp8_tensor", 9, 256, 64, 1), ("fp8_block", 9, 320, 128, 1),
-                ("fp8_block", 1, 256, 128, 1), ("fp8_block", 9, 256, 64, 2), ("fp8_tensor_static", 9, 256, 64, 2)]
-
-
-@pytest.mark.parametrize("gate_up", ["two_dots", "one_dot"])
-@pytest.mark.parametrize(("name", "T", "K", "bk", "launches"), _GEMM1_LOADS)
-def test_gemm1_input_quantized_as_it_is_loaded(name, T, K, bk, launches, gate_up, monkeypatch):
-    """gemm1_input="load": GEMM1 quantizes the tokens' rows itself (no pass before it) by each row's absolute
-    max (a first sweep over the row) or, for fp8_block, each tile by its own rows when the tile is one
-    group; the result equals the reference's emulation, into a NaN-poisoned output."""
-    import moe.backends.triton as tb
-    from moe.backends.torch_ref import torch_ref_experts
-    from moe.backends.triton import GemmTile, KernelConfig, triton_experts
-
-    args, prob = _w8a8_args(name, T, 136, K)
-    calls = []
-    real = tb.quantize_rows
-    monkeypatch.setattr(tb, "quantize_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    g1 = GemmTile(block_n=32, block_k=bk, group_m=1, num_stages=1)
-    g2 = GemmTile(block_n=32, block_k=64, group_m=1, num_stages=1)
-    kcfg = KernelConfig(block_m=16, gemm1=g1, gemm2=g2, gemm1_input="load", gemm2_input="load", gate_up=gate_up)
-    out = torch.full_like(args.hidden_states, float("nan"))
-    triton_experts(args, prob, out, kcfg)
-    assert len(calls) == launches
-    assert_close(out, torch_ref_experts(args, prob), scheme=name, what=f"{name} GEMM1 loading, K={K}, block_k={bk}")

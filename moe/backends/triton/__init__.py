@@ -28,7 +28,6 @@ from .config import (
     GemmTile,
     KernelConfig,
     default_config,
-    gemm1_loads_input,
     input_bytes,
     operand_bytes,
 )
@@ -65,7 +64,7 @@ def _check_smem(cfg: KernelConfig, problem: ExpertsProblem, device: torch.device
     if key in _fits:
         return
     limit = _smem_limit(device_index(device))
-    sizes = cfg.smem_bytes(operand_bytes(problem), problem.activation.gated, input_bytes(problem, cfg))
+    sizes = cfg.smem_bytes(operand_bytes(problem), problem.activation.gated, input_bytes(problem, cfg.gemm2_input))
     for name, need in zip(("gemm1", "gemm2"), sizes,
                           strict=True):
         if need > limit:
@@ -228,9 +227,8 @@ def _run(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, cfg: Ker
     act = problem.quant.activations
     static1 = args.a13_scale is not None and args.a13_scale.numel() > 1
     static2 = args.a2_scale is not None and args.a2_scale.numel() > 1
-    # GEMM1's input: x, or its rows quantized (a per-expert static scale, or gemm1_input="load": in GEMM1)
-    x_in, sx = x, args.a13_scale
-    if act is not None and not static1 and not gemm1_loads_input(problem, cfg):
+    x_in, sx = x, args.a13_scale  # GEMM1's input: x, or its rows quantized (a per-expert static scale: in GEMM1)
+    if act is not None and not static1:
         qx = quantize_rows(x, act, static=args.a13_scale, pdl=pdl)
         x_in, sx = qx.data, qx.scale
     # GEMM1 stores the activated rows in sorted order (padding rows left unwritten), so GEMM2 reads

@@ -33,9 +33,7 @@ Each kernel takes its choices as mode values, never one boolean per format (mode
   fp8 block scales with BLOCK_K = the group: it reads GEMM1's unquantized rows and quantizes each
   [BLOCK_M, BLOCK_K] tile, one group a row, as it loads it, so no quantization pass runs between the GEMMs;
   A_TOKEN_LOAD / A_TENSOR_LOAD, GEMM2 of dynamic per-token / per-tensor schemes: the same, the scale made
-  from the row's (the tensor's) absolute max that GEMM1 gathered (OUT_AMAX: ROW_AMAX / TENSOR_AMAX).
-  In GEMM1 the same three modes read the tokens' unquantized rows (no pass before it): A_GROUP_LOAD as
-  above, A_TOKEN_LOAD / A_TENSOR_LOAD (one token) by each row's amax from a first sweep over the row;
+  from the row's (the tensor's) absolute max that GEMM1 gathered (OUT_AMAX: ROW_AMAX / TENSOR_AMAX);
 - INT: int8 operands with int32 accumulation (fp8 and the activation dtypes accumulate in fp32);
 - INTERP: the one interpreter switch (``moe.kernels._jit``).
 Each quantization scheme is a (W_SCALE, A_SCALE, INT) triple (modes.py), never a boolean per format.
@@ -483,28 +481,12 @@ def _step(acc, a, w, sa, sw, sz, k0, K, W_SCALE: tl.constexpr, W_CODE: tl.conste
 
 
 @triton.jit
-def _rows_amax(a_ptrs, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Each row's absolute max over its K columns, [BLOCK_M] (A_TOKEN_LOAD / A_TENSOR_LOAD in GEMM1: a first
-    sweep over the tile's rows, which then quantizes them as it loads them)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    m = tl.zeros([a_ptrs.shape[0]], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:  # noqa: SIM108  (an if: Triton 3.6 does not fold a conditional expression on constexprs)
-            a = tl.load(a_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(offs_k < K - k0)[None, :], other=0.0)
-        m = tl.maximum(m, tl.max(tl.abs(a.to(tl.float32)), axis=1))
-        a_ptrs += BLOCK_K
-    return m
-
-
-@triton.jit
 def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_gather, sa, ws_base, wz_base,
                    stride_wsr, stride_wsg, LOADS: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
                    W_SCALE: tl.constexpr, W_CODE: tl.constexpr, W_PACK: tl.constexpr, W16: tl.constexpr,
-                   GATHER_QUANT: tl.constexpr, GROUP_QUANT: tl.constexpr, INT: tl.constexpr, W_BN: tl.constexpr,
-                   W_BK: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   GATHER_QUANT: tl.constexpr, INT: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr,
+                   INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """The K loop of a gated GEMM1 as one dot per step over [gate | up] columns: [BLOCK_M, 2 * BLOCK_N].
     TMA: one [1, 2, BLOCK_N, BLOCK_K] box of the [E, 2, N, K] view; gate rows past N read up rows, finite
     and never stored."""
@@ -529,11 +511,7 @@ def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_ga
         else:
             gu = _load_w(gu_ptrs, offs_kw < (K - k0) // W_PACK, cmask, EVEN_K)
             gu_ptrs += BLOCK_K // W_PACK
-        if GROUP_QUANT:  # the tile's rows quantized here, one group each
-            q, s_rows = _quantize_groups(a, INTERP)
-            acc = _group_scaled_step(acc, q, s_rows, gu, wsc, k0, W_BK, INTERP, IEEE)
-        else:
-            acc = _step(acc, a, gu, sa, wsc, wz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
+        acc = _step(acc, a, gu, sa, wsc, wz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
         a_ptrs += BLOCK_K
     return acc
 
@@ -542,7 +520,7 @@ def _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_ga
 def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nmask, s_gather, sa, ws_base,
                     wz_base, stride_wsr, stride_wsg, GATED: tl.constexpr, LOADS: tl.constexpr, EVEN_K: tl.constexpr,
                     WEIGHT_ON_INPUT: tl.constexpr, W_SCALE: tl.constexpr, W_CODE: tl.constexpr,
-                    W_PACK: tl.constexpr, W16: tl.constexpr, GATHER_QUANT: tl.constexpr, GROUP_QUANT: tl.constexpr,
+                    W_PACK: tl.constexpr, W16: tl.constexpr, GATHER_QUANT: tl.constexpr,
                     INT: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr, INTERP: tl.constexpr,
                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The K loop of GEMM1 as a gate dot and (gated) an up dot per step: two [BLOCK_M, BLOCK_N]
@@ -561,8 +539,6 @@ def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nma
         kmask = offs_k < K - k0
         kwmask = offs_kw < (K - k0) // W_PACK
         a = _load_a(a_ptrs, kmask, rw, s_gather, EVEN_K, WEIGHT_ON_INPUT, GATHER_QUANT, INT, INTERP)
-        if GROUP_QUANT:  # the tile's rows quantized here, one group each, once for both dots
-            a, s_rows = _quantize_groups(a, INTERP)
         wsc, wz = _weight_scales(sw_g, sz_g, nmask, stride_wsg, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16, BLOCK_K,
                                  EVEN_K, a.dtype)
         if LOADS == 1:
@@ -570,10 +546,7 @@ def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nma
         else:
             g = _load_w(g_ptrs, kwmask, nmask, EVEN_K)
             g_ptrs += BLOCK_K // W_PACK
-        if GROUP_QUANT:
-            acc_g = _group_scaled_step(acc_g, a, s_rows, g, wsc, k0, W_BK, INTERP, IEEE)
-        else:
-            acc_g = _step(acc_g, a, g, sa, wsc, wz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
+        acc_g = _step(acc_g, a, g, sa, wsc, wz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
         if GATED:
             wsc, wz = _weight_scales(sw_u, sz_u, nmask, stride_wsg, k0, K, W_SCALE, W_CODE, W_BK, W_PACK, W16,
                                      BLOCK_K, EVEN_K, a.dtype)
@@ -582,11 +555,7 @@ def _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nma
             else:
                 u = _load_w(u_ptrs, kwmask, nmask, EVEN_K)
                 u_ptrs += BLOCK_K // W_PACK
-            if GROUP_QUANT:
-                acc_u = _group_scaled_step(acc_u, a, s_rows, u, wsc, k0, W_BK, INTERP, IEEE)
-            else:
-                acc_u = _step(acc_u, a, u, sa, wsc, wz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE,
-                              BLOCK_K)
+            acc_u = _step(acc_u, a, u, sa, wsc, wz, k0, K, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
         a_ptrs += BLOCK_K
     return acc_g, acc_u
 
@@ -665,27 +634,18 @@ def moe_gemm1(
         rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
     else:
         rw = tl.full([BLOCK_M], 1.0, tl.float32)  # unused
-    GATHER_QUANT: tl.constexpr = A_SCALE == 4 or A_SCALE >= 6  # the rows quantized here, by one scale each
-    if A_SCALE == 4:
-        s_gather = tl.load(as_ptr + expert)
-    elif A_SCALE >= 6:  # per token (per tensor: one token) loading: each row's scale from a first sweep
-        s_gather = scale_of(_rows_amax(a_ptrs, K, EVEN_K, BLOCK_K), INT)[:, None]
-    else:
-        s_gather = 1.0
+    s_gather = tl.load(as_ptr + expert) if A_SCALE == 4 else 1.0
     a_rows = _row_scales(as_ptr, token, valid, stride_as)
     if GATED and GATE_UP == 1:
         acc = _gemm1_one_dot(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, s_gather, a_rows, ws_base,
                              wz_base, stride_wsr, stride_wsg, LOADS, EVEN_K, WEIGHT_ON_INPUT, W_SCALE, W_CODE, W_PACK,
-                             W16, GATHER_QUANT, A_SCALE == 5, INT, W_BN, W_BK, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+                             W16, A_SCALE == 4, INT, W_BN, W_BK, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
     else:
         acc_g, acc_u = _gemm1_two_dots(a_ptrs, w_desc, w_base, expert, n0, N, K, stride_wn, rw, nmask, s_gather,
                                        a_rows, ws_base, wz_base, stride_wsr, stride_wsg, GATED, LOADS, EVEN_K,
-                                       WEIGHT_ON_INPUT, W_SCALE, W_CODE, W_PACK, W16, GATHER_QUANT, A_SCALE == 5, INT,
-                                       W_BN, W_BK, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-    if A_SCALE >= 6:  # the row scales of tiles quantized as they were loaded
-        acc_g = acc_g.to(tl.float32) * s_gather
-        acc_u = acc_u.to(tl.float32) * s_gather
+                                       WEIGHT_ON_INPUT, W_SCALE, W_CODE, W_PACK, W16, A_SCALE == 4, INT, W_BN, W_BK,
+                                       INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     acc_g = _epilogue_scale(acc_g, as_ptr, a_rows, expert, ws_base, wg_base, offs_n, nmask, stride_wsr, 0, W_SCALE,
                             A_SCALE, INT)
     if GATED:
@@ -709,18 +669,13 @@ def moe_gemm1(
 
 
 @triton.jit
-def _quantize_groups(a, INTERP: tl.constexpr):
+def _group_quantized_step(acc, a, w, sw, k0, W_BK: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr):
     """A_GROUP_LOAD: ``a`` is a [BLOCK_M, BLOCK_K] tile of unquantized rows, one activation group a row
-    (BLOCK_K = the group), quantized here to e4m3 by each row's amax / 448, exactly as ``quant_rows`` would:
-    (the e4m3 tile, its rows' scales)."""
+    (BLOCK_K = the group); quantized here to e4m3 by its row amax / 448, exactly as ``quant_rows`` would,
+    then one scaled step: ``acc += (q @ w) * s[rows] * sw[cols]``."""
     af = a.to(tl.float32)
     s = scale_of(tl.max(tl.abs(af), axis=1), 0)
-    return quantize(af / s[:, None], 0, INTERP), s
-
-
-@triton.jit
-def _group_scaled_step(acc, q, s, w, sw, k0, W_BK: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr):
-    """A block-scaled step of a tile quantized as it was loaded: ``acc += (q @ w) * s[rows] * sw[cols]``."""
+    q = quantize(af / s[:, None], 0, INTERP)
     part = dot(q, w, tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE, False)
     return acc + part * s[:, None] * tl.load(sw + k0 // W_BK)[None, :]
 
@@ -773,8 +728,7 @@ def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, 
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K // W_PACK
         if A_SCALE == 5:
-            q, s_rows = _quantize_groups(a, INTERP)
-            acc = _group_scaled_step(acc, q, s_rows, w, sw, k0, W_BK, INTERP, IEEE)
+            acc = _group_quantized_step(acc, a, w, sw, k0, W_BK, INTERP, IEEE)
         elif A_SCALE >= 6:
             acc = dot(quantize(a.to(tl.float32) / s_in, INT, INTERP), w, acc, INTERP, IEEE, INT)
         else:

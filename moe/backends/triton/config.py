@@ -11,8 +11,8 @@ from pydantic import Field, model_validator
 from ...contract import ExpertsProblem
 from ...frozen import Frozen
 
-__all__ = ["BATCH_INVARIANT_CONFIG", "GemmTile", "KernelConfig", "default_config", "fit_smem", "gemm1_loads_input",
-           "input_bytes", "operand_bytes", "with_loads", "workspace_bytes"]
+__all__ = ["BATCH_INVARIANT_CONFIG", "GemmTile", "KernelConfig", "default_config", "fit_smem", "input_bytes",
+           "operand_bytes", "with_loads", "workspace_bytes"]
 
 Pow2 = Literal[16, 32, 64, 128, 256]
 
@@ -44,12 +44,6 @@ class KernelConfig(Frozen):
     # 5431 us loading vs 3760 us after the pass; fp8_channel's loading GEMM2 2809 us, bf16's 2822).
     # Static schemes always take the pass
     gemm2_input: Literal["pass", "load"] = "pass"
-    # dynamic W8A8 schemes: GEMM1's input (the tokens' rows) quantized by a pass before it ("pass"), or by
-    # GEMM1 as it loads each tile ("load": one launch fewer; every output-column tile quantizes the rows
-    # again). Where it can: per 1x128 group when gemm1.block_k is the group, per token from each row's
-    # absolute max found by a first sweep over the row, per tensor only for one token (the row is the
-    # tensor), and not with the router weight on the input. Elsewhere the pass runs (gemm1_loads_input)
-    gemm1_input: Literal["pass", "load"] = "pass"
     # weight-only int4 groups: their scales (and zero points) multiply the decoded weight tile in the K
     # loop ("weights"), or each K step's partial product ("accumulator": block_k must divide the group
     # size; one multiply per output element a step instead of one per weight element). Other schemes
@@ -129,30 +123,16 @@ def operand_bytes(problem: ExpertsProblem) -> float:
     return problem.dtype.itemsize
 
 
-def gemm1_loads_input(problem: ExpertsProblem, cfg: KernelConfig) -> bool:
-    """Whether GEMM1 quantizes its input tiles as it loads them (``cfg.gemm1_input == "load"`` where the
-    scheme allows it, see KernelConfig.gemm1_input), so no pass quantizes the rows before it."""
-    act = problem.quant.activations
-    if cfg.gemm1_input != "load" or act is None or act.static or problem.apply_router_weight_on_input:
-        return False
-    if act.granularity == "group":
-        return act.group_size == cfg.gemm1.block_k
-    return act.granularity == "token" or problem.num_tokens == 1
-
-
-def input_bytes(problem: ExpertsProblem, cfg: KernelConfig | None = None) -> tuple[int, int]:
+def input_bytes(problem: ExpertsProblem, gemm2_input: str = "pass") -> tuple[int, int]:
     """Bytes an element of GEMM1's and GEMM2's pipelined input tiles. W8A8 inputs are 1-byte tiles, except
     where a GEMM quantizes them itself from the activation dtype: GEMM1 gathering rows with per-expert
-    static scales (any static scheme may) or loading them (``gemm1_loads_input``), GEMM2 of a dynamic
-    scheme with ``gemm2_input="load"``."""
+    static scales (any static scheme may), GEMM2 of a dynamic scheme with ``gemm2_input="load"``."""
     dt, act = problem.dtype.itemsize, problem.quant.activations
     if act is None:
         return dt, dt
     if act.static:
         return dt, 1
-    if cfg is None:
-        return 1, 1
-    return dt if gemm1_loads_input(problem, cfg) else 1, dt if cfg.gemm2_input == "load" else 1
+    return 1, dt if gemm2_input == "load" else 1
 
 
 def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool = True) -> KernelConfig:
@@ -170,7 +150,7 @@ def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool =
         cfg = _weight_only_tiles(cfg, problem)
     elif act is not None:
         cfg = _w8a8_decode_tiles(cfg, problem)
-    return fit_smem(cfg, elt, problem.activation.gated, input_elt=input_bytes(problem, cfg))
+    return fit_smem(cfg, elt, problem.activation.gated, input_elt=input_bytes(problem, cfg.gemm2_input))
 
 
 # Up to this many (token, slot) pairs a dynamic W8A8 scheme's GEMM2 quantizes its input as it loads it

@@ -14,10 +14,10 @@ import torch
 from ...contract import ExpertsProblem
 from ...options import register_cache
 from . import _gemm
-from .config import KernelConfig, gemm1_loads_input
+from .config import KernelConfig
 
-__all__ = ["ACT_CODES", "WEIGHT_ONLY_SCALE_MODES", "W_CODES", "W_SCALE_MODES", "gemm1_input_mode", "gemm2_input_mode",
-           "gemm_modes", "input_mode", "weight_code", "weight_scale_mode"]
+__all__ = ["ACT_CODES", "WEIGHT_ONLY_SCALE_MODES", "W_CODES", "W_SCALE_MODES", "gemm2_input_mode", "gemm_modes",
+           "input_mode", "weight_code", "weight_scale_mode"]
 
 ACT_CODES = {"silu": _gemm.SILU, "gelu": _gemm.GELU, "gelu_tanh": _gemm.GELU_TANH, "swigluoai": _gemm.SWIGLUOAI,
              "relu2": _gemm.RELU2, "silu_no_mul": _gemm.SILU_NO_MUL, "gelu_no_mul": _gemm.GELU_NO_MUL}
@@ -82,16 +82,6 @@ def gemm2_input_mode(problem: ExpertsProblem, cfg: KernelConfig, per_expert_stat
     if act.granularity == "group":
         return _gemm.A_GROUP_LOAD if act.group_size == cfg.gemm2.block_k else _gemm.A_GROUP
     return _LOADED[act.granularity]
-
-
-def gemm1_input_mode(problem: ExpertsProblem, cfg: KernelConfig, per_expert_static: bool) -> int:
-    """GEMM1's A_SCALE mode: its input quantized as it is loaded (``config.gemm1_loads_input``: per group
-    A_GROUP_LOAD, each tile by its rows' amax; per token / per tensor A_TOKEN_LOAD / A_TENSOR_LOAD, by the
-    amax of each row found in a first sweep over it), else the rows a pass quantized (``input_mode``)."""
-    if not gemm1_loads_input(problem, cfg):
-        return input_mode(problem, per_expert_static)
-    return {"group": _gemm.A_GROUP_LOAD, "token": _gemm.A_TOKEN_LOAD}.get(problem.quant.activations.granularity,
-                                                                          _gemm.A_TENSOR_LOAD)
 
 
 def gemm1_amax_mode(problem: ExpertsProblem, cfg: KernelConfig) -> int:
@@ -169,7 +159,7 @@ def _derive(cfg: KernelConfig, p: ExpertsProblem, direct: bool, tma1: bool, tma2
                   INT=a is not None and a.format == "int8", BLOCK_M=cfg.block_m, W_BN=w_bn, W_BK=w_bk,
                   INTERP=interp, IEEE=ieee, PDL=pdl)
     mode1 = dict(common, ACT=ACT_CODES[act.name], GATED=act.gated, HAS_BIAS=p.has_w13_bias,
-                 A_SCALE=gemm1_input_mode(p, cfg, static1),
+                 A_SCALE=input_mode(p, static1),
                  OUT_AMAX=gemm1_amax_mode(p, cfg),
                  BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, GROUP_M=g1.group_m, EVEN_K=p.hidden_size % g1.block_k == 0,
                  LOADS=_gemm.TMA if tma1 else _gemm.POINTER,

@@ -36,7 +36,6 @@ from .config import (
     KernelConfig,
     default_config,
     fit_smem,
-    gemm1_loads_input,
     input_bytes,
     operand_bytes,
     with_loads,
@@ -199,13 +198,10 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         if q is None or act is not None:  # not weight-only, whose tiles are decoded from pointer loads
             _search(timed, load_variants(best[1]), best, f"{label} loads", None)
         if act is not None and not act.static:  # dynamic W8A8: GEMM2's input quantized by a pass, or loading
-            for field in ("gemm2_input", "gemm1_input"):  # loading holds 2-byte input tiles
-                flipped = best[1].model_copy(update={field: _FLIP[getattr(best[1], field)]})
-                if field == "gemm1_input" and not gemm1_loads_input(prob, flipped.model_copy(
-                        update={"gemm1_input": "load"})):
-                    continue  # the scheme or tile leaves GEMM1 nothing to choose
-                other = fit_smem(flipped, elt, gated, input_elt=input_bytes(prob, flipped))
-                _search(timed, [other], best, f"{label} {field.replace('_', ' ')}", None)
+            flip = {"pass": "load", "load": "pass"}[best[1].gemm2_input]
+            other = fit_smem(best[1].model_copy(update={"gemm2_input": flip}), elt, gated,
+                             input_elt=input_bytes(prob, flip))  # loading holds 2-byte input tiles
+            _search(timed, [other], best, f"{label} gemm2 input", None)
         if q is not None and _int4_weight_only(prob):  # the group scales: on the weights, or the partial products
             _search(timed, [_other_group_scales(best[1], prob.quant.weights.group_size)], best,
                     f"{label} group scales", None)
@@ -222,9 +218,6 @@ def sweep(preset: str | Preset, ms: list[int], graph_max_m: int = 256, limit: in
         print(f"{p.name:<8} M={m:<6} heuristic {row['heuristic_us']:9.1f} us  best {best[0]:9.1f} us "
               f"(x{row['heuristic_us'] / best[0]:.2f})  {best[1].model_dump_json()}", flush=True)
     return results
-
-
-_FLIP = {"pass": "load", "load": "pass"}
 
 
 def tune(p: Preset, ms: list[int], dtype: torch.dtype, out_dir: Path, limit: int | None = None,
