@@ -280,13 +280,13 @@ def test_w8a8_heuristic_sizes_tiles_by_their_bytes():
 
     for preset, m in (("dsv3", 16384), ("qwen3", 4096), ("mixtral", 1024), ("mixtral", 16), ("dsv3", 4)):
         plain = PRESETS[preset].problem("cpu", torch.bfloat16, m)
-        loading = m * PRESETS[preset].top_k <= 64  # few pairs: GEMM2 quantizes its input as it loads it
-        dynamic = (1, 2) if loading else (1, 1)
-        for name, bk, inputs in (("fp8_block", 128, dynamic), ("fp8_channel", 64, dynamic),
-                                 ("int8_channel", 64, dynamic), ("fp8_tensor_static", 64, (2, 1))):
+        loading = m * PRESETS[preset].top_k <= 64  # few pairs: GEMM2 quantizes a per-tensor input as it loads it
+        for name, bk, inputs in (("fp8_block", 128, (1, 1)), ("fp8_channel", 64, (1, 1)),
+                                 ("int8_channel", 64, (1, 1)), ("fp8_tensor", 64, (1, 2) if loading else (1, 1)),
+                                 ("fp8_tensor_static", 64, (2, 1))):
             prob = dataclasses.replace(plain, quant=moe.quant.named(name))
             cfg = default_config(prob)
-            assert cfg.gemm2_input == ("load" if loading and name != "fp8_tensor_static" else "pass")
+            assert cfg.gemm2_input == ("load" if loading and name == "fp8_tensor" else "pass")
             assert operand_bytes(prob) == 1 and input_bytes(prob, cfg.gemm2_input) == inputs
             if m >= 1024:  # the compute-bound buckets (decode tiles are 128 deep for every scheme)
                 assert cfg.gemm1.block_k == cfg.gemm2.block_k == bk
@@ -360,3 +360,25 @@ def test_gemm2_input_quantized_by_a_pass_or_as_it_is_loaded(T, N, name, bk, gemm
     triton_experts(args, prob, out, kcfg)
     assert len(calls) == launches
     assert_close(out, torch_ref_experts(args, prob), scheme=name, what=f"{name} GEMM2 block_k={bk}")
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_one_row_per_tensor_quantization_is_one_launch(fmt, monkeypatch):
+    """A dynamic per-tensor input of one row (GEMM1's at one token) is quantized in one launch, by its row's
+    scale: the same bits as the amax launch and the per-tensor launch after it, and a scale of shape [1]."""
+    import moe.kernels.quant as kq
+    from moe.quant import ActivationScheme
+
+    scheme = ActivationScheme(format=fmt, granularity="tensor")
+    x = torch.randn(1, 300, dtype=torch.bfloat16) * 3
+    calls = []
+    real = kq._launch
+    monkeypatch.setattr(kq, "_launch", lambda *a, **kw: calls.append(a[5]) or real(*a, **kw))
+    one = kq.quantize_rows(x, scheme)
+    assert len(calls) == 1
+    amax = x.float().abs().amax().reshape(1)
+    two = kq.quantize_rows(x, scheme, amax=amax.clone())  # the per-tensor launch from a given amax
+    assert one.scale.shape == two.scale.shape == (1,)
+    torch.testing.assert_close(one.scale, two.scale, rtol=0, atol=0)
+    assert torch.equal(one.data.view(torch.uint8), two.data.view(torch.uint8))
+    assert one.scale.item() == pytest.approx(amax.item() / (448.0 if fmt == "fp8" else 127.0), rel=1e-6)

@@ -69,6 +69,10 @@ def quantize_rows(x: torch.Tensor, scheme: ActivationScheme, *, static: torch.Te
         _launch(q_mod, x, q, static, static, q_mod.STATIC, per_expert=static.numel() > 1, **launch_args)
         return QuantizedRows(q, static)
     if scheme.granularity == "tensor":
+        if amax is None and rows == 1:  # one row (one token): its scale is the tensor's, in one launch
+            scale = torch.empty(1, dtype=torch.float32, device=x.device)
+            _launch(q_mod, x, q, scale, scale, q_mod.TOKEN, **launch_args)
+            return QuantizedRows(q, scale)
         if amax is None:
             amax = torch.zeros(1, dtype=torch.float32, device=x.device)
             _launch(q_mod, x, q, amax, amax, q_mod.AMAX, **launch_args)

@@ -141,7 +141,8 @@ def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool =
     whole multiples of 16 bytes, every tile uses pointer loads."""
     cfg = _by_rows_per_expert(problem, interpret)
     act = problem.quant.activations
-    if act is not None and not act.static and problem.num_tokens * problem.top_k <= LOADING_GEMM2_MAX_PAIRS:
+    if (act is not None and not act.static and act.granularity == "tensor"
+            and problem.num_tokens * problem.top_k <= LOADING_GEMM2_MAX_PAIRS):
         cfg = cfg.model_copy(update={"gemm2_input": "load"})
     elt = operand_bytes(problem)  # descriptors need 16-byte row strides: K and N rows of whole 16 bytes
     if not tma or (problem.hidden_size * elt) % 16 or (problem.intermediate_size * elt) % 16:
@@ -153,10 +154,16 @@ def default_config(problem: ExpertsProblem, interpret: bool = False, tma: bool =
     return fit_smem(cfg, elt, problem.activation.gated, input_elt=input_bytes(problem, cfg.gemm2_input))
 
 
-# Up to this many (token, slot) pairs a dynamic W8A8 scheme's GEMM2 quantizes its input as it loads it
-# (gemm2_input="load"), above it a pass does (H200, 2026-12-02, heuristic tiles: mixtral at 16 tokens, 32
-# pairs, fp8_channel 591 -> 380 us and fp8_block 566 -> 439 us loading; at 512 pairs the pass was faster,
-# dsv3 at 64 tokens by 10%, mixtral at 256 by 10-36%)
+# Up to this many (token, slot) pairs a dynamic per-tensor W8A8 scheme's GEMM2 quantizes its input as it
+# loads it (gemm2_input="load"), above it a pass does (H200, 2026-12-02: at 512 pairs the pass was faster,
+# dsv3 at 64 tokens by 10%, mixtral at 256 by 10-36%). Per-token and per-group schemes always take the
+# pass: their loaded tiles divide by a scale per row, which made GEMM2's loop about twice as long (sm_90
+# SASS, mixtral at one token: 1176 instructions against 543 per tensor) and GEMM2 itself 57 us against 33
+# after the pass (H200, 2026-12-03, graphs, whole call: mixtral at one token fp8_channel 139.8 -> 119.5
+# us, fp8_block 166.0 -> 127.4, int8_channel 155.2 -> 116.0; dsv3 126.1 -> 121.5, 125.8 -> 123.6, 134.0 ->
+# 118.8; mixtral at 16 tokens int8_channel 408.8 -> 379.7, fp8_block 385.8 -> 382.0), while per tensor
+# loading stayed faster (mixtral at one token 129.4 against 132.8 us, dsv3 129.5 against 137.5, qwen3
+# 39.3 against 46.2, mixtral at 16 tokens 381.0 against 403.3)
 LOADING_GEMM2_MAX_PAIRS = 64
 
 
