@@ -352,22 +352,27 @@ def _split_short_grids(cfg: KernelConfig, problem: ExpertsProblem, tiles: int, p
 
 
 # W8A8 GEMM2 reductions (the intermediate size N) up to this long take 3 pipeline stages while the weights
-# stream (H200, 2026-12-03, graphs, dsv3 at one token, N = 2048, 16 K steps of 128: fp8_block 120.0 ->
-# 112.9 us, fp8_channel 118.5 -> 113.5, fp8_tensor 118.9 -> 115.8); qwen3's 768 had 3 already
+# stream on a grid of one to two MIN_PROGRAMS: by the shared-memory estimate the smaller pipeline (55
+# instead of 92 KB at 16 x 128 x 128 tiles) lets four programs share an SM instead of two, so such a grid
+# can run in one wave instead of two (H200, 2026-12-03, graphs, dsv3 at one token, 448
+# programs, N = 2048 in 16 K steps of 128: fp8_block 120.0 -> 112.9 us, fp8_channel 118.5 -> 113.5,
+# fp8_tensor 118.9 -> 115.8). Longer grids (dsv3 at 16 tokens: 7168 programs) keep their stages;
+# qwen3's N = 768 had 3 already
 W8A8_SHORT_REDUCTION = 2048
 
 
 def _w8a8_decode_tiles(cfg: KernelConfig, problem: ExpertsProblem) -> KernelConfig:
-    """W8A8 while the weights stream (up to 16 rows an expert): GEMM2 in 3 stages up to a reduction of
-    W8A8_SHORT_REDUCTION, and on a GEMM2 grid short of MIN_PROGRAMS GEMM1 32 x 256 and GEMM2 64 x 256 tiles
-    (128-deep for block scales: a K step never straddles a scale block) with GEMM2 in W8A8_SPLIT parts,
-    where the reduction is long enough for them."""
+    """W8A8 while the weights stream (up to 16 rows an expert): on a GEMM2 grid of one to two MIN_PROGRAMS
+    with a reduction up to W8A8_SHORT_REDUCTION, GEMM2 in 3 stages; on a grid short of MIN_PROGRAMS,
+    GEMM1 32 x 256 and GEMM2 64 x 256 tiles (128-deep for block scales: a K step never straddles a scale
+    block) with GEMM2 in W8A8_SPLIT parts, where the reduction is long enough for them."""
     tiles, rows_per_expert = _row_tiles(problem)
+    programs = _gemm2_programs(problem, tiles, cfg)
     if rows_per_expert > 16:
         return cfg
-    if problem.intermediate_size <= W8A8_SHORT_REDUCTION:
-        cfg = cfg.model_copy(update={"gemm2": cfg.gemm2.model_copy(update={"num_stages": 3})})
-    if _gemm2_programs(problem, tiles, cfg) >= MIN_PROGRAMS:
+    if programs >= MIN_PROGRAMS:
+        if programs <= 2 * MIN_PROGRAMS and problem.intermediate_size <= W8A8_SHORT_REDUCTION:
+            cfg = cfg.model_copy(update={"gemm2": cfg.gemm2.model_copy(update={"num_stages": 3})})
         return cfg
     bk = min(256, _block_k_of_scales(problem) or 256)
     decode = cfg.model_copy(update={"gemm1": cfg.gemm1.model_copy(update={"block_n": 32, "block_k": bk}),
