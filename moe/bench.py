@@ -194,11 +194,13 @@ def _resolve_backends(backends: tuple[str, ...] | None) -> tuple[str, ...]:
     if backends is None:
         return tuple(registered)
     for name in backends:
+        if name == "auto":  # rows "auto->chosen": what a call that names no backend runs
+            continue
         try:
             get_backend(name)
         except ValueError:
             raise BenchError(f"--backends: unknown backend {name!r}; registered: {', '.join(registered)} "
-                             "(comma-separated, e.g. --backends torch,triton)") from None
+                             "or auto (comma-separated, e.g. --backends torch,triton)") from None
     return tuple(backends)
 
 
@@ -494,19 +496,20 @@ def _bench_backend(name: str, p: Preset, m: int, case: _Case, dev: torch.device,
     """The backend's eager row, its graph row (CUDA, M <= GRAPH_MAX_M) and, for triton, its kernels row."""
     q = case.quant
     try:
-        select_backend(case.problem, name)
+        chosen = select_backend(case.problem, name).chosen
     except BackendUnavailableError as err:
         return [_skipped(p, m, name, "eager", case.floor, f"skipped: {err}", quant=q)]
-    if name == "torch" and dev.type == "cuda" and m * p.top_k > REFERENCE_TIMING_MAX_PAIRS:
-        return [_skipped(p, m, name, "eager", case.floor, "reference: not timed at this size", quant=q)]
+    label = f"auto->{chosen}" if name == "auto" else name
+    if chosen == "torch" and dev.type == "cuda" and m * p.top_k > REFERENCE_TIMING_MAX_PAIRS:
+        return [_skipped(p, m, label, "eager", case.floor, "reference: not timed at this size", quant=q)]
     call = _caller(p, case, name)
     err = rel_error(call(), case.ref)
-    rows = [timed_row(p, m, name, "eager", _call_times(call, dev), case.floor, err, dev, quant=q)]
-    if dev.type == "cuda" and m <= GRAPH_MAX_M and name != "torch":
+    rows = [timed_row(p, m, label, "eager", _call_times(call, dev), case.floor, err, dev, quant=q)]
+    if dev.type == "cuda" and m <= GRAPH_MAX_M and chosen != "torch":
         try:
-            rows.append(timed_row(p, m, name, "graph", _graph_times(call, dev), case.floor, err, dev, quant=q))
+            rows.append(timed_row(p, m, label, "graph", _graph_times(call, dev), case.floor, err, dev, quant=q))
         except Exception as exc:  # a backend that cannot be captured says so in the table
-            rows.append(_skipped(p, m, name, "graph", case.floor, f"not capturable: {exc}", err, quant=q))
+            rows.append(_skipped(p, m, label, "graph", case.floor, f"not capturable: {exc}", err, quant=q))
     if kernels and name == "triton" and dev.type == "cuda" and m <= KERNELS_MAX_M:
         rows.append(_bench_triton_kernels(p, m, case.args, case.problem, case.ref, case.floor, dev))
     return rows

@@ -279,7 +279,8 @@ def _tune_selection(args: argparse.Namespace, p: object, ms: tuple[int, ...]) ->
     env = os.environ.get("MOE_TUNED_CONFIGS_DIR")
     out = Path(args.out) if args.out else (Path(env) / "selection" if env else user_dir())
     try:
-        path = tune_selection(p, ms, DTYPES[args.dtype], out.expanduser(), backends=names, quant=scheme)
+        path = tune_selection(p, ms, DTYPES[args.dtype], out.expanduser(), backends=names, quant=scheme,
+                              log=lambda line: print(line, flush=True))
     except ValueError as exc:
         raise CliError(f"moe tune --backends: {exc}") from None
     print(f"wrote {Path(path).resolve()}")

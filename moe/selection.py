@@ -25,7 +25,7 @@ from .frozen import Frozen, load_json_file
 from .options import options, register_cache
 
 __all__ = ["SCHEMA_VERSION", "BucketChoice", "SelectionTable", "bucket_of", "file_name", "find_table",
-           "load_table", "search_dirs", "table_for", "user_dir", "write_table"]
+           "load_table", "search_dirs", "table_file_name", "table_for", "user_dir", "write_table"]
 
 SCHEMA_VERSION = 1
 

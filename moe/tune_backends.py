@@ -11,6 +11,7 @@ chosen by ``auto`` at that bucket.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .functional import fused_experts
 from .quant import QuantConfig, quantize
 from .registry import get_backend, judge, list_backends
 from .routing import fused_topk
-from .selection import BucketChoice, SelectionTable, write_table
+from .selection import BucketChoice, SelectionTable, load_table, table_file_name, write_table
 from .testing import rel_error, tolerance
 from .workload import Preset, graph_time, random_tokens, random_weights, time_fn
 
@@ -83,10 +84,23 @@ def measure_bucket(p: Preset, m: int, dtype: torch.dtype, device: torch.device, 
     return BucketChoice(backend=best, timings_us=timings, failed_parity=tuple(failed))
 
 
+def _earlier(path: Path, table: SelectionTable) -> dict[int, BucketChoice]:
+    """The buckets of an earlier run's table for the same key (a resumed ``moe tune --backends``), else {}."""
+    if not path.is_file():
+        return {}
+    old = load_table(path)
+    return dict(old.buckets) if old.model_copy(update={"buckets": table.buckets}) == table else {}
+
+
 def tune_selection(p: Preset, ms: Sequence[int], dtype: torch.dtype, out_dir: Path, *,
                    device: torch.device | str = "cuda", backends: Sequence[str] | None = None,
-                   quant: QuantConfig | None = None, timer: Timer = default_timer, seed: int = 0) -> Path:
-    """Measure ``p`` at each token count of ``ms`` and write its selection table under ``out_dir``."""
+                   quant: QuantConfig | None = None, timer: Timer = default_timer, seed: int = 0,
+                   log: Callable[[str], None] | None = None) -> Path:
+    """Measure ``p`` at each token count of ``ms`` and write its selection table under ``out_dir``.
+
+    The file is written after every token count, merged with the buckets of an earlier run of the same key
+    (a token count measured again replaces its bucket), so a run stopped part way keeps what it measured.
+    ``log`` gets one line per token count (the choice, and the seconds it took: compiles included)."""
     device, quant = torch.device(device), quant or QuantConfig()
     if quant.static_activations:
         raise ValueError(f"quant: static activation scales are not tuned here, got {quant.key()}")
@@ -98,15 +112,37 @@ def tune_selection(p: Preset, ms: Sequence[int], dtype: torch.dtype, out_dir: Pa
     names = _candidates(problem, backends)
     if not names:
         raise ValueError(f"no backend can run {p.describe()} here; see `moe backends`")
-    buckets = {}
+    path, buckets = None, None
     for m in ms:
+        start = time.perf_counter()
         choice = measure_bucket(p, m, dtype, device, weights, quant, names, timer, gen)
-        if choice is not None:
-            buckets[m] = choice
-    if not buckets:
+        if log is not None:
+            log(_log_line(p, m, quant, choice, time.perf_counter() - start))
+        if choice is None:
+            continue
+        table = _table(p, dtype, quant, problem.target.name, {m: choice})
+        path = Path(out_dir) / table_file_name(table)
+        if buckets is None:
+            buckets = _earlier(path, table)
+        buckets[m] = choice
+        write_table(table.model_copy(update={"buckets": dict(sorted(buckets.items()))}), Path(out_dir))
+    if path is None:
         raise ValueError(f"every backend failed its parity check on {p.describe()}: {', '.join(names)}")
-    table = SelectionTable(num_experts=p.num_experts, intermediate_size=p.intermediate_size,
-                           hidden_size=p.hidden_size, top_k=p.top_k, activation=p.activation,
-                           dtype=str(dtype).removeprefix("torch."), quant=quant.key(),
-                           device_name=problem.target.name, buckets=buckets)
-    return write_table(table, Path(out_dir))
+    return path
+
+
+def _table(p: Preset, dtype: torch.dtype, quant: QuantConfig, device_name: str,
+           buckets: dict[int, BucketChoice]) -> SelectionTable:
+    return SelectionTable(num_experts=p.num_experts, intermediate_size=p.intermediate_size,
+                          hidden_size=p.hidden_size, top_k=p.top_k, activation=p.activation,
+                          dtype=str(dtype).removeprefix("torch."), quant=quant.key(), device_name=device_name,
+                          buckets=buckets)
+
+
+def _log_line(p: Preset, m: int, quant: QuantConfig, choice: BucketChoice | None, seconds: float) -> str:
+    head = f"{p.name} {quant.key()} M={m} ({seconds:.0f} s):"
+    if choice is None:
+        return f"{head} every backend failed parity"
+    times = ", ".join(f"{b} {t:.1f} us" for b, t in sorted(choice.timings_us.items(), key=lambda kv: kv[1]))
+    failed = f"; failed parity: {', '.join(choice.failed_parity)}" if choice.failed_parity else ""
+    return f"{head} {choice.backend} ({times}){failed}"

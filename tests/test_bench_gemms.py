@@ -86,3 +86,12 @@ def test_two_gemms_recombine_to_the_reference(name):
     args = ExpertsArgs(x, w13, w2, weights, ids, b13, b2)
     ref = torch_ref_experts(args, p.problem("cpu", torch.float32, 9), compute_dtype=torch.float32)
     assert rel_error(g.output(9), ref) < 1e-5
+
+
+def test_auto_rows_name_the_backend_auto_chose(fixed_ceilings):
+    """``--backends auto``: what a call that names no backend runs, timed beside the named ones."""
+    req = moe.bench.resolve_request("default", (3,), "cpu", None, ("torch", "auto"), "fp8_channel")
+    _, rows = moe.bench.run_request(req, progress=False)
+    auto = [r for r in rows if r.backend.startswith("auto->")]
+    assert {(r.backend, r.quant) for r in auto} == {("auto->torch", "none"), ("auto->torch", "fp8_channel")}
+    assert all(r.time_us is not None and r.rel_err is not None and r.rel_err < 1e-2 for r in auto)

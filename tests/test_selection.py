@@ -181,6 +181,24 @@ def test_tune_checks_parity_first_then_times(backends, tmp_path):
     assert t.device_name == "cpu" and t.dtype == "float32"
 
 
+def test_a_resumed_tune_merges_its_buckets_and_logs_each(backends, tmp_path):
+    """Written after every token count and merged with an earlier run's file: a run stopped part way keeps
+    what it measured; a token count measured again replaces its bucket."""
+    def timer(fast, slow):
+        return lambda name, m, call, device: {"test_fast": fast, "test_slow": slow}[name]
+
+    tune_selection(P, (2, 64), torch.float32, tmp_path, device="cpu", backends=("test_fast", "test_slow"),
+                   timer=timer(1e-5, 2e-5))
+    lines = []
+    path = tune_selection(P, (64, 512), torch.float32, tmp_path, device="cpu",
+                          backends=("test_fast", "test_slow"), timer=timer(3e-5, 2e-5), log=lines.append)
+    t = load_table(path)
+    assert sorted(t.buckets) == [2, 64, 512]
+    assert t.buckets[2].backend == "test_fast"
+    assert t.buckets[64].backend == t.buckets[512].backend == "test_slow"
+    assert len(lines) == 2 and "M=64" in lines[0] and "test_slow 20.0 us" in lines[0]
+
+
 def test_tune_refuses_when_every_backend_fails(backends, tmp_path):
     with pytest.raises(ValueError, match="every backend failed its parity check"):
         tune_selection(P, (2,), torch.float32, tmp_path, device="cpu", backends=("test_wrong",),
