@@ -137,6 +137,17 @@ class Backend(Protocol):
     def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None: ...
 
 
+def gemm1_rounding(backend: object, problem: ExpertsProblem) -> torch.dtype | None:
+    """The dtype a backend stores GEMM1's output in before the activation under a W8A8 scheme, when it
+    rounds it there (its ``w8a8_gemm1_rounded`` attribute: a library GEMM that writes bf16 only, such as
+    ``torch._scaled_grouped_mm`` or DeepGEMM's), else None (the output stays fp32 into the activation).
+    The reference emulates it (``torch_ref_experts(..., gemm1_dtype=...)``): that rounding moves GEMM2's
+    quantized inputs across steps, an arithmetic difference, not an error."""
+    if problem.quant.activations is None or not getattr(backend, "w8a8_gemm1_rounded", False):
+        return None
+    return problem.dtype
+
+
 def backend_schemes(backend: object) -> frozenset[str]:
     """The quantization schemes a backend declares (``{"none"}`` when it declares none)."""
     return frozenset(getattr(backend, "schemes", ("none",)))

@@ -4,8 +4,9 @@ the reference first, and write the selection table ``auto`` reads (``moe.selecti
 Timing is ``moe bench``'s: ``moe.workload.time_fn`` (do_bench's median on CUDA), and CUDA-graph replays
 (``graph_time``) up to ``GRAPH_MAX_M`` tokens. Parity: each backend's output, into an output poisoned with
 NaN, against the torch reference of the same inputs (fp32 compute), within the tolerance row of
-(dtype, scheme) of ``moe.testing.TOLERANCES``. A backend that fails is recorded in the table and never
-chosen by ``auto`` at that bucket.
+(dtype, scheme) of ``moe.testing.TOLERANCES``; under a W8A8 scheme the reference emulates the backend's
+declared rounding of GEMM1's output (``moe.contract.gemm1_rounding``). A backend that fails is recorded in
+the table and never chosen by ``auto`` at that bucket.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .backends.torch_ref import torch_ref_experts
-from .contract import ExpertsArgs, ExpertsProblem
+from .contract import ExpertsArgs, ExpertsProblem, gemm1_rounding
 from .functional import fused_experts
 from .quant import QuantConfig, quantize
 from .registry import get_backend, judge, list_backends
@@ -65,10 +66,15 @@ def measure_bucket(p: Preset, m: int, dtype: torch.dtype, device: torch.device, 
     w13, w2 = weights
     scheme = None if quant.weights is None else quant
     problem = _problem(p, device, dtype, m, quant)
-    ref = torch_ref_experts(ExpertsArgs(x, w13, w2, topk_w, ids), problem, compute_dtype=torch.float32)
+    refs: dict[torch.dtype | None, torch.Tensor] = {}  # the reference of each backend's declared arithmetic
     limit = tolerance(dtype, quant.key())
     timings, failed = {}, []
     for name in names:
+        rounding = gemm1_rounding(get_backend(name), problem)
+        if rounding not in refs:
+            refs[rounding] = torch_ref_experts(ExpertsArgs(x, w13, w2, topk_w, ids), problem,
+                                               compute_dtype=torch.float32, gemm1_dtype=rounding)
+        ref = refs[rounding]
         def call(name: str = name) -> torch.Tensor:
             return fused_experts(x, w13, w2, topk_w, ids, activation=p.activation, quant=scheme, backend=name)
 

@@ -18,8 +18,9 @@ from cases import run
 
 import moe
 from moe.backends import deep_gemm as dgb
+from moe.backends.torch_ref import torch_ref_experts
 from moe.config import ActivationSpec
-from moe.contract import ExpertsArgs, ExpertsProblem
+from moe.contract import ExpertsArgs, ExpertsProblem, gemm1_rounding
 from moe.kernels.align import align
 from moe.quant import QuantizedWeight
 from moe.target import TARGETS, cuda_target
@@ -116,9 +117,9 @@ def _problem(case: ParityCase, target=None) -> ExpertsProblem:
                           quant=moe.QuantConfig.parse(case.quant), target=target)
 
 
-def _run(case: ParityCase, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(case: ParityCase, monkeypatch, inputs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     monkeypatch.setattr(dgb, "_dg", stand_in)
-    inputs = make_inputs(case)  # quantized weights for a quantized case
+    inputs = inputs or make_inputs(case)  # quantized weights for a quantized case
     args = ExpertsArgs(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
                        inputs["topk_ids"], expert_map=inputs["expert_map"])
     out = torch.full_like(inputs["hidden_states"], float("nan"))
@@ -135,10 +136,26 @@ def test_pipeline_against_the_stand_in(T, activation, emap, monkeypatch):
     assert_close(out, ref, torch.float32)
 
 
-@pytest.mark.parametrize("T", [4, 130])
-def test_fp8_block_pipeline_against_the_stand_in(T, monkeypatch):
-    out, ref = _run(ParityCase(T=T, E=4, K=256, N=128, k=2, quant="fp8_block"), monkeypatch)
+def _emulation(inputs: dict, problem: ExpertsProblem) -> torch.Tensor:
+    """The reference of deep_gemm's declared W8A8 arithmetic (GEMM1's output rounded to the call's dtype)."""
+    args = ExpertsArgs(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
+                       inputs["topk_ids"], expert_map=inputs.get("expert_map"))
+    return torch_ref_experts(args, problem, compute_dtype=torch.float32,
+                             gemm1_dtype=gemm1_rounding(dgb.BACKEND, problem))
+
+
+@pytest.mark.parametrize("T", [4, 130])  # masked, contiguous
+@pytest.mark.parametrize("emap", [False, True])
+def test_fp8_block_pipeline_against_the_stand_in(T, emap, monkeypatch):
+    """Against the float64 oracle within the quantization noise, and against the emulation of the scheme
+    within the kernel-vs-emulation row (both quantize the same values)."""
+    case = ParityCase(T=T, E=4, K=256, N=128, k=2, quant="fp8_block", expert_map=emap)
+    monkeypatch.setattr(dgb, "_dg", stand_in)
+    inputs = make_inputs(case)
+    out, ref = _run(case, monkeypatch, inputs)
     assert moe.testing.rel_error(out, ref) < moe.testing.QUANT_NOISE["fp8_block"]
+    limit = moe.testing.tolerance(case.dtype, "fp8_block")
+    assert moe.testing.rel_error(out, _emulation(inputs, _problem(case))) < limit
 
 
 def test_contiguous_layout_marks_padding_rows():
@@ -273,6 +290,9 @@ def test_gpu_deep_gemm_parity(T, quant):
                           inputs["topk_ids"])
     limit = moe.testing.QUANT_NOISE[quant] if quant != "none" else moe.testing.tolerance(torch.bfloat16)
     assert moe.testing.rel_error(out, ref) < limit
+    if quant != "none":  # and the scheme's emulation of the same quantized values, within the tight row
+        emulated = _emulation(inputs, _problem(case))  # the reference reads the scheme and shapes only
+        assert moe.testing.rel_error(out, emulated) < moe.testing.tolerance(torch.bfloat16, quant)
 
 
 @pytest.mark.gpu

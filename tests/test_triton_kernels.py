@@ -391,3 +391,33 @@ def test_one_row_per_tensor_quantization_is_one_launch(fmt, monkeypatch):
     torch.testing.assert_close(one.scale, two.scale, rtol=0, atol=0)
     assert torch.equal(one.data.view(torch.uint8), two.data.view(torch.uint8))
     assert one.scale.item() == pytest.approx(amax.item() / (448.0 if fmt == "fp8" else 127.0), rel=1e-6)
+
+
+# ---------------------------------------------------------------- the standalone activation kernel
+
+
+@pytest.mark.parametrize("name", moe.testing.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_rows_match_the_torch_activation(name, dtype):
+    """``moe.kernels.activation.activate_rows`` (deep_gemm's activation) against ``moe.activations`` in fp32
+    rounded to the dtype, on rows that are a slice of a wider tensor and an N that is not a power of two."""
+    from moe.activations import apply_activation
+    from moe.kernels.activation import activate_rows
+
+    spec = ActivationSpec.parse(name)
+    n = 96
+    wide = torch.randn(5, (2 * n if spec.gated else n) + 8, generator=torch.Generator().manual_seed(3)) * 3
+    h = wide[:, 8:].to(dtype)  # row stride > columns, offset start
+    out = activate_rows(h, spec)
+    want = apply_activation(h.float(), spec).to(dtype)
+    if dtype == torch.float32:  # erf and exp differ in their last bits from torch's (gelu's 1 + erf cancels)
+        assert moe.testing.rel_error(out, want) < moe.testing.tolerance(torch.float32)
+    else:  # the same fp32 value rounded: at most one bf16 step apart where the fp32 values differ in the last bits
+        torch.testing.assert_close(out.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_activation_rows_need_unit_column_strides():
+    from moe.kernels.activation import activate_rows
+
+    with pytest.raises(ValueError, match="activate_rows: .*unit column strides"):
+        activate_rows(torch.randn(8, 4).t(), ActivationSpec.parse("silu"))

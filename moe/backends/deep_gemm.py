@@ -33,8 +33,8 @@ from types import ModuleType
 
 import torch
 
-from ..activations import apply_activation
 from ..contract import ExpertsArgs, ExpertsProblem
+from ..kernels.activation import activate_rows
 from ..kernels.align import Alignment, align
 from ..kernels.combine import combine
 from ..kernels.quant import quantize_rows
@@ -161,16 +161,48 @@ def _quantized(problem: ExpertsProblem) -> bool:
     return problem.quant.activations is not None
 
 
-def _gemm_input(x: torch.Tensor, problem: ExpertsProblem):
-    """A GEMM's input as DeepGEMM takes it: bf16 rows, or (fp8 rows, fp32 [rows, K/128] scales)."""
+@dataclass(frozen=True)
+class _Rows:
+    """A GEMM input as DeepGEMM takes it: bf16 rows (``scale`` None), or fp8 rows and their fp32
+    [rows, K/128] scales. Quantization is per row (1x128 groups), so rows quantize before they move."""
+
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    def operand(self):
+        return self.data if self.scale is None else (self.data, self.scale)
+
+    def select(self, index: torch.Tensor) -> _Rows:
+        return _Rows(_bytes(self.data).index_select(0, index).view(self.data.dtype),
+                     None if self.scale is None else self.scale.index_select(0, index))
+
+    def scatter(self, slot: torch.Tensor, rows: int) -> _Rows:
+        """These rows at ``slot`` of ``rows`` new rows; the rest are left unwritten (a GEMM row depends on its
+        own input row only, and no unwritten row's output is read)."""
+        data = torch.empty(rows, self.data.shape[1], dtype=self.data.dtype, device=self.data.device)
+        _bytes(data).index_copy_(0, slot, _bytes(self.data))
+        if self.scale is None:
+            return _Rows(data)
+        scale = torch.empty(rows, self.scale.shape[1], dtype=self.scale.dtype, device=self.scale.device)
+        return _Rows(data, scale.index_copy_(0, slot, self.scale))
+
+    def slabs(self, num_experts: int, max_rows: int) -> _Rows:
+        """The first E * max_rows rows as [E, max_rows, ...] (a spare row past them is left out)."""
+        def view(t: torch.Tensor) -> torch.Tensor:
+            return t[:num_experts * max_rows].reshape(num_experts, max_rows, t.shape[-1])
+
+        return _Rows(view(self.data), None if self.scale is None else view(self.scale))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t  # index kernels for fp8 rows: as bytes
+
+
+def _gemm_input(x: torch.Tensor, problem: ExpertsProblem) -> _Rows:
     if not _quantized(problem):
-        return x
+        return _Rows(x)
     q = quantize_rows(x.contiguous(), problem.quant.activations)
-    return q.data, q.scale
-
-
-def _activate(h: torch.Tensor, problem: ExpertsProblem, dtype: torch.dtype) -> torch.Tensor:
-    return apply_activation(h.float(), problem.activation).to(dtype)
+    return _Rows(q.data, q.scale)
 
 
 def _fp8_kwargs(problem: ExpertsProblem) -> dict[str, bool]:
@@ -178,43 +210,45 @@ def _fp8_kwargs(problem: ExpertsProblem) -> dict[str, bool]:
     return {"disable_ue8m0_cast": not options().deep_gemm_ue8m0} if problem.target.tcgen05 else {}
 
 
-def _contiguous(args: ExpertsArgs, problem: ExpertsProblem, xs_rows: torch.Tensor, al: Alignment,
-                num_pairs: int) -> torch.Tensor:
-    """[rows, K] expert outputs of the sorted rows (contiguous layout)."""
+def _gemm(problem: ExpertsProblem, masked: bool):
     dg, quant = _dg(), _quantized(problem)
+    if masked:
+        fn = dg.fp8_m_grouped_gemm_nt_masked if quant else dg.m_grouped_bf16_gemm_nt_masked
+    else:
+        fn = dg.m_grouped_fp8_gemm_nt_contiguous if quant else dg.m_grouped_bf16_gemm_nt_contiguous
+    return fn, (_fp8_kwargs(problem) if quant else {})
+
+
+def _contiguous(args: ExpertsArgs, problem: ExpertsProblem, xs: _Rows, al: Alignment, num_pairs: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """[rows, K] expert outputs of the sorted rows (contiguous layout)."""
+    gemm, extra = _gemm(problem, masked=False)
     layout = contiguous_layout(al, num_pairs)
-    rows, dtype, dev = xs_rows.shape[0], xs_rows.dtype, xs_rows.device
-    gemm = dg.m_grouped_fp8_gemm_nt_contiguous if quant else dg.m_grouped_bf16_gemm_nt_contiguous
-    extra = _fp8_kwargs(problem) if quant else {}
+    rows, dev = xs.data.shape[0], xs.data.device
     h = torch.empty(rows, args.w13.shape[1], dtype=dtype, device=dev)
-    gemm(_gemm_input(xs_rows, problem), _operand(args.w13), h, layout, **extra)
+    gemm(xs.operand(), _operand(args.w13), h, layout, **extra)
     y = torch.empty(rows, problem.hidden_size, dtype=dtype, device=dev)
-    gemm(_gemm_input(_activate(h, problem, dtype), problem), _operand(args.w2), y, layout, **extra)
+    gemm(_gemm_input(activate_rows(h, problem.activation), problem).operand(), _operand(args.w2), y, layout,
+         **extra)
     return y
 
 
-def _masked(args: ExpertsArgs, problem: ExpertsProblem, xs: torch.Tensor, ml: MaskedLayout) -> torch.Tensor:
-    """[P, K] expert outputs of the sorted rows (masked layout)."""
-    dg, quant = _dg(), _quantized(problem)
-    E, K, dtype, dev = problem.num_experts, problem.hidden_size, xs.dtype, xs.device
+def _masked(args: ExpertsArgs, problem: ExpertsProblem, xs: _Rows, ml: MaskedLayout,
+            dtype: torch.dtype) -> torch.Tensor:
+    """[P, K] expert outputs of the sorted rows (masked layout). Only the P rows in use move, activate and
+    quantize; the slabs' other rows are never written nor read."""
+    gemm, extra = _gemm(problem, masked=True)
+    E, K, dev = problem.num_experts, problem.hidden_size, xs.data.device
     used = E * ml.max_rows
-    gemm = dg.fp8_m_grouped_gemm_nt_masked if quant else dg.m_grouped_bf16_gemm_nt_masked
-    extra = _fp8_kwargs(problem) if quant else {}
-    slabs = torch.zeros(used + 1, K, dtype=dtype, device=dev)  # zeros: rows past masked_m stay finite
-    slabs.index_copy_(0, ml.slot, xs)
+    rows = ml.slot.clamp(max=used - 1)  # non-local rows read any row: dropped later
     h = torch.empty(E, ml.max_rows, args.w13.shape[1], dtype=dtype, device=dev)
-    gemm(_slab_input(slabs[:used], E, problem), _operand(args.w13), h, ml.masked_m, ml.expected_m, **extra)
-    a = _activate(h, problem, dtype).reshape(used, -1)
+    gemm(xs.scatter(ml.slot, used + 1).slabs(E, ml.max_rows).operand(), _operand(args.w13), h, ml.masked_m,
+         ml.expected_m, **extra)
+    a = activate_rows(h.reshape(used, -1).index_select(0, rows), problem.activation)  # [P, N]
+    a_in = _gemm_input(a, problem).scatter(ml.slot, used + 1).slabs(E, ml.max_rows)
     y = torch.empty(E, ml.max_rows, K, dtype=dtype, device=dev)
-    gemm(_slab_input(a, E, problem), _operand(args.w2), y, ml.masked_m, ml.expected_m, **extra)
-    return y.reshape(used, K).index_select(0, ml.slot.clamp(max=used - 1))  # non-local rows: dropped later
-
-
-def _slab_input(flat: torch.Tensor, num_experts: int, problem: ExpertsProblem):
-    q = _gemm_input(flat, problem)
-    if isinstance(q, tuple):
-        return q[0].reshape(num_experts, -1, q[0].shape[-1]), q[1].reshape(num_experts, -1, q[1].shape[-1])
-    return q.reshape(num_experts, -1, q.shape[-1])
+    gemm(a_in.operand(), _operand(args.w2), y, ml.masked_m, ml.expected_m, **extra)
+    return y.reshape(used, K).index_select(0, rows)
 
 
 def deep_gemm_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> torch.Tensor:
@@ -227,13 +261,14 @@ def deep_gemm_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Ten
     al = align(ids, problem.num_experts, block_m, args.expert_map)
     pair_rows = al.sorted_ids.long() if not masked else al.sorted_ids[:num_pairs].long()
     live = pair_rows < num_pairs
-    xs = x.index_select(0, torch.where(live, pair_rows, 0) // k)  # [rows, K] grouped by expert
-    if problem.apply_router_weight_on_input:
-        xs = (xs.float() * topk_w.index_select(0, torch.where(live, pair_rows, 0)).unsqueeze(1)).to(x.dtype)
+    if problem.apply_router_weight_on_input:  # top_k = 1: a token is its pair; weighted before it is quantized
+        x = (x.float() * topk_w.unsqueeze(1)).to(x.dtype)
+    # each token quantized once (per-row groups), then its rows grouped by expert: [rows, K]
+    xs = _gemm_input(x, problem).select(torch.where(live, pair_rows, 0) // k)
     if masked:
-        ys = _masked(args, problem, xs, masked_layout(al, num_pairs, T))
+        ys = _masked(args, problem, xs, masked_layout(al, num_pairs, T), x.dtype)
     else:
-        ys = _contiguous(args, problem, xs, al, num_pairs)
+        ys = _contiguous(args, problem, xs, al, num_pairs, x.dtype)
     y = torch.empty(num_pairs + 1, problem.hidden_size, dtype=x.dtype, device=x.device)  # last row: dropped
     y.index_copy_(0, torch.where(live, pair_rows, num_pairs), ys)
     combine(y, ids, topk_w, out, top_k=k, num_global=problem.num_global_experts, num_local=problem.num_experts,
@@ -268,6 +303,7 @@ def _scheme_problem(problem: ExpertsProblem) -> str | None:
 class DeepGemmBackend:
     name = "deep_gemm"
     schemes = ("none", "fp8_block")
+    w8a8_gemm1_rounded = True  # its GEMM1 writes bf16 before our activation (contract.gemm1_rounding)
 
     @property
     def priority(self) -> int:

@@ -106,6 +106,7 @@ def _supports_quant(problem: ExpertsProblem) -> tuple[bool, str]:
 class TorchGroupedBackend:
     name = "torch_grouped"
     schemes = ("none", "fp8_channel")
+    w8a8_gemm1_rounded = True  # its GEMM1 writes bf16 before our activation (contract.gemm1_rounding)
 
     @property
     def priority(self) -> int:

@@ -42,11 +42,11 @@ Each quantization scheme is a (W_SCALE, A_SCALE, INT) triple (modes.py), never a
 import triton
 import triton.language as tl
 
+from ...kernels._activation import GELU, GELU_NO_MUL, GELU_TANH, RELU2, SILU, SILU_NO_MUL, SWIGLUOAI  # noqa: F401
+from ...kernels._activation import activate as _activate
 from ...kernels._jit import cast, chain, dot, local_expert
 from ...kernels._quant import quantize, scale_of
 
-# activation codes (ACT_CODES in modes.py); codes below RELU2 are gated
-SILU, GELU, GELU_TANH, SWIGLUOAI, RELU2, SILU_NO_MUL, GELU_NO_MUL = 0, 1, 2, 3, 4, 5, 6
 SORTED, DIRECT = 0, 1
 POINTER, TMA = 0, 1
 TWO_DOTS, ONE_DOT = 0, 1
@@ -56,44 +56,6 @@ W_NATIVE, W_CONVERT, W_INT4, W_INT4_ZP, W_E2M1 = 0, 1, 2, 3, 4
 A_NONE, A_TENSOR, A_TOKEN, A_GROUP, A_EXPERT, A_GROUP_LOAD, A_TOKEN_LOAD, A_TENSOR_LOAD = 0, 1, 2, 3, 4, 5, 6, 7
 A_LOADED = (A_GROUP_LOAD, A_TOKEN_LOAD, A_TENSOR_LOAD)  # GEMM2 input modes quantized as they are loaded
 NO_AMAX, TENSOR_AMAX, ROW_AMAX = 0, 1, 2
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _gelu(x):
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_tanh(x):
-    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return 0.5 * x * (2.0 * _sigmoid(2.0 * inner))  # 1 + tanh(y) == 2 * sigmoid(2y)
-
-
-@triton.jit
-def _activate(g, u, ACT: tl.constexpr, alpha, limit):
-    if ACT == 0:
-        out = g * _sigmoid(g) * u
-    elif ACT == 1:
-        out = _gelu(g) * u
-    elif ACT == 2:
-        out = _gelu_tanh(g) * u
-    elif ACT == 3:
-        g = tl.minimum(g, limit)
-        u = tl.minimum(tl.maximum(u, -limit), limit)
-        out = (u + 1.0) * g * _sigmoid(alpha * g)
-    elif ACT == 4:
-        r = tl.maximum(g, 0.0)
-        out = r * r
-    elif ACT == 5:
-        out = g * _sigmoid(g)
-    else:
-        out = _gelu(g)
-    return out
 
 
 @triton.jit
