@@ -7,6 +7,7 @@
 # PARTS=ab: config A/Bs (benchmarks/config_ab.py), AB_RUNS="cases|names|variants|flags;..." e.g.
 #   AB_RUNS="mixtral:1|w4a16,mxfp4||--profile;mixtral:1|w4a16|split2,split4|"
 # PARTS=select: selection tables, SELECT_PRESETS / SELECT_NAMES (space-separated), SELECT_MS, SELECT_BACKENDS
+# PARTS=profile: PROFILE_CASES (preset:M ...), PROFILE_BACKEND, PROFILE_NAMES (space-separated, none = bf16)
 # PYTEST_M: the tests' marker expression (default "gpu and quant")
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
@@ -19,6 +20,13 @@ if [[ $parts == *,tests,* ]]; then
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -m "${PYTEST_M:-gpu and quant}" -q -rf --tb=short -p no:cacheprovider tests \
     ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/gpu_tests_quant.log" 2>&1
   echo "gpu tests [quant] rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests_quant.log" | cut -c1-300 | tail -25
+fi
+if [[ $parts == *,profile,* ]]; then  # each kernel's time: PROFILE_CASES="dsv3:1 dsv3:16384" PROFILE_BACKEND PROFILE_NAMES
+  for n in ${PROFILE_NAMES:-none}; do
+    timeout "${PROFILE_TIMEOUT:-90}" python3 benchmarks/profile_kernels.py ${PROFILE_CASES:-dsv3:16384} \
+      --backend "${PROFILE_BACKEND:-triton}" $([ "$n" = none ] || echo "--quant $n") > "$OUT/profile_$n.txt" 2>&1
+    echo "profile $n rc=$?"; grep -vE "Warning|warn" "$OUT/profile_$n.txt" | cut -c1-110 | head -40
+  done
 fi
 if [[ $parts == *,host,* ]]; then  # host microseconds of an eager call, unquantized and quantized
   for n in none ${HOST_NAMES:-fp8_channel}; do
