@@ -419,5 +419,28 @@ def test_activation_rows_match_the_torch_activation(name, dtype):
 def test_activation_rows_need_unit_column_strides():
     from moe.kernels.activation import activate_rows
 
-    with pytest.raises(ValueError, match="activate_rows: .*unit column strides"):
+    with pytest.raises(ValueError, match=r"activate_rows: .*unit column strides"):
         activate_rows(torch.randn(8, 4).t(), ActivationSpec.parse("silu"))
+
+
+def test_combine_through_a_row_index_gives_the_same_bits():
+    """``combine(..., rows=)`` reads each pair's output at its row of y (rows grouped by expert, as a library
+    GEMM wrote them): the same bits as the pair-ordered rows; pairs that are not local point anywhere."""
+    from moe.kernels.combine import combine
+
+    gen = torch.Generator().manual_seed(5)
+    T, k, K, E = 6, 2, 40, 4
+    ids = torch.randint(0, E, (T * k,), generator=gen, dtype=torch.int32)
+    w = torch.rand(T * k, generator=gen)
+    emap = torch.tensor([0, -1, 1, -1], dtype=torch.int32)  # experts 1 and 3 are not local
+    y = torch.randn(T * k, K, generator=gen)
+    order = torch.randperm(T * k, generator=gen)  # y's rows stored in another order, plus 3 spare rows
+    stored = torch.cat([y[order], torch.full((3, K), float("nan"))])
+    rows = torch.empty(T * k, dtype=torch.int32)
+    rows[order] = torch.arange(T * k, dtype=torch.int32)
+    rows[emap.long()[ids.long()] < 0] = T * k + 1  # a NaN row: never read for a pair that is not local
+    want = combine(y, ids, w, torch.empty(T, K), top_k=k, num_global=E, num_local=2, expert_map=emap)
+    got = combine(stored, ids, w, torch.empty(T, K), top_k=k, num_global=E, num_local=2, expert_map=emap, rows=rows)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="rows index one output per pair"):
+        combine(stored, ids, w, torch.empty(T, K), top_k=k, num_global=E, num_local=2, rows=rows, splits=2)

@@ -234,9 +234,9 @@ def _contiguous(args: ExpertsArgs, problem: ExpertsProblem, xs: _Rows, al: Align
 
 
 def _masked(args: ExpertsArgs, problem: ExpertsProblem, xs: _Rows, ml: MaskedLayout,
-            dtype: torch.dtype) -> torch.Tensor:
-    """[P, K] expert outputs of the sorted rows (masked layout). Only the P rows in use move, activate and
-    quantize; the slabs' other rows are never written nor read."""
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E * max_rows, K] expert outputs in the slabs and the row of each sorted row (masked layout). Only the
+    P rows in use move, activate and quantize; the slabs' other rows are never written nor read."""
     gemm, extra = _gemm(problem, masked=True)
     E, K, dev = problem.num_experts, problem.hidden_size, xs.data.device
     used = E * ml.max_rows
@@ -248,7 +248,7 @@ def _masked(args: ExpertsArgs, problem: ExpertsProblem, xs: _Rows, ml: MaskedLay
     a_in = _gemm_input(a, problem).scatter(ml.slot, used + 1).slabs(E, ml.max_rows)
     y = torch.empty(E, ml.max_rows, K, dtype=dtype, device=dev)
     gemm(a_in.operand(), _operand(args.w2), y, ml.masked_m, ml.expected_m, **extra)
-    return y.reshape(used, K).index_select(0, rows)
+    return y.reshape(used, K), rows
 
 
 def deep_gemm_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> torch.Tensor:
@@ -266,13 +266,15 @@ def deep_gemm_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Ten
     # each token quantized once (per-row groups), then its rows grouped by expert: [rows, K]
     xs = _gemm_input(x, problem).select(torch.where(live, pair_rows, 0) // k)
     if masked:
-        ys = _masked(args, problem, xs, masked_layout(al, num_pairs, T), x.dtype)
+        y, row_of = _masked(args, problem, xs, masked_layout(al, num_pairs, T), x.dtype)
     else:
-        ys = _contiguous(args, problem, xs, al, num_pairs, x.dtype)
-    y = torch.empty(num_pairs + 1, problem.hidden_size, dtype=x.dtype, device=x.device)  # last row: dropped
-    y.index_copy_(0, torch.where(live, pair_rows, num_pairs), ys)
+        y = _contiguous(args, problem, xs, al, num_pairs, x.dtype)
+        row_of = torch.arange(y.shape[0], device=x.device)
+    # the row of y holding each pair's output (a pair that is not local keeps row 0: the combine skips it)
+    rows = torch.zeros(num_pairs + 1, dtype=torch.int32, device=x.device)  # last: every padding row's
+    rows.index_copy_(0, torch.where(live, pair_rows, num_pairs), row_of.to(torch.int32))
     combine(y, ids, topk_w, out, top_k=k, num_global=problem.num_global_experts, num_local=problem.num_experts,
-            expert_map=args.expert_map, weight_on_input=problem.apply_router_weight_on_input)
+            expert_map=args.expert_map, weight_on_input=problem.apply_router_weight_on_input, rows=rows)
     return out
 
 
