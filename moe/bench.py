@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from .backends.torch_ref import torch_ref_experts
-from .contract import ExpertsArgs, ExpertsProblem
+from .contract import ExpertsArgs, ExpertsProblem, gemm1_rounding
 from .functional import PreparedCache, fused_experts
 from .layer import FusedMoE
 from .quant import NAMES, named
@@ -503,7 +503,7 @@ def _bench_backend(name: str, p: Preset, m: int, case: _Case, dev: torch.device,
     if chosen == "torch" and dev.type == "cuda" and m * p.top_k > REFERENCE_TIMING_MAX_PAIRS:
         return [_skipped(p, m, label, "eager", case.floor, "reference: not timed at this size", quant=q)]
     call = _caller(p, case, name)
-    err = rel_error(call(), case.ref)
+    err = rel_error(call(), _reference(case, chosen))
     rows = [timed_row(p, m, label, "eager", _call_times(call, dev), case.floor, err, dev, quant=q)]
     if dev.type == "cuda" and m <= GRAPH_MAX_M and chosen != "torch":
         try:
@@ -513,6 +513,15 @@ def _bench_backend(name: str, p: Preset, m: int, case: _Case, dev: torch.device,
     if kernels and name == "triton" and dev.type == "cuda" and m <= KERNELS_MAX_M:
         rows.append(_bench_triton_kernels(p, m, case.args, case.problem, case.ref, case.floor, dev))
     return rows
+
+
+def _reference(case: _Case, backend: str) -> torch.Tensor:
+    """The case's reference, or under a W8A8 scheme, for a backend that rounds GEMM1's output to the
+    activations' dtype (``moe.contract.gemm1_rounding``), the reference of that arithmetic (rel err column)."""
+    rounding = gemm1_rounding(get_backend(backend), case.problem)
+    if rounding is None:
+        return case.ref
+    return torch_ref_experts(case.args, case.problem, compute_dtype=torch.float32, gemm1_dtype=rounding)
 
 
 def _bench_quantized(name: str, p: Preset, m: int, base: _Case, qcases: list[_Case],
@@ -643,7 +652,8 @@ def _quant_header(ceil: Ceilings, info: dict, q: dict, rows: list[Row]) -> list[
              f"{q['weight_bytes_per_expert'] / 1e6:.3g} MB an expert (data + scales{' + zeros' if zeros else ''}) "
              "against "
              f"{q['unquantized_bytes_per_expert'] / 1e6:.3g} MB in {info['dtype']}",
-             f"rows quant={q['name']}: rel err against the torch reference on the quantized weights; floor from "
+             f"rows quant={q['name']}: rel err against the torch reference on the quantized weights (GEMM1's "
+             "output rounded to the activations' dtype for a backend that stores it so); floor from "
              f"their weight bytes and the {rate} rate; 'vs bf16' = median of the {info['dtype']} row above "
              f"(same backend, mode, tokens, routing) / median of the quantized row"]
     if getattr(ceil, q["matmul_rate"]) is None and ceil.device != "cpu":

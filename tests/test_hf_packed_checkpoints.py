@@ -71,8 +71,11 @@ def _gpt_oss_checkpoint(tmp_path) -> str:
 
 def test_gpt_oss_mxfp4_experts_load_quantized_and_match_transformers(tmp_path):
     path = _gpt_oss_checkpoint(tmp_path)
+    # dequantize=True: transformers >= 5.25 (which installs the `kernels` package) otherwise fetches a hub
+    # kernel for its mxfp4 experts, even on CPU
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
-                                                            experts_implementation="eager").eval()
+                                                            experts_implementation="eager",
+                                                            quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
     assert type(ref.model.layers[0].mlp.experts).__name__ == "GptOssExperts"  # dequantized by transformers
     new = copy.deepcopy(ref)
     names = moe.hf.replace_moe_blocks(new, backend="torch", checkpoint=path)
