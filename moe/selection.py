@@ -4,9 +4,10 @@ One JSON file per (E, N, K, top-k, activation, dtype, quantization scheme, devic
 ``moe tune --backends`` (``moe.tune_backends``), validated on load: a broken file is an error naming the
 file and the field. Looked up in ``<tuned_configs_dir>/selection`` (the ``MOE_TUNED_CONFIGS_DIR`` option),
 then the per-user folder ``~/.cache/moe/configs/selection``, then the shipped ``configs/selection/``
-(measured on an H200: mixtral, qwen3 and dsv3 in bf16 and ``fp8_block``). ``backend="auto"`` takes a table's choice for the call's bucket (the
-nearest measured token count on a log scale) when the backend can run the call; a backend that failed its
-parity check on that card is never chosen there; without a table, priorities decide.
+(measured on an H200: mixtral, qwen3 and dsv3 in bf16 and ``fp8_block``). ``backend="auto"`` takes a
+table's choice for the call's bucket (the nearest measured token count on a log scale) when the backend can
+run the call; a backend that failed its parity check on that card is never chosen there; without a table,
+priorities decide.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def _fresh_options():
 # runs in parts that each fit one 10-minute command: benchmarks/gpu_suite.sh TESTS=triton,routing,...
 _AREAS = {"test_gpu.py": "kernels", "test_routing_kernels.py": "routing", "test_properties.py": "fuzz",
           "test_hf.py": "hf", "test_parallel_gpu.py": "parallel", "test_quant_gpu.py": "quant",
-          "test_deep_gemm.py": "native", "test_native_backends.py": "native"}
+          "test_deep_gemm.py": "native", "test_native_backends.py": "native", "test_sonic.py": "native"}
 
 
 def _mark_parts(items) -> None:

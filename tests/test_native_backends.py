@@ -1,6 +1,6 @@
 """The native backends on a machine without their libraries or hardware: each is registered, says why it
 cannot run (with the fix), is never imported by ``import moe``, and ``auto`` ranks it below triton until a
-selection table says otherwise. Plus the cutlass backend's build cache key and the sonic verdicts."""
+selection table says otherwise. Plus the cutlass backend's build cache key (sonic: tests/test_sonic.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import moe
-from moe.backends import cutlass, sonic
+from moe.backends import cutlass
 from moe.config import ActivationSpec
 from moe.contract import ExpertsProblem
 from moe.target import TARGETS
@@ -201,24 +201,3 @@ def test_gpu_cutlass_parity_over_token_counts():
         assert rel_error(out, ref) < tolerance(torch.bfloat16), T
 
 
-# ---------------------------------------------------------------- sonic
-
-
-@pytest.mark.parametrize(("target", "kw", "needle"), [
-    (TARGETS["h200"], {}, None),
-    (TARGETS["mi300x"], {}, "wgmma"),
-    (TARGETS["h200"], {"activation": "gelu"}, "gated SiLU"),
-    (TARGETS["h200"], {"dtype": torch.float32}, "bfloat16"),
-])
-def test_sonic_supports(target, kw, needle):
-    ok, why = sonic.BACKEND.supports(_problem(target, **kw))
-    assert (ok, why) == (True, "ok") if needle is None else (not ok and needle in why)
-
-
-def test_sonic_without_quack_names_the_package():
-    import importlib.util
-
-    ok, why = sonic.BACKEND.is_available()
-    assert not ok
-    if importlib.util.find_spec("quack") is None:
-        assert "pip install quack-kernels" in why
