@@ -188,16 +188,10 @@ def test_gpu_cutlass_parity_over_token_counts():
     ok, why = cutlass.BACKEND.is_available()
     if not ok:
         pytest.skip(why)
-    from moe.testing import TOKEN_COUNTS, ParityCase, experts_float64, make_inputs, rel_error, tolerance
+    from moe.testing import TOKEN_COUNTS, ParityCase, run_case
 
     for T in TOKEN_COUNTS:
-        inputs = make_inputs(ParityCase(T=T, E=16, K=512, N=256, k=4, dtype=torch.bfloat16), "cuda")
-        out = torch.full_like(inputs["hidden_states"], float("nan"))
-        moe.fused_experts(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
-                          inputs["topk_ids"], backend="cutlass", out=out)
-        assert moe.last_decision().chosen == "cutlass"
-        ref = experts_float64(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
-                              inputs["topk_ids"])
-        assert rel_error(out, ref) < tolerance(torch.bfloat16), T
+        result = run_case("cutlass", ParityCase(T=T, E=16, K=512, N=256, k=4, dtype=torch.bfloat16), "cuda")
+        assert result.status == "passed", (T, result.detail)
 
 

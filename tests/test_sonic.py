@@ -16,12 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moe
 from moe.backends import sonic
 from moe.config import ActivationSpec
 from moe.contract import ExpertsArgs, ExpertsProblem
 from moe.target import TARGETS
-from moe.testing import TOKEN_COUNTS, ParityCase, experts_float64, make_inputs, rel_error, tolerance
+from moe.testing import TOKEN_COUNTS, ParityCase, experts_float64, make_inputs, rel_error, run_case, tolerance
 
 
 @pytest.fixture
@@ -147,16 +146,10 @@ def test_without_quack_names_the_package():
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", TOKEN_COUNTS)
 def test_gpu_sonic_parity(verified, T):
-    """NaN-poisoned output against the float64 oracle over the token-count sweep, through fused_experts."""
+    """NaN-poisoned output against the float64 oracle over the token-count sweep, through fused_experts
+    (``moe.testing.run_case``: the decision trace must show sonic ran)."""
     ok, why = sonic.BACKEND.is_available()
     if not ok:
         pytest.skip(why)
-    case = ParityCase(T=T, E=16, K=512, N=256, k=4, dtype=torch.bfloat16)
-    inputs = make_inputs(case, "cuda")
-    out = torch.full_like(inputs["hidden_states"], float("nan"))
-    moe.fused_experts(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
-                      inputs["topk_ids"], backend="sonic", out=out)
-    assert moe.last_decision().chosen == "sonic"
-    ref = experts_float64(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
-                          inputs["topk_ids"])
-    assert rel_error(out, ref) < tolerance(torch.bfloat16)
+    result = run_case("sonic", ParityCase(T=T, E=16, K=512, N=256, k=4, dtype=torch.bfloat16), "cuda")
+    assert result.status == "passed", result.detail
