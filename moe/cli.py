@@ -315,7 +315,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=list(PRESETS), default="default",
                    help="workload shape (default: 'default', a small one that runs in seconds on a CPU)")
     p.add_argument("--m", help="comma-separated token counts, e.g. 1,16,64 (default: the preset's)")
-    p.add_argument("--backends", help="comma-separated backend names (default: every registered one)")
+    p.add_argument("--backends", help="comma-separated backend names, or auto (rows 'auto->chosen': what a call "
+                   "naming no backend runs); default: every registered one")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", type=_dtype_arg, metavar=_DTYPE_METAVAR, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON (after the table is printed)")
