@@ -5,3 +5,9 @@ S=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --no-compile --
   --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || exit 1
 export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+# sonic (benchmarks/fetch_sonic.sh): QuACK's wheels and the CuTe DSL libraries, when .sonic travels too
+if [ -d .sonic ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$S" .sonic/*.whl \
+    && tar -xJf .sonic/libs.tar.xz -C "$S" && export PYTHONPATH="$S/nvidia_cutlass_dsl/python_packages:$PYTHONPATH" \
+    || exit 1
+fi
