@@ -12,6 +12,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moe.backends.triton import _gemm
+from moe.kernels.activation import ACT_CODES
 
 _COMMON_PTRS = {"sorted_ptr": "*i32", "block_expert_ptr": "*i32", "total_ptr": "*i32", "ids_ptr": "*i32",
                 "emap_ptr": "*i32", "topk_w_ptr": "*fp32", "as_ptr": "*fp32", "wg_ptr": "*fp32", "amax_ptr": "*fp32",
@@ -46,7 +47,7 @@ def compile_variant(kernel, dt, wdt, sdt, w_scale, code, w_bk, one_dot, w16) -> 
                   INTERP=False, IEEE=False, PDL=False, HAS_BIAS=True, A_SCALE=_gemm.A_NONE, BLOCK_N=64,
                   BLOCK_K=64, GROUP_M=8, EVEN_K=False, LOADS=_gemm.POINTER)
     if kernel is _gemm.moe_gemm1:
-        consts |= dict(ACT=_gemm.SILU, GATED=True, OUT_AMAX=False, GATE_UP=_gemm.ONE_DOT if one_dot else _gemm.TWO_DOTS)
+        consts |= dict(ACT=ACT_CODES["silu"], GATED=True, OUT_AMAX=False, GATE_UP=_gemm.ONE_DOT if one_dot else _gemm.TWO_DOTS)
     else:
         consts |= dict(ATOMIC=False, SPLIT_K=1)
     types = _COMMON_PTRS | {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "a_desc": f"*{dt}", "out_ptr": f"*{dt}",

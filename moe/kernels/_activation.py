@@ -6,8 +6,8 @@ import triton.language as tl
 
 from ._jit import cast
 
-# activation codes (ACT_CODES in moe.kernels.activation); codes below RELU2 are gated
-SILU, GELU, GELU_TANH, SWIGLUOAI, RELU2, SILU_NO_MUL, GELU_NO_MUL = 0, 1, 2, 3, 4, 5, 6
+# ACT: the codes of moe.kernels.activation.ACT_CODES (silu 0, gelu 1, gelu_tanh 2, swigluoai 3, relu2 4,
+# silu_no_mul 5, gelu_no_mul 6); codes below 4 are gated
 
 
 @triton.jit

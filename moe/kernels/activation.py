@@ -14,7 +14,7 @@ from .launch import launch
 
 __all__ = ["ACT_CODES", "activate_rows"]
 
-# the codes of moe.kernels._activation (its constants; kept here so this module imports without triton)
+# the ACT codes of every activation kernel (moe.kernels._activation.activate); here so it imports without triton
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swigluoai": 3, "relu2": 4, "silu_no_mul": 5, "gelu_no_mul": 6}
 
 

@@ -42,7 +42,6 @@ Each quantization scheme is a (W_SCALE, A_SCALE, INT) triple (modes.py), never a
 import triton
 import triton.language as tl
 
-from ...kernels._activation import GELU, GELU_NO_MUL, GELU_TANH, RELU2, SILU, SILU_NO_MUL, SWIGLUOAI  # noqa: F401
 from ...kernels._activation import activate as _activate
 from ...kernels._jit import cast, chain, dot, local_expert
 from ...kernels._quant import quantize, scale_of

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ...contract import ExpertsProblem
+from ...kernels.activation import ACT_CODES
 from ...options import register_cache
 from . import _gemm
 from .config import KernelConfig
@@ -19,8 +20,6 @@ from .config import KernelConfig
 __all__ = ["ACT_CODES", "WEIGHT_ONLY_SCALE_MODES", "W_CODES", "W_SCALE_MODES", "gemm2_input_mode", "gemm_modes",
            "input_mode", "weight_code", "weight_scale_mode"]
 
-ACT_CODES = {"silu": _gemm.SILU, "gelu": _gemm.GELU, "gelu_tanh": _gemm.GELU_TANH, "swigluoai": _gemm.SWIGLUOAI,
-             "relu2": _gemm.RELU2, "silu_no_mul": _gemm.SILU_NO_MUL, "gelu_no_mul": _gemm.GELU_NO_MUL}
 # (weight format, granularity) -> the weight-scale mode
 W_SCALE_MODES = {None: _gemm.NO_SCALE, ("scaled", "tensor"): _gemm.TENSOR_SCALE, ("fp8", "tensor"): _gemm.TENSOR_SCALE,
                  ("fp8", "channel"): _gemm.CHANNEL_SCALE, ("fp8", "block"): _gemm.BLOCK_SCALE,
