@@ -11,3 +11,7 @@ if [ -d .sonic ]; then
     && tar -xJf .sonic/libs.tar.xz -C "$S" && export PYTHONPATH="$S/nvidia_cutlass_dsl/python_packages:$PYTHONPATH" \
     || exit 1
 fi
+# cutlass (benchmarks/fetch_cutlass.sh): the CUTLASS headers, when .cutlass travels
+if [ -f .cutlass/include.tar.xz ]; then
+  mkdir -p "$S/cutlass" && tar -xJf .cutlass/include.tar.xz -C "$S/cutlass" && export CUTLASS_HOME="$S/cutlass" || exit 1
+fi

@@ -9,6 +9,8 @@
 # PARTS=select: selection tables, SELECT_PRESETS / SELECT_NAMES (space-separated), SELECT_MS, SELECT_BACKENDS
 # PARTS=profile: PROFILE_CASES (preset:M ...), PROFILE_BACKEND, PROFILE_NAMES (space-separated, none = bf16)
 # PYTEST_M: the tests' marker expression (default "gpu and quant")
+# MOE: the bench's command (default "python3 -m moe"; "python3 benchmarks/unverified.py sonic --" measures a
+#   backend still behind its off switch, after its GPU tests passed in the same call)
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 parts=",${PARTS:-tests,bench},"
@@ -69,7 +71,7 @@ if [[ $parts == *,bench,* ]]; then
   for p in ${presets//,/ }; do  # every name in one run: the bf16 rows measured once
     IFS=';' read -ra groups <<< "$ms"  # MS="1,16;4096": one run per group (a timeout loses only its own)
     for i in "${!groups[@]}"; do
-      timeout "${BENCH_TIMEOUT:-300}" python3 -m moe bench --preset "$p" --m "${groups[$i]}" --quant "$names" \
+      timeout "${BENCH_TIMEOUT:-300}" ${MOE:-python3 -m moe} bench --preset "$p" --m "${groups[$i]}" --quant "$names" \
         --backends "${BACKENDS:-triton}" --json "$OUT/bench_${p}_$i.json" --no-progress > "$OUT/bench_${p}_$i.txt" 2>&1
       echo "bench $p ${groups[$i]} rc=$?"
     done

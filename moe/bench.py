@@ -50,7 +50,7 @@ from .quant import NAMES, named
 from .quant.schemes import FORMAT_MAX
 from .registry import BackendUnavailableError, get_backend, list_backends, select_backend
 from .routing import fused_topk
-from .testing import rel_error
+from .testing import arithmetic_reference, rel_error
 from .workload import (
     CALIBRATION_M,
     PRESETS,
@@ -516,12 +516,11 @@ def _bench_backend(name: str, p: Preset, m: int, case: _Case, dev: torch.device,
 
 
 def _reference(case: _Case, backend: str) -> torch.Tensor:
-    """The case's reference, or under a W8A8 scheme, for a backend that rounds GEMM1's output to the
-    activations' dtype (``moe.contract.gemm1_rounding``), the reference of that arithmetic (rel err column)."""
-    rounding = gemm1_rounding(get_backend(backend), case.problem)
-    if rounding is None:
+    """The case's reference, or under a W8A8 scheme for a backend that rounds GEMM1's output, the reference
+    of its arithmetic (``moe.testing.arithmetic_reference``; the rel err column)."""
+    if gemm1_rounding(get_backend(backend), case.problem) is None:
         return case.ref
-    return torch_ref_experts(case.args, case.problem, compute_dtype=torch.float32, gemm1_dtype=rounding)
+    return arithmetic_reference(backend, case.args, case.problem)
 
 
 def _bench_quantized(name: str, p: Preset, m: int, base: _Case, qcases: list[_Case],

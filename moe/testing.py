@@ -50,8 +50,9 @@ from dataclasses import dataclass
 import torch
 
 from .activations import apply_activation
+from .backends.torch_ref import torch_ref_experts
 from .config import ActivationSpec, MoEConfig
-from .contract import ExpertsProblem
+from .contract import ExpertsArgs, ExpertsProblem, gemm1_rounding
 from .explain import problem_from_config
 from .functional import fused_experts
 from .quant import (
@@ -67,9 +68,9 @@ from .quant.calibration import calibrate_static_scales
 from .registry import get_backend, judge, last_decision
 from .routing import fused_topk
 
-__all__ = ["ACTIVATIONS", "QUANT_NOISE", "TOKEN_COUNTS", "TOLERANCES", "ParityCase", "ParityReport", "assert_close",
-           "check_backend", "experts_float64", "make_inputs", "parity_cases", "quant_noise",
-           "quant_shapes", "quantized_inputs", "rel_error", "run_case", "tolerance"]
+__all__ = ["ACTIVATIONS", "QUANT_NOISE", "TOKEN_COUNTS", "TOLERANCES", "ParityCase", "ParityReport",
+           "arithmetic_reference", "assert_close", "check_backend", "experts_float64", "make_inputs", "parity_cases",
+           "quant_noise", "quant_shapes", "quantized_inputs", "rel_error", "run_case", "tolerance"]
 
 # Token counts every parity sweep covers: users of other MoE libraries most often report wrong results
 # that appear for one backend at one batch-size bucket only.
@@ -281,10 +282,8 @@ def run_case(backend: str, case: ParityCase, device: str | torch.device = "cpu")
         inputs = make_inputs(case, device)
     args = dict(inputs)
     x = args.pop("hidden_states")
-    if quantized:  # the tight check is against the reference's emulation of the same scheme
-        emulation = dict(args)
-        ref = fused_experts(x, emulation.pop("w13"), emulation.pop("w2"), emulation.pop("topk_weights"),
-                            emulation.pop("topk_ids"), backend="torch", **emulation)
+    if quantized:  # the tight check is against the reference of the backend's declared arithmetic
+        ref = arithmetic_reference(backend, _experts_args(x, args), _problem(case, device))
     else:
         ref = experts_float64(x, args["w13"], args["w2"], args["topk_weights"], args["topk_ids"], case.activation,
                               args["w13_bias"], args["w2_bias"], expert_map=args["expert_map"])
@@ -305,6 +304,23 @@ def run_case(backend: str, case: ParityCase, device: str | torch.device = "cpu")
         return CaseResult(case, "failed", str(exc))
     err = rel_error(out, ref)
     return CaseResult(case, "passed", f"error {err:.1e}" if math.isfinite(err) else "")
+
+
+def _experts_args(x: torch.Tensor, inputs: dict) -> ExpertsArgs:
+    """``fused_experts`` keyword arguments (``make_inputs`` without ``hidden_states``) as the contract's args."""
+    return ExpertsArgs(x, inputs["w13"], inputs["w2"], inputs["topk_weights"], inputs["topk_ids"],
+                       w13_bias=inputs.get("w13_bias"), w2_bias=inputs.get("w2_bias"),
+                       expert_map=inputs.get("expert_map"), a13_scale=inputs.get("a13_scale"),
+                       a2_scale=inputs.get("a2_scale"))
+
+
+def arithmetic_reference(backend: str, args: ExpertsArgs, problem: ExpertsProblem) -> torch.Tensor:
+    """The reference of ``backend``'s declared arithmetic, in fp32: under a W8A8 scheme GEMM1's output is
+    rounded to the activations' dtype first where the backend declares it (``moe.contract.gemm1_rounding``:
+    a library GEMM that writes bf16 only), which moves GEMM2's quantized inputs across steps. The tight check
+    of a quantized backend, shared by ``run_case``, ``moe bench``'s rel err and ``moe tune --backends``."""
+    return torch_ref_experts(args, problem, compute_dtype=torch.float32,
+                             gemm1_dtype=gemm1_rounding(get_backend(backend), problem))
 
 
 def _check_noise(got: torch.Tensor, plain: dict, case: ParityCase, backend: str) -> None:

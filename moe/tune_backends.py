@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .backends.torch_ref import torch_ref_experts
 from .contract import ExpertsArgs, ExpertsProblem, gemm1_rounding
 from .functional import fused_experts
 from .quant import QuantConfig, quantize
 from .registry import get_backend, judge, list_backends
 from .routing import fused_topk
 from .selection import BucketChoice, SelectionTable, load_table, table_file_name, write_table
-from .testing import rel_error, tolerance
+from .testing import arithmetic_reference, rel_error, tolerance
 from .workload import Preset, graph_time, random_tokens, random_weights, time_fn
 
 __all__ = ["GRAPH_MAX_M", "Timer", "measure_bucket", "tune_selection"]
@@ -72,8 +71,7 @@ def measure_bucket(p: Preset, m: int, dtype: torch.dtype, device: torch.device, 
     for name in names:
         rounding = gemm1_rounding(get_backend(name), problem)
         if rounding not in refs:
-            refs[rounding] = torch_ref_experts(ExpertsArgs(x, w13, w2, topk_w, ids), problem,
-                                               compute_dtype=torch.float32, gemm1_dtype=rounding)
+            refs[rounding] = arithmetic_reference(name, ExpertsArgs(x, w13, w2, topk_w, ids), problem)
         ref = refs[rounding]
         def call(name: str = name) -> torch.Tensor:
             return fused_experts(x, w13, w2, topk_w, ids, activation=p.activation, quant=scheme, backend=name)

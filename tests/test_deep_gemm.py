@@ -18,9 +18,8 @@ from cases import run
 
 import moe
 from moe.backends import deep_gemm as dgb
-from moe.backends.torch_ref import torch_ref_experts
 from moe.config import ActivationSpec
-from moe.contract import ExpertsArgs, ExpertsProblem, gemm1_rounding
+from moe.contract import ExpertsArgs, ExpertsProblem
 from moe.kernels.align import align
 from moe.quant import QuantizedWeight
 from moe.target import TARGETS, cuda_target
@@ -140,8 +139,7 @@ def _emulation(inputs: dict, problem: ExpertsProblem) -> torch.Tensor:
     """The reference of deep_gemm's declared W8A8 arithmetic (GEMM1's output rounded to the call's dtype)."""
     args = ExpertsArgs(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
                        inputs["topk_ids"], expert_map=inputs.get("expert_map"))
-    return torch_ref_experts(args, problem, compute_dtype=torch.float32,
-                             gemm1_dtype=gemm1_rounding(dgb.BACKEND, problem))
+    return moe.testing.arithmetic_reference("deep_gemm", args, problem)
 
 
 @pytest.mark.parametrize("T", [4, 130])  # masked, contiguous

@@ -64,3 +64,28 @@ def test_triton_runs_in_ci():
         assert ok, why
         ok, why = moe.get_backend("torch_grouped").is_available()
         assert ok, why
+
+
+# ---------------------------------------------------------------- the GPU matrix
+
+MATRIX_SCHEMES = ("none", *moe.quant.NAMES)
+
+
+@pytest.mark.gpu
+@pytest.mark.matrix
+@pytest.mark.parametrize("scheme", MATRIX_SCHEMES)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_gpu_matrix(backend, scheme):
+    """Every registered backend x every quantization scheme x the token-count sweep, bf16, NaN-poisoned,
+    against the float64 oracle (and, quantized, the reference of the backend's declared arithmetic within
+    the tolerance row, and the unquantized oracle within the scheme's noise). A (backend, scheme) it cannot
+    run is skipped with its reason; every bucket runs, and the failures are listed together."""
+    from moe.testing import TOKEN_COUNTS, ParityCase
+
+    results = [run_case(backend, ParityCase(T=T, E=16, K=512, N=256, k=4, dtype=torch.bfloat16, quant=scheme),
+                        "cuda") for T in TOKEN_COUNTS]
+    skipped = {r.detail for r in results if r.status == "skipped"}
+    if len(skipped) == 1 and all(r.status == "skipped" for r in results):
+        pytest.skip(f"{backend} {scheme}: {skipped.pop()}")
+    failed = [f"T={r.case.T}: {r.detail}" for r in results if r.status != "passed"]
+    assert not failed, f"{backend} {scheme}: " + "; ".join(failed)

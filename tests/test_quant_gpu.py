@@ -15,7 +15,7 @@ from moe.backends.torch_ref import torch_ref_experts
 from moe.contract import ExpertsArgs, ExpertsProblem
 from moe.quant import NAMES, named, quantize
 from moe.quant.calibration import calibrate_static_scales
-from moe.testing import QUANT_NOISE, TOKEN_COUNTS, assert_close, experts_float64, rel_error
+from moe.testing import QUANT_NOISE, TOKEN_COUNTS, arithmetic_reference, assert_close, experts_float64, rel_error
 
 pytestmark = pytest.mark.gpu
 E, K, N, TOPK = 16, 512, 384, 4  # N = 3 blocks of 128: the block scales of several row tiles
@@ -65,7 +65,7 @@ def _grouped_emulation(s, name) -> torch.Tensor:
     args = ExpertsArgs(x, s["q13"], s["q2"], s["weights"], s["ids"], expert_map=s["expert_map"], **s["kw"])
     prob = ExpertsProblem("cuda", torch.bfloat16, x.shape[0], s["w13"].shape[0], E, K, N, TOPK,
                           has_expert_map=s["expert_map"] is not None, quant=named(name))
-    return torch_ref_experts(args, prob, gemm1_dtype=torch.bfloat16)
+    return arithmetic_reference("torch_grouped", args, prob)
 
 
 CASES = [(b, name, T, emap) for b, name in BACKEND_SCHEMES for T in TOKEN_COUNTS for emap in (False, True)
