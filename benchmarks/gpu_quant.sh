@@ -71,7 +71,7 @@ if [[ $parts == *,bench,* ]]; then
   for p in ${presets//,/ }; do  # every name in one run: the bf16 rows measured once
     IFS=';' read -ra groups <<< "$ms"  # MS="1,16;4096": one run per group (a timeout loses only its own)
     for i in "${!groups[@]}"; do
-      timeout "${BENCH_TIMEOUT:-300}" ${MOE:-python3 -m moe} bench --preset "$p" --m "${groups[$i]}" --quant "$names" \
+      timeout "${BENCH_TIMEOUT:-300}" ${MOE:-python3 -m moe} bench --preset "$p" --m "${groups[$i]}" $([ "$names" = none ] || echo "--quant $names") \
         --backends "${BACKENDS:-triton}" --json "$OUT/bench_${p}_$i.json" --no-progress > "$OUT/bench_${p}_$i.txt" 2>&1
       echo "bench $p ${groups[$i]} rc=$?"
     done

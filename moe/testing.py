@@ -68,9 +68,9 @@ from .quant.calibration import calibrate_static_scales
 from .registry import get_backend, judge, last_decision
 from .routing import fused_topk
 
-__all__ = ["ACTIVATIONS", "QUANT_NOISE", "TOKEN_COUNTS", "TOLERANCES", "ParityCase", "ParityReport",
-           "arithmetic_reference", "assert_close", "check_backend", "experts_float64", "make_inputs", "parity_cases",
-           "quant_noise", "quant_shapes", "quantized_inputs", "rel_error", "run_case", "tolerance"]
+__all__ = ["ACTIVATIONS", "QUANT_NOISE", "ROUNDED_GEMM1", "TOKEN_COUNTS", "TOLERANCES", "ParityCase", "ParityReport",
+           "arithmetic_key", "arithmetic_reference", "assert_close", "check_backend", "experts_float64", "make_inputs",
+           "parity_cases", "quant_noise", "quant_shapes", "quantized_inputs", "rel_error", "run_case", "tolerance"]
 
 # Token counts every parity sweep covers: users of other MoE libraries most often report wrong results
 # that appear for one backend at one batch-size bucket only.
@@ -84,6 +84,15 @@ TOLERANCES: dict[tuple[torch.dtype, str], float] = {
     **{(dtype, "scaled"): tol for dtype, tol in _BASE.items()},
     **{(dtype, name): tol for name in NAMES for dtype, tol in _QUANTIZED.items()},
 }
+# W8A8 against the emulation of a GEMM1 rounded to bf16 (moe.contract.gemm1_rounding, the "+rounded_gemm1" rows):
+# a GEMM1 accumulated in another order crosses some of those rounding steps differently, and one crossing can
+# move a 128-group's fp8 scale and so a whole row of GEMM2's input. With few tokens one crossing weighs a lot:
+# the emulation itself in float32 against float64 differed by up to 1.07e-2 at T=3 (200 seeds, E=16 K=512 N=256
+# k=4), DeepGEMM by 1.5e-2 on an H200 (test_gpu_matrix); rounding or not rounding GEMM1 differs by 1.5e-2 at
+# the median, 3.6e-2 at most. The quantization-noise check against the float64 oracle applies as everywhere.
+ROUNDED_GEMM1 = "+rounded_gemm1"
+TOLERANCES.update({(torch.bfloat16, name + ROUNDED_GEMM1): 3e-2 for name, cfg in NAMES.items()
+                   if cfg.activations is not None})
 # quantized results against the unquantized float64 oracle: the quantization noise (see above)
 _NOISE = {"int8": 4e-2, "fp8": 1e-1, "int4": 3.5e-1, "mxfp4": 4.5e-1, "nvfp4": 3.5e-1}
 QUANT_NOISE: dict[str, float] = {name: _NOISE[cfg.weights.format] for name, cfg in NAMES.items()}
@@ -297,7 +306,8 @@ def run_case(backend: str, case: ParityCase, device: str | torch.device = "cpu")
         if got is not out:
             return CaseResult(case, "failed", "fused_experts did not return the out tensor it was given")
         if backend != "torch" or not quantized:
-            assert_close(got, ref, dtype=case.dtype, scheme=case.quant, what=f"{backend} {case}")
+            key = arithmetic_key(backend, _problem(case, device)) if quantized else case.quant
+            assert_close(got, ref, dtype=case.dtype, scheme=key, what=f"{backend} {case}")
         if quantized:
             _check_noise(got, unquantized, case, backend)
     except AssertionError as exc:
@@ -321,6 +331,13 @@ def arithmetic_reference(backend: str, args: ExpertsArgs, problem: ExpertsProble
     of a quantized backend, shared by ``run_case``, ``moe bench``'s rel err and ``moe tune --backends``."""
     return torch_ref_experts(args, problem, compute_dtype=torch.float32,
                              gemm1_dtype=gemm1_rounding(get_backend(backend), problem))
+
+
+def arithmetic_key(backend: str, problem: ExpertsProblem) -> str:
+    """The tolerance key of ``backend``'s declared arithmetic on ``problem``: the scheme's key, with
+    ``+rounded_gemm1`` where its GEMM1 output is rounded (the row of ``arithmetic_reference``'s check)."""
+    key = problem.quant.key()
+    return key + ROUNDED_GEMM1 if gemm1_rounding(get_backend(backend), problem) is not None else key
 
 
 def _check_noise(got: torch.Tensor, plain: dict, case: ParityCase, backend: str) -> None:

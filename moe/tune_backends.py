@@ -24,7 +24,7 @@ from .quant import QuantConfig, quantize
 from .registry import get_backend, judge, list_backends
 from .routing import fused_topk
 from .selection import BucketChoice, SelectionTable, load_table, table_file_name, write_table
-from .testing import arithmetic_reference, rel_error, tolerance
+from .testing import arithmetic_key, arithmetic_reference, rel_error, tolerance
 from .workload import Preset, graph_time, random_tokens, random_weights, time_fn
 
 __all__ = ["GRAPH_MAX_M", "Timer", "measure_bucket", "tune_selection"]
@@ -66,13 +66,12 @@ def measure_bucket(p: Preset, m: int, dtype: torch.dtype, device: torch.device, 
     scheme = None if quant.weights is None else quant
     problem = _problem(p, device, dtype, m, quant)
     refs: dict[torch.dtype | None, torch.Tensor] = {}  # the reference of each backend's declared arithmetic
-    limit = tolerance(dtype, quant.key())
     timings, failed = {}, []
     for name in names:
         rounding = gemm1_rounding(get_backend(name), problem)
         if rounding not in refs:
             refs[rounding] = arithmetic_reference(name, ExpertsArgs(x, w13, w2, topk_w, ids), problem)
-        ref = refs[rounding]
+        ref, limit = refs[rounding], tolerance(dtype, arithmetic_key(name, problem))
         def call(name: str = name) -> torch.Tensor:
             return fused_experts(x, w13, w2, topk_w, ids, activation=p.activation, quant=scheme, backend=name)
 

@@ -184,7 +184,7 @@ class CutlassBackend:
         problem = _toolchain_problem()
         if problem is not None:
             return False, problem
-        return True, "ok (compiles at first use; not yet run on a GPU)"
+        return True, "ok (compiles at first use, minutes)"
 
     def supports(self, problem: ExpertsProblem) -> tuple[bool, str]:
         target = problem.target
