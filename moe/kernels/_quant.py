@@ -1,6 +1,6 @@
 """Activation quantization (kernels only; the launch lives in quant.py), and the jit helpers that round
-to FP8 / INT8 the way ``moe.quant.activations`` does: divide by the scale, round to nearest even,
-saturate at the format's largest value.
+to FP8 / INT8 the way ``moe.quant.activations`` does: divide by the scale (IEEE division: ``div_rn``), round
+to nearest even, saturate at the format's largest value.
 
 The Triton interpreter truncates fp32 -> fp8 casts, so under ``INTERP`` the value is first rounded to the
 e4m3 grid in fp32 (then the cast is exact); on the GPU the hardware conversion rounds to nearest even.
@@ -22,6 +22,17 @@ _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22
 @triton.jit
 def _rint(v):
     return (v + _MAGIC) - _MAGIC
+
+
+@triton.jit
+def div_rn(a, b):
+    """``a / b`` in fp32 rounded to nearest, as the host divides: Triton's ``/`` is approximate on NVIDIA GPUs
+    (``div.full.f32``, up to 2 ulp), which moved 19 of 16384 int8 roundings off the host's (H200, 2026-12-04).
+    The quantization pass uses it; the GEMMs' in-loop quantization (GEMM2 loading per-tensor fp8 inputs, static
+    per-expert scales in GEMM1) keeps ``/``: IEEE division there is a subroutine call per element (qwen3 GEMM2
+    at one token, sm_90: 584 loop instructions against 419), and an fp8 step is 16 int8 steps wide."""
+    a, b = tl.broadcast(a.to(tl.float32), b.to(tl.float32))
+    return tl.math.div_rn(a, b)
 
 
 @triton.jit
@@ -49,10 +60,10 @@ def quantize(v, FMT: tl.constexpr, INTERP: tl.constexpr):
 
 @triton.jit
 def scale_of(amax, FMT: tl.constexpr):
-    if FMT == 1:  # noqa: SIM108  (an if: Triton 3.6 does not fold a conditional expression on constexprs)
-        scale = tl.where(amax > 0, amax / INT8_MAX, 1.0)
+    if FMT == 1:  # an if: Triton 3.6 does not fold a conditional expression on constexprs
+        scale = tl.where(amax > 0, div_rn(amax, amax * 0.0 + INT8_MAX), 1.0)
     else:
-        scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
+        scale = tl.where(amax > 0, div_rn(amax, amax * 0.0 + FP8_MAX), 1.0)
     return scale
 
 
@@ -111,7 +122,7 @@ def quant_rows(
             gs = scale_of(tl.max(tl.abs(vg), axis=1), FMT)
             g = k0 // GROUP + tl.arange(0, BLOCK // GROUP)
             tl.store(s_ptr + row * stride_s + g, gs, mask=g * GROUP < K)
-            q = tl.reshape(quantize(vg / gs[:, None], FMT, INTERP), [BLOCK])
+            q = tl.reshape(quantize(div_rn(vg, gs[:, None]), FMT, INTERP), [BLOCK])
         else:
-            q = quantize(v / scale, FMT, INTERP)
+            q = quantize(div_rn(v, scale), FMT, INTERP)
         tl.store(q_row + offs, q, mask=kmask)
