@@ -21,8 +21,10 @@ test_part() {
     fuzz) echo "gpu and fuzz" ;;
     quant) echo "gpu and quant" ;;
     native) echo "gpu and native" ;;
-    rest) echo "gpu and not kernels and not routing and not fuzz and not quant and not native" ;;
-    *) echo "unknown test part '$1' (all, triton, torch_grouped, routing, fuzz, quant, native, rest)" >&2; return 2 ;;
+    matrix) echo "gpu and matrix" ;;
+    rest) echo "gpu and not kernels and not routing and not fuzz and not quant and not native and not matrix" ;;
+    *) echo "unknown test part '$1' (all, triton, torch_grouped, routing, fuzz, quant, native, matrix, rest)" >&2
+       return 2 ;;
   esac
 }
 if [[ $parts == *,tests,* ]]; then
