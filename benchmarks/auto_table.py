@@ -9,8 +9,9 @@ cell's spread ((max - min) / median of the two rows, the larger), as the issue a
 
 from __future__ import annotations
 
-import json
 import sys
+
+from _rows import fused_rows
 
 ALLOWED = 0.03
 
@@ -18,13 +19,9 @@ ALLOWED = 0.03
 def cells(paths: list[str]) -> dict[tuple, dict[str, dict]]:
     """(preset, m, quant) -> backend -> row; auto's rows under "auto" with the chosen name kept."""
     out: dict[tuple, dict[str, dict]] = {}
-    for path in paths:
-        with open(path) as f:
-            for r in json.load(f)["rows"]:
-                if r["mode"] != ("graph" if r["m"] <= 256 else "eager") or r["time_us"] is None:
-                    continue
-                name = "auto" if r["backend"].startswith("auto->") else r["backend"]
-                out.setdefault((r["preset"], r["m"], r["quant"]), {})[name] = r
+    for r in fused_rows(paths):
+        name = "auto" if r["backend"].startswith("auto->") else r["backend"]
+        out.setdefault((r["preset"], r["m"], r["quant"]), {})[name] = r
     return out
 
 

@@ -77,6 +77,7 @@ if [[ $parts == *,bench,* ]]; then
     done
   done
   python3 benchmarks/quant_table.py "$OUT"/bench_*.json
+  [[ ${BACKENDS:-} == *,* ]] && python3 benchmarks/backend_table.py "$OUT"/bench_*.json
   [[ ${BACKENDS:-} == *auto* ]] && python3 benchmarks/auto_table.py "$OUT"/bench_*.json
 fi
 # one archive: the device tool brings back only a few files

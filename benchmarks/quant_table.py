@@ -7,24 +7,13 @@ quantized floor, and the speed-up over the same backend's bf16 row of the same r
 
 from __future__ import annotations
 
-import json
 import sys
 
-
-def rows(paths: list[str]) -> list[dict]:
-    out = []
-    for path in paths:
-        with open(path) as f:
-            out += [r for r in json.load(f)["rows"] if r["quant"] != "none"]
-    return out
+from _rows import fused_rows
 
 
 def main(paths: list[str]) -> int:
-    table = {}
-    for r in rows(paths):
-        if r["mode"] != ("graph" if r["m"] <= 256 else "eager") or r["time_us"] is None:
-            continue
-        table[(r["preset"], r["m"], r["backend"], r["quant"])] = r
+    table = {(r["preset"], r["m"], r["backend"], r["quant"]): r for r in fused_rows(paths) if r["quant"] != "none"}
     names = sorted({k[3] for k in table})
     print(f"{'preset':<11}{'M':>6} {'backend':<14}" + "".join(f"{n:>26}" for n in names))
     for preset, m, backend in sorted({k[:3] for k in table}, key=lambda k: (k[0], k[1], k[2])):
