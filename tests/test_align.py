@@ -72,3 +72,17 @@ def test_host_helpers_match_triton():
         assert next_pow2(a) == triton.next_power_of_2(a), a
         for b in (1, 7, 16, 64, 256):
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_pair_rows_inverts_the_sorted_order():
+    """Each pair's row in the sorted order; rows holding no pair (num_pairs or past it) land in the last
+    entry, and a pair with no row (not local) reads row 0."""
+    from moe.kernels.align import pair_rows
+
+    num_pairs = 5  # pair 3 is not local: no sorted row holds it
+    sorted_pairs = torch.tensor([4, 0, 2, 5, 1, 7])  # rows 3 and 5 hold no pair (padding)
+    rows = pair_rows(sorted_pairs, num_pairs)
+    assert rows.dtype == torch.int32 and rows.shape == (num_pairs + 1,)
+    assert rows[:num_pairs].tolist() == [1, 4, 2, 0, 0]
+    with_rows = pair_rows(sorted_pairs, num_pairs, torch.tensor([10, 11, 12, 13, 14, 15]))
+    assert with_rows[:num_pairs].tolist() == [11, 14, 12, 0, 10]

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-from ..activations import apply_activation
 from ..contract import ExpertsArgs, ExpertsProblem
-from ..kernels.align import MAX_EXPERTS, align
-from ..kernels.combine import combine
+from ..kernels.align import MAX_EXPERTS
 from ..kernels.grouped import expert_starts, leading_dims, pointer_array, problem_sizes
+from ..kernels.pipeline import grouped_pipeline
 from ..target import nvcc_version
 
 __all__ = ["BACKEND", "FLAGS", "SOURCES", "build_folder", "cache_key", "cutlass_experts", "cutlass_include",
@@ -144,30 +143,17 @@ def _grouped_gemm(ext, a: torch.Tensor, w: torch.Tensor, d: torch.Tensor, ends: 
 
 
 def cutlass_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, ext=None) -> torch.Tensor:
-    """The experts through the grouped GEMM extension (``ext``: the compiled module, or a stand-in)."""
+    """The experts through the grouped GEMM extension (``ext``: the compiled module, or a stand-in) in our
+    pipeline around a library's grouped GEMM (``moe.kernels.pipeline``)."""
     ext = ext if ext is not None else extension()
-    x, k = args.hidden_states, problem.top_k
-    num_pairs = problem.num_tokens * k
-    ids, topk_w = args.topk_ids.reshape(-1).contiguous(), args.topk_weights.reshape(-1).contiguous()
-    al = align(ids, problem.num_experts, 1, args.expert_map)  # row tile 1: groups without padding
-    pair = al.sorted_ids[:num_pairs].long()
-    live = pair < num_pairs
-    safe = torch.where(live, pair, 0)
-    xs = x.index_select(0, safe // k).contiguous()  # [P, K] grouped by expert
-    if problem.apply_router_weight_on_input:
-        xs = (xs.float() * topk_w.index_select(0, safe).unsqueeze(1)).to(x.dtype)
-    w13, w2 = args.w13.contiguous(), args.w2.contiguous()
-    h = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
-    ys = torch.empty(num_pairs, problem.hidden_size, dtype=x.dtype, device=x.device)
-    if num_pairs:
-        _grouped_gemm(ext, xs, w13, h, al.expert_ends)
-        a = apply_activation(h.float(), problem.activation).to(x.dtype).contiguous()
-        _grouped_gemm(ext, a, w2, ys, al.expert_ends)
-    y = torch.empty(num_pairs + 1, problem.hidden_size, dtype=x.dtype, device=x.device)  # last row: dropped
-    y.index_copy_(0, torch.where(live, pair, num_pairs), ys)
-    combine(y, ids, topk_w, out, top_k=k, num_global=problem.num_global_experts, num_local=problem.num_experts,
-            expert_map=args.expert_map, weight_on_input=problem.apply_router_weight_on_input)
-    return out
+
+    def gemm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        w = w.contiguous()
+        d = torch.empty(a.shape[0], w.shape[1], dtype=a.dtype, device=a.device)
+        _grouped_gemm(ext, a.contiguous(), w, d, ends)
+        return d
+
+    return grouped_pipeline(args, problem, out, gemm)
 
 
 class CutlassBackend:

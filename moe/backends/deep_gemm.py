@@ -35,7 +35,7 @@ import torch
 
 from ..contract import ExpertsArgs, ExpertsProblem
 from ..kernels.activation import activate_rows
-from ..kernels.align import Alignment, align
+from ..kernels.align import Alignment, align, pair_rows
 from ..kernels.combine import combine
 from ..kernels.quant import quantize_rows
 from ..options import options
@@ -259,22 +259,20 @@ def deep_gemm_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Ten
     masked = T <= MASKED_MAX_TOKENS
     block_m = 1 if masked else _dg().get_mk_alignment_for_contiguous_layout()
     al = align(ids, problem.num_experts, block_m, args.expert_map)
-    pair_rows = al.sorted_ids.long() if not masked else al.sorted_ids[:num_pairs].long()
-    live = pair_rows < num_pairs
+    sorted_pairs = al.sorted_ids.long() if not masked else al.sorted_ids[:num_pairs].long()
+    live = sorted_pairs < num_pairs
     if problem.apply_router_weight_on_input:  # top_k = 1: a token is its pair; weighted before it is quantized
         x = (x.float() * topk_w.unsqueeze(1)).to(x.dtype)
     # each token quantized once (per-row groups), then its rows grouped by expert: [rows, K]
-    xs = _gemm_input(x, problem).select(torch.where(live, pair_rows, 0) // k)
+    xs = _gemm_input(x, problem).select(torch.where(live, sorted_pairs, 0) // k)
     if masked:
         y, row_of = _masked(args, problem, xs, masked_layout(al, num_pairs, T), x.dtype)
     else:
         y = _contiguous(args, problem, xs, al, num_pairs, x.dtype)
         row_of = torch.arange(y.shape[0], device=x.device)
-    # the row of y holding each pair's output (a pair that is not local keeps row 0: the combine skips it)
-    rows = torch.zeros(num_pairs + 1, dtype=torch.int32, device=x.device)  # last: every padding row's
-    rows.index_copy_(0, torch.where(live, pair_rows, num_pairs), row_of.to(torch.int32))
     combine(y, ids, topk_w, out, top_k=k, num_global=problem.num_global_experts, num_local=problem.num_experts,
-            expert_map=args.expert_map, weight_on_input=problem.apply_router_weight_on_input, rows=rows)
+            expert_map=args.expert_map, weight_on_input=problem.apply_router_weight_on_input,
+            rows=pair_rows(sorted_pairs, num_pairs, row_of))
     return out
 
 

@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 
 from ..contract import ExpertsArgs, ExpertsProblem
-from ..kernels.align import align
+from ..kernels.align import align, pair_rows
 from ..kernels.combine import combine
 
 __all__ = ["BACKEND", "HARDWARE_VERDICT", "PASSED", "sonic_experts"]
@@ -97,10 +97,8 @@ def sonic_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor)
                  A_idx=tokens, store_preact=False, tuned=False, concat_layout=("B",))
     y = torch.empty(num_pairs, K, dtype=x.dtype, device=x.device)
     q.gemm(a, args.w2.transpose(1, 2), out=y, cu_seqlens_m=cu_seqlens, tuned=False)
-    rows = torch.empty(num_pairs, dtype=torch.int32, device=x.device)
-    rows.index_copy_(0, pairs, torch.arange(num_pairs, dtype=torch.int32, device=x.device))
     return combine(y, ids, topk_w, out, top_k=k, num_global=problem.num_global_experts,
-                   num_local=problem.num_experts, rows=rows)
+                   num_local=problem.num_experts, rows=pair_rows(pairs, num_pairs))
 
 
 class SonicBackend:

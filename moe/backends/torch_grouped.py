@@ -1,6 +1,7 @@
-"""The torch grouped-GEMM backend: our alignment kernel permutes the pairs by expert, two
-``torch._grouped_mm`` calls do the projections, torch ops the activation, our combine kernel the
-weighted sum over k. It is both a user option and the comparison row of every benchmark.
+"""The torch grouped-GEMM backend: two ``torch._grouped_mm`` calls in our pipeline around a library's grouped
+GEMM (``moe.kernels.pipeline``: the alignment groups the pairs by expert, one launch activates GEMM1's rows,
+the combine reads each pair's row of GEMM2's output). It is both a user option and the comparison row of
+every benchmark.
 
 ``fp8_channel`` (e4m3 weights with per-output-channel scales, dynamic per-token activations) runs through
 ``torch._scaled_grouped_mm`` with row-wise scales, where torch has it on the device: each GEMM's input
@@ -13,10 +14,8 @@ import functools
 
 import torch
 
-from ..activations import apply_activation
 from ..contract import ExpertsArgs, ExpertsProblem
-from ..kernels.align import align
-from ..kernels.combine import combine
+from ..kernels.pipeline import grouped_pipeline
 from ..kernels.quant import quantize_rows
 from ..quant import QuantizedWeight
 
@@ -56,32 +55,7 @@ def _grouped_mm(a: torch.Tensor, w: torch.Tensor | QuantizedWeight, offs: torch.
 
 
 def grouped_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> torch.Tensor:
-    x = args.hidden_states
-    T, K, k = problem.num_tokens, problem.hidden_size, problem.top_k
-    num_pairs = T * k
-    ids = args.topk_ids.reshape(-1).contiguous()
-    topk_w = args.topk_weights.reshape(-1).contiguous()
-    al = align(ids, problem.num_experts, 1, args.expert_map)  # row tile 1: no padding
-    pair = al.sorted_ids[:num_pairs].long()  # [P] pair of each sorted row; num_pairs past the local ones
-    live = pair < num_pairs
-    safe = torch.where(live, pair, 0)
-    xs = x.index_select(0, safe // k)  # [P, K] rows grouped by expert
-    if problem.apply_router_weight_on_input:
-        xs = (xs.float() * topk_w.index_select(0, safe).unsqueeze(1)).to(x.dtype)
-    offs = al.expert_ends  # [E] int32 cumulative row ends
-    h = _grouped_mm(xs, args.w13, offs, problem)  # [P, 2N]
-    expert_of_row = al.block_expert.clamp(min=0).long()  # row tile 1: the expert of each row
-    if args.w13_bias is not None:
-        h = h + args.w13_bias.index_select(0, expert_of_row)
-    a = apply_activation(h.float(), problem.activation).to(x.dtype)  # [P, N]
-    ys = _grouped_mm(a, args.w2, offs, problem)  # [P, K]
-    if args.w2_bias is not None:
-        ys = ys + args.w2_bias.index_select(0, expert_of_row)
-    y = torch.empty(num_pairs + 1, K, dtype=x.dtype, device=x.device)  # row num_pairs collects dropped rows
-    y.index_copy_(0, torch.where(live, pair, num_pairs), ys)
-    combine(y, ids, topk_w, out, top_k=k, num_global=problem.num_global_experts, num_local=problem.num_experts,
-            expert_map=args.expert_map, weight_on_input=problem.apply_router_weight_on_input)
-    return out
+    return grouped_pipeline(args, problem, out, lambda a, w, ends: _grouped_mm(a, w, ends, problem))
 
 
 def _supports_quant(problem: ExpertsProblem) -> tuple[bool, str]:

@@ -97,3 +97,16 @@ def _carve(device: torch.device, sizes: tuple[int, ...]) -> list[torch.Tensor]:
         at += cdiv(n, 32) * 32
     buf = torch.empty(at, dtype=torch.int32, device=device)
     return [buf[a:a + n] for a, n in zip(starts, sizes, strict=True)]
+
+
+def pair_rows(sorted_pairs: torch.Tensor, num_pairs: int, row_of: torch.Tensor | None = None) -> torch.Tensor:
+    """[num_pairs + 1] int32: the row holding each pair's output, for the combine's ``rows=`` (rows grouped
+    by expert, as a library GEMM wrote them: no copy back to pair order). ``sorted_pairs``: each sorted row's
+    pair (num_pairs or more where the row holds none: padding, a pair that is not local); ``row_of``: that
+    row's index in the output (default: its position). A pair without a row (not local) reads row 0, which
+    the combine skips; the last entry collects the rows holding no pair."""
+    live = sorted_pairs < num_pairs
+    rows = torch.zeros(num_pairs + 1, dtype=torch.int32, device=sorted_pairs.device)
+    if row_of is None:
+        row_of = torch.arange(sorted_pairs.numel(), dtype=torch.int32, device=sorted_pairs.device)
+    return rows.index_copy_(0, torch.where(live, sorted_pairs, num_pairs).long(), row_of.to(torch.int32))
