@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile the CUTLASS translation units of the cutlass and cutlass_fp4 backends with nvcc alone (no GPU, no CUDA
 # torch needed) and list the kernel symbols in each cubin: the SM90 bf16 grouped GEMM for sm_90a, the two SM100
-# block-scaled FP4 grouped GEMMs (nvfp4, mxfp4) for sm_100a. Minutes each.
+# block-scaled FP4 grouped GEMMs (nvfp4, mxfp4) for sm_100a, the SM90 fp8_block grouped GEMM. Minutes each.
 #   bash benchmarks/cutlass_compile_check.sh CUTLASS_INCLUDE [OUT_DIR]
 # CUTLASS_INCLUDE: the folder holding cutlass/cutlass.h (nvidia-cutlass==4.2.0.0: cutlass_library/source/include).
 set -uo pipefail
@@ -23,4 +23,5 @@ compile() {  # source arch
   readelf -sW "$out/$name.cubin" | awk '$4 == "FUNC" {print $NF}' | grep device_kernel | c++filt | cut -c1-160
 }
 compile "$src/grouped_gemm_sm90.cu" 90a
+compile "$src/grouped_gemm_fp8_sm90.cu" 90a
 compile "$src/grouped_gemm_fp4_sm100.cu" 100a

@@ -8,7 +8,7 @@
 #   AB_RUNS="mixtral:1|w4a16,mxfp4||--profile;mixtral:1|w4a16|split2,split4|"
 # PARTS=select: selection tables, SELECT_PRESETS / SELECT_NAMES (space-separated), SELECT_MS, SELECT_BACKENDS
 # PARTS=profile: PROFILE_CASES (preset:M ...), PROFILE_BACKEND, PROFILE_NAMES (space-separated, none = bf16)
-# PYTEST_M: the tests' marker expression (default "gpu and quant")
+# PYTEST_M: the tests' marker expression (default "gpu and quant"); UNVERIFIED=cutlass: pytest --unverified cutlass
 # MOE: the bench's command (default "python3 -m moe"; "python3 benchmarks/unverified.py sonic --" measures a
 #   backend still behind its off switch, after its GPU tests passed in the same call)
 set -uo pipefail
@@ -20,7 +20,7 @@ ms=${MS:-1,16,64,256,1024,4096,16384}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [[ $parts == *,tests,* ]]; then
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -m "${PYTEST_M:-gpu and quant}" -q -rf --tb=short -p no:cacheprovider tests \
-    ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/gpu_tests_quant.log" 2>&1
+    ${PYTEST_K:+-k "$PYTEST_K"} ${UNVERIFIED:+--unverified "$UNVERIFIED"} > "$OUT/gpu_tests_quant.log" 2>&1
   echo "gpu tests [quant] rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests_quant.log" | cut -c1-300 | tail -25
 fi
 if [[ $parts == *,profile,* ]]; then  # each kernel's time: PROFILE_CASES="dsv3:1 dsv3:16384" PROFILE_BACKEND PROFILE_NAMES

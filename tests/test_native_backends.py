@@ -155,6 +155,35 @@ class _GroupedGemmStandIn:
             self._view(int(ptr_d[g]), m, n, int(ld_d[g])).copy_(a @ b.T)
 
 
+    @staticmethod
+    def _bytes(addr: int, rows: int, cols: int, ld: int) -> torch.Tensor:
+        import ctypes
+
+        n = max(0, (rows - 1) * ld + cols) if rows else 0
+        buf = (ctypes.c_uint8 * max(n, 1)).from_address(addr)
+        flat = torch.frombuffer(buf, dtype=torch.uint8, count=n) if n else torch.empty(0, dtype=torch.uint8)
+        return flat.as_strided((rows, cols), (ld, 1)) if n else torch.empty(rows, cols, dtype=torch.uint8)
+
+    def grouped_gemm_fp8_block(self, sizes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d, ptr_sfa, ptr_sfb):
+        """e4m3 A_g and B_g with fp32 scales per 1x128 of A (rows of K/128, K-major) and per 128x128 block of
+        B, D_g = sum over K blocks of (A_g block @ B_g block^T) x SFA x SFB, as CUTLASS's blockwise mainloop."""
+        self.calls += 1
+        for g in range(sizes.shape[0]):
+            m, n, k = sizes[g].tolist()
+            if m == 0:
+                continue
+            kb = -(-k // 128)
+            a = self._bytes(int(ptr_a[g]), m, k, int(ld_a[g])).view(torch.float8_e4m3fn).float()
+            b = self._bytes(int(ptr_b[g]), n, k, int(ld_b[g])).view(torch.float8_e4m3fn).float()
+            sfa = self._view(int(ptr_sfa[g]), m, kb, kb)
+            sfb = self._view(int(ptr_sfb[g]), -(-n // 128), kb, kb)
+            acc = torch.zeros(m, n)
+            for j in range(kb):
+                cols = slice(128 * j, 128 * (j + 1))
+                acc += (a[:, cols] @ b[:, cols].T) * sfa[:, j:j + 1] * sfb[:, j].repeat_interleave(128)[:n]
+            self._view(int(ptr_d[g]), m, n, int(ld_d[g])).copy_(acc)
+
+
 @pytest.mark.parametrize(("T", "emap", "activation"), [(1, False, "silu"), (9, True, "gelu_tanh"),
                                                       (40, False, "relu2")])
 def test_cutlass_pipeline_against_a_stand_in_extension(T, emap, activation):
@@ -174,6 +203,43 @@ def test_cutlass_pipeline_against_a_stand_in_extension(T, emap, activation):
     ref = experts_float64(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
                           inputs["topk_ids"], activation, expert_map=inputs["expert_map"])
     assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize(("T", "emap"), [(1, False), (3, False), (20, True)])
+def test_cutlass_fp8_block_pipeline_against_a_stand_in_extension(T, emap):
+    """fp8_block's host side: each GEMM's input quantized in 1x128 groups, the scale addresses of every expert's
+    rows and blocks, against the reference of the backend's arithmetic (within the float32 fp8_block row) and the
+    unquantized oracle (within the scheme's noise)."""
+    import dataclasses
+
+    from moe import testing as mt
+
+    case = mt.ParityCase(T=T, E=4, K=256, N=128, k=2, quant="fp8_block", expert_map=emap)
+    plain = mt.make_inputs(dataclasses.replace(case, quant="none"))
+    inputs = mt.quantized_inputs(plain, case)  # the same values, quantized
+    local = inputs["w13"].shape[0]
+    problem = ExpertsProblem("cpu", torch.float32, T, local, case.E, case.K, case.N, case.k, has_expert_map=emap,
+                             quant=moe.quant.named("fp8_block"))
+    args = moe.ExpertsArgs(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
+                           inputs["topk_ids"], expert_map=inputs["expert_map"])
+    out = torch.full_like(inputs["hidden_states"], float("nan"))
+    ext = _GroupedGemmStandIn()
+    cutlass.cutlass_experts(args, problem, out, ext=ext)
+    assert ext.calls == 2
+    emulation = mt.arithmetic_reference("cutlass", args, problem)
+    assert mt.rel_error(out, emulation) <= mt.tolerance(torch.float32, "fp8_block")
+    ref = mt.experts_float64(inputs["hidden_states"], plain["w13"], plain["w2"], inputs["topk_weights"],
+                             inputs["topk_ids"], expert_map=inputs["expert_map"])
+    assert mt.rel_error(out, ref) <= mt.QUANT_NOISE["fp8_block"]
+
+
+def test_cutlass_fp8_block_is_off_until_its_gpu_parity_passes():
+    from moe.target import TARGETS
+
+    problem = ExpertsProblem("cuda", torch.bfloat16, 4, 8, 8, 512, 256, 2, target=TARGETS["h200"],
+                             quant=moe.quant.named("fp8_block"))
+    ok, why = cutlass.BACKEND.supports(problem)
+    assert not ok and "not yet run on a GPU" in why and "test_gpu_matrix" in why
 
 
 def test_cutlass_extension_sources_are_in_the_cache_key():

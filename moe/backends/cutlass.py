@@ -14,6 +14,7 @@ machine (2026-12-01); the extension has not been built against a CUDA torch or r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -26,17 +27,21 @@ from pathlib import Path
 
 import torch
 
-from ..contract import ExpertsArgs, ExpertsProblem
+from ..contract import ExpertsArgs, ExpertsProblem, Weight
 from ..kernels.align import MAX_EXPERTS
 from ..kernels.grouped import expert_starts, leading_dims, pointer_array, problem_sizes
 from ..kernels.pipeline import grouped_pipeline
+from ..kernels.quant import QuantizedRows, quantize_rows
+from ..quant import QuantizedWeight
 from ..target import nvcc_version
 
 __all__ = ["BACKEND", "FLAGS", "SOURCES", "build_folder", "cache_key", "cutlass_experts", "cutlass_include",
            "cutlass_version", "extension"]
 
 _DIR = Path(__file__).resolve().parent / "_cutlass"
-SOURCES = (_DIR / "grouped_gemm_sm90.cu", _DIR / "binding.cpp", _DIR / "grouped_gemm.h")
+SOURCES = (_DIR / "grouped_gemm_sm90.cu", _DIR / "grouped_gemm_fp8_sm90.cu", _DIR / "binding.cpp",
+           _DIR / "grouped_gemm.h")
+COMPILED = tuple(str(src) for src in SOURCES if src.suffix != ".h")
 ARCH = "9.0a"  # wgmma and TMA need the architecture-specific target
 # torch's extension flags switch off CUDA's half and bf16 operators, which CUTLASS uses: switched back on
 FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
@@ -44,6 +49,12 @@ FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-U__CUDA_
 
 INSTALL = "pip install 'nvidia-cutlass==4.2.0.0' (used only for its C++ headers), or set CUTLASS_HOME"
 ALIGN_NK = 128
+# The off switch of each scheme not yet run on hardware (scheme key -> reason): bf16 passed the GPU matrix on an
+# H200 (2026-12-04); fp8_block's kernel compiled for sm_90a and its host side passed on CPU against a stand-in.
+HARDWARE_VERDICT: dict[str, str] = {
+    "fp8_block": ("fp8_block: its CUTLASS kernel compiled for sm_90a and its host side was tested on CPU against a "
+                  "stand-in; not yet run on a GPU (its GPU parity: tests/test_parity.py::test_gpu_matrix)"),
+}
 
 
 def cutlass_include() -> Path | None:
@@ -121,7 +132,7 @@ def extension():
     saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = ARCH  # torch emits this one -gencode
     try:
-        return load(name=f"moe_cutlass_{key[-16:]}", sources=[str(SOURCES[0]), str(SOURCES[1])],
+        return load(name=f"moe_cutlass_{key[-16:]}", sources=list(COMPILED),
                     extra_include_paths=[str(cutlass_include()), str(_DIR)], extra_cflags=["-O3", "-std=c++17"],
                     extra_cuda_cflags=list(FLAGS), build_directory=str(folder), verbose=True)
     finally:
@@ -142,22 +153,49 @@ def _grouped_gemm(ext, a: torch.Tensor, w: torch.Tensor, d: torch.Tensor, ends: 
                           leading_dims(groups, w.stride(1), a.device), leading_dims(groups, d.stride(0), a.device))
 
 
+def _grouped_gemm_fp8_block(ext, q: QuantizedRows, w: QuantizedWeight, d: torch.Tensor, ends: torch.Tensor) -> None:
+    """``d[rows of g] = (q's rows x their 1x128 scales) @ (w[g] x its 128x128 block scales)^T`` for every
+    expert g: e4m3 operands, fp32 scales (row-major, K-major for CUTLASS), bf16 ``d``."""
+    groups, n, k = w.shape
+    starts = expert_starts(ends)
+    experts = torch.arange(groups, device=d.device)
+    data, scale, qdata, qscale = w.data, w.scale, q.data, q.scale
+    ext.grouped_gemm_fp8_block(
+        problem_sizes(ends, n, k), pointer_array(qdata, starts, qdata.stride(0)),
+        pointer_array(data, experts * n, data.stride(1)), pointer_array(d, starts, d.stride(0) * d.element_size()),
+        leading_dims(groups, qdata.stride(0), d.device), leading_dims(groups, data.stride(1), d.device),
+        leading_dims(groups, d.stride(0), d.device), pointer_array(qscale, starts, qscale.stride(0) * 4),
+        pointer_array(scale, experts * scale.shape[1], scale.stride(1) * 4))
+
+
 def cutlass_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, ext=None) -> torch.Tensor:
     """The experts through the grouped GEMM extension (``ext``: the compiled module, or a stand-in) in our
-    pipeline around a library's grouped GEMM (``moe.kernels.pipeline``)."""
+    pipeline around a library's grouped GEMM (``moe.kernels.pipeline``); under ``fp8_block`` each GEMM's input
+    rows are quantized in 1x128 groups first (``moe.kernels.quant``)."""
     ext = ext if ext is not None else extension()
 
-    def gemm(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        w = w.contiguous()
+    def gemm(a: torch.Tensor, w: Weight, ends: torch.Tensor) -> torch.Tensor:
         d = torch.empty(a.shape[0], w.shape[1], dtype=a.dtype, device=a.device)
-        _grouped_gemm(ext, a.contiguous(), w, d, ends)
+        if isinstance(w, QuantizedWeight):
+            q = quantize_rows(a.contiguous(), problem.quant.activations)
+            _grouped_gemm_fp8_block(ext, q, _contiguous(w), d, ends)
+        else:
+            _grouped_gemm(ext, a.contiguous(), w.contiguous(), d, ends)
         return d
 
     return grouped_pipeline(args, problem, out, gemm)
 
 
+def _contiguous(w: QuantizedWeight) -> QuantizedWeight:
+    if w.data.is_contiguous() and w.scale.is_contiguous():
+        return w
+    return dataclasses.replace(w, data=w.data.contiguous(), scale=w.scale.contiguous())
+
+
 class CutlassBackend:
     name = "cutlass"
+    schemes = ("none", "fp8_block")
+    w8a8_gemm1_rounded = True  # its GEMM1 writes bf16 before our activation (contract.gemm1_rounding)
 
     @property
     def priority(self) -> int:
@@ -186,6 +224,11 @@ class CutlassBackend:
             return False, "expert biases are not implemented"
         if problem.num_experts > MAX_EXPERTS:
             return False, f"num_experts={problem.num_experts} exceeds the alignment's {MAX_EXPERTS}"
+        key = problem.quant.key()
+        if key in HARDWARE_VERDICT:
+            return False, HARDWARE_VERDICT[key]
+        if key == "fp8_block" and not target.fp8_mma:
+            return False, f"fp8_block needs FP8 tensor-core MMA; {target.describe()}"
         return True, "ok"
 
     def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:

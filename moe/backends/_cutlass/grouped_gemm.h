@@ -21,8 +21,21 @@ struct GroupedGemmArgs {
   int sm_count;
 };
 
+// fp8_block (grouped_gemm_fp8_sm90.cu): the GEMM's arrays, each group's scale addresses, and device scratch of
+// grouped_gemm_fp8_block_sm90_layout_bytes(groups) bytes where the per-group scale layouts are written
+struct GroupedGemmFp8BlockArgs {
+  GroupedGemmArgs gemm;  // A and B e4m3, D bf16
+  void* ptr_sfa;         // device [groups] int64 addresses of SFA_g ([M_g, K/128] fp32 row-major)
+  void* ptr_sfb;         // device [groups] int64 addresses of SFB_g ([N/128, K/128] fp32 row-major)
+  void* layouts;         // device scratch for the scale layouts
+};
+
 size_t grouped_gemm_bf16_sm90_workspace(const GroupedGemmArgs& args);
 // nullptr on success, else why it did not run
 const char* grouped_gemm_bf16_sm90(const GroupedGemmArgs& args, void* workspace, cudaStream_t stream);
+
+size_t grouped_gemm_fp8_block_sm90_layout_bytes(int groups);
+size_t grouped_gemm_fp8_block_sm90_workspace(const GroupedGemmFp8BlockArgs& args);
+const char* grouped_gemm_fp8_block_sm90(const GroupedGemmFp8BlockArgs& args, void* workspace, cudaStream_t stream);
 
 }  // namespace moe_cutlass

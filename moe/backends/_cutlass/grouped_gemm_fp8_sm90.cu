@@ -1,0 +1,144 @@
+// SM90 FP8 grouped GEMM with block scales for the cutlass backend (fp8_block: DeepSeek-V3's scheme):
+// D_g = (A_g x SFA_g) @ (B_g x SFB_g)^T per group, e4m3 inputs, fp32 accumulation with the scales applied in
+// the K loop (CUTLASS's pointer-array blockwise-scaled mainloop), bf16 output.
+//   A_g: [M_g, K] e4m3 row-major, SFA_g [M_g, K/128] fp32 row-major (one scale per row and 128 columns: the
+//        dynamic 1x128 groups of moe.kernels.quant, K-major)
+//   B_g: [N, K] e4m3 row-major (a weight [E, N, K] slice), SFB_g [N/128, K/128] fp32 row-major (128x128 blocks)
+//   D_g: [M_g, N] bf16 row-major
+// The per-group scale layouts depend on M_g, which lives on the device: a setup kernel writes them from the
+// problem sizes before the GEMM, so nothing waits on the host. No torch headers (binding.cpp is the glue).
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/detail/blockwise_scale_layout.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+
+#include "grouped_gemm.h"
+
+namespace moe_cutlass {
+namespace {
+
+using namespace cute;
+
+using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M, N, K) per group
+using ElementAB = cutlass::float_e4m3_t;
+using ElementD = cutlass::bfloat16_t;
+using Accumulator = float;  // the blockwise mainloop needs the scales in the accumulator's type
+using LayoutA = cutlass::layout::RowMajor;
+using LayoutB = cutlass::layout::ColumnMajor;  // B^T is [K, N] column-major: our [N, K] row-major weight
+using LayoutD = cutlass::layout::RowMajor;
+constexpr int kAlignmentAB = 128 / cutlass::sizeof_bits<ElementAB>::value;  // 16 bytes: 16 elements
+constexpr int kAlignmentD = 128 / cutlass::sizeof_bits<ElementD>::value;
+
+using TileShape = Shape<_128, _128, _128>;  // one 128-deep K step is one scale block
+using ClusterShape = Shape<_1, _1, _1>;
+// scales per 1 row x 128 columns of A and per 128 x 128 block of B, both K-major (our row-major scales)
+using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128, cute::GMMA::Major::K, cute::GMMA::Major::K>;
+using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
+using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
+
+using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8BlockScaledAccum;
+using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+
+using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+    cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, Accumulator,
+    void, LayoutD*, kAlignmentD,  // no source operand (C)
+    ElementD, LayoutD*, kAlignmentD, EpilogueSchedule,
+    cutlass::epilogue::fusion::LinearCombination<ElementD, Accumulator>>::CollectiveOp;
+
+using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementAB, cute::tuple<LayoutA*, LayoutSFA*>, kAlignmentAB,
+    ElementAB, cute::tuple<LayoutB*, LayoutSFB*>, kAlignmentAB, Accumulator, TileShape, ClusterShape,
+    cutlass::gemm::collective::StageCountAutoCarveout<
+        static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+    KernelSchedule>::CollectiveOp;
+
+using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+
+using StrideA = typename GemmKernel::InternalStrideA;
+using StrideB = typename GemmKernel::InternalStrideB;
+using StrideD = typename GemmKernel::InternalStrideD;
+static_assert(sizeof(StrideA) == sizeof(int64_t) && sizeof(StrideB) == sizeof(int64_t) &&
+              sizeof(StrideD) == sizeof(int64_t), "packed strides must be one int64 each");
+static_assert(sizeof(typename ProblemShape::UnderlyingProblemShape) == 3 * sizeof(int),
+              "problem shapes must be three int32 each");
+
+// each group's scale layouts from its (M_g, N, K): the layouts CUTLASS expects for packed row-major scales
+__global__ void fill_scale_layouts(const int* problem_sizes, int groups, LayoutSFA* sfa, LayoutSFB* sfb) {
+  const int g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g >= groups) {
+    return;
+  }
+  const int m = problem_sizes[3 * g], n = problem_sizes[3 * g + 1], k = problem_sizes[3 * g + 2];
+  sfa[g] = ScaleConfig::tile_atom_to_shape_SFA(make_shape(m, n, k, 1));
+  sfb[g] = ScaleConfig::tile_atom_to_shape_SFB(make_shape(m, n, k, 1));
+}
+
+LayoutSFA* sfa_layouts(const GroupedGemmFp8BlockArgs& a) { return reinterpret_cast<LayoutSFA*>(a.layouts); }
+
+LayoutSFB* sfb_layouts(const GroupedGemmFp8BlockArgs& a) {
+  return reinterpret_cast<LayoutSFB*>(static_cast<char*>(a.layouts) + a.gemm.groups * sizeof(LayoutSFA));
+}
+
+typename Gemm::Arguments make_arguments(const GroupedGemmFp8BlockArgs& a) {
+  const GroupedGemmArgs& g = a.gemm;
+  cutlass::KernelHardwareInfo hw;
+  hw.device_id = g.device;
+  hw.sm_count = g.sm_count;
+  typename Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGrouped,
+      {g.groups, reinterpret_cast<typename ProblemShape::UnderlyingProblemShape*>(g.problem_sizes), nullptr},
+      {reinterpret_cast<const ElementAB**>(g.ptr_a), reinterpret_cast<StrideA*>(g.ld_a),
+       reinterpret_cast<const ElementAB**>(g.ptr_b), reinterpret_cast<StrideB*>(g.ld_b),
+       reinterpret_cast<const Accumulator**>(a.ptr_sfa), sfa_layouts(a),
+       reinterpret_cast<const Accumulator**>(a.ptr_sfb), sfb_layouts(a)},
+      {{}, nullptr, nullptr, reinterpret_cast<ElementD**>(g.ptr_d), reinterpret_cast<StrideD*>(g.ld_d)},
+      hw};
+  args.epilogue.thread.alpha = 1.0f;
+  args.epilogue.thread.beta = 0.0f;
+  return args;
+}
+
+}  // namespace
+
+size_t grouped_gemm_fp8_block_sm90_layout_bytes(int groups) {
+  return static_cast<size_t>(groups) * (sizeof(LayoutSFA) + sizeof(LayoutSFB));
+}
+
+size_t grouped_gemm_fp8_block_sm90_workspace(const GroupedGemmFp8BlockArgs& a) {
+  return Gemm::get_workspace_size(make_arguments(a));
+}
+
+const char* grouped_gemm_fp8_block_sm90(const GroupedGemmFp8BlockArgs& a, void* workspace, cudaStream_t stream) {
+  const int groups = a.gemm.groups;
+  fill_scale_layouts<<<(groups + 127) / 128, 128, 0, stream>>>(static_cast<const int*>(a.gemm.problem_sizes),
+                                                                groups, sfa_layouts(a), sfb_layouts(a));
+  if (cudaGetLastError() != cudaSuccess) {
+    return "CUTLASS fp8 grouped GEMM: the scale-layout kernel did not launch";
+  }
+  Gemm gemm;
+  auto args = make_arguments(a);
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
+    return "CUTLASS cannot implement this fp8 grouped GEMM (K and N must be multiples of 128)";
+  }
+  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
+    return "CUTLASS fp8 grouped GEMM: initialize failed";
+  }
+  if (gemm.run(stream) != cutlass::Status::kSuccess) {
+    return "CUTLASS fp8 grouped GEMM: launch failed";
+  }
+  return nullptr;
+}
+
+}  // namespace moe_cutlass
