@@ -184,6 +184,21 @@ class _GroupedGemmStandIn:
             self._view(int(ptr_d[g]), m, n, int(ld_d[g])).copy_(acc)
 
 
+def _through_the_stand_in(case, inputs: dict):
+    """cutlass_experts on CPU float32 inputs through the stand-in extension (two grouped GEMMs): (out, args,
+    problem), ``out`` NaN-poisoned before the call."""
+    problem = ExpertsProblem("cpu", torch.float32, case.T, inputs["w13"].shape[0], case.E, case.K, case.N, case.k,
+                             activation=ActivationSpec.parse(case.activation), has_expert_map=case.expert_map,
+                             quant=moe.quant.QuantConfig.parse(case.quant))
+    args = moe.ExpertsArgs(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
+                           inputs["topk_ids"], expert_map=inputs["expert_map"])
+    out = torch.full_like(inputs["hidden_states"], float("nan"))
+    ext = _GroupedGemmStandIn()
+    cutlass.cutlass_experts(args, problem, out, ext=ext)
+    assert ext.calls == 2
+    return out, args, problem
+
+
 @pytest.mark.parametrize(("T", "emap", "activation"), [(1, False, "silu"), (9, True, "gelu_tanh"),
                                                       (40, False, "relu2")])
 def test_cutlass_pipeline_against_a_stand_in_extension(T, emap, activation):
@@ -191,15 +206,7 @@ def test_cutlass_pipeline_against_a_stand_in_extension(T, emap, activation):
 
     case = ParityCase(T=T, E=6, K=32, N=16, k=2, activation=activation, expert_map=emap)
     inputs = make_inputs(case)
-    local = inputs["w13"].shape[0]
-    problem = ExpertsProblem("cpu", torch.float32, T, local, case.E, case.K, case.N, case.k,
-                             activation=ActivationSpec.parse(activation), has_expert_map=emap)
-    args = moe.ExpertsArgs(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
-                           inputs["topk_ids"], expert_map=inputs["expert_map"])
-    out = torch.full_like(inputs["hidden_states"], float("nan"))
-    ext = _GroupedGemmStandIn()
-    cutlass.cutlass_experts(args, problem, out, ext=ext)
-    assert ext.calls == 2
+    out, _, _ = _through_the_stand_in(case, inputs)
     ref = experts_float64(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
                           inputs["topk_ids"], activation, expert_map=inputs["expert_map"])
     assert_close(out, ref, torch.float32)
@@ -217,15 +224,7 @@ def test_cutlass_fp8_block_pipeline_against_a_stand_in_extension(T, emap):
     case = mt.ParityCase(T=T, E=4, K=256, N=128, k=2, quant="fp8_block", expert_map=emap)
     plain = mt.make_inputs(dataclasses.replace(case, quant="none"))
     inputs = mt.quantized_inputs(plain, case)  # the same values, quantized
-    local = inputs["w13"].shape[0]
-    problem = ExpertsProblem("cpu", torch.float32, T, local, case.E, case.K, case.N, case.k, has_expert_map=emap,
-                             quant=moe.quant.named("fp8_block"))
-    args = moe.ExpertsArgs(inputs["hidden_states"], inputs["w13"], inputs["w2"], inputs["topk_weights"],
-                           inputs["topk_ids"], expert_map=inputs["expert_map"])
-    out = torch.full_like(inputs["hidden_states"], float("nan"))
-    ext = _GroupedGemmStandIn()
-    cutlass.cutlass_experts(args, problem, out, ext=ext)
-    assert ext.calls == 2
+    out, args, problem = _through_the_stand_in(case, inputs)
     emulation = mt.arithmetic_reference("cutlass", args, problem)
     assert mt.rel_error(out, emulation) <= mt.tolerance(torch.float32, "fp8_block")
     ref = mt.experts_float64(inputs["hidden_states"], plain["w13"], plain["w2"], inputs["topk_weights"],

@@ -40,7 +40,7 @@ __all__ = ["BACKEND", "FLAGS", "SOURCES", "build_folder", "cache_key", "cutlass_
 
 _DIR = Path(__file__).resolve().parent / "_cutlass"
 SOURCES = (_DIR / "grouped_gemm_sm90.cu", _DIR / "grouped_gemm_fp8_sm90.cu", _DIR / "binding.cpp",
-           _DIR / "grouped_gemm.h")
+           _DIR / "grouped_gemm.h", _DIR / "gemm_common.h")
 COMPILED = tuple(str(src) for src in SOURCES if src.suffix != ".h")
 ARCH = "9.0a"  # wgmma and TMA need the architecture-specific target
 # torch's extension flags switch off CUDA's half and bf16 operators, which CUTLASS uses: switched back on

@@ -22,6 +22,7 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 
+#include "gemm_common.h"
 #include "grouped_gemm.h"
 
 namespace moe_cutlass {
@@ -69,10 +70,7 @@ using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 using StrideA = typename GemmKernel::InternalStrideA;
 using StrideB = typename GemmKernel::InternalStrideB;
 using StrideD = typename GemmKernel::InternalStrideD;
-static_assert(sizeof(StrideA) == sizeof(int64_t) && sizeof(StrideB) == sizeof(int64_t) &&
-              sizeof(StrideD) == sizeof(int64_t), "packed strides must be one int64 each");
-static_assert(sizeof(typename ProblemShape::UnderlyingProblemShape) == 3 * sizeof(int),
-              "problem shapes must be three int32 each");
+static_assert(common::packed_arguments<GemmKernel, ProblemShape>());
 
 // each group's scale layouts from its (M_g, N, K): the layouts CUTLASS expects for packed row-major scales
 __global__ void fill_scale_layouts(const int* problem_sizes, int groups, LayoutSFA* sfa, LayoutSFB* sfb) {
@@ -93,9 +91,7 @@ LayoutSFB* sfb_layouts(const GroupedGemmFp8BlockArgs& a) {
 
 typename Gemm::Arguments make_arguments(const GroupedGemmFp8BlockArgs& a) {
   const GroupedGemmArgs& g = a.gemm;
-  cutlass::KernelHardwareInfo hw;
-  hw.device_id = g.device;
-  hw.sm_count = g.sm_count;
+  const cutlass::KernelHardwareInfo hw = common::hardware(g);
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGrouped,
       {g.groups, reinterpret_cast<typename ProblemShape::UnderlyingProblemShape*>(g.problem_sizes), nullptr},
@@ -127,18 +123,8 @@ const char* grouped_gemm_fp8_block_sm90(const GroupedGemmFp8BlockArgs& a, void* 
   if (cudaGetLastError() != cudaSuccess) {
     return "CUTLASS fp8 grouped GEMM: the scale-layout kernel did not launch";
   }
-  Gemm gemm;
-  auto args = make_arguments(a);
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
-    return "CUTLASS cannot implement this fp8 grouped GEMM (K and N must be multiples of 128)";
-  }
-  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
-    return "CUTLASS fp8 grouped GEMM: initialize failed";
-  }
-  if (gemm.run(stream) != cutlass::Status::kSuccess) {
-    return "CUTLASS fp8 grouped GEMM: launch failed";
-  }
-  return nullptr;
+  return common::run<Gemm>(make_arguments(a), workspace, stream,
+                           "CUTLASS cannot implement this fp8 grouped GEMM (K and N must be multiples of 128)");
 }
 
 }  // namespace moe_cutlass

@@ -20,6 +20,7 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 
+#include "gemm_common.h"
 #include "grouped_gemm.h"
 
 namespace moe_cutlass {
@@ -60,16 +61,10 @@ using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 using StrideA = typename GemmKernel::InternalStrideA;
 using StrideB = typename GemmKernel::InternalStrideB;
 using StrideD = typename GemmKernel::InternalStrideD;
-// The host side passes each group's leading dimension as one int64: the other modes are static.
-static_assert(sizeof(StrideA) == sizeof(int64_t) && sizeof(StrideB) == sizeof(int64_t) &&
-              sizeof(StrideD) == sizeof(int64_t), "packed strides must be one int64 each");
-static_assert(sizeof(typename ProblemShape::UnderlyingProblemShape) == 3 * sizeof(int),
-              "problem shapes must be three int32 each");
+static_assert(common::packed_arguments<GemmKernel, ProblemShape>());
 
 typename Gemm::Arguments make_arguments(const GroupedGemmArgs& a) {
-  cutlass::KernelHardwareInfo hw;
-  hw.device_id = a.device;
-  hw.sm_count = a.sm_count;
+  const cutlass::KernelHardwareInfo hw = common::hardware(a);
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGrouped,
       {a.groups, reinterpret_cast<typename ProblemShape::UnderlyingProblemShape*>(a.problem_sizes), nullptr},
@@ -89,18 +84,8 @@ size_t grouped_gemm_bf16_sm90_workspace(const GroupedGemmArgs& a) {
 }
 
 const char* grouped_gemm_bf16_sm90(const GroupedGemmArgs& a, void* workspace, cudaStream_t stream) {
-  Gemm gemm;
-  auto args = make_arguments(a);
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) {
-    return "CUTLASS cannot implement this grouped GEMM (K and N must be multiples of 8)";
-  }
-  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
-    return "CUTLASS grouped GEMM: initialize failed";
-  }
-  if (gemm.run(stream) != cutlass::Status::kSuccess) {
-    return "CUTLASS grouped GEMM: launch failed";
-  }
-  return nullptr;
+  return common::run<Gemm>(make_arguments(a), workspace, stream,
+                           "CUTLASS cannot implement this grouped GEMM (K and N must be multiples of 8)");
 }
 
 }  // namespace moe_cutlass
