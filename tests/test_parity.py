@@ -82,9 +82,12 @@ def _matrix() -> list[tuple[str, str]]:
     return [(b.name, s) for b in meant for s in schemes if s in backend_schemes(b)]
 
 
+MATRIX = _matrix()
+
+
 @pytest.mark.gpu
 @pytest.mark.matrix
-@pytest.mark.parametrize(("backend", "scheme"), _matrix(), ids=[f"{b}-{s}" for b, s in _matrix()])
+@pytest.mark.parametrize(("backend", "scheme"), MATRIX, ids=[f"{b}-{s}" for b, s in MATRIX])
 def test_gpu_matrix(backend, scheme):
     """Every backend meant for this card x every scheme it declares x the token-count sweep, bf16,
     NaN-poisoned, against the float64 oracle (quantized: against the reference of the backend's declared

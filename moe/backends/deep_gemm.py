@@ -268,8 +268,7 @@ def deep_gemm_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Ten
     if masked:
         y, row_of = _masked(args, problem, xs, masked_layout(al, num_pairs, T), x.dtype)
     else:
-        y = _contiguous(args, problem, xs, al, num_pairs, x.dtype)
-        row_of = torch.arange(y.shape[0], device=x.device)
+        y, row_of = _contiguous(args, problem, xs, al, num_pairs, x.dtype), None  # row i of y is sorted row i
     combine(y, ids, topk_w, out, top_k=k, num_global=problem.num_global_experts, num_local=problem.num_experts,
             expert_map=args.expert_map, weight_on_input=problem.apply_router_weight_on_input,
             rows=pair_rows(sorted_pairs, num_pairs, row_of))
