@@ -17,8 +17,10 @@ get() {
 get "$dest" "quack-kernels==0.3.11" "nvidia-cutlass-dsl==4.4.2" "torch-c-dlpack-ext"
 if [ ! -f "$dest/libs.tar.xz" ]; then
   tmp=$(mktemp -d)
+  mkdir "$tmp/files"
   get "$tmp" "nvidia-cutlass-dsl-libs-cu13==4.4.2"
-  (cd "$tmp" && unzip -q ./*.whl && rm ./*.whl && tar -cf - . | xz -9e -T2 > libs.tar.xz)
+  # the archive is written beside the folder it packs, not in it (tar fails when its input changes)
+  (cd "$tmp/files" && unzip -q ../*.whl && rm ../*.whl && tar -cf - . | xz -9e -T2 > ../libs.tar.xz)
   mv "$tmp/libs.tar.xz" "$dest/" && rm -rf "$tmp"
 fi
 ls -la "$dest"; du -sh "$dest"
