@@ -4,6 +4,7 @@ selection table says otherwise. Plus the cutlass backend's build cache key (soni
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -164,9 +165,11 @@ class _GroupedGemmStandIn:
         flat = torch.frombuffer(buf, dtype=torch.uint8, count=n) if n else torch.empty(0, dtype=torch.uint8)
         return flat.as_strided((rows, cols), (ld, 1)) if n else torch.empty(rows, cols, dtype=torch.uint8)
 
-    def grouped_gemm_fp8_block(self, sizes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d, ptr_sfa, ptr_sfb):
-        """e4m3 A_g and B_g with fp32 scales per 1x128 of A (rows of K/128, K-major) and per 128x128 block of
-        B, D_g = sum over K blocks of (A_g block @ B_g block^T) x SFA x SFB, as CUTLASS's blockwise mainloop."""
+    def grouped_gemm_fp8(self, sizes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d, ptr_sfa, ptr_sfb, scale_n):
+        """e4m3 A_g and B_g with fp32 scales per 1x128 of A (rows of K/128, K-major) and per scale_n x 128 of B
+        (scale_n 128: blocks, 1: rows), D_g = sum over K blocks of (A_g block @ B_g block^T) x SFA x SFB, as
+        CUTLASS's blockwise mainloop."""
+        assert scale_n in (1, 128), scale_n
         self.calls += 1
         for g in range(sizes.shape[0]):
             m, n, k = sizes[g].tolist()
@@ -176,17 +179,17 @@ class _GroupedGemmStandIn:
             a = self._bytes(int(ptr_a[g]), m, k, int(ld_a[g])).view(torch.float8_e4m3fn).float()
             b = self._bytes(int(ptr_b[g]), n, k, int(ld_b[g])).view(torch.float8_e4m3fn).float()
             sfa = self._view(int(ptr_sfa[g]), m, kb, kb)
-            sfb = self._view(int(ptr_sfb[g]), -(-n // 128), kb, kb)
+            sfb = self._view(int(ptr_sfb[g]), -(-n // scale_n), kb, kb)
             acc = torch.zeros(m, n)
             for j in range(kb):
                 cols = slice(128 * j, 128 * (j + 1))
-                acc += (a[:, cols] @ b[:, cols].T) * sfa[:, j:j + 1] * sfb[:, j].repeat_interleave(128)[:n]
+                acc += (a[:, cols] @ b[:, cols].T) * sfa[:, j:j + 1] * sfb[:, j].repeat_interleave(scale_n)[:n]
             self._view(int(ptr_d[g]), m, n, int(ld_d[g])).copy_(acc)
 
 
-def _through_the_stand_in(case, inputs: dict):
+def _through_the_stand_in(case, inputs: dict, prepare: bool = False):
     """cutlass_experts on CPU float32 inputs through the stand-in extension (two grouped GEMMs): (out, args,
-    problem), ``out`` NaN-poisoned before the call."""
+    problem), ``out`` NaN-poisoned before the call; ``prepare``: with the backend's prepared weights."""
     problem = ExpertsProblem("cpu", torch.float32, case.T, inputs["w13"].shape[0], case.E, case.K, case.N, case.k,
                              activation=ActivationSpec.parse(case.activation), has_expert_map=case.expert_map,
                              quant=moe.quant.QuantConfig.parse(case.quant))
@@ -194,7 +197,8 @@ def _through_the_stand_in(case, inputs: dict):
                            inputs["topk_ids"], expert_map=inputs["expert_map"])
     out = torch.full_like(inputs["hidden_states"], float("nan"))
     ext = _GroupedGemmStandIn()
-    cutlass.cutlass_experts(args, problem, out, ext=ext)
+    prepared = cutlass.BACKEND.prepare(args, problem) if prepare else None
+    cutlass.cutlass_experts(args, problem, out, ext=ext, prepared=prepared)
     assert ext.calls == 2
     return out, args, problem
 
@@ -212,31 +216,72 @@ def test_cutlass_pipeline_against_a_stand_in_extension(T, emap, activation):
     assert_close(out, ref, torch.float32)
 
 
-@pytest.mark.parametrize(("T", "emap"), [(1, False), (3, False), (20, True)])
-def test_cutlass_fp8_block_pipeline_against_a_stand_in_extension(T, emap):
-    """fp8_block's host side: each GEMM's input quantized in 1x128 groups, the scale addresses of every expert's
-    rows and blocks, against the reference of the backend's arithmetic (within the float32 fp8_block row) and the
-    unquantized oracle (within the scheme's noise)."""
+@pytest.mark.parametrize(("scheme", "T", "emap", "prepare"), [
+    ("fp8_block", 1, False, False), ("fp8_block", 3, False, False), ("fp8_block", 20, True, False),
+    ("fp8_tensor", 1, False, False), ("fp8_tensor", 9, False, False), ("fp8_tensor", 20, True, False),
+    ("fp8_channel", 1, False, True), ("fp8_channel", 9, True, False), ("fp8_channel", 20, False, True),
+])
+def test_cutlass_fp8_pipeline_against_a_stand_in_extension(scheme, T, emap, prepare):
+    """The FP8 schemes' host side: each GEMM's input quantized as the scheme says, its scales written per 1x128
+    (SFA) and the weight scales per block or row (SFB, from ``prepare`` or per call), the addresses of every
+    expert's rows and scales, against the reference of the backend's arithmetic (within the float32 row) and the
+    unquantized oracle (within the scheme's noise). K=384 gives three scale steps, so a scale applied to the
+    wrong step shows; under fp8_tensor an expert map drops rows from GEMM1's gathered input while the
+    per-tensor scale still spans every token."""
     import dataclasses
 
     from moe import testing as mt
 
-    case = mt.ParityCase(T=T, E=4, K=256, N=128, k=2, quant="fp8_block", expert_map=emap)
+    case = mt.ParityCase(T=T, E=4, K=384, N=128, k=2, quant=scheme, expert_map=emap)
     plain = mt.make_inputs(dataclasses.replace(case, quant="none"))
     inputs = mt.quantized_inputs(plain, case)  # the same values, quantized
-    out, args, problem = _through_the_stand_in(case, inputs)
+    out, args, problem = _through_the_stand_in(case, inputs, prepare=prepare)
     emulation = mt.arithmetic_reference("cutlass", args, problem)
-    assert mt.rel_error(out, emulation) <= mt.tolerance(torch.float32, "fp8_block")
+    assert mt.rel_error(out, emulation) <= mt.tolerance(torch.float32, scheme)
     ref = mt.experts_float64(inputs["hidden_states"], plain["w13"], plain["w2"], inputs["topk_weights"],
                              inputs["topk_ids"], expert_map=inputs["expert_map"])
-    assert mt.rel_error(out, ref) <= mt.QUANT_NOISE["fp8_block"]
+    assert mt.rel_error(out, ref) <= mt.QUANT_NOISE[scheme]
 
 
-def test_cutlass_fp8_block_is_off_until_its_gpu_parity_passes():
+def test_cutlass_kernel_scales():
+    """SFA and SFB as the kernel reads them: per-token and per-tensor activation scales repeated per 128
+    columns; per-tensor weight scales over each part's (gate's, up's) blocks; per-channel ones per row."""
+    from moe.kernels.quant import QuantizedRows
+
+    q = QuantizedRows(torch.zeros(3, 300, dtype=torch.float8_e4m3fn), torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(cutlass.activation_scales(q, 300), torch.tensor([[1.0] * 3, [2.0] * 3, [3.0] * 3]))
+    q = QuantizedRows(q.data, torch.tensor([5.0]))
+    assert torch.equal(cutlass.activation_scales(q, 300), torch.full((3, 3), 5.0))
+    w = moe.quant.quantize(torch.randn(2, 512, 256), moe.quant.named("fp8_tensor").weights, parts=2)
+    sfb = cutlass.weight_scales(w)
+    assert sfb.shape == (2, 4, 2)
+    assert torch.equal(sfb[:, :2], w.scale[:, :1, None].expand(2, 2, 2))
+    assert torch.equal(sfb[:, 2:], w.scale[:, 1:, None].expand(2, 2, 2))
+    w = moe.quant.quantize(torch.randn(2, 512, 256), moe.quant.named("fp8_channel").weights)
+    assert torch.equal(cutlass.weight_scales(w), w.scale[:, :, None].expand(2, 512, 2))
+    blocks = moe.quant.quantize(torch.randn(2, 512, 256), moe.quant.named("fp8_block").weights, parts=2)
+    assert cutlass.weight_scales(blocks) is blocks.scale or torch.equal(cutlass.weight_scales(blocks), blocks.scale)
+
+
+def test_cutlass_prepares_only_fp8_channel_scales():
+    from moe.target import TARGETS
+
+    w = moe.quant.quantize(torch.randn(2, 512, 256), moe.quant.named("fp8_channel").weights, parts=2)
+    w2 = moe.quant.quantize(torch.randn(2, 256, 256), moe.quant.named("fp8_channel").weights)
+    args = moe.ExpertsArgs(torch.randn(1, 256), w, w2, torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int32))
+    problem = ExpertsProblem("cuda", torch.bfloat16, 1, 2, 2, 256, 256, 1, target=TARGETS["h200"],
+                             quant=moe.quant.named("fp8_channel"))
+    prepared = cutlass.BACKEND.prepare(args, problem)
+    assert prepared.tensors["w13_sfb"].shape == (2, 512, 2) and prepared.tensors["w2_sfb"].shape == (2, 256, 2)
+    assert cutlass.BACKEND.prepare(args, dataclasses.replace(problem, quant=moe.quant.named("fp8_block"))) is None
+
+
+@pytest.mark.parametrize("scheme", cutlass.FP8_SCHEMES)
+def test_cutlass_fp8_is_off_until_its_gpu_parity_passes(scheme):
     from moe.target import TARGETS
 
     problem = ExpertsProblem("cuda", torch.bfloat16, 4, 8, 8, 512, 256, 2, target=TARGETS["h200"],
-                             quant=moe.quant.named("fp8_block"))
+                             quant=moe.quant.named(scheme))
     ok, why = cutlass.BACKEND.supports(problem)
     assert not ok and "not yet run on a GPU" in why and "test_gpu_matrix" in why
 

@@ -6,11 +6,23 @@ warp-specialized cooperative kernels; ``_cutlass/``), compiled at first use with
 One call is our pipeline around a library's grouped GEMM (``moe.kernels.pipeline``): the alignment groups the
 pairs by expert (no padding), the grouped GEMM computes GEMM1 with one group per expert (problem sizes,
 addresses and leading dimensions built on the device by ``moe.kernels.grouped``: no host synchronization), one
-activation launch, the grouped GEMM again for GEMM2, the combine. bf16, and ``fp8_block`` (e4m3 with 1x128
-activation and 128x128 weight scales applied in the K loop; each GEMM's input quantized first).
+activation launch, the grouped GEMM again for GEMM2, the combine.
 
-State (2026-12-04): bf16 built and passed the GPU parity matrix on an H200; ``fp8_block`` compiled for sm_90a
-and tested on CPU against a stand-in, off (``HARDWARE_VERDICT``) until its GPU parity passes.
+bf16, and three FP8 schemes through one e4m3 kernel with fp32 scales applied in the K loop (CUTLASS's
+blockwise-scaled mainloop; each GEMM's input quantized first by ``moe.kernels.quant``):
+
+- ``fp8_block``: 1x128 activation groups and 128x128 weight blocks, as stored;
+- ``fp8_tensor``: the per-tensor scales written as those blocks (the activation's one scale repeated per row
+  and 128 columns, each expert's gate and up scales repeated per 128x128 block: small, made per call);
+- ``fp8_channel``: the instantiation with one weight scale per output row and 128 columns. The per-token
+  scales are repeated per 128 columns each call; the weight scales once, by ``prepare`` (fp32 ``[E, rows,
+  K/128]``: 4 bytes per 128 weight bytes, 3% of the fp8 weights, kept by the layer), or per call without a layer.
+
+Applying a row's (or channel's) constant scale at every 128-deep step instead of once in the epilogue is the
+same product; only the fp32 rounding of the accumulation moves.
+
+State (2026-12-05): bf16 built and passed the GPU parity matrix on an H200 (2026-12-04); the FP8 schemes compiled
+for sm_90a and tested on CPU against a stand-in, off (``HARDWARE_VERDICT``) until their GPU parity passes.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ..contract import ExpertsArgs, ExpertsProblem, Weight
+from ..contract import ExpertsArgs, ExpertsProblem, PreparedWeights, Weight
 from ..kernels.align import MAX_EXPERTS
 from ..kernels.grouped import expert_starts, leading_dims, pointer_array, problem_sizes
 from ..kernels.pipeline import grouped_pipeline
@@ -36,8 +48,8 @@ from ..kernels.quant import QuantizedRows, quantize_rows
 from ..quant import QuantizedWeight
 from ..target import nvcc_version
 
-__all__ = ["BACKEND", "FLAGS", "SOURCES", "build_folder", "cache_key", "cutlass_experts", "cutlass_include",
-           "cutlass_version", "extension"]
+__all__ = ["BACKEND", "FLAGS", "FP8_SCHEMES", "SOURCES", "activation_scales", "build_folder", "cache_key",
+           "cutlass_experts", "cutlass_include", "cutlass_version", "extension", "weight_scales"]
 
 _DIR = Path(__file__).resolve().parent / "_cutlass"
 SOURCES = (_DIR / "grouped_gemm_sm90.cu", _DIR / "grouped_gemm_fp8_sm90.cu", _DIR / "binding.cpp",
@@ -50,11 +62,16 @@ FLAGS = ("-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-U__CUDA_
 
 INSTALL = "pip install 'nvidia-cutlass==4.2.0.0' (used only for its C++ headers), or set CUTLASS_HOME"
 ALIGN_NK = 128
+FP8_SCHEMES = ("fp8_tensor", "fp8_channel", "fp8_block")
+# the rows of B one weight scale covers in the kernel, by the weights' granularity (the instantiations of
+# grouped_gemm_fp8_sm90.cu)
+SCALE_N = {"tensor": 128, "channel": 1, "block": 128}
 # The off switch of each scheme not yet run on hardware (scheme key -> reason): bf16 passed the GPU matrix on an
-# H200 (2026-12-04); fp8_block's kernel compiled for sm_90a and its host side passed on CPU against a stand-in.
+# H200 (2026-12-04); the FP8 kernels compiled for sm_90a and their host side passed on CPU against a stand-in.
 HARDWARE_VERDICT: dict[str, str] = {
-    "fp8_block": ("fp8_block: its CUTLASS kernel compiled for sm_90a and its host side was tested on CPU against a "
-                  "stand-in; not yet run on a GPU (its GPU parity: tests/test_parity.py::test_gpu_matrix)"),
+    name: (f"{name}: its CUTLASS kernel compiled for sm_90a and its host side was tested on CPU against a "
+           "stand-in; not yet run on a GPU (its GPU parity: tests/test_parity.py::test_gpu_matrix)")
+    for name in FP8_SCHEMES
 }
 
 
@@ -154,32 +171,88 @@ def _grouped_gemm(ext, a: torch.Tensor, w: torch.Tensor, d: torch.Tensor, ends: 
                           leading_dims(groups, w.stride(1), a.device), leading_dims(groups, d.stride(0), a.device))
 
 
-def _grouped_gemm_fp8_block(ext, q: QuantizedRows, w: QuantizedWeight, d: torch.Tensor, ends: torch.Tensor) -> None:
-    """``d[rows of g] = (q's rows x their 1x128 scales) @ (w[g] x its 128x128 block scales)^T`` for every
-    expert g: e4m3 operands, fp32 scales (row-major, K-major for CUTLASS), bf16 ``d``."""
+def activation_scales(q: QuantizedRows, k: int) -> torch.Tensor:
+    """The kernel's SFA, fp32 ``[rows, ceil(K/128)]`` row-major: 1x128 group scales as they are; a row's (per
+    token) or the tensor's scale repeated per 128 columns."""
+    rows, blocks = q.data.shape[0], -(-k // 128)
+    if q.scale.dim() == 2:
+        return q.scale.contiguous()
+    return q.scale.float().reshape(-1, 1).expand(rows, blocks).contiguous()
+
+
+def weight_scales(w: QuantizedWeight) -> torch.Tensor:
+    """The kernel's SFB for every expert, fp32 ``[E, ceil(rows/scale_n), ceil(K/128)]`` row-major: 128x128
+    blocks as stored; per tensor, each part's (gate's, up's) scale repeated over its blocks; per channel, each
+    row's scale repeated per 128 columns (``scale_n`` 1)."""
+    experts, rows, k = w.shape
+    blocks = -(-k // 128)
+    granularity = w.scheme.granularity
+    if granularity == "block":
+        return w.scale.contiguous()
+    if granularity == "tensor":
+        per_part = -(-rows // w.parts // 128)
+        return w.scale.float().repeat_interleave(per_part, dim=1).unsqueeze(2).expand(-1, -1, blocks).contiguous()
+    if granularity == "channel":
+        return w.scale.float().unsqueeze(2).expand(experts, rows, blocks).contiguous()
+    raise ValueError(f"cutlass: weight scales per {granularity!r} are not implemented (block, tensor, channel)")
+
+
+def _grouped_gemm_fp8(ext, q: QuantizedRows, w: QuantizedWeight, sfb: torch.Tensor, d: torch.Tensor,
+                      ends: torch.Tensor) -> None:
+    """``d[rows of g] = (q's rows x SFA) @ (w[g] x SFB[g])^T`` for every expert g: e4m3 operands, fp32 scales
+    per 1x128 of A and per ``scale_n`` x 128 of B (row-major, K-major for CUTLASS), bf16 ``d``."""
     groups, n, k = w.shape
     starts = expert_starts(ends)
     experts = torch.arange(groups, device=d.device)
-    data, scale, qdata, qscale = w.data, w.scale, q.data, q.scale
-    ext.grouped_gemm_fp8_block(
+    sfa, data, qdata = activation_scales(q, k), w.data, q.data
+    ext.grouped_gemm_fp8(
         problem_sizes(ends, n, k), pointer_array(qdata, starts, qdata.stride(0)),
         pointer_array(data, experts * n, data.stride(1)), pointer_array(d, starts, d.stride(0) * d.element_size()),
         leading_dims(groups, qdata.stride(0), d.device), leading_dims(groups, data.stride(1), d.device),
-        leading_dims(groups, d.stride(0), d.device), pointer_array(qscale, starts, qscale.stride(0) * 4),
-        pointer_array(scale, experts * scale.shape[1], scale.stride(1) * 4))
+        leading_dims(groups, d.stride(0), d.device), pointer_array(sfa, starts, sfa.stride(0) * 4),
+        pointer_array(sfb, experts * sfb.shape[1], sfb.stride(1) * 4), SCALE_N[w.scheme.granularity])
 
 
-def cutlass_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, ext=None) -> torch.Tensor:
+def _abs_max(t: torch.Tensor) -> torch.Tensor:
+    """fp32 [1]: the absolute max of ``t`` (two reductions, no copy of ``t``)."""
+    return torch.maximum(t.amax(), -t.amin()).float().reshape(1)
+
+
+def _expert_map_amax(args: ExpertsArgs, problem: ExpertsProblem, a: torch.Tensor, first: bool,
+                     ends: torch.Tensor) -> torch.Tensor | None:
+    """A per-tensor dynamic scale's amax when an expert map drops the pairs of other ranks' experts: GEMM1's
+    over the whole call's tokens (the gathered rows miss some), GEMM2's over the rows that hold a local pair
+    (the rest were never written). None otherwise: every gathered row holds a pair, and ``quantize_rows``
+    takes the amax itself."""
+    act = problem.quant.activations
+    if act is None or act.granularity != "tensor" or act.static or args.expert_map is None:
+        return None
+    if first:
+        x = args.hidden_states
+        if problem.apply_router_weight_on_input:  # top_k = 1: the weight scales the token before it is quantized
+            x = (x.float() * args.topk_weights.float()).to(x.dtype)
+        return _abs_max(x)
+    held = torch.arange(a.shape[0], device=a.device) < ends[-1:]  # rows past the local pairs: never written
+    return _abs_max(torch.where(held.unsqueeze(1), a, 0))
+
+
+def cutlass_experts(args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor, ext=None,
+                    prepared: PreparedWeights | None = None) -> torch.Tensor:
     """The experts through the grouped GEMM extension (``ext``: the compiled module, or a stand-in) in our
-    pipeline around a library's grouped GEMM (``moe.kernels.pipeline``); under ``fp8_block`` each GEMM's input
-    rows are quantized in 1x128 groups first (``moe.kernels.quant``)."""
+    pipeline around a library's grouped GEMM (``moe.kernels.pipeline``); under an FP8 scheme each GEMM's input
+    rows are quantized first (``moe.kernels.quant``) and the weight scales come from ``prepared`` (made by
+    ``CutlassBackend.prepare``) or are written for this call."""
     ext = ext if ext is not None else extension()
+    sfb = prepared.tensors if prepared is not None else {}
 
     def gemm(a: torch.Tensor, w: Weight, ends: torch.Tensor) -> torch.Tensor:
         d = torch.empty(a.shape[0], w.shape[1], dtype=a.dtype, device=a.device)
         if isinstance(w, QuantizedWeight):
-            q = quantize_rows(a.contiguous(), problem.quant.activations)
-            _grouped_gemm_fp8_block(ext, q, _contiguous(w), d, ends)
+            first = w is args.w13
+            amax = _expert_map_amax(args, problem, a, first, ends)
+            q = quantize_rows(a.contiguous(), problem.quant.activations, amax=amax)
+            scales = sfb.get("w13_sfb" if first else "w2_sfb")
+            _grouped_gemm_fp8(ext, q, _contiguous(w), scales if scales is not None else weight_scales(w), d, ends)
         else:
             _grouped_gemm(ext, a.contiguous(), w.contiguous(), d, ends)
         return d
@@ -195,7 +268,7 @@ def _contiguous(w: QuantizedWeight) -> QuantizedWeight:
 
 class CutlassBackend:
     name = "cutlass"
-    schemes = ("none", "fp8_block")
+    schemes = ("none", *FP8_SCHEMES)
     w8a8_gemm1_rounded = True  # its GEMM1 writes bf16 before our activation (contract.gemm1_rounding)
 
     @property
@@ -228,12 +301,19 @@ class CutlassBackend:
         key = problem.quant.key()
         if key in HARDWARE_VERDICT:
             return False, HARDWARE_VERDICT[key]
-        if key == "fp8_block" and not target.fp8_mma:
-            return False, f"fp8_block needs FP8 tensor-core MMA; {target.describe()}"
+        if key in FP8_SCHEMES and not target.fp8_mma:
+            return False, f"{key} needs FP8 tensor-core MMA; {target.describe()}"
         return True, "ok"
 
+    def prepare(self, args: ExpertsArgs, problem: ExpertsProblem) -> PreparedWeights | None:
+        """fp8_channel's weight scales written once for the kernel (``weight_scales``); None for the other
+        schemes, whose kernel scales are the stored ones or small enough to write per call."""
+        if problem.quant.key() != "fp8_channel":
+            return None
+        return PreparedWeights(self.name, {"w13_sfb": weight_scales(args.w13), "w2_sfb": weight_scales(args.w2)})
+
     def apply(self, args: ExpertsArgs, problem: ExpertsProblem, out: torch.Tensor) -> None:
-        cutlass_experts(args, problem, out)
+        cutlass_experts(args, problem, out, prepared=args.prepared)
 
 
 BACKEND = CutlassBackend()

@@ -1,5 +1,5 @@
 // torch glue of the cutlass backend's grouped GEMMs (the CUTLASS code: grouped_gemm_sm90.cu, bf16;
-// grouped_gemm_fp8_sm90.cu, fp8_block).
+// grouped_gemm_fp8_sm90.cu, fp8 with scales in the K loop).
 #include <ATen/cuda/CUDAContext.h>
 #include <torch/extension.h>
 
@@ -49,17 +49,20 @@ void grouped_gemm_bf16(const at::Tensor& problem_sizes, const at::Tensor& ptr_a,
   TORCH_CHECK(err == nullptr, err);
 }
 
-void grouped_gemm_fp8_block(const at::Tensor& problem_sizes, const at::Tensor& ptr_a, const at::Tensor& ptr_b,
-                            const at::Tensor& ptr_d, const at::Tensor& ld_a, const at::Tensor& ld_b,
-                            const at::Tensor& ld_d, const at::Tensor& ptr_sfa, const at::Tensor& ptr_sfb) {
+void grouped_gemm_fp8(const at::Tensor& problem_sizes, const at::Tensor& ptr_a, const at::Tensor& ptr_b,
+                      const at::Tensor& ptr_d, const at::Tensor& ld_a, const at::Tensor& ld_b, const at::Tensor& ld_d,
+                      const at::Tensor& ptr_sfa, const at::Tensor& ptr_sfb, int64_t scale_n) {
+  TORCH_CHECK(scale_n == 1 || scale_n == 128, "scale_n: expected 1 (a scale per row of B) or 128 (blocks), got ",
+              scale_n);
   const auto gemm = gemm_args(problem_sizes, ptr_a, ptr_b, ptr_d, ld_a, ld_b, ld_d);
   check_array(ptr_sfa, "ptr_sfa", gemm.groups);
   check_array(ptr_sfb, "ptr_sfb", gemm.groups);
-  auto layouts = bytes_on(problem_sizes, moe_cutlass::grouped_gemm_fp8_block_sm90_layout_bytes(gemm.groups));
-  const moe_cutlass::GroupedGemmFp8BlockArgs args{gemm, ptr_sfa.data_ptr(), ptr_sfb.data_ptr(), layouts.data_ptr()};
-  auto workspace = bytes_on(problem_sizes, moe_cutlass::grouped_gemm_fp8_block_sm90_workspace(args));
-  const char* err = moe_cutlass::grouped_gemm_fp8_block_sm90(args, workspace.data_ptr(),
-                                                             at::cuda::getCurrentCUDAStream(gemm.device));
+  const int n = static_cast<int>(scale_n);
+  auto layouts = bytes_on(problem_sizes, moe_cutlass::grouped_gemm_fp8_sm90_layout_bytes(gemm.groups, n));
+  const moe_cutlass::GroupedGemmFp8Args args{gemm, ptr_sfa.data_ptr(), ptr_sfb.data_ptr(), n, layouts.data_ptr()};
+  auto workspace = bytes_on(problem_sizes, moe_cutlass::grouped_gemm_fp8_sm90_workspace(args));
+  const char* err = moe_cutlass::grouped_gemm_fp8_sm90(args, workspace.data_ptr(),
+                                                       at::cuda::getCurrentCUDAStream(gemm.device));
   TORCH_CHECK(err == nullptr, err);
 }
 
@@ -68,6 +71,7 @@ void grouped_gemm_fp8_block(const at::Tensor& problem_sizes, const at::Tensor& p
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_gemm_bf16", &grouped_gemm_bf16,
         "D_g = A_g @ B_g^T per group (bf16, SM90); problem sizes, addresses and leading dimensions as device arrays");
-  m.def("grouped_gemm_fp8_block", &grouped_gemm_fp8_block,
-        "D_g = (A_g x SFA_g) @ (B_g x SFB_g)^T per group (e4m3 with 1x128 / 128x128 fp32 scales, bf16 out, SM90)");
+  m.def("grouped_gemm_fp8", &grouped_gemm_fp8,
+        "D_g = (A_g x SFA_g) @ (B_g x SFB_g)^T per group (e4m3, fp32 scales per 1x128 of A and per scale_n x 128 "
+        "of B (scale_n 128 or 1), bf16 out, SM90)");
 }
