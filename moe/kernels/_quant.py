@@ -1,6 +1,7 @@
 """Activation quantization (kernels only; the launch lives in quant.py), and the jit helpers that round
-to FP8 / INT8 the way ``moe.quant.activations`` does: divide by the scale (IEEE division: ``div_rn``), round
-to nearest even, saturate at the format's largest value.
+to FP8 / INT8 the way ``moe.quant.activations`` does: multiply by the scale's reciprocal (one IEEE division a
+scale, ``reciprocal``; then one rounded product an element, the same on every device and in the interpreter),
+round to nearest even, saturate at the format's largest value.
 
 The Triton interpreter truncates fp32 -> fp8 casts, so under ``INTERP`` the value is first rounded to the
 e4m3 grid in fp32 (then the cast is exact); on the GPU the hardware conversion rounds to nearest even.
@@ -27,12 +28,19 @@ def _rint(v):
 @triton.jit
 def div_rn(a, b):
     """``a / b`` in fp32 rounded to nearest, as the host divides: Triton's ``/`` is approximate on NVIDIA GPUs
-    (``div.full.f32``, up to 2 ulp), which moved 19 of 16384 int8 roundings off the host's (H200, 2026-12-04).
-    The quantization pass uses it; the GEMMs' in-loop quantization (GEMM2 loading per-tensor fp8 inputs, static
-    per-expert scales in GEMM1) keeps ``/``: IEEE division there is a subroutine call per element (qwen3 GEMM2
-    at one token, sm_90: 584 loop instructions against 419), and an fp8 step is 16 int8 steps wide."""
+    (``div.full.f32``, up to 2 ulp). Used once a scale (``scale_of``, ``reciprocal``), never per element: IEEE
+    division is a subroutine call (qwen3 GEMM2 at one token, sm_90: 584 loop instructions against 419)."""
     a, b = tl.broadcast(a.to(tl.float32), b.to(tl.float32))
     return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def reciprocal(scale):
+    """``1 / scale`` rounded to nearest: what every quantization multiplies by. Dividing each element instead
+    (approximately, with ``/``) moved values that sit on a rounding tie, which a ratio of bf16 values to a
+    scale of amax / 448 often does: 19 of 16384 int8 roundings off the host's (H200, 2026-12-04), and
+    fp8_channel 1.1-1.7e-2 from its emulation (H100, 2026-12-05)."""
+    return div_rn(scale * 0.0 + 1.0, scale)
 
 
 @triton.jit
@@ -47,7 +55,7 @@ def round_e4m3(v):
 
 @triton.jit
 def quantize(v, FMT: tl.constexpr, INTERP: tl.constexpr):
-    """fp32 ``v`` (already divided by its scale) stored as fp8 e4m3 or int8."""
+    """fp32 ``v`` (already times its scale's reciprocal) stored as fp8 e4m3 or int8."""
     if FMT == 1:  # one return for both formats: Triton 3.6 type-checks every return of a function
         q = _rint(tl.minimum(tl.maximum(v, -INT8_MAX), INT8_MAX)).to(tl.int8)
     else:
@@ -122,7 +130,7 @@ def quant_rows(
             gs = scale_of(tl.max(tl.abs(vg), axis=1), FMT)
             g = k0 // GROUP + tl.arange(0, BLOCK // GROUP)
             tl.store(s_ptr + row * stride_s + g, gs, mask=g * GROUP < K)
-            q = tl.reshape(quantize(div_rn(vg, gs[:, None]), FMT, INTERP), [BLOCK])
+            q = tl.reshape(quantize(vg * reciprocal(gs)[:, None], FMT, INTERP), [BLOCK])
         else:
-            q = quantize(div_rn(v, scale), FMT, INTERP)
+            q = quantize(v * reciprocal(scale), FMT, INTERP)
         tl.store(q_row + offs, q, mask=kmask)

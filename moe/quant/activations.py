@@ -3,8 +3,9 @@
 Dynamic scales come from the data of each call: the absolute max of a row (``token``), of each group of
 ``group_size`` elements of a row (``group``), or of the whole tensor (``tensor``), divided by the format's
 largest value (448 for e4m3, 127 for int8); an all-zero row, group or tensor gets scale 1. Static scales
-are given. Quantization divides by the scale and rounds to nearest (even), saturating at the largest
-value; the dequantized value is ``q * scale``.
+are given. Quantization multiplies by the scale's reciprocal (``1 / scale`` rounded to nearest in fp32, once
+a scale: one rounded product an element, bitwise the same on the CPU, on CUDA and in every kernel) and rounds
+to nearest (even), saturating at the largest value; the dequantized value is ``q * scale``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def quantize_activations(x: torch.Tensor, scheme: ActivationScheme,
     """(q, scale) of ``x`` [rows, K]: ``scale`` given (static), or dynamic from the data."""
     s = activation_scale(x, scheme) if scale is None else scale.to(torch.float32)
     rows, k = x.shape
-    v = x.to(torch.float32) / _expand(s, rows, k, scheme)
+    # times the scale's reciprocal (IEEE, once a scale), as the kernels do: the same rounding on every device
+    v = x.to(torch.float32) * _expand(torch.reciprocal(s), rows, k, scheme)
     top = FORMAT_MAX[scheme.format]
     if scheme.format == "int8":
         v = v.round()

@@ -75,7 +75,9 @@ STORAGE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.
 
 def scale_from_amax(amax: torch.Tensor, fmt: str) -> torch.Tensor:
     """The scale that maps ``amax`` to the format's largest value; 1 where ``amax`` is 0 (all-zero data)."""
-    return torch.where(amax > 0, amax / FORMAT_MAX[fmt], torch.ones_like(amax))
+    # a tensor divisor: torch on CUDA divides by a Python number as a product with its reciprocal, which
+    # rounds differently from the kernels' (and the CPU's) IEEE division
+    return torch.where(amax > 0, amax / torch.full_like(amax, FORMAT_MAX[fmt]), torch.ones_like(amax))
 
 
 class WeightScheme(Frozen):

@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ...kernels._activation import activate as _activate
 from ...kernels._jit import cast, chain, dot, local_expert
-from ...kernels._quant import quantize, scale_of
+from ...kernels._quant import quantize, reciprocal, scale_of
 
 SORTED, DIRECT = 0, 1
 POINTER, TMA = 0, 1
@@ -102,7 +102,7 @@ def _load_a(ptrs, kmask, rw, s_gather, EVEN_K: tl.constexpr, WEIGHT_ON_INPUT: tl
     if WEIGHT_ON_INPUT:
         a = cast(a.to(tl.float32) * rw[:, None], ptrs.dtype.element_ty, INTERP)
     if GATHER_QUANT:
-        a = quantize(a.to(tl.float32) / s_gather, INT, INTERP)
+        a = quantize(a.to(tl.float32) * reciprocal(s_gather), INT, INTERP)
     return a
 
 
@@ -636,7 +636,7 @@ def _group_quantized_step(acc, a, w, sw, k0, W_BK: tl.constexpr, INTERP: tl.cons
     then one scaled step: ``acc += (q @ w) * s[rows] * sw[cols]``."""
     af = a.to(tl.float32)
     s = scale_of(tl.max(tl.abs(af), axis=1), 0)
-    q = quantize(af / s[:, None], 0, INTERP)
+    q = quantize(af * reciprocal(s)[:, None], 0, INTERP)
     part = dot(q, w, tl.zeros(acc.shape, dtype=tl.float32), INTERP, IEEE, False)
     return acc + part * s[:, None] * tl.load(sw + k0 // W_BK)[None, :]
 
@@ -656,8 +656,19 @@ def _loaded_input_scales(as_ptr, a_rows, A_SCALE: tl.constexpr, INT: tl.constexp
 
 
 @triton.jit
+def _loaded_input_reciprocals(s_in, A_SCALE: tl.constexpr):
+    """What GEMM2's loaded input tiles are multiplied by before rounding (A_TOKEN_LOAD / A_TENSOR_LOAD: the
+    reciprocals of ``s_in``, once a tile, not a division per element); 1.0 for every other mode."""
+    if A_SCALE >= 6:  # noqa: SIM108  (Triton 3.6 does not fold a conditional expression on constexprs)
+        r = reciprocal(s_in)
+    else:
+        r = 1.0
+    return r
+
+
+@triton.jit
 def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, N, k_lo, k_hi, stride_am, stride_wk,
-                sa, sw, sz, stride_wsg, s_in, LOADS: tl.constexpr, EVEN_K: tl.constexpr, W_SCALE: tl.constexpr,
+                sa, sw, sz, stride_wsg, r_in, LOADS: tl.constexpr, EVEN_K: tl.constexpr, W_SCALE: tl.constexpr,
                 W_CODE: tl.constexpr, W_PACK: tl.constexpr, W16: tl.constexpr, INT: tl.constexpr, W_BK: tl.constexpr,
                 A_SCALE: tl.constexpr, INTERP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -666,7 +677,7 @@ def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, 
     the input as [rows, N] with [BLOCK_M, BLOCK_K] boxes (padding rows read whatever GEMM1 left there:
     they reach only their own, unstored, rows) and w2 as [E, K, N] with [1, BLOCK_N, BLOCK_K] boxes.
     The input tiles are quantized as they are loaded with A_GROUP_LOAD (each row of a tile by its own
-    amax) and A_TOKEN_LOAD / A_TENSOR_LOAD (by the row or tensor scales ``s_in``)."""
+    amax) and A_TOKEN_LOAD / A_TENSOR_LOAD (times ``r_in``, the reciprocal of the row or tensor scales)."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_kw = tl.arange(0, BLOCK_K // W_PACK)
     offs_o = o0 + tl.arange(0, BLOCK_N)
@@ -691,7 +702,7 @@ def _gemm2_loop(a_ptr, a_desc, w_desc, w_base, expert, first, valid, o0, omask, 
         if A_SCALE == 5:
             acc = _group_quantized_step(acc, a, w, sw, k0, W_BK, INTERP, IEEE)
         elif A_SCALE >= 6:
-            acc = dot(quantize(a.to(tl.float32) / s_in, INT, INTERP), w, acc, INTERP, IEEE, INT)
+            acc = dot(quantize(a.to(tl.float32) * r_in, INT, INTERP), w, acc, INTERP, IEEE, INT)
         else:
             acc = _step(acc, a, w, sa, wsc, wz, k0, N, W_SCALE, W_CODE, W_BK, W16, INT, INTERP, IEEE, BLOCK_K)
     return acc
@@ -735,9 +746,9 @@ def moe_gemm2(
     chunk = tl.cdiv(tl.cdiv(N, BLOCK_K), SPLIT_K) * BLOCK_K  # a whole number of K steps a part
     k_lo = part * chunk
     acc = _gemm2_loop(a_ptr, a_desc, w_desc, w_ptr + expert.to(tl.int64) * stride_we, expert, first, valid, o0, omask,
-                      N, k_lo, tl.minimum(N, k_lo + chunk), stride_am, stride_wk, a_rows, sw, sz, stride_wsg, s_in,
-                      LOADS, EVEN_K, W_SCALE, W_CODE, W_PACK, W16, INT, W_BK, A_SCALE, INTERP, IEEE, BLOCK_M,
-                      BLOCK_N, BLOCK_K)
+                      N, k_lo, tl.minimum(N, k_lo + chunk), stride_am, stride_wk, a_rows, sw, sz, stride_wsg,
+                      _loaded_input_reciprocals(s_in, A_SCALE), LOADS, EVEN_K, W_SCALE, W_CODE, W_PACK, W16, INT,
+                      W_BK, A_SCALE, INTERP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     if A_SCALE >= 6:  # the input scales of a tile quantized as it was loaded
         acc = acc.to(tl.float32) * s_in
     acc = _epilogue_scale(acc, as_ptr, a_rows, expert, ws_base, wg_ptr + expert.to(tl.int64) * stride_wge, offs_o,
