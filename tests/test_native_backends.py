@@ -277,13 +277,16 @@ def test_cutlass_prepares_only_fp8_channel_scales():
 
 
 @pytest.mark.parametrize("scheme", cutlass.FP8_SCHEMES)
-def test_cutlass_fp8_is_off_until_its_gpu_parity_passes(scheme):
+def test_cutlass_fp8_runs_on_hopper_and_says_why_not_elsewhere(scheme):
+    """On since their GPU parity passed (H100, 2026-12-05); a target without FP8 MMA gets the reason."""
     from moe.target import TARGETS
 
     problem = ExpertsProblem("cuda", torch.bfloat16, 4, 8, 8, 512, 256, 2, target=TARGETS["h200"],
                              quant=moe.quant.named(scheme))
-    ok, why = cutlass.BACKEND.supports(problem)
-    assert not ok and "not yet run on a GPU" in why and "test_gpu_matrix" in why
+    assert cutlass.BACKEND.supports(problem) == (True, "ok")
+    assert cutlass.HARDWARE_VERDICT == {}
+    ok, why = cutlass.BACKEND.supports(dataclasses.replace(problem, target=TARGETS["a100"]))
+    assert not ok and "wgmma" in why
 
 
 def test_cutlass_extension_sources_are_in_the_cache_key():
